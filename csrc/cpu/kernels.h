@@ -1,0 +1,39 @@
+// The CPU kernels' interface: plain pointers and sizes, no Tensor, so the per-ISA translation units
+// (cpu/capability/*.cpp) stay light. bindings_cpu.cpp turns tensors into these structs.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace fusedopt::cpu {
+
+enum class ScalarKind { Float, Double, BFloat16, Half };
+
+// One list entry per tensor of a (device, dtype) group; all tensors contiguous.
+struct AdamArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<void*> param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq;  // max_exp_avg_sq empty unless amsgrad
+  std::vector<float*> step;                                             // incremented by the kernel
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false, maximize = false, decoupled_weight_decay = false;
+  // Grads are divided by *grad_divisor when set: the GradScaler scale, divided by the clip coefficient when
+  // clipping is folded into the step.
+  const float* grad_divisor = nullptr;
+  const float* found_inf = nullptr;  // nonzero: skip the whole step, steps included (GradScaler semantics)
+};
+
+// Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
+#define FUSEDOPT_DECLARE_CPU_KERNELS(CAP) \
+  namespace CAP {                         \
+  void adam_step(const AdamArgs& args);   \
+  }
+FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
+FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)
+FUSEDOPT_DECLARE_CPU_KERNELS(AVX512)
+#undef FUSEDOPT_DECLARE_CPU_KERNELS
+
+enum class Capability { DEFAULT, AVX2, AVX512 };
+Capability capability();          // best ISA of this CPU, lowered by FUSEDOPT_CPU_CAPABILITY=default|avx2
+const char* capability_name();
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,45 @@
+"""Source lists and compiler flags, shared by setup.py and the JIT fallback in _backend.py.
+
+Kept free of torch imports at module level so setup.py can load it by path before anything is built.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+CPU_SOURCES = ["bindings_cpu.cpp", "cpu/dispatch.cpp", "cpu/capability/default.cpp", "cpu/capability/avx2.cpp", "cpu/capability/avx512.cpp"]
+CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/adam.cu"]
+
+CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]
+CUDA_HOST_FLAGS = ["-O3", "-std=c++20"]
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout, else the copy shipped inside the installed package."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "csrc", here / "csrc"):
+        if (cand / "bindings_cpu.cpp").exists():
+            return cand
+    raise FileNotFoundError("fusedopt C++ sources (csrc/) not found next to the package")
+
+
+def cuda_arch_flags() -> list:
+    archs = os.environ.get("FUSEDOPT_CUDA_ARCHS", "8.0;9.0")
+    arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    flags = []
+    for i, arch in enumerate(arch_list):
+        ptx = arch.endswith("+PTX") or i == len(arch_list) - 1  # PTX of the newest arch for forward compat
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def cuda_nvcc_flags() -> list:
+    return ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *cuda_arch_flags()]
+
+
+def nvcc_found() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return shutil.which("nvcc") is not None or bool(home and Path(home, "bin", "nvcc").exists())

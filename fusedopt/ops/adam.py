@@ -1,0 +1,69 @@
+"""fusedopt::adam_step: one fused Adam/AdamW update over a list of tensors of one (device, dtype) group."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt import _backend, reference
+from fusedopt.ops._library import define_op
+
+SCHEMA = (
+    "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, "
+    "float eps, float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+    "Tensor? grad_divisor, Tensor? found_inf, str backend) -> ()"
+)
+
+
+def _impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
+          weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend):  # fmt: skip
+    if not params:
+        return
+    if backend == "cpu":
+        if lr_tensor is not None:
+            lr = float(lr_tensor)  # a CPU scalar: no device sync
+        _backend.cpu_extension()[0].adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "cuda":
+        _backend.cuda_extension()[0].adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
+            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "triton":
+        from fusedopt.triton_kernels import adam as triton_adam
+
+        triton_adam.adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
+            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "torch":
+        reference.adam_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr_tensor if lr_tensor is not None else lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, grad_divisor=grad_divisor, found_inf=found_inf,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"fusedopt adam_step: unknown backend {backend!r}")
+
+
+def _fake(*args):
+    return None
+
+
+adam_step_op = define_op(SCHEMA, _impl, _fake)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+              amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None, backend="auto"):  # fmt: skip
+    """Updates params and state in place. `lr` may be a float or a one-element tensor."""
+    if not params:
+        return
+    backend = _backend.resolve(backend, params[0].device, "adam")
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    adam_step_op(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
+        weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend,
+    )  # fmt: skip
