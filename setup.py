@@ -49,8 +49,11 @@ if want_cuda():
         CUDAExtension(
             "fusedopt._cuda",
             rel(build.CUDA_SOURCES),
-            include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": build.CUDA_HOST_FLAGS, "nvcc": build.cuda_nvcc_flags()},
+            include_dirs=[str(ROOT / "csrc"), *build.cuda_library_include_dirs()],
+            extra_compile_args={
+                "cxx": [*build.CUDA_HOST_FLAGS, build.torch_version_define()],
+                "nvcc": build.cuda_nvcc_flags(),
+            },
         )
     )
 

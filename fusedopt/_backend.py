@@ -87,8 +87,8 @@ def _jit_build_cuda() -> ModuleType:
     return load(
         name="fusedopt_cuda_jit",
         sources=[str(src / s) for s in _build.CUDA_SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=_build.CUDA_HOST_FLAGS,
+        extra_include_paths=[str(src), *_build.cuda_library_include_dirs()],
+        extra_cflags=[*_build.CUDA_HOST_FLAGS, _build.torch_version_define()],
         extra_cuda_cflags=_build.cuda_nvcc_flags(),
         build_directory=build_dir,
     )

@@ -14,6 +14,13 @@ CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]
 CUDA_HOST_FLAGS = ["-O3", "-std=c++20"]
 
 
+def torch_version_define() -> str:
+    """Compiled into _cuda so the loader can tell a build made against another torch."""
+    import torch
+
+    return f'-DFUSEDOPT_TORCH_VERSION="{torch.__version__}"'
+
+
 def csrc_dir() -> Path:
     """csrc/ of a source checkout, else the copy shipped inside the installed package."""
     here = Path(__file__).resolve().parent
@@ -38,6 +45,15 @@ def cuda_arch_flags() -> list:
 
 def cuda_nvcc_flags() -> list:
     return ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *cuda_arch_flags()]
+
+
+def cuda_library_include_dirs() -> list:
+    """Headers of the CUDA libraries torch's headers include (cuSPARSE, cuBLAS, ...): a bare nvcc toolkit may lack
+    them, and pip's CUDA builds of torch ship them under site-packages/nvidia/*/include."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(str(p) for p in site.glob("*/include") if (p / "cusparse.h").exists())
 
 
 def nvcc_found() -> bool:

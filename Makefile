@@ -1,0 +1,42 @@
+# fusedopt: `make test` and `make bench` set up .venv, build the extensions, and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: all venv build test test-fast bench bench-quick lint info clean
+
+all: test
+
+$(DEPS_STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(DEPS_STAMP)
+
+# In-place build (ninja, incremental): the tests and the bench import fusedopt from this checkout.
+# fusedopt/triton_kernels is a symlink to triton_kernels/ here; setup.py's package_dir does the same in a wheel.
+build: $(DEPS_STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m bench
+
+bench-quick: build
+	$(PY) -m bench --quick
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+
+info: build
+	$(PY) -m fusedopt info
+
+clean:
+	rm -rf build fusedopt/*.so *.egg-info

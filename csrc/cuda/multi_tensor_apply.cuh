@@ -1,0 +1,118 @@
+// The one CUDA multi-tensor engine: every tensor of a (device, dtype) group is cut into fixed-size chunks and the
+// whole group is updated by ONE launch, one block per chunk. The table of addresses lives in device memory (built
+// in pinned host memory, copied asynchronously), so 10000 tensors cost one small copy and one launch, no sync.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace fusedopt::cuda {
+
+constexpr int kBlockThreads = 512;
+constexpr int64_t kChunkElems = 65536;  // per block; a multiple of every vector width
+
+// Device view of the table. Sizes and offsets are 64-bit: a tensor may have more than 2^31 elements.
+template <int kLists>
+struct TensorTable {
+  const int64_t* addrs;      // [kLists][n] raw addresses (0 for an absent list)
+  const int64_t* numel;      // [n]
+  const int64_t* block_map;  // [blocks]: tensor index << 32 | chunk index
+  int64_t n;
+
+  template <typename T>
+  __device__ __forceinline__ T* ptr(int list, int64_t t) const {
+    return reinterpret_cast<T*>(addrs[list * n + t]);
+  }
+};
+
+template <int kLists, typename Functor>
+__global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(TensorTable<kLists> table, Functor fn) {
+  const int64_t entry = table.block_map[blockIdx.x];
+  const int64_t t = entry >> 32;
+  const int64_t begin = (entry & 0xffffffffLL) * kChunkElems;
+  const int64_t end = min(table.numel[t], begin + kChunkElems);
+  fn(table, t, begin, end);
+}
+
+// Per-tensor prologue: step += 1 unless GradScaler found an inf. One thread per tensor.
+template <int kLists>
+__global__ void increment_steps_kernel(TensorTable<kLists> table, int step_list, const float* found_inf) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= table.n) return;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  *table.template ptr<float>(step_list, t) += 1.0f;
+}
+
+// Owns the device copy of a table for the duration of the launches on the current stream.
+template <int kLists>
+struct DeviceTable {
+  at::Tensor storage;
+  TensorTable<kLists> view;
+  int64_t blocks = 0;
+};
+
+// lists[l] is empty or has one tensor per param. All tensors must be contiguous and on one device.
+template <int kLists>
+DeviceTable<kLists> build_table(const std::array<const std::vector<at::Tensor>*, kLists>& lists) {
+  const auto& first = *lists[0];
+  const int64_t n = static_cast<int64_t>(first.size());
+  std::vector<int64_t> block_map;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t chunks = (first[t].numel() + kChunkElems - 1) / kChunkElems;
+    for (int64_t c = 0; c < chunks; ++c) block_map.push_back((t << 32) | c);
+  }
+  const int64_t total = kLists * n + n + static_cast<int64_t>(block_map.size());
+  at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  for (int l = 0; l < kLists; ++l)
+    for (int64_t t = 0; t < n; ++t)
+      h[l * n + t] = lists[l]->empty() ? 0 : reinterpret_cast<int64_t>((*lists[l])[t].data_ptr());
+  for (int64_t t = 0; t < n; ++t) h[kLists * n + t] = first[t].numel();
+  std::copy(block_map.begin(), block_map.end(), h + kLists * n + n);
+
+  DeviceTable<kLists> out;
+  const at::Tensor device_copy = host.to(first[0].device(), /*non_blocking=*/true);
+  out.storage = device_copy;
+  const int64_t* d = device_copy.data_ptr<int64_t>();
+  out.view = TensorTable<kLists>{d, d + kLists * n, d + kLists * n + n, n};
+  out.blocks = static_cast<int64_t>(block_map.size());
+  return out;
+}
+
+template <int kLists, typename Functor>
+void launch(const DeviceTable<kLists>& table, const Functor& fn) {
+  if (table.blocks == 0) return;
+  TORCH_CHECK(table.blocks < (1LL << 31), "fusedopt: too many chunks for one launch");
+  multi_tensor_kernel<kLists><<<static_cast<unsigned>(table.blocks), kBlockThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(table.view, fn);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int kLists>
+void increment_steps(const DeviceTable<kLists>& table, int step_list, const float* found_inf) {
+  if (table.view.n == 0) return;
+  const unsigned grid = static_cast<unsigned>((table.view.n + 255) / 256);
+  increment_steps_kernel<kLists><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.view, step_list, found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-byte vectors: kVec elements of T.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kVec = 16 / sizeof(T);
+  T v[kVec];
+};
+
+// True when every listed address of tensor t allows 16-byte vector access.
+template <int kLists>
+__device__ __forceinline__ bool all_aligned16(const TensorTable<kLists>& table, int64_t t, int lists_used) {
+  int64_t bits = 0;
+  for (int l = 0; l < lists_used; ++l) bits |= table.addrs[l * table.n + t];
+  return (bits & 15) == 0;
+}
+
+}  // namespace fusedopt::cuda
