@@ -75,9 +75,10 @@ def cuda_extension() -> tuple[ModuleType | None, str]:
 
 
 def _jit_build_cuda() -> ModuleType:
-    from torch.utils.cpp_extension import load
-
     from fusedopt import _build
+
+    _build.set_default_cuda_home()
+    from torch.utils.cpp_extension import load
 
     src = _build.csrc_dir()
     tag = f"torch{torch.__version__}".replace("+", "_").replace(".", "_")

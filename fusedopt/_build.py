@@ -56,6 +56,17 @@ def cuda_library_include_dirs() -> list:
     return sorted(str(p) for p in site.glob("*/include") if (p / "cusparse.h").exists())
 
 
+def set_default_cuda_home() -> None:
+    """torch's cpp_extension guesses CUDA_HOME from `which nvcc`; with nvcc in /usr/local/bin that guess (/usr/local)
+    has no lib64/libcudart. Prefer a real toolkit folder. Call before importing torch.utils.cpp_extension."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for cand in ("/usr/local/cuda",):
+        if Path(cand, "bin", "nvcc").exists() or Path(cand, "lib64").exists():
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
 def nvcc_found() -> bool:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     return shutil.which("nvcc") is not None or bool(home and Path(home, "bin", "nvcc").exists())
