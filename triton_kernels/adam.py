@@ -28,9 +28,10 @@ def adam_kernel(
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_ptr + t)
+    numel = tl.load(numel_ptr + t)
     if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0)
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # GradScaler found an inf: touch nothing
+    mask = offs < numel
 
     # Hyperparameters in float64 (hp_ptr), bias corrections from this tensor's step, then opmath.
     lr = tl.load(hp_ptr + 0)
