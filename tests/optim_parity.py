@@ -8,7 +8,6 @@ optimizer's (rounded) params and state, so each comparison is one step from iden
 from __future__ import annotations
 
 import torch
-
 from conftest import assert_close
 
 SHAPES = [(), (0,), (1,), (7,), (1023,), (4099,), (33, 65)]
@@ -57,7 +56,8 @@ def run_parity(make_fused, make_ref, dtype, shapes=SHAPES, steps: int = 20, seed
     for step in range(steps):
         for p, q, g in zip(fused_params, ref_params, random_grads(shapes, step, gen)):
             p.grad = None if g is None else g.to(dtype)
-            q.grad = None if g is None else p.grad.double().clone()  # the reference sees exactly the fused optimizer's grads
+            # The reference sees exactly the fused optimizer's grads.
+            q.grad = None if g is None else p.grad.double().clone()
         if dtype in LOW_PRECISION:
             _sync_reference(fused, ref, fused_params, ref_params)
         fused.step()

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
-import fusedopt
 from conftest import ALL_DTYPES, assert_close, cpu_backends
 from optim_parity import SHAPES, SMALL_SHAPES, compare_state, run_parity
+
+import fusedopt
 
 OPTIONS = [
     dict(weight_decay=wd, amsgrad=ams, maximize=mx)
@@ -48,7 +48,7 @@ def test_adam_parity_grid(backend, dtype, cls, opts, lr_kind):
 @pytest.mark.parametrize("cls", CLASSES[:2], ids=lambda c: c[0])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_adam_parity_triton(dtype, cls, opts):
-    _, fused_cls, torch_cls, extra = cls
+    _, fused_cls, torch_cls, _ = cls
     lr = torch.tensor(0.01, dtype=torch.float64) if opts["amsgrad"] else 0.02
     run_parity(
         lambda ps: fused_cls(ps, lr=lr, backend="triton", **opts),
@@ -227,9 +227,11 @@ def test_complex_params_rejected():
 def test_kernel_rejects_mismatched_lists():
     p = [torch.randn(4), torch.randn(5)]
     with pytest.raises(RuntimeError, match="has 1 tensors"):
-        fusedopt.ops.adam.adam_step(p, [torch.randn(4)], [torch.zeros(4)] * 2, [torch.zeros(4)] * 2, [],
-                                    [torch.zeros(())] * 2, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                                    amsgrad=False, maximize=False, decoupled_weight_decay=False, backend="cpu")  # fmt: skip
+        fusedopt.ops.adam.adam_step(
+            p, [torch.randn(4)], [torch.zeros(4)] * 2, [torch.zeros(4)] * 2, [], [torch.zeros(())] * 2,
+            lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+            decoupled_weight_decay=False, backend="cpu",
+        )
 
 
 # --- GPU (skipped without one; scripts/gpu_check.sh runs these) ----------------------------------------------------
@@ -246,7 +248,7 @@ def test_adam_parity_gpu(backend, dtype, opts):
     gen = torch.Generator().manual_seed(0)
     cpu_params = [torch.randn(s, dtype=torch.float64, generator=gen).to(dtype) for s in shapes]
     fused_params = to_cuda(cpu_params)
-    ref_params = [p.detach().double().cuda().clone().requires_grad_() for p in cpu_params]
+    ref_params = [p.detach().double().cuda().requires_grad_() for p in cpu_params]  # .cuda() copies
     fused = fusedopt.Adam(fused_params, lr=torch.tensor(0.01, device="cuda"), backend=backend, **opts)
     ref = torch.optim.Adam(ref_params, lr=0.01, foreach=False, **opts)
     from optim_parity import LOW_PRECISION, _sync_reference, random_grads
