@@ -19,11 +19,12 @@ def info() -> str:
     ]
     if torch.cuda.is_available():
         lines.append(f"gpu      {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
-    triton, why = _backend.triton_module()
+    triton, _ = _backend.triton_module()
     lines.append(f"triton   {triton.__version__ if triton else 'not installed'}")
     cpu_mod, _ = _backend.cpu_extension()
     simd = cpu_mod.cpu_capability() if cpu_mod else "n/a (fusedopt._C not built)"
-    lines.append(f"cpu simd {simd}  (torch: {torch.backends.cpu.get_cpu_capability()}; threads: {torch.get_num_threads()})")
+    torch_simd = torch.backends.cpu.get_cpu_capability()
+    lines.append(f"cpu simd {simd}  (torch: {torch_simd}; threads: {torch.get_num_threads()})")
     lines.append("")
     lines.append(f"{'backend':8} {'built':6} {'cpu':6} {'cuda':6} note")
     for name in ("cpu", "cuda", "triton", "torch"):
