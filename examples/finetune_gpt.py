@@ -134,9 +134,10 @@ def main(argv=None) -> dict:
 
     runs = {impl: train(impl, cfg, corpora, len(chars), args.device) for impl in ("torch", "fusedopt")}
     n_params = sum(p.numel() for p in GPT(len(chars), cfg.dim, cfg.layers, cfg.heads, cfg.context).parameters())
-    print(f"model: {n_params / 1e6:.2f}M params, vocab {len(chars)}; {cfg.pre} pre-training + {cfg.fine} fine-tuning steps")
+    print(f"model: {n_params / 1e6:.2f}M params, vocab {len(chars)}; {cfg.pre} + {cfg.fine} steps")
     for impl, r in runs.items():
-        print(f"{impl:9s} final loss {r['losses'][-1]:.5f}  {r['tokens_per_s']:,.0f} tokens/s  peak {r['peak_mib']:.0f} MiB")
+        final, speed, peak = r["losses"][-1], r["tokens_per_s"], r["peak_mib"]
+        print(f"{impl:9s} final loss {final:.5f}  {speed:,.0f} tokens/s  peak {peak:.0f} MiB")
     worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["fusedopt"]["losses"], runs["torch"]["losses"]))
     print(f"largest relative difference between the loss curves: {worst:.2e}")
     _plot(runs, cfg, args.out)
