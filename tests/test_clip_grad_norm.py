@@ -1,0 +1,235 @@
+"""fusedopt.nn.utils.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ (float64 reference), the grad_norm /
+scale_grads ops on every backend, and clipping folded into the optimizers' step (max_grad_norm=)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_DTYPES, assert_close, cpu_backends, tol
+
+import fusedopt
+from fusedopt.nn.utils import clip_grad_norm_
+from fusedopt.ops.grad_norm import grad_norm, scale_grads
+
+BACKENDS = cpu_backends()
+NORM_TYPES = [1.0, 2.0, 3.5, 0.5, float("inf")]
+INF = float("inf")
+
+
+def _grad_set(kind: str, dtypes, gen, sizes=(7, 0, 1500, 1, 33)):
+    """Params with grads: random, with an empty grad, some None; 'nan'/'inf' put one non-finite value in."""
+    params = []
+    for i, n in enumerate(sizes):
+        dt = dtypes[i % len(dtypes)]
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dt))
+        if i == 3:
+            p.grad = None  # no grad: skipped, as torch does
+        else:
+            p.grad = (torch.randn(n, generator=gen, dtype=torch.float64) * (i + 1)).to(dt)
+        params.append(p)
+    if kind in ("nan", "inf", "-inf"):
+        params[2].grad[11] = float(kind)
+    return params
+
+
+def _reference(params, max_norm, norm_type, out_dtype):
+    """torch's clip_grad_norm_ semantics with float64 arithmetic: the total norm of the float64 grads, rounded to the
+    result dtype as torch's is, and the coefficient computed from that rounded norm in that dtype (so an fp16 norm
+    that overflows zeroes the grads, as in torch). Norm order inf skips empty grads: torch's _foreach_norm refuses an
+    inf norm of an empty tensor, while fusedopt counts it as contributing nothing."""
+    grads = [p.grad.detach().double() for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([g for g in grads if norm_type != INF or g.numel() > 0], norm_type)
+    total = total.to(out_dtype)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total, [None if p.grad is None else p.grad.detach().double() * coef.double() for p in params]
+
+
+@pytest.mark.parametrize("dtypes", [[d] for d in ALL_DTYPES] + [[torch.float32, torch.bfloat16]], ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf"])
+def test_clip_parity(dtypes, norm_type, kind):
+    gen = torch.Generator().manual_seed(hash((str(dtypes), norm_type, kind)) % 2**31)
+    for max_norm in (0.5, 1e6):  # clipping, and a coefficient clamped at 1
+        params = _grad_set(kind, dtypes, gen)
+        # torch's total norm: dtype promoted over the grads, on the first grad's device.
+        dt = torch.float32 if len(dtypes) > 1 else dtypes[0]
+        expected_total, ref = _reference(params, max_norm, norm_type, dt)
+        total = clip_grad_norm_(params, max_norm, norm_type)
+        assert total.dtype == dt and total.device == params[0].grad.device
+        if kind != "finite":
+            assert not torch.isfinite(total) and torch.isnan(total) == torch.isnan(expected_total)
+        torch.testing.assert_close(total.double(), expected_total.double(), **tol(dt, reduction=True), equal_nan=True)
+        for p, r in zip(params, ref):
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad.double(), r, **tol(p.dtype), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_grad_norm_op_backends(backend, dtype, norm_type):
+    gen = torch.Generator().manual_seed(5)
+    sizes = (3, 0, 70000, 129) if backend != "triton" else (3, 0, 700, 129)
+    ts = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype) for n in sizes]
+    expected = torch.linalg.vector_norm(torch.cat([t.double() for t in ts]), norm_type)
+    out = grad_norm(ts, norm_type, backend=backend)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # 16-bit inputs accumulate in float32: the float32 reduction tolerance applies.
+    assert_close(out, expected, torch.float64 if dtype == torch.float64 else torch.float32, "norm", reduction=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_scale_grads_op_backends(backend, dtype):
+    gen = torch.Generator().manual_seed(6)
+    ts = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in (5, 0, 3000, 64)]
+    expected = [t.double() * 0.3 for t in ts]
+    scale_grads(ts, torch.tensor(0.3, dtype=torch.float64 if dtype == torch.float64 else torch.float32), backend)
+    for t, e in zip(ts, expected):
+        assert_close(t, e, dtype, "scaled")
+
+
+def test_non_contiguous_grads():
+    base = torch.randn(40, 30, dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(30, 40, dtype=torch.float64))
+    p.grad = base.t()  # a non-contiguous view
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = base.t().clone()
+    total = clip_grad_norm_([p], 1.0)
+    expected = torch.nn.utils.clip_grad_norm_([q], 1.0)
+    assert_close(total, expected, torch.float64, "norm", reduction=True)
+    assert_close(p.grad, q.grad, torch.float64, "grad")
+
+
+def test_empty_and_no_grads():
+    total = clip_grad_norm_([], 1.0)
+    assert total.dtype == torch.float32 and total.device.type == "cpu" and float(total) == 0.0
+    p = torch.nn.Parameter(torch.ones(3))
+    assert float(clip_grad_norm_([p], 1.0)) == 0.0  # no grad at all
+    with pytest.warns(UserWarning, match="empty generator"):
+        clip_grad_norm_((x for x in []), 1.0)
+
+
+def test_single_tensor_argument():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 2.0)
+    assert float(clip_grad_norm_(p, 1.0)) == 4.0
+    torch.testing.assert_close(p.grad, torch.full((4,), 0.5 * 4.0 / (4.0 + 1e-6)))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_error_if_nonfinite(value):
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, value, 2.0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    assert p.grad[0] == 1.0, "grads must be untouched when it raises"
+
+
+def test_bad_norm_type_in_op():
+    with pytest.raises(ValueError, match="norm_type"):
+        grad_norm([torch.ones(2)], -1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        grad_norm([], 2.0)
+
+
+def test_unusual_norm_types_delegate_to_torch():
+    """Orders 0 and -inf are not fused: the result is torch's own."""
+    for norm_type in (0.0, -INF):
+        ps = [torch.nn.Parameter(torch.zeros(4)) for _ in range(4)]
+        for p, g in zip(ps, ([0.0, -3.0, 2.0, 0.5], [1.0, 1.0, 0.0, 0.0])):
+            p.grad = torch.tensor(g)
+        ours = clip_grad_norm_(ps[:2], 0.1, norm_type=norm_type)
+        for p, q in zip(ps[2:], ps[:2]):
+            p.grad = torch.tensor([0.0, -3.0, 2.0, 0.5]) if p is ps[2] else torch.tensor([1.0, 1.0, 0.0, 0.0])
+        theirs = torch.nn.utils.clip_grad_norm_(ps[2:], 0.1, norm_type=norm_type)
+        assert torch.equal(ours, theirs)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps[:2], ps[2:]))
+
+
+# --- clipping folded into the step -----------------------------------------------------------------------------
+
+OPTIMIZERS = [
+    (fusedopt.Adam, {"lr": 1e-2, "weight_decay": 0.01}),
+    (fusedopt.AdamW, {"lr": 1e-2, "amsgrad": True}),
+    (fusedopt.RMSprop, {"lr": 1e-2, "momentum": 0.5, "centered": True}),
+    (fusedopt.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
+]
+
+
+def _opt_id(x):
+    return x.__name__ if isinstance(x, type) else ""
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=_opt_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_folded_clip_equals_clip_then_step(cls, kwargs, dtype, backend):
+    """opt(max_grad_norm=m).step() == clip_grad_norm_(params, m); opt.step(), and last_grad_norm is that norm.
+
+    The clip coefficient is carried in float32 inside the kernels (with GradScaler's scale), so float64 params are
+    held to float32's tolerance here. 16-bit runs compare one step without weight decay: there the plain path rounds
+    the clipped grad to 16 bits before the step and the folded one does not, and where grad + wd * param cancels
+    that rounding can flip the sign of Adam's first update (a legitimate +-lr difference, not a fold error)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        kwargs = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    gen = torch.Generator().manual_seed(11)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((5,), (40, 3), (900,))]
+    folded = [torch.nn.Parameter(b.clone()) for b in base]
+    plain = [torch.nn.Parameter(b.clone()) for b in base]
+    opt_a = cls(folded, backend=backend, max_grad_norm=1.5, **kwargs)
+    opt_b = cls(plain, backend=backend, **kwargs)
+    check = torch.float32 if dtype == torch.float64 else dtype
+    for s in range(20 if dtype in (torch.float32, torch.float64) else 1):
+        for i, (a, b) in enumerate(zip(folded, plain)):
+            g = (torch.randn(a.shape, generator=gen, dtype=torch.float64) * (0.1 if s % 3 == 0 else 2.0)).to(dtype)
+            a.grad, b.grad = (None, None) if (s + i) % 5 == 4 else (g.clone(), g.clone())
+        norm = clip_grad_norm_(plain, 1.5)
+        opt_b.step()
+        opt_a.step()
+        assert_close(opt_a.last_grad_norm, norm, check, f"step {s} norm", reduction=True)
+        for i, (a, b) in enumerate(zip(folded, plain)):
+            assert_close(a, b, check, f"step {s} param {i}")
+            for k, v in opt_b.state[b].items():
+                assert_close(opt_a.state[a][k], v, check, f"step {s} param {i} {k}")
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=_opt_id)
+def test_folded_clip_with_grad_scaler(cls, kwargs):
+    """With GradScaler the folded norm is the norm of the UNSCALED grads; inf steps are skipped."""
+    gen = torch.Generator().manual_seed(12)
+    base = [torch.randn(s, generator=gen) for s in ((6,), (50,))]
+    folded = [torch.nn.Parameter(b.clone()) for b in base]
+    plain = [torch.nn.Parameter(b.clone()) for b in base]
+    opt_a = cls(folded, backend="cpu", max_grad_norm=0.8, **kwargs)
+    opt_b = cls(plain, backend="cpu", **kwargs)
+    sc_a, sc_b = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    for s in range(12):
+        scale = sc_a.get_scale()
+        for a, b in zip(folded, plain):
+            g = torch.randn(a.shape, generator=gen) * scale
+            a.grad, b.grad = g.clone(), g.clone()
+        if s == 3:
+            folded[1].grad[0] = plain[1].grad[0] = float("inf")
+        for sc in (sc_a, sc_b):
+            sc.scale(torch.ones(()))
+        sc_b.unscale_(opt_b)
+        norm = clip_grad_norm_(plain, 0.8)
+        sc_b.step(opt_b)
+        sc_a.step(opt_a)
+        sc_a.update()
+        sc_b.update()
+        if s != 3:
+            assert_close(opt_a.last_grad_norm, norm, torch.float32, f"step {s} norm", reduction=True)
+        for a, b in zip(folded, plain):
+            assert_close(a, b, torch.float32, f"step {s} param")
+
+
+def test_last_grad_norm_none_until_step_and_no_sync_shape():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fusedopt.SGD([p], lr=0.1, max_grad_norm=1.0)
+    assert opt.last_grad_norm is None
+    p.grad = torch.full((3,), 4.0)
+    opt.step()
+    assert isinstance(opt.last_grad_norm, torch.Tensor) and opt.last_grad_norm.shape == ()
+    torch.testing.assert_close(opt.last_grad_norm, torch.tensor(48.0).sqrt())
