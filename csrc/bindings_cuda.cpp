@@ -4,7 +4,10 @@
 #include "common/tensor_lists.h"
 #include "cuda/kernels.h"
 
-namespace fusedopt::cuda {
+// The Python-facing wrappers live in their own namespace: in fusedopt::cuda itself, `&fusedopt::cuda::bind::adam_step`
+// would name the kernel entry of cuda/kernels.h (qualified lookup never reaches an unnamed namespace's members when
+// the namespace declares the name directly), and pybind11 would bind the wrong function.
+namespace fusedopt::cuda::bind {
 namespace {
 
 // Device float32 copy of an optional scalar tensor (an async device op, no sync).
@@ -156,15 +159,15 @@ void scale_tensors(const TensorList& tensors, const at::Tensor& coef) {
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
-}  // namespace fusedopt::cuda
+}  // namespace fusedopt::cuda::bind
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
-  m.def("adam_step", &fusedopt::cuda::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
-  m.def("rmsprop_step", &fusedopt::cuda::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
-  m.def("sgd_step", &fusedopt::cuda::sgd_step, "Fused SGD step over a list of CUDA tensors");
-  m.def("grad_norm_power_sum", &fusedopt::cuda::grad_norm_power_sum,
+  m.def("adam_step", &fusedopt::cuda::bind::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
+  m.def("rmsprop_step", &fusedopt::cuda::bind::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
+  m.def("sgd_step", &fusedopt::cuda::bind::sgd_step, "Fused SGD step over a list of CUDA tensors");
+  m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CUDA tensors of one dtype, as a device scalar");
-  m.def("scale_tensors", &fusedopt::cuda::scale_tensors, "x *= coef over CUDA tensors of one dtype, coef on device");
-  m.def("torch_version", &fusedopt::cuda::torch_version, "torch version this extension was built against");
+  m.def("scale_tensors", &fusedopt::cuda::bind::scale_tensors, "x *= coef over CUDA tensors of one dtype, coef on device");
+  m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }
