@@ -20,7 +20,9 @@ FAST = [b for b in BACKENDS if b != "triton"]
 MOMENTA = [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.3, False), (0.8, 0.0, True)]
 GRID = [
     {"lr": lr, "momentum": m, "dampening": d, "nesterov": n, "weight_decay": wd, "maximize": mx}
-    for ((m, d, n), wd, mx), lr in zip(itertools.product(MOMENTA, [0.0, 0.05], [False, True]), itertools.cycle([0.01, 0.003]))
+    for ((m, d, n), wd, mx), lr in zip(
+        itertools.product(MOMENTA, [0.0, 0.05], [False, True]), itertools.cycle([0.01, 0.003])
+    )
 ]
 
 

@@ -68,7 +68,8 @@ def grad_norm_power_sum(tensors, norm_type: float) -> torch.Tensor:
         return torch.zeros((), dtype=acc, device=tensors[0].device)
     kind = KIND_INF if math.isinf(norm_type) else {1.0: KIND_ONE, 2.0: KIND_TWO}.get(norm_type, KIND_P)
     partials = torch.empty(table.blocks, dtype=acc, device=tensors[0].device)
-    p = torch.tensor([norm_type if kind == KIND_P else 0.0], dtype=torch.float64).to(tensors[0].device, non_blocking=True)
+    p = torch.tensor([norm_type if kind == KIND_P else 0.0], dtype=torch.float64)
+    p = p.to(tensors[0].device, non_blocking=True)
     norm_kernel[(table.blocks,)](
         table.addrs, table.numel, table.block_tensor, table.block_start, partials, p,
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), KIND=kind, BLOCK=BLOCK,

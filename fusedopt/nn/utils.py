@@ -38,28 +38,6 @@ def _root(power_sum: Tensor, norm_type: float) -> Tensor:
     return power_sum.sqrt() if norm_type == 2.0 else power_sum.pow(1.0 / norm_type)
 
 
-def _dtensor_power_sum(tensors: list, norm_type: float) -> Tensor:
-    """The global sum |x|^p (max |x| for inf) of DTensors: fused local partials reduced by DTensor's collectives."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    reduce_op = "max" if norm_type == INF else "sum"
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(t)
-    parts = []
-    for (mesh, placements), ts in groups.items():
-        if not all(isinstance(pl, (Shard, Replicate)) for pl in placements):
-            raise NotImplementedError(f"fusedopt clip_grad_norm_: DTensor grads with placements {placements}")
-        local = [_local(t) for t in ts]
-        norm = grad_norm_op.grad_norm(local, norm_type)  # rooted local norm: undo the root to add partials
-        partial = norm if norm_type == INF else norm.pow(norm_type)
-        spec = [Partial(reduce_op) if isinstance(pl, Shard) else Replicate() for pl in placements]
-        parts.append(DTensor.from_local(partial, mesh, spec, run_check=False).full_tensor())
-    first = parts[0].device
-    stacked = torch.stack([p.to(first, torch.float64 if p.dtype == torch.float64 else torch.float32) for p in parts])
-    return stacked.amax() if norm_type == INF else stacked.sum()
-
-
 @torch.no_grad()
 def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
     """The norm of all `tensors` seen as one vector: torch.nn.utils.get_total_norm's result (dtype: the promoted
@@ -73,7 +51,7 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     out_dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
     first_device = tensors[0].device
     if any(hasattr(t, "_local_tensor") for t in tensors):
-        total = _root(_dtensor_power_sum(tensors, norm_type), norm_type)
+        total = _root(grad_norm_op.dtensor_power_sum(tensors, norm_type), norm_type)
     else:
         by_device: dict = {}
         for t in tensors:

@@ -102,7 +102,8 @@ def grad_norm(tensors, norm_type: float = 2.0, backend=None) -> Tensor:
     if not tensors:
         raise ValueError("fusedopt grad_norm: needs at least one tensor")
     norm_type = check_norm_type(norm_type)
-    return grad_norm_op(tensors, norm_type, _backend.resolve(backend, tensors[0].device, "grad_norm"))
+    args = (tensors, norm_type, _backend.resolve(backend, tensors[0].device, "grad_norm"))
+    return (grad_norm_op if torch.compiler.is_compiling() else _norm_impl)(*args)  # eager: skip the boxing
 
 
 def scale_grads(tensors, coef: Tensor, backend=None) -> None:
@@ -112,4 +113,28 @@ def scale_grads(tensors, coef: Tensor, backend=None) -> None:
         return
     if coef.device != tensors[0].device:
         raise ValueError(f"fusedopt scale_grads: coef is on {coef.device}, tensors on {tensors[0].device}")
-    scale_grads_op(tensors, coef, _backend.resolve(backend, tensors[0].device, "scale_grads"))
+    args = (tensors, coef, _backend.resolve(backend, tensors[0].device, "scale_grads"))
+    (scale_grads_op if torch.compiler.is_compiling() else _scale_impl)(*args)  # eager: skip the boxing
+
+
+def dtensor_power_sum(tensors, norm_type: float) -> Tensor:
+    """The GLOBAL sum |x|^p (max |x| for inf) of DTensors: each device's fused local partial, wrapped as a DTensor
+    that is Partial on the mesh dims where the tensor is sharded, reduced by DTensor's collectives once per
+    (mesh, placements) group."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    reduce_op = "max" if norm_type == INF else "sum"
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(t)
+    parts = []
+    for (mesh, placements), ts in groups.items():
+        if not all(isinstance(pl, (Shard, Replicate)) for pl in placements):
+            raise NotImplementedError(f"fusedopt grad_norm: DTensor placements {placements} (Shard/Replicate only)")
+        norm = grad_norm([t._local_tensor for t in ts], norm_type)
+        partial = norm if norm_type == INF else norm.pow(norm_type)  # undo the root to add partials
+        spec = [Partial(reduce_op) if isinstance(pl, Shard) else Replicate() for pl in placements]
+        parts.append(DTensor.from_local(partial, mesh, spec, run_check=False).full_tensor())
+    first = parts[0].device
+    stacked = torch.stack([x.to(first, torch.float64 if x.dtype == torch.float64 else torch.float32) for x in parts])
+    return stacked.amax() if norm_type == INF else stacked.sum()

@@ -64,8 +64,10 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
     backend = _backend.resolve(backend, params[0].device, "rmsprop")
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_float = 0.0 if lr_tensor is not None else float(lr)
-    rmsprop_step_op(
+    args = (
         params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else [], steps,
         lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
         bool(maximize), grad_divisor, found_inf, backend,
-    )  # fmt: skip
+    )
+    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
+    (rmsprop_step_op if torch.compiler.is_compiling() else _impl)(*args)

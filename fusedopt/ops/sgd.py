@@ -66,8 +66,10 @@ def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, damp
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_float = 0.0 if lr_tensor is not None else float(lr)
     use_buf = momentum != 0
-    sgd_step_op(
+    args = (
         params, grads, momentum_buffers if use_buf else [], first_flags if use_buf else [], lr_float, lr_tensor,
         float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), grad_divisor,
         found_inf, backend,
-    )  # fmt: skip
+    )
+    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
+    (sgd_step_op if torch.compiler.is_compiling() else _impl)(*args)

@@ -171,6 +171,11 @@ class FusedOptimizerMixin:
             self._step_bucket(group, bucket, grads, divisors.get(bucket.device, grad_scale), found_inf)
         return loss
 
+    def _bucket_norm(self, bucket: Bucket, local_grads: list) -> Tensor:
+        if hasattr(bucket.params[0], "_local_tensor"):  # DTensor (FSDP2): the norm over all ranks' shards
+            return grad_norm_op.dtensor_power_sum([p.grad for p in bucket.params], 2.0).sqrt()
+        return grad_norm_op.grad_norm(local_grads, 2.0, backend=bucket.backend)
+
     def _clip_divisors(self, work: list) -> dict:
         """Folded clipping: the global 2-norm of the (unscaled) grads, and per device the grad divisor
         grad_scale / clip_coef with clip_coef = min(max_norm / (norm + 1e-6), 1), as clip_grad_norm_ computes it.
@@ -178,7 +183,7 @@ class FusedOptimizerMixin:
         if not work:
             self.last_grad_norm = torch.zeros(())
             return {}
-        norms = [grad_norm_op.grad_norm(grads, 2.0, backend=b.backend) for _, b, grads in work]
+        norms = [self._bucket_norm(b, grads) for _, b, grads in work]
         first = work[0][1].device
         if len(norms) == 1:
             total = norms[0]

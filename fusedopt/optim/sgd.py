@@ -47,7 +47,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 if st.get("momentum_buffer") is None:
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     self._first_flags[p] = torch.ones((), dtype=torch.float32, device=local_tensor(p).device)
-            bucket.state_lists["momentum_buffer"] = [local_tensor(self.state[p]["momentum_buffer"]) for p in bucket.params]
+            buffers = [local_tensor(self.state[p]["momentum_buffer"]) for p in bucket.params]
+            bucket.state_lists["momentum_buffer"] = buffers
             bucket.extra.pop("first_flags", None)
         flags = bucket.extra.get("first_flags")
         if flags is None:
