@@ -15,13 +15,14 @@ import torch
 from conftest import tol
 
 SHAPES = [(), (0,), (3,), (33, 17), (1100,), (1,)]
+SHAPES_GPU = [(), (0,), (3,), (33, 17), (70001,), (3, 65537)]  # several chunks, unaligned tails
 SMALL_SHAPES = [(), (0,), (3,), (9, 7), (130,)]  # for the Triton interpreter
 
 
-def make_params(shapes, dtype, seed=0):
+def make_params(shapes, dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    fused = [torch.nn.Parameter(b.to(dtype)) for b in base]
+    fused = [torch.nn.Parameter(b.to(dtype).to(device)) for b in base]
     ref = [torch.nn.Parameter(f.detach().double().clone()) for f in fused]
     return fused, ref
 
@@ -32,7 +33,7 @@ def set_grads(fused, ref, gen, step, none_every=4, scale=1.0):
         if none_every and (step + i) % none_every == 0 and i != 1:
             f.grad, r.grad = None, None
             continue
-        g = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype)
+        g = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype).to(f.device)
         f.grad = g * scale if scale != 1.0 else g
         r.grad = f.grad.detach().double().clone()
 
@@ -86,10 +87,21 @@ def sync_into_reference(opt_f, opt_r, fused, ref):
                     opt_r.state[r][k] = v.detach().double().clone()
 
 
-def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0):
+def _step_without_sync(opt, device):
+    """On CUDA, any host sync inside step() raises (torch's sync debug mode)."""
+    if torch.device(device).type != "cuda":
+        return opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0, device="cpu"):
     """Runs `steps` steps of both optimizers on the same grads and asserts params and every state tensor match."""
-    fused, ref = make_params(shapes, dtype, seed)
-    kw_f = {**kwargs, "lr": _lr_like(kwargs.get("lr"))} if "lr" in kwargs else kwargs
+    fused, ref = make_params(shapes, dtype, seed, device)
+    kw_f = {**kwargs, "lr": _lr_like(kwargs.get("lr"), device)} if "lr" in kwargs else kwargs
     opt_f = fused_cls(fused, backend=backend, **kw_f)
     opt_r = torch_cls(ref, **kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -105,7 +117,7 @@ def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SH
             opt_t32.step()
         if one_step:
             sync_into_reference(opt_f, opt_r, fused, ref)
-        opt_f.step()
+        _step_without_sync(opt_f, device)
         opt_r.step()
         if one_step:
             compare(opt_f, opt_r, fused, ref, dtype, f"step {s}")
@@ -114,5 +126,5 @@ def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SH
     return opt_f, opt_r, fused, ref
 
 
-def _lr_like(lr):
-    return lr.clone() if isinstance(lr, torch.Tensor) else lr
+def _lr_like(lr, device="cpu"):
+    return lr.clone().to(device) if isinstance(lr, torch.Tensor) else lr

@@ -331,3 +331,57 @@ def test_dtensor_grads_global_norm():
                 assert_close(p.to_local(), q.to_local(), torch.float32, "dtensor folded clip")
     finally:
         dist.destroy_process_group()
+
+
+# --- GPU (skipped without one; scripts/gpu_check.sh runs these) ----------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_grad_norm_and_scale_gpu(backend, dtype, norm_type):
+    gen = torch.Generator().manual_seed(5)
+    sizes = (3, 0, 70001, 129, 3 * 65537)
+    ts = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype).cuda() for n in sizes]
+    expected = torch.linalg.vector_norm(torch.cat([t.double() for t in ts]), norm_type)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grad_norm(ts, norm_type, backend=backend)
+        scale_grads(ts, torch.tensor(0.25, device="cuda"), backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.device.type == "cuda"
+    assert_close(out, expected, torch.float64 if dtype == torch.float64 else torch.float32, "norm", reduction=True)
+    ts[2][5] = float("nan")
+    assert torch.isnan(grad_norm(ts, norm_type, backend=backend))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=_opt_id)
+def test_clip_and_folded_clip_gpu(cls, kwargs):
+    """clip_grad_norm_ (no host sync) and max_grad_norm on CUDA match torch's clip + step."""
+    gen = torch.Generator().manual_seed(13)
+    base = [torch.randn(s, generator=gen).cuda() for s in ((5,), (70001,), (3, 65537))]
+    folded = [torch.nn.Parameter(b.clone()) for b in base]
+    plain = [torch.nn.Parameter(b.clone()) for b in base]
+    ours = [torch.nn.Parameter(b.clone()) for b in base]
+    opt_a = cls(folded, max_grad_norm=1.5, **kwargs)
+    opt_b = cls(plain, **kwargs)
+    for s in range(10):
+        for a, b, c in zip(folded, plain, ours):
+            g = torch.randn(a.shape, generator=gen).cuda() * (0.01 if s % 3 == 0 else 2.0)
+            a.grad, b.grad, c.grad = g.clone(), g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(plain, 1.5)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours_norm = clip_grad_norm_(ours, 1.5)
+            opt_a.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt_b.step()
+        assert_close(ours_norm, norm, torch.float32, "clip norm", reduction=True)
+        assert_close(opt_a.last_grad_norm, norm, torch.float32, "folded norm", reduction=True)
+        for a, b, c in zip(folded, plain, ours):
+            assert_close(c.grad, b.grad, torch.float32, "clipped grads")
+            assert_close(a, b, torch.float32, f"step {s} param")

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import ALL_DTYPES, cpu_backends
-from parity_steps import SMALL_SHAPES, compare, make_params, run_parity, set_grads
+from parity_steps import SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
 
@@ -103,6 +103,15 @@ def test_grad_scaler_inf_skip(backend):
         sc_r.update()
         assert sc_f.get_scale() == sc_r.get_scale()
         compare(opt_f, opt_r, fused, ref, torch.float64, f"scaler step {s}", skipped_first=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs", [*GRID[::3], GRID[-1], {"lr": torch.tensor(0.01), "momentum": 0.5}], ids=_id)
+def test_parity_gpu(backend, dtype, kwargs):
+    shapes = [*SHAPES_GPU]
+    run_parity(fusedopt.RMSprop, torch.optim.RMSprop, kwargs, dtype, backend, steps=20, shapes=shapes, device="cuda")
 
 
 def test_differentiable_not_implemented():

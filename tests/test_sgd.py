@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import ALL_DTYPES, cpu_backends
-from parity_steps import SMALL_SHAPES, compare, make_params, run_parity, set_grads
+from parity_steps import SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
 
@@ -129,6 +129,31 @@ def test_grad_scaler_inf_skip(backend, dampening):
         sc_f.update()
         sc_r.update()
         compare(opt_f, opt_r, fused, ref, torch.float64, f"scaler step {s}", skipped_first=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs", [*GRID[1::3], {"lr": torch.tensor(0.01), "momentum": 0.5}], ids=_id)
+def test_parity_gpu(backend, dtype, kwargs):
+    run_parity(fusedopt.SGD, torch.optim.SGD, kwargs, dtype, backend, steps=20, shapes=SHAPES_GPU, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_grad_scaler_first_step_skip_gpu(backend):
+    """A GradScaler-skipped first step on CUDA: the device flag keeps the buffer waiting, no host sync."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, device="cuda"))
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, backend=backend)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device="cuda"), torch.tensor(1.0, device="cuda")
+    p.grad = torch.full((3,), float("inf"), dtype=torch.float64, device="cuda")
+    opt.step()
+    assert not opt.state[p]["momentum_buffer"].any() and p.detach().tolist() == [1.0, -2.0, 3.0]
+    opt.found_inf = torch.tensor(0.0, device="cuda")
+    p.grad = torch.tensor([4.0, 8.0, -4.0], dtype=torch.float64, device="cuda")
+    opt.step()
+    expected = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)  # the unscaled grad: a copy, not (1 - 0.5) * it
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"].cpu(), expected)
 
 
 def test_differentiable_not_implemented():

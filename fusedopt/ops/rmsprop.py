@@ -63,6 +63,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         return
     backend = _backend.resolve(backend, params[0].device, "rmsprop")
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
+        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
     lr_float = 0.0 if lr_tensor is not None else float(lr)
     args = (
         params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else [], steps,

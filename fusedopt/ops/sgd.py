@@ -64,6 +64,8 @@ def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, damp
         return
     backend = _backend.resolve(backend, params[0].device, "sgd")
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
+        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
     lr_float = 0.0 if lr_tensor is not None else float(lr)
     use_buf = momentum != 0
     args = (
