@@ -54,8 +54,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         if flags is None:
             flags = []
             if any(p in self._first_flags for p in bucket.params):
+                zero = lambda: torch.zeros((), dtype=torch.float32, device=bucket.device)  # a started buffer
                 flags = [self._first_flags.get(p) for p in bucket.params]
-                flags = [f if f is not None else torch.zeros((), device=bucket.device) for f in flags]
+                flags = [f if f is not None else zero() for f in flags]
             bucket.extra["first_flags"] = flags
         return bucket.state_lists["momentum_buffer"], flags
 
