@@ -385,3 +385,34 @@ def test_clip_and_folded_clip_gpu(cls, kwargs):
         for a, b, c in zip(folded, plain, ours):
             assert_close(c.grad, b.grad, torch.float32, "clipped grads")
             assert_close(a, b, torch.float32, f"step {s} param")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_each_cpu_isa_path(capability):
+    """The per-ISA CPU kernel copies of RMSprop, SGD, grad_norm and scale_grads: a lower ISA forced in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, fusedopt, sys; sys.path.insert(0, 'tests')\n"
+        "from parity_steps import run_parity\n"
+        "from fusedopt.ops.grad_norm import grad_norm, scale_grads\n"
+        "assert fusedopt._backend.cpu_extension()[0].cpu_capability() == sys.argv[1]\n"
+        "for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
+        "    run_parity(fusedopt.RMSprop, torch.optim.RMSprop, {'lr': 0.01, 'momentum': 0.9, 'centered': True,\n"
+        "               'weight_decay': 0.1}, dt, 'cpu')\n"
+        "    run_parity(fusedopt.SGD, torch.optim.SGD, {'lr': 0.01, 'momentum': 0.9, 'dampening': 0.2}, dt, 'cpu')\n"
+        "    ts = [torch.randn(n, dtype=torch.float64).to(dt) for n in (3, 0, 5000)]\n"
+        "    for p in (1.0, 2.0, 3.5, float('inf')):\n"
+        "        want = torch.linalg.vector_norm(torch.cat([t.double() for t in ts]), p)\n"
+        "        torch.testing.assert_close(grad_norm(ts, p, 'cpu').double(), want, rtol=1e-5, atol=0)\n"
+        "    want = [t.double() * 0.5 for t in ts]\n"
+        "    scale_grads(ts, torch.tensor(0.5), 'cpu')\n"
+        "    for t, w in zip(ts, want):\n"
+        "        torch.testing.assert_close(t.double(), w, rtol=1e-3, atol=1e-7)  # fp16 subnormals round\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FUSEDOPT_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", script, capability], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

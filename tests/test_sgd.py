@@ -191,3 +191,22 @@ def test_kernel_rejects_mismatched_lists():
     with pytest.raises(RuntimeError, match="elements"):
         fusedopt.ops.sgd.sgd_step([p], [g], [], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
                                   nesterov=False, maximize=False, backend="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("cls", ["SGD", "RMSprop"])
+def test_non_contiguous_param_and_grad(backend, cls):
+    """A transposed param and grad: the kernels run on contiguous copies written back, as torch's update."""
+    fused_cls, torch_cls = getattr(fusedopt, cls), getattr(torch.optim, cls)
+    base = torch.randn(6, 9, dtype=torch.float64)
+    p = torch.nn.Parameter(base.clone().t())  # non-contiguous
+    q = torch.nn.Parameter(base.clone().t())
+    kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+    fused, ref = fused_cls([p], backend=backend, **kwargs), torch_cls([q], **kwargs)
+    for _ in range(5):
+        g = torch.randn(6, 9, dtype=torch.float64).t()
+        p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    assert not p.is_contiguous()
+    compare(fused, ref, [p], [q], torch.float64, "non-contiguous")
