@@ -76,6 +76,10 @@ def test_grad_norm_op_backends(backend, dtype, norm_type):
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # 16-bit inputs accumulate in float32: the float32 reduction tolerance applies.
     assert_close(out, expected, torch.float64 if dtype == torch.float64 else torch.float32, "norm", reduction=True)
+    for bad in (float("inf"), float("nan")):  # non-finite values propagate as in torch
+        ts[2][17] = bad
+        expected = torch.linalg.vector_norm(torch.cat([t.double() for t in ts]), norm_type)
+        torch.testing.assert_close(grad_norm(ts, norm_type, backend=backend).double(), expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

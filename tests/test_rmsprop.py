@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import ALL_DTYPES, cpu_backends
-from parity_steps import SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
+from parity_steps import SHAPES, SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
 
@@ -52,10 +52,11 @@ def test_triton_small(dtype, kwargs):
     run_parity(fusedopt.RMSprop, torch.optim.RMSprop, kwargs, dtype, "triton", steps=20, shapes=SMALL_SHAPES)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_lr(backend):
     kwargs = {"lr": torch.tensor(0.01), "momentum": 0.5, "centered": True}
-    run_parity(fusedopt.RMSprop, torch.optim.RMSprop, kwargs, torch.float64, backend, steps=20)
+    shapes = SMALL_SHAPES if backend == "triton" else SHAPES
+    run_parity(fusedopt.RMSprop, torch.optim.RMSprop, kwargs, torch.float64, backend, steps=20, shapes=shapes)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import ALL_DTYPES, cpu_backends
-from parity_steps import SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
+from parity_steps import SHAPES, SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
 
@@ -52,10 +52,12 @@ def test_triton_small(dtype, kwargs):
     run_parity(fusedopt.SGD, torch.optim.SGD, kwargs, dtype, "triton", steps=20, shapes=SMALL_SHAPES)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_tensor_lr(backend, momentum):
-    run_parity(fusedopt.SGD, torch.optim.SGD, {"lr": torch.tensor(0.02), "momentum": momentum}, torch.float64, backend)
+    kwargs = {"lr": torch.tensor(0.02), "momentum": momentum}
+    shapes = SMALL_SHAPES if backend == "triton" else SHAPES
+    run_parity(fusedopt.SGD, torch.optim.SGD, kwargs, torch.float64, backend, shapes=shapes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
