@@ -163,7 +163,7 @@ class FusedOptimizerMixin:
                     continue
                 grads = [grads[i] for i in with_grad]
             else:
-                with_grad = list(range(len(params)))
+                with_grad = range(len(params))  # not a list: 10^4 int objects per step wake the GC
             work.extend((group, b, self._grads_of(b, grads)) for b in self._buckets(gi, group, with_grad))
         divisors = self._clip_divisors(work) if self.max_grad_norm is not None else {}
         for group, bucket, grads in work:
