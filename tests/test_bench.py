@@ -1,0 +1,104 @@
+"""The bench harness on tiny sizes: timings, byte accounting, the not-built rows, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import harness, losses, optim, report
+from bench.__main__ import main, select
+
+
+@pytest.fixture
+def env():
+    e = harness.Env(torch.device("cpu"), quick=True, budget_s=0.01, min_reps=3, max_reps=5)
+    e.peak_method = "the process's RSS high-water growth" if harness._can_reset_hwm() else ""
+    e.copy_gbps = harness.copy_bandwidth(e)
+    return e
+
+
+def tiny_cases(env):
+    shapes = [(1000,), (37, 11), (4096,)]
+    adam = optim.optimizer_case("adam", "Adam", "Adam", torch.optim.Adam, shapes, torch.float32, env, {"lr": 1e-3},
+                                ("for-loop", "fused"), [harness.Target("vs", 1e-6, "torch fused")], 7,
+                                optim.ADAM_BYTES)  # fmt: skip
+    ce = losses.ce_case("ce", 64, 1000, torch.float32, env, 0.1, [])
+    return [adam, ce]
+
+
+def test_harness_writes_sane_results(env, tmp_path):
+    assert env.copy_gbps > 0
+    cases = tiny_cases(env)
+    rows, targets = harness.run_cases(cases, env, progress=False)
+    assert [r.tag for r in rows] == [c.tag for c in cases for _ in c.impls]
+    by_tag = {c.tag: c for c in cases}
+    timed = [r for r in rows if r.ms is not None]
+    assert {r.impl for r in timed} >= {"torch for-loop", "torch fused", "torch eager"}
+    for r in rows:
+        assert r.ms is not None or r.note, f"{r.impl}: neither a time nor a reason"
+    for r in timed:
+        case = by_tag[r.tag]
+        assert r.ms > 0 and r.reps >= env.min_reps
+        assert r.gbps == pytest.approx(case.nbytes / (r.ms * 1e-3) / 1e9)
+        assert r.pct_copy == pytest.approx(100 * r.gbps / env.copy_gbps)
+        assert r.speedup is not None and r.speedup > 0
+        if case.memory and env.peak_method:
+            assert r.peak_bytes is not None and r.peak_bytes >= 0
+    assert by_tag["adam"].nbytes == 28 * optim.numel([(1000,), (37, 11), (4096,)])
+    assert by_tag["ce"].nbytes == 2 * 64 * 1000 * 4
+    # The fastest peer of each case has speed-up exactly 1.
+    for c in cases:
+        peers = [r for r in timed if r.tag == c.tag and r.kind == "peer"]
+        assert max(r.speedup for r in peers) == pytest.approx(1.0)
+    fused_adam = next(r for r in rows if r.tag == "adam" and r.kind == "fusedopt")
+    if fused_adam.ms is not None:
+        assert targets[0]["met"] is True and targets[0]["value"] > 0
+
+    meta = report.run_meta(env)
+    paths = report.write_results(rows, cases, env, targets, tmp_path, meta)
+    data = json.loads(paths["json"].read_text())
+    assert data["copy_gbps"] == pytest.approx(env.copy_gbps)
+    assert len(data["rows"]) == len(rows) and data["meta"]["date"] == meta["date"]
+    for r in data["rows"]:
+        if r["ms"] is not None:
+            assert r["ms"] > 0 and r["gbps"] > 0
+    md = paths["md"].read_text()
+    assert "| op | impl | ms | GB/s | % of copy | vs best peer | peak extra | note |" in md
+    assert "Byte model:" in md and "torch fused" in md
+    assert paths["png"].stat().st_size > 1000
+    table = report.console_table(rows, cases, env)
+    assert "vs best peer" in table and "torch eager" in table
+
+
+def test_missing_api_is_listed_not_faked(env):
+    impls = harness.fusedopt_impls("optim.NoSuchOptimizer", env.device, lambda api, b: None)
+    assert impls and all(i.build is None and "not built in this tree" in i.note for i in impls)
+    impls = harness.fusedopt_impls("optim.Adam", env.device, lambda api, b: None, needs="no_such_keyword")
+    assert all(i.build is None and "no_such_keyword" in i.note for i in impls)
+    row = harness.run_impl(tiny_cases(env)[0], impls[0], env)
+    assert row.ms is None and row.gbps is None and "not built" in row.note
+
+
+def test_failing_impl_is_reported(env):
+    case = tiny_cases(env)[0]
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    row = harness.run_impl(case, harness.Impl("fusedopt (cpu)", "fusedopt", broken), env)
+    assert row.ms is None and "kernel exploded" in row.note
+
+
+def test_cli_lists_and_selects(capsys):
+    assert main(["--list", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for tag in ("adam", "adam-many", "rmsprop", "sgd", "clip", "clip-adam", "ce", "mse", "bce", "linear-ce"):
+        assert f"\n{tag} " in "\n" + out
+    env = harness.make_env("cpu", quick=True)
+    all_cases = optim.cases(env) + losses.cases(env)
+    assert {c.family for c in select(all_cases, "losses")} == {"losses"}
+    assert [c.tag for c in select(all_cases, "adam,ce")] == ["adam", "ce"]
+    with pytest.raises(SystemExit):
+        select(all_cases, "nope")
