@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="results folder (default bench/results/<device>/)")
     p.add_argument("--list", action="store_true", help="list the cases and impls, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which the remaining impls are skipped (listed as such); default 540 for the "
+                   "full CPU run (it must stay under 10 minutes on 2 cores), none otherwise")
     return p.parse_args(argv)
 
 
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     env = harness.make_env(device, args.quick)
+    limit = args.time_limit if args.time_limit is not None else (540 if not (args.quick or env.is_cuda) else 0)
     cases = []
     for mod in FAMILIES.values():
         cases += mod.cases(env)
@@ -62,10 +66,16 @@ def main(argv=None) -> int:
                 print(f"    {i.kind:8s} {i.name}" + (f"  [{i.note}]" if i.note else ""))
         return 0
     t0 = time.time()
+    env.deadline = t0 + limit if limit else 0.0
     meta = report.run_meta(env)
     print(f"fusedopt bench on {report.describe_machine(meta)}{' (--quick)' if args.quick else ''}", file=sys.stderr)
     env.copy_gbps = harness.copy_bandwidth(env)
-    rows, targets = harness.run_cases(cases, env, progress=not args.no_progress)
+    total = sum(len(c.impls) for c in cases)
+    rows, targets, interrupted = harness.run_cases(cases, env, progress=not args.no_progress)
+    done = {r.tag for r in rows}
+    cases = [c for c in cases if c.tag in done]
+    if interrupted:
+        meta["interrupted"] = f"stopped early: {len(rows)} of {total} impls measured"
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["device_slug"]
     paths = report.write_results(rows, cases, env, targets, out_dir, meta)
     print()

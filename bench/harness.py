@@ -101,6 +101,7 @@ class Env:
     max_reps: int
     copy_gbps: float = 0.0
     peak_method: str = ""
+    deadline: float = 0.0  # time.time() after which the remaining impls are listed as skipped (0: none)
 
     @property
     def is_cuda(self) -> bool:
@@ -132,27 +133,27 @@ def measure(fn: Callable[[], object], env: Env, warmup: int = 1) -> tuple[float,
     for _ in range(warmup):
         fn()
     sync(env.device)
-    t0 = time.perf_counter()
-    fn()
-    sync(env.device)
-    one = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(env.max_reps, max(env.min_reps, env.budget_s / one)))
-    if env.is_cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(env.device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    else:
-        times = []
-        for _ in range(reps):
+    if not env.is_cuda:
+        times, spent = [], 0.0
+        while len(times) < env.max_reps and (len(times) < env.min_reps or spent < env.budget_s):
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), reps
+            times.append(time.perf_counter() - t0)
+            spent += times[-1]
+        return statistics.median(times) * 1e3, len(times)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(env.device)
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(env.max_reps, max(env.min_reps, env.budget_s / one)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(env.device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), reps
 
 
 def copy_bandwidth(env: Env) -> float:
@@ -321,6 +322,9 @@ def run_impl(case: Case, impl: Impl, env: Env) -> Row:
     row = Row(case.tag, case.op, impl.name, impl.kind, note=impl.note)
     if impl.build is None:
         return row
+    if env.deadline and time.time() > env.deadline:
+        row.note = "skipped: the run reached its --time-limit"
+        return row
     r = None
     try:
         r = impl.build()
@@ -379,19 +383,26 @@ def check_targets(case: Case, rows: list[Row]) -> list[dict]:
     return out
 
 
-def run_cases(cases: list[Case], env: Env, progress: bool = True) -> tuple[list[Row], list[dict]]:
+def run_cases(cases: list[Case], env: Env, progress: bool = True) -> tuple[list[Row], list[dict], bool]:
+    """Runs every impl of every case; on KeyboardInterrupt stops and returns what was measured (and True)."""
     from tqdm import tqdm
 
     rows, targets = [], []
     bar = tqdm(total=sum(len(c.impls) for c in cases), disable=not progress, unit="impl", dynamic_ncols=True)
+    interrupted = False
     for case in cases:
         case_rows = []
-        for impl in case.impls:
-            bar.set_description(f"{case.tag}: {impl.name}"[:48])
-            case_rows.append(run_impl(case, impl, env))
-            bar.update(1)
+        try:
+            for impl in case.impls:
+                bar.set_description(f"{case.tag}: {impl.name}"[:48])
+                case_rows.append(run_impl(case, impl, env))
+                bar.update(1)
+        except KeyboardInterrupt:  # Ctrl-C or gpu_check.sh's time limit: keep what was measured
+            interrupted = True
         finish_case(case_rows)
         rows += case_rows
         targets += check_targets(case, case_rows)
+        if interrupted:
+            break
     bar.close()
-    return rows, targets
+    return rows, targets, interrupted

@@ -162,6 +162,8 @@ def footer(cases: list[Case], env: Env, targets: list[dict], meta: dict) -> list
         grads = ", ".join(f"{c.tag} {_bytes(c.grad_bytes)[1:]}" for c in mem)
         lines.append(f"Peak extra memory: one forward + backward, above the inputs, by {how}; it includes the grads "
                      f"the call returns ({grads}).")  # fmt: skip
+    if meta.get("interrupted"):
+        lines.append(f"INTERRUPTED: {meta['interrupted']}.")
     load = [meta.get("load_start"), meta.get("load_end")]
     if None not in load:
         busy = max(load) > 0.8 * (meta["cpu_cores"] or 1)

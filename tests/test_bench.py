@@ -31,7 +31,8 @@ def tiny_cases(env):
 def test_harness_writes_sane_results(env, tmp_path):
     assert env.copy_gbps > 0
     cases = tiny_cases(env)
-    rows, targets = harness.run_cases(cases, env, progress=False)
+    rows, targets, interrupted = harness.run_cases(cases, env, progress=False)
+    assert not interrupted
     assert [r.tag for r in rows] == [c.tag for c in cases for _ in c.impls]
     by_tag = {c.tag: c for c in cases}
     timed = [r for r in rows if r.ms is not None]
