@@ -291,13 +291,15 @@ def fusedopt_impls(api_path: str, device: torch.device, make: Callable[[object, 
     return impls
 
 
-def peer_module(module: str) -> tuple[object | None, str]:
-    """Import a peer library, or say why it cannot be used (the row is then skipped with that note)."""
+def peer_module(module: str, dist: str = "") -> tuple[object | None, str]:
+    """Import a peer library, or say why it cannot be used (the row is then skipped with that note).
+    `dist`: its pip name, when not the module's top-level name."""
     try:
         return importlib.import_module(module), ""
-    except Exception as exc:
-        top = module.split(".")[0]
-        return None, f"not importable here ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); pip install {top}"
+    except ModuleNotFoundError:
+        return None, f"not installed here (pip install {dist or module.split('.')[0]})"
+    except Exception as exc:  # installed but broken (another torch/triton build, a failing JIT build)
+        return None, f"import failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
 
 
 def compile_note(env: Env, family: str) -> str:

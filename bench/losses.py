@@ -49,10 +49,10 @@ def _compiled(env: Env, fn) -> Impl:
     return Impl("torch.compile", "peer", None if note else fn, note)
 
 
-def _gpu_peer(env: Env, name: str, module: str, build_with) -> Impl:
+def _gpu_peer(env: Env, name: str, module: str, dist: str, build_with) -> Impl:
     if not env.is_cuda:
         return Impl(name, "peer", None, "GPU only")
-    mod, why = peer_module(module)
+    mod, why = peer_module(module, dist)
     return Impl(name, "peer", None if mod is None else (lambda: build_with(mod)), why)
 
 
@@ -93,7 +93,7 @@ def ce_case(tag: str, n: int, v: int, dtype, env: Env, ignore_frac: float, targe
                             lambda api, b: ours(api, b, inplace_backward=True),
                             label="inplace_backward", needs="inplace_backward")  # fmt: skip
     impls += [Impl("torch eager", "peer", eager), _compiled(env, compiled),
-              _gpu_peer(env, "Liger CrossEntropy", "liger_kernel.transformers", liger)]  # fmt: skip
+              _gpu_peer(env, "Liger CrossEntropy", "liger_kernel.transformers", "liger-kernel", liger)]  # fmt: skip
     ign = f", {ignore_frac:.0%} ignore_index" if ignore_frac else ""
     e = dtype.itemsize
     return Case(tag, "losses", f"cross_entropy fwd+bwd {_dt(dtype)} {n}x{v}{ign}", 2 * n * v * e,
@@ -177,8 +177,8 @@ def linear_ce_case(n: int, h: int, v: int, dtype, env: Env, targets: list) -> Ca
 
     impls = fusedopt_impls("nn.functional.linear_cross_entropy", dev, ours)
     impls += [Impl("torch eager (linear + cross_entropy)", "peer", eager),
-              _gpu_peer(env, "Liger FusedLinearCrossEntropy", "liger_kernel.transformers", liger),
-              _gpu_peer(env, "Cut Cross-Entropy", "cut_cross_entropy", cce)]  # fmt: skip
+              _gpu_peer(env, "Liger FusedLinearCrossEntropy", "liger_kernel.transformers", "liger-kernel", liger),
+              _gpu_peer(env, "Cut Cross-Entropy", "cut_cross_entropy", "cut-cross-entropy", cce)]  # fmt: skip
     e = dtype.itemsize
     return Case("linear-ce", "losses", f"linear_cross_entropy fwd+bwd {_dt(dtype)} N={n} H={h} V={v}", 0,
                 "compute-bound: TFLOP/s of 6 x N x H x V", impls, memory=True, flops=6 * n * h * v,

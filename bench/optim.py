@@ -17,6 +17,7 @@ from bench.harness import (
     Impl,
     Runnable,
     Target,
+    accepts,
     compile_note,
     fusedopt_api,
     fusedopt_impls,
@@ -146,7 +147,8 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
 
     def ours_clip(api, b):
         ps = make_params(shapes, dtype, dev)
-        return Runnable(lambda: api(ps, MAX_NORM, backend=b))
+        kw = {"backend": b} if accepts(api, "backend") else {}
+        return Runnable(lambda: api(ps, MAX_NORM, **kw))
 
     clip = Case("clip", "optim", f"clip_grad_norm_ {desc}", 3 * n * e,
                 "3 B/elt-size per param: read g (norm), read + write g (scale)",
@@ -173,8 +175,10 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
         ps = make_params(shapes, dtype, dev)
         opt = fusedopt_api("optim.Adam")(ps, lr=LR, backend=b)
 
+        kw = {"backend": b} if accepts(clip_api, "backend") else {}
+
         def run():
-            clip_api(ps, MAX_NORM, backend=b)
+            clip_api(ps, MAX_NORM, **kw)
             opt.step()
 
         return Runnable(run)

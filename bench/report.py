@@ -128,7 +128,7 @@ def table_rows(rows: list[Row], cases: list[Case], env: Env) -> list[list[str]]:
     return out
 
 
-def console_table(rows, cases, env, note_width: int = 60) -> str:
+def console_table(rows, cases, env, note_width: int = 70) -> str:
     body = table_rows(rows, cases, env)
     for c in body:
         c[-1] = c[-1] if len(c[-1]) <= note_width else c[-1][: note_width - 3] + "..."

@@ -103,3 +103,23 @@ def test_cli_lists_and_selects(capsys):
     assert [c.tag for c in select(all_cases, "adam,ce")] == ["adam", "ce"]
     with pytest.raises(SystemExit):
         select(all_cases, "nope")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_gpu_cases_are_well_formed(quick):
+    """The GPU suite is built (not run) here: TARGETS.md sizes, byte counts, and a target per headline case."""
+    env = harness.Env(torch.device("cuda"), quick, 1.0, 10, 100)
+    cases = optim.cases(env) + losses.cases(env)
+    tags = [c.tag for c in cases]
+    assert len(tags) == len(set(tags)) and {"adam-bf16", "adam-many", "ce-bf16", "linear-ce"} <= set(tags)
+    by_tag = {c.tag: c for c in cases}
+    assert by_tag["adam-many"].nbytes == 28 * 10000 * 4096
+    assert by_tag["adam-bf16"].nbytes * 2 == by_tag["adam"].nbytes
+    if not quick:
+        assert optim.numel(optim.sizes(env)["model"]) == pytest.approx(1.10e9, rel=0.01)
+        assert by_tag["ce-bf16"].nbytes == 2 * 8192 * 128256 * 2
+    for c in cases:
+        assert c.impls and (c.nbytes > 0) != (c.flops > 0)
+        assert any(i.kind == "fusedopt" for i in c.impls) and any(i.kind == "peer" for i in c.impls)
+        for t in c.targets:
+            assert t.kind != "vs" or any(i.name == t.peer for i in c.impls), (c.tag, t.peer)
