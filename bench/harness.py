@@ -82,8 +82,9 @@ class Row:
     op: str
     impl: str
     kind: str
-    ms: float | None = None
+    ms: float | None = None  # the median: what the table reports
     reps: int = 0
+    min_ms: float | None = None  # the fastest run, kept in the JSON (on a shared CPU the median can be far off it)
     gbps: float | None = None
     pct_copy: float | None = None
     speedup: float | None = None  # best peer's ms / this row's ms
@@ -127,8 +128,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], env: Env, warmup: int = 1) -> tuple[float, int]:
-    """Median milliseconds of `fn` over as many runs as fit in env.budget_s (within [min_reps, max_reps]), after
+def measure(fn: Callable[[], object], env: Env, warmup: int = 1) -> tuple[float, int, float]:
+    """(median ms, runs, min ms) of `fn` over as many runs as fit in env.budget_s (within [min_reps, max_reps]), after
     `warmup` calls (which absorb torch.compile and Triton compilation). CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):
         fn()
@@ -140,7 +141,7 @@ def measure(fn: Callable[[], object], env: Env, warmup: int = 1) -> tuple[float,
             fn()
             times.append(time.perf_counter() - t0)
             spent += times[-1]
-        return statistics.median(times) * 1e3, len(times)
+        return statistics.median(times) * 1e3, len(times), min(times) * 1e3
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize(env.device)
@@ -153,14 +154,15 @@ def measure(fn: Callable[[], object], env: Env, warmup: int = 1) -> tuple[float,
         fn()
         e.record()
     torch.cuda.synchronize(env.device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), reps
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return statistics.median(times), reps, min(times)
 
 
 def copy_bandwidth(env: Env) -> float:
     """GB/s of a plain copy of a large buffer on the device, read plus write counted: the roof for memory-bound ops."""
     numel = (1 << 30 if env.is_cuda else 1 << 26) // (4 if env.quick else 1)  # 4 GiB / 256 MiB of fp32
     bufs = [torch.randn(numel, device=env.device), torch.empty(numel, device=env.device)]
-    ms, _ = measure(lambda: bufs[1].copy_(bufs[0]), env, warmup=3)
+    ms, _, _ = measure(lambda: bufs[1].copy_(bufs[0]), env, warmup=3)
     bufs.clear()
     free_memory(env.device)
     return 2 * numel * 4 / (ms * 1e-3) / 1e9
@@ -281,8 +283,12 @@ def fusedopt_impls(api_path: str, device: torch.device, make: Callable[[object, 
         missing = f"not built in this tree (no fusedopt.{api_path})"
     elif needs and not accepts(api, needs):
         missing = f"not built in this tree (fusedopt.{api_path} has no {needs}=)"
+    backends = fusedopt_backends(device)
+    if api is not None and not missing and not accepts(api, "backend"):
+        # No backend= on this API: one row, whatever "auto" picks (make() gets "auto", itself a valid backend).
+        backends = [("auto", "" if any(not why for _, why in backends) else backends[0][1])]
     impls = []
-    for backend, why in fusedopt_backends(device):
+    for backend, why in backends:
         name = f"fusedopt{suffix} ({backend})"
         if missing or why:
             impls.append(Impl(name, "fusedopt", None, missing or why))
@@ -330,11 +336,17 @@ def run_impl(case: Case, impl: Impl, env: Env) -> Row:
     r = None
     try:
         r = impl.build()
-        row.ms, row.reps = measure(r.run, env, warmup=r.warmup + (2 if env.is_cuda else 0))
+        warmup = r.warmup
         if case.memory:
+            # Peak memory of the first call after compilation (torch.compile compiles on call 1): buffers that an
+            # implementation keeps for re-use (a pool, a cache) count, as they stay with the process.
+            for _ in range(r.warmup - 1):
+                r.run()
             row.peak_bytes = peak_extra_bytes(r, env)
+            warmup = 1
+        row.ms, row.reps, row.min_ms = measure(r.run, env, warmup=warmup + (2 if env.is_cuda else 0))
     except Exception as exc:  # an impl that fails is reported as such, the run goes on
-        row.ms, row.reps = None, 0
+        row.ms, row.reps, row.min_ms = None, 0, None
         row.note = _short(exc)
     finally:
         del r

@@ -23,17 +23,14 @@ def _gen(device):
 
 
 def _fwd_bwd(leaves: list, loss_fn, warmup: int = 1) -> Runnable:
-    """run(): drop old grads, loss_fn().backward(); reset() drops the grads so peak memory sees a first call."""
-
-    def reset():
-        for t in leaves:
-            t.grad = None
+    """run(): forward, then the grads of `leaves` by torch.autograd.grad, as an upstream layer would receive them.
+    Not .backward(): storing them in .grad would add AccumulateGrad's copy whenever a grad aliases its leaf (as an
+    in-place backward's does), which no real model pays, since its logits are not leaves."""
 
     def run():
-        reset()
-        loss_fn().backward()
+        return torch.autograd.grad(loss_fn(), leaves)
 
-    return Runnable(run, reset, warmup)
+    return Runnable(run, None, warmup)
 
 
 def _kw(api, backend: str) -> dict:

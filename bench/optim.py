@@ -147,7 +147,7 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
 
     def ours_clip(api, b):
         ps = make_params(shapes, dtype, dev)
-        kw = {"backend": b} if accepts(api, "backend") else {}
+        kw = {"backend": b} if accepts(api, "backend") else {}  # else b is "auto"
         return Runnable(lambda: api(ps, MAX_NORM, **kw))
 
     clip = Case("clip", "optim", f"clip_grad_norm_ {desc}", 3 * n * e,

@@ -160,8 +160,8 @@ def footer(cases: list[Case], env: Env, targets: list[dict], meta: dict) -> list
     if mem:
         how = env.peak_method or "not measurable here (n/a)"
         grads = ", ".join(f"{c.tag} {_bytes(c.grad_bytes)[1:]}" for c in mem)
-        lines.append(f"Peak extra memory: one forward + backward, above the inputs, by {how}; it includes the grads "
-                     f"the call returns ({grads}).")  # fmt: skip
+        lines.append(f"Peak extra memory: the first forward + backward (after compilation), above the inputs, by "
+                     f"{how}; buffers kept for re-use count; it includes the grads the call returns ({grads}).")
     if meta.get("interrupted"):
         lines.append(f"INTERRUPTED: {meta['interrupted']}.")
     load = [meta.get("load_start"), meta.get("load_end")]
