@@ -123,3 +123,23 @@ def test_gpu_cases_are_well_formed(quick):
         assert any(i.kind == "fusedopt" for i in c.impls) and any(i.kind == "peer" for i in c.impls)
         for t in c.targets:
             assert t.kind != "vs" or any(i.name == t.peer for i in c.impls), (c.tag, t.peer)
+
+
+@pytest.mark.gpu
+def test_bench_runs_on_cuda(tmp_path):
+    """scripts/gpu_check.sh runs this before the quick bench: the CUDA timing (events), peak memory and files."""
+    env = harness.make_env("cuda", quick=True)
+    env.budget_s, env.max_reps = 0.02, 20
+    env.copy_gbps = harness.copy_bandwidth(env)
+    assert env.copy_gbps > 100  # any GPU copies faster than 100 GB/s
+    shapes = [(1 << 20,), (4096,), (33, 77)]
+    adam = optim.optimizer_case("adam", "Adam", "Adam", torch.optim.Adam, shapes, torch.float32, env, {"lr": 1e-3},
+                                ("foreach", "fused"), [], 7, optim.ADAM_BYTES)  # fmt: skip
+    ce = losses.ce_case("ce", 256, 32000, torch.bfloat16, env, 0.1, [])
+    rows, targets, _ = harness.run_cases([adam, ce], env, progress=False)
+    for r in rows:
+        assert r.ms is not None or r.note
+    eager = next(r for r in rows if r.impl == "torch eager")
+    assert eager.ms > 0 and eager.peak_bytes >= 256 * 32000 * 2  # at least the grad it returns
+    paths = report.write_results(rows, [adam, ce], env, targets, tmp_path, report.run_meta(env))
+    assert json.loads(paths["json"].read_text())["meta"]["gpu"]
