@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness, losses, optim, report
+from bench import harness, losses, optim, report, runner
 
 FAMILIES = {"optim": optim, "losses": losses}
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     print(f"fusedopt bench on {report.describe_machine(meta)}{' (--quick)' if args.quick else ''}", file=sys.stderr)
     env.copy_gbps = harness.copy_bandwidth(env)
     total = sum(len(c.impls) for c in cases)
-    rows, targets, interrupted = harness.run_cases(cases, env, progress=not args.no_progress)
+    rows, targets, interrupted = runner.run_cases(cases, env, progress=not args.no_progress)
     done = {r.tag for r in rows}
     cases = [c for c in cases if c.tag in done]
     if interrupted:

@@ -1,4 +1,5 @@
-"""The bench harness: timing, byte accounting, copy bandwidth, peak extra memory, and peer discovery.
+"""The bench harness: timing, byte accounting, copy bandwidth, peak extra memory, and peer discovery (running the
+cases is bench/runner.py; writing the results, bench/report.py).
 
 A bench is a list of Cases. A Case is one piece of work (an op at one size) with a byte count, and the Impls that do
 it: fusedopt's backends and the peers. An Impl whose code is missing (a fusedopt API not built in this tree, a peer
@@ -14,7 +15,6 @@ import importlib
 import inspect
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -316,107 +316,3 @@ def compile_note(env: Env, family: str) -> str:
     if env.quick and (not env.is_cuda or family == "optim"):
         return "skipped in --quick (compile time)"
     return ""
-
-
-# --- running -----------------------------------------------------------------------------------------------------
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"error: {type(exc).__name__}: {msg[0][:120] if msg else ''}"
-
-
-def run_impl(case: Case, impl: Impl, env: Env) -> Row:
-    row = Row(case.tag, case.op, impl.name, impl.kind, note=impl.note)
-    if impl.build is None:
-        return row
-    if env.deadline and time.time() > env.deadline:
-        row.note = "skipped: the run reached its --time-limit"
-        return row
-    r = None
-    try:
-        r = impl.build()
-        warmup = r.warmup
-        if case.memory:
-            # Peak memory of the first call after compilation (torch.compile compiles on call 1): buffers that an
-            # implementation keeps for re-use (a pool, a cache) count, as they stay with the process.
-            for _ in range(r.warmup - 1):
-                r.run()
-            row.peak_bytes = peak_extra_bytes(r, env)
-            warmup = 1
-        row.ms, row.reps, row.min_ms = measure(r.run, env, warmup=warmup + (2 if env.is_cuda else 0))
-    except Exception as exc:  # an impl that fails is reported as such, the run goes on
-        row.ms, row.reps, row.min_ms = None, 0, None
-        row.note = _short(exc)
-    finally:
-        del r
-        if "torch._dynamo" in sys.modules:  # compiled peers: drop their graphs and guards (they hold the tensors)
-            sys.modules["torch._dynamo"].reset()
-        free_memory(env.device)
-    if row.ms is not None:
-        if case.nbytes:
-            row.gbps = case.nbytes / (row.ms * 1e-3) / 1e9
-            row.pct_copy = 100.0 * row.gbps / env.copy_gbps if env.copy_gbps else None
-        if case.flops:
-            row.tflops = case.flops / (row.ms * 1e-3) / 1e12
-    return row
-
-
-def finish_case(rows: list[Row]) -> None:
-    """Fills each row's speed-up against the fastest peer of its case."""
-    peers = [r.ms for r in rows if r.kind == "peer" and r.ms is not None]
-    best = min(peers) if peers else None
-    for r in rows:
-        if best is not None and r.ms is not None:
-            r.speedup = best / r.ms
-
-
-def check_targets(case: Case, rows: list[Row]) -> list[dict]:
-    """Each target of the case, judged on its best fusedopt row (None when either side was not measured)."""
-    ours = [r for r in rows if r.kind == "fusedopt" and r.ms is not None]
-    best = min(ours, key=lambda r: r.ms) if ours else None
-    out = []
-    for t in case.targets:
-        got, met = None, None
-        if best is not None:
-            if t.kind == "vs":
-                peer = next((r for r in rows if r.impl == t.peer and r.ms is not None), None)
-                got = peer.ms / best.ms if peer else None
-                met = None if got is None else got >= t.value
-            elif t.kind == "copy":
-                got = best.pct_copy
-                met = None if got is None else got >= t.value
-            elif t.kind == "ms":
-                got, met = best.ms, best.ms <= t.value
-            elif t.kind in ("mem", "mem_beyond_grads"):
-                less = case.grad_bytes if t.kind == "mem_beyond_grads" else 0
-                got = None if best.peak_bytes is None else (best.peak_bytes - less) / 2**30
-                met = None if got is None else got <= t.value
-        out.append({"tag": case.tag, "op": case.op, "target": t.describe(), "impl": best.impl if best else None,
-                    "value": got, "met": met})  # fmt: skip
-    return out
-
-
-def run_cases(cases: list[Case], env: Env, progress: bool = True) -> tuple[list[Row], list[dict], bool]:
-    """Runs every impl of every case; on KeyboardInterrupt stops and returns what was measured (and True)."""
-    from tqdm import tqdm
-
-    rows, targets = [], []
-    bar = tqdm(total=sum(len(c.impls) for c in cases), disable=not progress, unit="impl", dynamic_ncols=True)
-    interrupted = False
-    for case in cases:
-        case_rows = []
-        try:
-            for impl in case.impls:
-                bar.set_description(f"{case.tag}: {impl.name}"[:48])
-                case_rows.append(run_impl(case, impl, env))
-                bar.update(1)
-        except KeyboardInterrupt:  # Ctrl-C or gpu_check.sh's time limit: keep what was measured
-            interrupted = True
-        finish_case(case_rows)
-        rows += case_rows
-        targets += check_targets(case, case_rows)
-        if interrupted:
-            break
-    bar.close()
-    return rows, targets, interrupted

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import harness, losses, optim, report
+from bench import harness, losses, optim, report, runner
 from bench.__main__ import main, select
 
 
@@ -28,10 +28,11 @@ def tiny_cases(env):
     return [adam, ce]
 
 
-def test_harness_writes_sane_results(env, tmp_path):
+@pytest.mark.parametrize("interleave", [True, False])
+def test_harness_writes_sane_results(env, tmp_path, interleave):
     assert env.copy_gbps > 0
     cases = tiny_cases(env)
-    rows, targets, interrupted = harness.run_cases(cases, env, progress=False)
+    rows, targets, interrupted = runner.run_cases(cases, env, progress=False, interleave=interleave)
     assert not interrupted
     assert [r.tag for r in rows] == [c.tag for c in cases for _ in c.impls]
     by_tag = {c.tag: c for c in cases}
@@ -78,7 +79,7 @@ def test_missing_api_is_listed_not_faked(env):
     assert impls and all(i.build is None and "not built in this tree" in i.note for i in impls)
     impls = harness.fusedopt_impls("optim.Adam", env.device, lambda api, b: None, needs="no_such_keyword")
     assert all(i.build is None and "no_such_keyword" in i.note for i in impls)
-    row = harness.run_impl(tiny_cases(env)[0], impls[0], env)
+    row = runner.run_impl(tiny_cases(env)[0], impls[0], env)
     assert row.ms is None and row.gbps is None and "not built" in row.note
 
 
@@ -88,8 +89,23 @@ def test_failing_impl_is_reported(env):
     def broken():
         raise RuntimeError("kernel exploded")
 
-    row = harness.run_impl(case, harness.Impl("fusedopt (cpu)", "fusedopt", broken), env)
+    row = runner.run_impl(case, harness.Impl("fusedopt (cpu)", "fusedopt", broken), env)
     assert row.ms is None and "kernel exploded" in row.note
+
+    calls = []
+
+    def fails_on_third_call():
+        def run():
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("died mid-run")
+
+        return harness.Runnable(run)
+
+    case.impls = [harness.Impl("fusedopt (cpu)", "fusedopt", fails_on_third_call), case.impls[-1]]
+    rows = runner.run_interleaved(case, env)
+    assert rows[0].ms is None and "died mid-run" in rows[0].note
+    assert rows[1].ms is not None and rows[1].ms > 0
 
 
 def test_cli_lists_and_selects(capsys):
@@ -136,7 +152,7 @@ def test_bench_runs_on_cuda(tmp_path):
     adam = optim.optimizer_case("adam", "Adam", "Adam", torch.optim.Adam, shapes, torch.float32, env, {"lr": 1e-3},
                                 ("foreach", "fused"), [], 7, optim.ADAM_BYTES)  # fmt: skip
     ce = losses.ce_case("ce", 256, 32000, torch.bfloat16, env, 0.1, [])
-    rows, targets, _ = harness.run_cases([adam, ce], env, progress=False)
+    rows, targets, _ = runner.run_cases([adam, ce], env, progress=False)
     for r in rows:
         assert r.ms is not None or r.note
     eager = next(r for r in rows if r.impl == "torch eager")
