@@ -149,7 +149,9 @@ def console_table(rows, cases, env, note_width: int = 70) -> str:
 
 
 def footer(cases: list[Case], env: Env, targets: list[dict], meta: dict) -> list[str]:
-    lines = [f"Copy bandwidth measured in this run: {env.copy_gbps:.1f} GB/s (read + write counted). "
+    both = meta.get("copy_gbps_start_end")
+    when = f", the better of its measurements at the start and end ({both[0]:.1f}, {both[1]:.1f})" if both else ""
+    lines = [f"Copy bandwidth measured in this run: {env.copy_gbps:.1f} GB/s (read + write counted{when}). "
              "GB/s = counted bytes / median time; % of copy = GB/s / copy bandwidth; "
              "vs best peer = fastest peer's time / this time."]  # fmt: skip
     models = {}

@@ -157,6 +157,17 @@ def check_targets(case: Case, rows: list[Row]) -> list[dict]:
     return out
 
 
+def rescore(cases: list[Case], rows: list[Row], env: Env) -> list[dict]:
+    """Recomputes GB/s, % of copy and the targets' verdicts (after env.copy_gbps changed)."""
+    targets = []
+    for case in cases:
+        case_rows = [r for r in rows if r.tag == case.tag]
+        for row in case_rows:
+            _fill(case, row, env)
+        targets += check_targets(case, case_rows)
+    return targets
+
+
 def run_cases(cases: list[Case], env: Env, progress: bool = True, interleave: bool | None = None):
     """Runs every impl of every case (interleaved on CPU, see the module doc). Returns (rows, targets, interrupted):
     on KeyboardInterrupt (Ctrl-C, or gpu_check.sh's time limit) it stops and returns what was measured."""
