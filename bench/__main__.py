@@ -80,13 +80,14 @@ def main(argv=None) -> int:
     cases = [c for c in cases if c.tag in done]
     if interrupted:
         meta["interrupted"] = f"stopped early: {len(rows)} of {total} impls measured"
-    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["device_slug"]
-    paths = report.write_results(rows, cases, env, targets, out_dir, meta)
+    meta["load_end"] = report.load_average()
     print()
     print(report.console_table(rows, cases, env))
     print()
     for line in report.footer(cases, env, targets, meta):
         print(line)
+    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / meta["device_slug"]
+    paths = report.write_results(rows, cases, env, targets, out_dir, meta)
     print(f"\nWrote {', '.join(str(p) for p in paths.values())} in {time.time() - t0:.0f} s.")
     return 0
 

@@ -48,7 +48,7 @@ def _git_commit() -> str:
         return ""
 
 
-def _load() -> float | None:
+def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
     except OSError:
@@ -244,7 +244,7 @@ def case_record(c: Case) -> dict:
 
 def write_results(rows, cases, env, targets, out_dir: Path, meta: dict) -> dict:
     """Writes <out_dir>/<date>.json, .md and .png and returns their paths."""
-    meta["load_end"] = _load()
+    meta.setdefault("load_end", load_average())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = meta["date"] + ("-quick" if env.quick else "")
     title = f"fusedopt bench, {meta['device_slug']}{' (--quick)' if env.quick else ''}"
@@ -268,5 +268,5 @@ def run_meta(env: Env) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = machine_info(env)
     meta.update(date=now.strftime("%Y-%m-%d"), time=now.strftime("%H:%M"), device_slug=device_slug(env),
-                load_start=_load())
+                load_start=load_average())
     return meta
