@@ -112,7 +112,7 @@ class Env:
 def make_env(device: str, quick: bool) -> Env:
     dev = torch.device(device)
     if dev.type == "cuda":
-        env = Env(dev, quick, 0.2 if quick else 1.0, 5 if quick else 10, 50 if quick else 300)
+        env = Env(dev, quick, 0.2 if quick else 0.5, 5 if quick else 10, 50 if quick else 200)
         env.peak_method = "torch.cuda.max_memory_allocated() delta"
     else:
         env = Env(dev, quick, 0.5 if quick else 1.5, 3, 20 if quick else 50)

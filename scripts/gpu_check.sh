@@ -4,7 +4,8 @@
 #   1. peers missing there (Liger-Kernel, Cut Cross-Entropy) installed from wheels in .whl/ when that folder exists;
 #   2. the extensions built in place for sm_90 (FUSEDOPT_CUDA_ARCHS=9.0, MAX_JOBS=16);
 #   3. the `gpu` tests (pytest -m gpu);
-#   4. the quick bench on the GPU (BENCH_MODE=full: the whole suite at TARGETS.md sizes, which needs ~10 minutes).
+#   4. the quick bench on the GPU. BENCH_MODE=full runs the whole suite at TARGETS.md sizes instead; give it
+#      GPU_CHECK_BUDGET_S=570 (most of one 10-minute device command); what does not fit is cut, and still written.
 # Logs and results go to ${OUT:-bench/results/gpu-check}: env.log, build.log, tests.log, bench.log and the bench's
 # <date>[-quick].json/.md/.png (7 files). Each step has a time limit; a bench cut short still writes what it measured.
 #
