@@ -92,12 +92,18 @@ def test_bce_large_weighted_period(backend):
         pytest.skip("the interpreter is slow on 70K elements; small weighted shapes run above")
     x, t = _logits((70001, 3), torch.float32)
     w, p = _weight((3,), torch.float32), _weight((70001, 1), torch.float32)
-    check_parity(lambda **kw: FF.binary_cross_entropy_with_logits(**kw, backend=backend),
-                 F.binary_cross_entropy_with_logits, {"input": x, "target": t, "weight": w, "pos_weight": p})
+    check_parity(
+        lambda **kw: FF.binary_cross_entropy_with_logits(**kw, backend=backend),
+        F.binary_cross_entropy_with_logits,
+        {"input": x, "target": t, "weight": w, "pos_weight": p},
+    )
     xp, tp = _probs((1000, 37), torch.float64)
     wp = _weight((37,), torch.float64)
-    check_parity(lambda **kw: FF.binary_cross_entropy(**kw, reduction="none", backend=backend),
-                 lambda **kw: F.binary_cross_entropy(**kw, reduction="none"), {"input": xp, "target": tp, "weight": wp})
+    check_parity(
+        lambda **kw: FF.binary_cross_entropy(**kw, reduction="none", backend=backend),
+        lambda **kw: F.binary_cross_entropy(**kw, reduction="none"),
+        {"input": xp, "target": tp, "weight": wp},
+    )
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -106,8 +112,11 @@ def test_bce_log_clamp_and_saturated_gradient(backend):
     x = torch.tensor([0.0, 1.0, 0.0, 1.0, 1e-30, 1e-17, 0.5, 1 - 1e-16], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5, 0.0, 1.0, 0.25], dtype=torch.float64)
     for reduction in REDUCTIONS:
-        check_parity(lambda **kw: FF.binary_cross_entropy(**kw, reduction=reduction, backend=backend),
-                     lambda **kw: F.binary_cross_entropy(**kw, reduction=reduction), {"input": x, "target": t})
+        check_parity(
+            lambda r=reduction, **kw: FF.binary_cross_entropy(**kw, reduction=r, backend=backend),
+            lambda r=reduction, **kw: F.binary_cross_entropy(**kw, reduction=r),
+            {"input": x, "target": t},
+        )
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -214,6 +223,33 @@ def test_bce_bad_inputs():
             fn(x, t, reduction="foo", backend="cpu")
         with pytest.raises(ValueError, match="unknown backend"):
             fn(x, t, backend="nope")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_bce_cpu_isa_paths(capability):
+    """Each per-ISA copy of the CPU kernels, in a fresh process (the capability is chosen once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from fusedopt.nn import functional as FF\n"
+        "for dt in (torch.float64, torch.float32):\n"
+        "    x = torch.rand(4099, 3, dtype=torch.float64).mul(0.9).add(0.05).to(dt).requires_grad_()\n"
+        "    t = torch.rand(4099, 3, dtype=torch.float64).to(dt); w = torch.rand(3, dtype=torch.float64).to(dt)\n"
+        "    tol = dict(rtol=1e-10, atol=1e-12) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-5)\n"
+        "    for ours, ref, kw in ((FF.binary_cross_entropy, F.binary_cross_entropy, {'weight': w}),\n"
+        "                          (FF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,\n"
+        "                           {'weight': w, 'pos_weight': w * 2})):\n"
+        "        for red in ('none', 'mean'):\n"
+        "            a = ours(x, t, reduction=red, backend='cpu', **kw); b = ref(x, t, reduction=red, **kw)\n"
+        "            ga, = torch.autograd.grad(a.sum(), x); gb, = torch.autograd.grad(b.sum(), x)\n"
+        "            torch.testing.assert_close(a, b, **tol); torch.testing.assert_close(ga, gb, **tol)\n"
+    )
+    env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": capability}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 def test_bce_custom_ops_opcheck():

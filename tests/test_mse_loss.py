@@ -51,8 +51,8 @@ def test_mse_broadcast_warns_like_torch(backend):
     t = torch.randn(3, 4, dtype=torch.float64)
     for reduction in REDUCTIONS:
         with pytest.warns(UserWarning, match="different to the input size") as rec:
-            check_parity(lambda **kw: FF.mse_loss(**kw, reduction=reduction, backend=backend),
-                         lambda **kw: F.mse_loss(**kw, reduction=reduction), {"input": x, "target": t},
+            check_parity(lambda r=reduction, **kw: FF.mse_loss(**kw, reduction=r, backend=backend),
+                         lambda r=reduction, **kw: F.mse_loss(**kw, reduction=r), {"input": x, "target": t},
                          grad_names=("input", "target"))  # fmt: skip
         ours = [str(r.message) for r in rec if "different to the input size" in str(r.message)]
         with pytest.warns(UserWarning) as torch_rec:
@@ -108,9 +108,8 @@ def test_mse_module(backend):
 
 def test_mse_bad_inputs():
     x = torch.randn(3)
-    with pytest.raises(RuntimeError, match="must match the size"):
-        with pytest.warns(UserWarning):
-            FF.mse_loss(x, torch.randn(2), backend="cpu")
+    with pytest.raises(RuntimeError, match="must match the size"), pytest.warns(UserWarning):
+        FF.mse_loss(x, torch.randn(2), backend="cpu")
     with pytest.raises(ValueError, match="Weights and input must have the same size"):
         FF.mse_loss(x, x, weight=torch.ones(1), backend="cpu")
     with pytest.raises(ValueError, match="Invalid reduction mode: foo"):

@@ -22,7 +22,8 @@ __all__ = ["BLOCK", "TRITON_DTYPES", "LossPlan", "finish", "opmath"]
 
 @triton.jit
 def finish_kernel(partial_ptr, n_partials, scale_ptr, out_ptr, flags_ptr, flags_out_ptr, REDUCE: tl.constexpr,
-                  HAS_FLAGS: tl.constexpr, OUT_DTYPE: tl.constexpr, VIA_F32: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                  HAS_FLAGS: tl.constexpr, OUT_DTYPE: tl.constexpr, VIA_F32: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     bad_x = tl.zeros([BLOCK], dtype=tl.int32)
     bad_t = tl.zeros([BLOCK], dtype=tl.int32)

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace fusedopt::cuda {
@@ -17,5 +19,18 @@ struct AdamLaunch {
   bool amsgrad, maximize, decoupled_weight_decay;
 };
 void adam_step(const AdamLaunch& args);
+
+// One pointwise loss over flat contiguous CUDA tensors of one dtype (see fusedopt/ops/mse_loss.py for the contract).
+struct PointwiseLossLaunch {
+  const at::Tensor *input, *target;
+  const std::optional<at::Tensor>*weight, *pos_weight, *scale_tensor;
+  int64_t weight_period, pos_weight_period, reduction;
+  double scale;
+  bool need_grad;
+  at::ScalarType out_dtype;
+};
+std::tuple<at::Tensor, at::Tensor> mse_loss_fwd(const PointwiseLossLaunch& args);                  // (loss, grad)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_loss_fwd(const PointwiseLossLaunch& args);      // + range flags
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const PointwiseLossLaunch& args);           // (loss, grad)
 
 }  // namespace fusedopt::cuda

@@ -10,7 +10,8 @@ from fusedopt.nn import mse_loss as _mse
 
 
 def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None, reduce: bool | None = None,
-             reduction: str = "mean", weight: Tensor | None = None, *, backend: str | None = "auto") -> Tensor:  # fmt: skip
+             reduction: str = "mean", weight: Tensor | None = None, *,
+             backend: str | None = "auto") -> Tensor:  # fmt: skip
     """torch.nn.functional.mse_loss, fused (one pass: loss and input gradient)."""
     return _mse.mse_loss(input, target, size_average, reduce, reduction, weight, backend=backend)
 

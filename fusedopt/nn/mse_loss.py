@@ -42,7 +42,8 @@ class MSELossFunction(torch.autograd.Function):
 
 
 def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None, reduce: bool | None = None,
-             reduction: str = "mean", weight: Tensor | None = None, *, backend: str | None = "auto") -> Tensor:  # fmt: skip
+             reduction: str = "mean", weight: Tensor | None = None, *,
+             backend: str | None = "auto") -> Tensor:  # fmt: skip
     """torch.nn.functional.mse_loss, fused; `backend` as everywhere in fusedopt."""
     fallback = has_torch_function_variadic(input, target, weight)
     if not fallback and target.size() != input.size():
