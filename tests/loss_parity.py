@@ -46,3 +46,9 @@ def check_parity(fused_fn, torch_fn, tensors: dict, *, grad_names=("input",), kw
     for name, g, rg, leaf in zip(grad_names, grads, ref_grads, leaves):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{where}: grad {name} {g.dtype} {tuple(g.shape)}"
         assert_close(g, rg, leaf.dtype, f"{where}: grad of {name}")
+    if out.dim() == 0:  # loss.backward() of a scalar: grad_output 1, a separate path on the CPU
+        fresh = {k: v.detach().clone().requires_grad_(k in grad_names) for k, v in tensors.items()}
+        fused_fn(**fresh, **kwargs).backward()
+        ref_unit = torch.autograd.grad(torch_fn(**ref_in, **ref_kwargs), [ref_in[k] for k in grad_names])
+        for name, rg in zip(grad_names, ref_unit):
+            assert_close(fresh[name].grad, rg, fresh[name].dtype, f"{where}: grad of {name} (backward())")

@@ -13,7 +13,7 @@ struct BceMath {
     const V one(S(1)), clamp(S(-100));
     // Both logs clamped at -100, as torch does, so a saturated probability gives a finite loss.
     const V log_x = at::vec::maximum(x.log(), clamp);
-    const V log_1mx = at::vec::maximum(x.neg().log1p(), clamp);
+    const V log_1mx = at::vec::maximum(pointwise::log1p_via_log(x.neg()), clamp);
     loss = (t - one) * log_1mx - t * log_x;
     // torch's epsilon is the float32 1e-12, also for float64
     dloss = (x - t) / at::vec::maximum((one - x) * x, V(static_cast<S>(1e-12f)));
@@ -28,7 +28,7 @@ struct BceWithLogitsMath {
     const V zero(S(0)), one(S(1));
     // exp(-|x|) never overflows: log_sigmoid(x) = min(x, 0) - log1p(exp(-|x|)), and sigmoid from the same exp.
     const V e = x.abs().neg().exp();
-    const V log_sigmoid = at::vec::minimum(x, zero) - e.log1p();
+    const V log_sigmoid = at::vec::minimum(x, zero) - pointwise::log1p_via_log(e);
     const V r = (one + e).reciprocal();
     const V sigmoid = V::blendv(e * r, r, x >= zero);
     if (pos_weight == nullptr) {

@@ -76,6 +76,13 @@ def mean_scale(reduction: int, numel: int) -> float:
     return 1.0 / numel if numel else math.nan
 
 
+def _is_cpu_one(grad_output: Tensor, reduction: int) -> bool:
+    """A reduced loss's grad_output that is exactly 1 on the CPU, where reading it costs no device sync."""
+    if reduction == reference.REDUCTION_NONE or grad_output.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return grad_output.numel() == 1 and float(grad_output) == 1.0
+
+
 def scale_saved_grad(ctx, grad_output: Tensor) -> Tensor:
     """The backward of every pointwise loss: the forward saved d loss / d input (mean factor folded in); multiply it
     in place by grad_output, a scalar for reduced losses, elementwise for reduction="none"."""
@@ -91,6 +98,8 @@ def scale_saved_grad(ctx, grad_output: Tensor) -> Tensor:
         )
     ctx.consumed = True
     (grad,) = ctx.saved_tensors
+    if _is_cpu_one(grad_output, ctx.reduction):
+        return grad  # loss.backward() on the CPU: skip a pass that would multiply by 1
     if ctx.reduction == reference.REDUCTION_NONE:
         grad.mul_(grad_output.reshape(grad.shape))
     else:
