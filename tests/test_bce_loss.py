@@ -281,3 +281,16 @@ def test_bce_parity_gpu(backend, dtype, reduction):
     check_parity(lambda **kw: FF.binary_cross_entropy_with_logits(**kw, reduction=reduction, backend=backend),
                  lambda **kw: F.binary_cross_entropy_with_logits(**kw, reduction=reduction),
                  {"input": x.cuda(), "target": t.cuda(), "weight": w, "pos_weight": p})  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bce_non_contiguous_and_auto_backend(backend):
+    x, t = _probs((7, 12), torch.float64)
+    xl, tl = _logits((7, 12), torch.float64)
+    w = _weight((6,), torch.float64)
+    sl = (slice(None), slice(None, None, 2))
+    check_parity(lambda **kw: FF.binary_cross_entropy(**kw, backend=backend), F.binary_cross_entropy,
+                 {"input": x[sl], "target": t[sl], "weight": w})  # fmt: skip
+    check_parity(lambda **kw: FF.binary_cross_entropy_with_logits(**kw, backend=backend),
+                 F.binary_cross_entropy_with_logits, {"input": xl[sl], "target": tl[sl], "pos_weight": w})  # fmt: skip
+    check_parity(FF.binary_cross_entropy, F.binary_cross_entropy, {"input": x, "target": t})  # backend="auto"

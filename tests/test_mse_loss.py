@@ -184,3 +184,15 @@ def test_mse_parity_gpu(backend, dtype, reduction):
                          lambda **kw: F.mse_loss(**kw, reduction=reduction),
                          {"input": x.cuda(), "target": t.cuda(), **extra}, grad_names=("input", "target"),
                          where=f"{backend} {shape}")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_mse_non_contiguous_auto_backend_and_elementwise_mean(backend):
+    x = torch.randn(6, 10, dtype=torch.float64)[:, ::2].t()  # non-contiguous (5, 6)
+    t = torch.randn(6, 5, dtype=torch.float64).t()
+    check_parity(lambda **kw: FF.mse_loss(**kw, backend=backend), F.mse_loss, {"input": x, "target": t},
+                 grad_names=("input", "target"))  # fmt: skip
+    check_parity(lambda **kw: FF.mse_loss(**kw), F.mse_loss, {"input": x, "target": t})  # backend="auto"
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        out = FF.mse_loss(x, t, reduction="elementwise_mean", backend=backend)
+    assert_close(out, F.mse_loss(x, t), torch.float64, reduction=True)

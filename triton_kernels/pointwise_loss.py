@@ -64,19 +64,21 @@ class LossPlan:
         self.loss = x.new_empty(n) if not self.reduce else None
         self.partial = torch.empty(max(self.programs, 1), dtype=torch.float64, device=x.device)
         self.grad = x.new_empty(n if need_grad else 0)
-        self.block_flags = torch.zeros(max(self.programs, 1), dtype=torch.int32, device=x.device) if flags else None
+        self.block_flags = torch.empty(max(self.programs, 1), dtype=torch.int32, device=x.device) if flags else None
 
 
 def finish(plan: LossPlan, out_dtype: torch.dtype):
     """Stage 2: (loss, grad[, flags]) from a plan whose stage 1 ran."""
     x_dev = plan.partial.device
-    flags_out = torch.zeros(1, dtype=torch.int32, device=x_dev) if plan.block_flags is not None else None
+    flags_out = torch.empty(1, dtype=torch.int32, device=x_dev) if plan.block_flags is not None else None
     loss = plan.loss
     if plan.reduce:
         loss = torch.empty((), dtype=out_dtype, device=x_dev)
     if plan.reduce or flags_out is not None:
-        if plan.programs == 0:
-            plan.partial.zero_()  # an empty input: the sum of nothing
+        if plan.programs == 0:  # an empty input: the sum of nothing, no bad element
+            plan.partial.zero_()
+            if plan.block_flags is not None:
+                plan.block_flags.zero_()
         finish_kernel[(1,)](
             plan.partial, max(plan.programs, 1), plan.scale, loss if plan.reduce else plan.partial,
             plan.block_flags if flags_out is not None else plan.partial,

@@ -51,7 +51,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None, re
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=2,
+            stacklevel=3,  # the caller of fusedopt.nn.functional.mse_loss
         )
     reduction = pw.reduction_string(size_average, reduce, reduction)
     dtype = torch.promote_types(input.dtype, target.dtype)
