@@ -294,3 +294,25 @@ def test_bce_non_contiguous_and_auto_backend(backend):
     check_parity(lambda **kw: FF.binary_cross_entropy_with_logits(**kw, backend=backend),
                  F.binary_cross_entropy_with_logits, {"input": xl[sl], "target": tl[sl], "pos_weight": w})  # fmt: skip
     check_parity(FF.binary_cross_entropy, F.binary_cross_entropy, {"input": x, "target": t})  # backend="auto"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_losses_under_autocast_match_torch(backend):
+    """autocast runs mse_loss and binary_cross_entropy_with_logits in float32 (and BCE per its own device rule)."""
+    x, t = _logits((6, 5), torch.bfloat16)
+    xp, tp = _probs((6, 5), torch.bfloat16)
+    w = _weight((5,), torch.bfloat16)
+    cases = [
+        (FF.mse_loss, F.mse_loss, {"input": x, "target": t}),
+        (FF.mse_loss, F.mse_loss, {"input": x, "target": t, "weight": _weight((6, 5), torch.bfloat16)}),
+        (FF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
+         {"input": x, "target": t, "weight": w, "pos_weight": w}),
+        (FF.binary_cross_entropy, F.binary_cross_entropy, {"input": xp, "target": tp, "weight": w}),
+    ]  # fmt: skip
+    for ours, ref, tensors in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(**tensors, backend=backend)
+            expected = ref(**tensors)
+        assert out.dtype == expected.dtype, ours.__name__
+        assert_close(out, expected, out.dtype, ours.__name__, reduction=True)
+        assert out.dtype == torch.float32 or ("weight" in tensors and ours is FF.mse_loss)  # CPU weighted MSE: bf16

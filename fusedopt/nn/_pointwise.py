@@ -36,6 +36,16 @@ def reduction_enum(reduction: str) -> int:
     return REDUCTION_ENUM[reduction]
 
 
+def autocast_on(t: Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def autocast_fp32(*tensors: Tensor | None) -> tuple:
+    """What autocast does before torch's float32-listed losses (mse_loss, binary_cross_entropy_with_logits): 16-bit
+    floating tensors are cast up to float32 (differentiably)."""
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def same_device(*tensors: Tensor | None) -> bool:
     devices = {t.device for t in tensors if t is not None}
     return len(devices) <= 1

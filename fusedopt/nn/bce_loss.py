@@ -82,12 +82,14 @@ class BCEWithLogitsLossFunction(torch.autograd.Function):
         return pw.scale_saved_grad(ctx, grad_output), *(None,) * 10
 
 
-def _fused_ok(input: Tensor, target: Tensor, *weights: Tensor | None) -> bool:
+def _fused_ok(input: Tensor, target: Tensor, *weights: Tensor | None, with_logits: bool = False) -> bool:
     """Whether the kernels can take these arguments; otherwise torch's own function runs (and raises torch's error
     where there is one): tensor subclasses, other dtypes, mixed devices, weights that would enlarge the loss shape,
     a target or weight that requires grad."""
     if has_torch_function_variadic(input, target, *weights):
         return False
+    if pw.autocast_on(input) and not with_logits:
+        return False  # autocast: torch runs BCE in float32 on the CPU and refuses it on CUDA; keep torch's behaviour
     if input.dtype not in pw.FUSED_DTYPES or target.dtype not in pw.FUSED_DTYPES:
         return False
     if not pw.same_device(input, target, *weights) or not pw.broadcasts_in_place(input.shape, *weights):
@@ -131,9 +133,11 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     if target.size() != input.size() and not has_torch_function_variadic(input, target, weight, pos_weight):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     weights_ok = all(w is None or w.dtype.is_floating_point for w in (weight, pos_weight))
-    if not weights_ok or not _fused_ok(input, target, weight, pos_weight):
+    if not weights_ok or not _fused_ok(input, target, weight, pos_weight, with_logits=True):
         return torch_F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                         pos_weight=pos_weight)  # fmt: skip
+    if pw.autocast_on(input):  # autocast runs this loss in float32
+        input, target, weight, pos_weight = pw.autocast_fp32(input, target, weight, pos_weight)
     dtype = torch.promote_types(input.dtype, target.dtype)
     resolved = _backend.resolve(backend, input.device, "binary_cross_entropy_with_logits")
     w, period = pw.periodic_weight(weight, input.shape, dtype)

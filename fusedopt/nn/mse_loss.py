@@ -54,6 +54,11 @@ def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None, re
             stacklevel=3,  # the caller of fusedopt.nn.functional.mse_loss
         )
     reduction = pw.reduction_string(size_average, reduce, reduction)
+    if not fallback and pw.autocast_on(input):
+        if weight is not None:
+            fallback = True  # torch's weighted MSE is a composite: autocast treats each of its ops per device
+        else:
+            input, target = pw.autocast_fp32(input, target)  # autocast runs mse_loss in float32
     dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)
