@@ -143,18 +143,3 @@ def bce_with_logits_fwd(x, t, weight, weight_period, pos_weight, pos_weight_peri
         loss, grad = loss * w, grad * w
     return _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)
 
-
-def bce_target_grad(x: Tensor, weight: Tensor | None) -> Tensor:
-    """d binary_cross_entropy / d target (torch differentiates it): log(1 - x) - log(x), times the weight."""
-    g = torch.log1p(-x) - torch.log(x)
-    return g if weight is None else g * weight
-
-
-def bce_with_logits_target_grad(x: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> Tensor:
-    """d binary_cross_entropy_with_logits / d target: -x, or log_sigmoid(-x) - pos_weight * log_sigmoid(x)."""
-    if pos_weight is None:
-        g = -x
-    else:
-        logsig = torch.nn.functional.logsigmoid
-        g = logsig(-x) - pos_weight * logsig(x)
-    return g if weight is None else g * weight

@@ -316,3 +316,18 @@ def test_losses_under_autocast_match_torch(backend):
         assert out.dtype == expected.dtype, ours.__name__
         assert_close(out, expected, out.dtype, ours.__name__, reduction=True)
         assert out.dtype == torch.float32 or ("weight" in tensors and ours is FF.mse_loss)  # CPU weighted MSE: bf16
+
+
+def test_bce_with_logits_under_torch_compile():
+    """torch.compile traces through the custom op (its fake impl) and matches eager torch."""
+    x, t = _logits((16, 33), torch.float32)
+    p = _weight((33,), torch.float32)
+    x.requires_grad_(True)
+    compiled = torch.compile(lambda a, b: FF.binary_cross_entropy_with_logits(a, b, pos_weight=p, backend="cpu"))
+    out = compiled(x, t)
+    (g,) = torch.autograd.grad(out, x)
+    xr = x.detach().double().requires_grad_(True)
+    ref = F.binary_cross_entropy_with_logits(xr, t.double(), pos_weight=p.double())
+    (rg,) = torch.autograd.grad(ref, xr)
+    assert_close(out.detach(), ref.detach(), torch.float32, reduction=True)
+    assert_close(g, rg, torch.float32)

@@ -196,3 +196,17 @@ def test_mse_non_contiguous_auto_backend_and_elementwise_mean(backend):
     with pytest.warns(UserWarning, match="elementwise_mean"):
         out = FF.mse_loss(x, t, reduction="elementwise_mean", backend=backend)
     assert_close(out, F.mse_loss(x, t), torch.float64, reduction=True)
+
+
+def test_mse_under_torch_compile():
+    """torch.compile traces through the custom op (its fake impl) and matches eager torch."""
+    x, t = _pair((16, 33), torch.float32)
+    x.requires_grad_(True)
+    compiled = torch.compile(lambda a, b: FF.mse_loss(a, b, backend="cpu"))
+    out = compiled(x, t)
+    (g,) = torch.autograd.grad(out, x)
+    xr = x.detach().double().requires_grad_(True)
+    ref = F.mse_loss(xr, t.double())
+    (rg,) = torch.autograd.grad(ref, xr)
+    assert_close(out.detach(), ref.detach(), torch.float32, reduction=True)
+    assert_close(g, rg, torch.float32)
