@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.pointwise_loss import BLOCK, LossPlan, finish
+from fusedopt.triton_kernels.pointwise_loss import BLOCK, LossPlan, finish, wrap
 
 
 @triton.jit
@@ -20,7 +20,7 @@ def _log1p(y):
 @triton.jit
 def bce_loss_kernel(x_ptr, t_ptr, w_ptr, w_period, loss_ptr, grad_ptr, partial_ptr, flags_ptr, scale_ptr, n,
                     HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr, NEED_GRAD: tl.constexpr, DTYPE: tl.constexpr,
-                    OPMATH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    OPMATH: tl.constexpr, INDEX32: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -36,7 +36,7 @@ def bce_loss_kernel(x_ptr, t_ptr, w_ptr, w_period, loss_ptr, grad_ptr, partial_p
     loss = (t - 1.0) * log_1mx - t * log_x
     dloss = (x - t) / tl.maximum((1.0 - x) * x, 9.999999960041972e-13)  # torch's eps: 1e-12 as a float32
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs % w_period, mask=mask, other=0.0).to(OPMATH)
+        w = tl.load(w_ptr + wrap(offs, w_period, INDEX32), mask=mask, other=0.0).to(OPMATH)
         loss = loss * w
         dloss = dloss * w
     if REDUCE:
@@ -52,7 +52,7 @@ def bce_loss_kernel(x_ptr, t_ptr, w_ptr, w_period, loss_ptr, grad_ptr, partial_p
 def bce_with_logits_kernel(x_ptr, t_ptr, w_ptr, w_period, p_ptr, p_period, loss_ptr, grad_ptr, partial_ptr,
                            scale_ptr, n, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
                            REDUCE: tl.constexpr, NEED_GRAD: tl.constexpr, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-                           BLOCK: tl.constexpr):  # fmt: skip
+                           INDEX32: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -64,14 +64,14 @@ def bce_with_logits_kernel(x_ptr, t_ptr, w_ptr, w_period, p_ptr, p_period, loss_
     r = 1.0 / (1.0 + e)
     sigmoid = tl.where(x >= 0.0, r, e * r)
     if HAS_POS_WEIGHT:
-        p = tl.load(p_ptr + offs % p_period, mask=mask, other=0.0).to(OPMATH)
+        p = tl.load(p_ptr + wrap(offs, p_period, INDEX32), mask=mask, other=0.0).to(OPMATH)
         loss = (1.0 - t) * x - ((p - 1.0) * t + 1.0) * log_sigmoid
         dloss = (p * t + 1.0 - t) * sigmoid - p * t
     else:
         loss = (1.0 - t) * x - log_sigmoid
         dloss = sigmoid - t
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs % w_period, mask=mask, other=0.0).to(OPMATH)
+        w = tl.load(w_ptr + wrap(offs, w_period, INDEX32), mask=mask, other=0.0).to(OPMATH)
         loss = loss * w
         dloss = dloss * w
     if REDUCE:
@@ -91,7 +91,7 @@ def bce_loss_fwd(input, target, weight, weight_period, scale, reduction, need_gr
             x, t, weight if weight is not None else x, weight_period, plan.loss if plan.loss is not None else x,
             plan.grad if need_grad else x, plan.partial, plan.block_flags, plan.scale, plan.n,
             HAS_WEIGHT=weight is not None, REDUCE=plan.reduce, NEED_GRAD=need_grad, DTYPE=plan.dtype,
-            OPMATH=plan.opmath, BLOCK=BLOCK,
+            OPMATH=plan.opmath, INDEX32=plan.index32, BLOCK=BLOCK,
         )  # fmt: skip
     return finish(plan, out_dtype)
 
@@ -105,6 +105,7 @@ def bce_with_logits_fwd(input, target, weight, weight_period, pos_weight, pos_we
             x, t, weight if weight is not None else x, weight_period, pos_weight if pos_weight is not None else x,
             pos_weight_period, plan.loss if plan.loss is not None else x, plan.grad if need_grad else x,
             plan.partial, plan.scale, plan.n, HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
-            REDUCE=plan.reduce, NEED_GRAD=need_grad, DTYPE=plan.dtype, OPMATH=plan.opmath, BLOCK=BLOCK,
+            REDUCE=plan.reduce, NEED_GRAD=need_grad, DTYPE=plan.dtype, OPMATH=plan.opmath, INDEX32=plan.index32,
+            BLOCK=BLOCK,
         )  # fmt: skip
     return finish(plan, out_dtype)

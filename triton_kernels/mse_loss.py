@@ -6,13 +6,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.pointwise_loss import BLOCK, LossPlan, finish
+from fusedopt.triton_kernels.pointwise_loss import BLOCK, LossPlan, finish, wrap
 
 
 @triton.jit
 def mse_loss_kernel(x_ptr, t_ptr, w_ptr, w_period, loss_ptr, grad_ptr, partial_ptr, scale_ptr, n,
                     HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr, NEED_GRAD: tl.constexpr, DTYPE: tl.constexpr,
-                    OPMATH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    OPMATH: tl.constexpr, INDEX32: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -22,7 +22,7 @@ def mse_loss_kernel(x_ptr, t_ptr, w_ptr, w_period, loss_ptr, grad_ptr, partial_p
     loss = diff * diff
     dloss = diff + diff
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs % w_period, mask=mask, other=0.0).to(OPMATH)
+        w = tl.load(w_ptr + wrap(offs, w_period, INDEX32), mask=mask, other=0.0).to(OPMATH)
         loss = loss * w
         dloss = dloss * w
     if REDUCE:
@@ -42,6 +42,6 @@ def mse_loss_fwd(input, target, weight, weight_period, scale, scale_tensor, redu
             x, t, weight if weight is not None else x, weight_period, plan.loss if plan.loss is not None else x,
             plan.grad if need_grad else x, plan.partial, plan.scale, plan.n,
             HAS_WEIGHT=weight is not None, REDUCE=plan.reduce, NEED_GRAD=need_grad, DTYPE=plan.dtype,
-            OPMATH=plan.opmath, BLOCK=BLOCK,
+            OPMATH=plan.opmath, INDEX32=plan.index32, BLOCK=BLOCK,
         )  # fmt: skip
     return finish(plan, out_dtype)

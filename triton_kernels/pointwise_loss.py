@@ -17,7 +17,15 @@ from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, opmath
 BLOCK = 4096
 FINISH_BLOCK = 1024
 
-__all__ = ["BLOCK", "TRITON_DTYPES", "LossPlan", "finish", "opmath"]
+__all__ = ["BLOCK", "TRITON_DTYPES", "LossPlan", "finish", "opmath", "wrap"]
+
+
+@triton.jit
+def wrap(offs, period, INDEX32: tl.constexpr):
+    """offs % period, in 32 bits when every index fits (64-bit division is slow on GPUs)."""
+    if INDEX32:
+        return offs.to(tl.int32) % period
+    return offs % period
 
 
 @triton.jit
@@ -52,6 +60,7 @@ class LossPlan:
                  scale_tensor: torch.Tensor | None, flags: bool):  # fmt: skip
         n = x.numel()
         self.n = n
+        self.index32 = n < 2**31
         self.programs = triton.cdiv(n, BLOCK)
         self.reduce = reduction != 0
         self.need_grad = need_grad
