@@ -39,7 +39,7 @@ def check_parity(fused_fn, torch_fn, tensors: dict, *, grad_names=("input",), kw
     if not grad_names:
         return
     gen = torch.Generator().manual_seed(seed + 1)
-    grad_out = (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 - 0.5).to(out.dtype)
+    grad_out = (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 - 0.5).to(out.device, out.dtype)
     leaves = [fused_in[k] for k in grad_names]
     grads = torch.autograd.grad(out, leaves, grad_out)
     ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in grad_names], grad_out.double())

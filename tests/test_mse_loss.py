@@ -37,7 +37,7 @@ def test_mse_parity(backend, dtype, reduction):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_mse_weighted_parity(backend, dtype, reduction):
-    for shape in [(7,), (3, 5, 7)] + ([] if backend == "triton" else [(4099,)]):
+    for shape in [(0,), (), (7,), (3, 5, 7)] + ([] if backend == "triton" else [(4099,)]):
         x, t = _pair(shape, dtype, seed=1)
         w = torch.rand(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
         check_parity(lambda **kw: FF.mse_loss(**kw, reduction=reduction, backend=backend),

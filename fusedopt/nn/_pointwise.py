@@ -66,9 +66,9 @@ def broadcasts_in_place(shape: torch.Size, *others: Tensor | None) -> bool:
 
 def periodic_weight(w: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor | None, int]:
     """(flat contiguous weight in dtype, period) such that the weight of flat element i is flat[i % period]."""
-    if w is None:
-        return None, 1
     numel = math.prod(shape)
+    if w is None or numel == 0:  # an empty loss reads no weight
+        return None, 1
     dims = list(w.shape)
     while dims and dims[0] == 1:
         dims.pop(0)
