@@ -102,6 +102,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
                          reduce: bool | None = None, reduction: str = "mean", *,
                          backend: str | None = "auto") -> Tensor:  # fmt: skip
     """torch.nn.functional.binary_cross_entropy, fused; `backend` as everywhere in fusedopt."""
+    _backend.requested_backend(backend)  # an unknown name raises even where torch's function runs
     reduction = pw.reduction_string(size_average, reduce, reduction)
     red = pw.reduction_enum(reduction)
     if target.size() != input.size() and not has_torch_function_variadic(input, target, weight):
@@ -128,6 +129,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     """torch.nn.functional.binary_cross_entropy_with_logits, fused; `backend` as everywhere in fusedopt.
 
     The result has the target's dtype (as torch's); the math runs in the promoted dtype of input and target."""
+    _backend.requested_backend(backend)  # an unknown name raises even where torch's function runs
     reduction = pw.reduction_string(size_average, reduce, reduction)
     red = pw.reduction_enum(reduction)
     if target.size() != input.size() and not has_torch_function_variadic(input, target, weight, pos_weight):

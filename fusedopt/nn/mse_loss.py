@@ -45,6 +45,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None, re
              reduction: str = "mean", weight: Tensor | None = None, *,
              backend: str | None = "auto") -> Tensor:  # fmt: skip
     """torch.nn.functional.mse_loss, fused; `backend` as everywhere in fusedopt."""
+    _backend.requested_backend(backend)  # an unknown name raises even where torch's function runs
     fallback = has_torch_function_variadic(input, target, weight)
     if not fallback and target.size() != input.size():
         warnings.warn(
