@@ -1,9 +1,10 @@
 """fusedopt: fused optimizer and loss kernels for PyTorch (CUDA C++, Triton, CPU SIMD), drop-in for torch.optim
 and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Adam`) and nothing else changes."""
 
-from fusedopt import ops, optim
+from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
+from fusedopt.nn import CrossEntropyLoss
 from fusedopt.optim import Adam, AdamW
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Adam", "AdamW", "ops", "optim"]
+__all__ = ["BACKENDS", "Adam", "AdamW", "CrossEntropyLoss", "nn", "ops", "optim"]

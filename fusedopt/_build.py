@@ -7,7 +7,14 @@ import os
 import shutil
 from pathlib import Path
 
-CPU_SOURCES = ["bindings_cpu.cpp", "cpu/dispatch.cpp", "cpu/capability/default.cpp", "cpu/capability/avx2.cpp", "cpu/capability/avx512.cpp"]
+CPU_SOURCES = [
+    "bindings_cpu.cpp",
+    "cpu/dispatch.cpp",
+    "cpu/grad_buffer.cpp",
+    "cpu/capability/default.cpp",
+    "cpu/capability/avx2.cpp",
+    "cpu/capability/avx512.cpp",
+]
 CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/adam.cu"]
 
 CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]
