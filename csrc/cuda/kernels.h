@@ -18,4 +18,21 @@ struct AdamLaunch {
 };
 void adam_step(const AdamLaunch& args);
 
+// Cross-entropy over the rows of contiguous (rows, classes) logits; see fusedopt/reference.py for the math.
+struct CrossEntropyLaunch {
+  const at::Tensor* logits;      // (rows, classes)
+  const at::Tensor* target;      // (rows,) int64, or (rows, classes) like logits when prob_target
+  const at::Tensor* weight;      // (classes,) opmath, or null
+  const at::Tensor* grad;        // (rows, classes) like logits, or null; may be logits itself
+  const at::Tensor* grad_scale;  // one opmath value multiplying the gradient, or null
+  const at::Tensor* loss;        // (rows,) opmath, written
+  const at::Tensor* lse;         // (rows,) opmath, written
+  int64_t ignore_index;
+  double label_smoothing, z_loss, softcap;  // softcap 0: off
+  bool prob_target;
+};
+void cross_entropy_fwd(const CrossEntropyLaunch& args);
+// grad (rows, classes) *= scale (one opmath value per row, or one for all); a factor of 1 touches nothing.
+void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
+
 }  // namespace fusedopt::cuda
