@@ -33,6 +33,12 @@ def _mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, 
     return torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0.0).sum()
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str | None, device_type: str) -> str:
+    """The backend for this device; a constant for torch.compile (it reads the environment and imports modules)."""
+    return _backend.resolve(backend, torch.device(device_type), "cross_entropy")
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """logits (M, C) contiguous -> (loss reduced as asked, lse). See fusedopt.nn.functional.cross_entropy.
 
@@ -55,6 +61,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_scale=grad_scale, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, prob_target=prob_target, backend=backend,
         )  # fmt: skip
+        if need_grad and inplace:
+            # The logits now hold the gradient: any other autograd user that saved them must fail, not read garbage.
+            torch.autograd.graph.increment_version(logits)
         if reduction == "none":
             out = loss.to(out_dtype).reshape(out_shape)
         elif reduction == "sum":
@@ -180,7 +189,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             return loss
         z = reference.softcap_logits(input.detach(), softcap).to(reference.opmath_dtype(input.dtype))
         return loss, torch.logsumexp(z, dim=0 if input.dim() == 1 else 1)
-    resolved = _backend.resolve(backend, input.device, "cross_entropy")
+    resolved = _resolve_backend(backend, input.device.type)
     if logits.numel() == 0:
         resolved = "torch"  # nothing to fuse; the reference handles empty batches
     need_grad = torch.is_grad_enabled() and input.requires_grad
