@@ -49,7 +49,8 @@ def check(backend, dtype, x64, target, weight=None, *, reduction="mean", label_s
     w = weight.to(dtype) if weight is not None else None
     wr = w.double() if w is not None else None
     if z_loss or softcap is not None:
-        expected = reference.cross_entropy_formula(xr, tr, wr, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        expected = reference.cross_entropy_formula(xr, tr, wr, ignore_index, reduction, label_smoothing, z_loss,
+                                                   softcap)  # fmt: skip
     else:
         expected = F.cross_entropy(xr, tr, wr, ignore_index=ignore_index, reduction=reduction,
                                    label_smoothing=label_smoothing)  # fmt: skip
