@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   CrossEntropyLaunch a{&logits, &target, has_weight ? &*weight : nullptr, has_grad ? &*grad_out : nullptr,
                        has_scale ? &*grad_scale : nullptr, &loss, &lse, ignore_index, label_smoothing, z_loss,
                        softcap.value_or(0.0), prob_target};
-  fusedopt::cuda::cross_entropy_fwd(a);
+  launch_cross_entropy_fwd(a);
   return {loss, lse};
 }
 
@@ -109,7 +109,7 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(scale.device() == grad.device() && scale.scalar_type() == opmath && scale.is_contiguous() &&
                   (scale.numel() == 1 || scale.numel() == grad.size(0)),
               op, ": scale must hold one ", opmath, " value, or one per row, on the gradient's device");
-  fusedopt::cuda::cross_entropy_scale_grad(grad, scale);
+  launch_cross_entropy_scale_grad(grad, scale);
 }
 
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }

@@ -37,7 +37,7 @@ def _ce_fwd_kernel(X, T, Y, W, G, GS, LOSS, LSE, n_cols, stride_x, stride_y, str
         t = tl.load(T + row)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= n_cols))
-        tl.device_assert(not bad, "fusedopt cross_entropy: target out of range")
+        tl.device_assert(bad == 0, "fusedopt cross_entropy: target out of range")
         t = tl.where(valid & ~bad, t, 0)
 
     # Pass 1: running max m and sum s of exp(z - m), NaN seen, target sums.

@@ -250,7 +250,7 @@ int threads_for(int64_t packs) {
 
 }  // namespace
 
-void cross_entropy_fwd(const CrossEntropyLaunch& a) {
+void launch_cross_entropy_fwd(const CrossEntropyLaunch& a) {
   const at::Tensor& logits = *a.logits;
   const int64_t rows = logits.size(0), classes = logits.size(1);
   if (rows == 0) return;
@@ -300,7 +300,7 @@ void cross_entropy_fwd(const CrossEntropyLaunch& a) {
   });
 }
 
-void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+void launch_cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   const int64_t rows = grad.size(0), classes = grad.size(1);
   if (rows == 0 || classes == 0) return;
   TORCH_CHECK(rows < (int64_t{1} << 31), "fusedopt cross_entropy (cuda): at most 2^31 - 1 rows per call");

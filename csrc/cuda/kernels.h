@@ -31,8 +31,8 @@ struct CrossEntropyLaunch {
   double label_smoothing, z_loss, softcap;  // softcap 0: off
   bool prob_target;
 };
-void cross_entropy_fwd(const CrossEntropyLaunch& args);
+void launch_cross_entropy_fwd(const CrossEntropyLaunch& args);
 // grad (rows, classes) *= scale (one opmath value per row, or one for all); a factor of 1 touches nothing.
-void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
+void launch_cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
 
 }  // namespace fusedopt::cuda
