@@ -421,3 +421,51 @@ def test_gpu_large_vocab(backend, shape, dtype):
     x, target, w = make_case(shape, weight=True, ignore_frac=0.1)
     check(backend, dtype, x.cuda(), target.cuda(), w.cuda(), reduction="mean", label_smoothing=0.1, z_loss=1e-4,
           softcap=30.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_of_ones_and_mixed_rows(backend):
+    """The backward skips rows whose grad_output is exactly 1 and scales the others."""
+    x, target, _ = make_case((6, 9), ignore_frac=0.2)
+    for go in (torch.ones(6, dtype=torch.float64), torch.tensor([1.0, 2.0, 1.0, -0.5, 1.0, 0.0], dtype=torch.float64)):
+        xr = x.clone().requires_grad_()
+        xf = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(F.cross_entropy(xr, target, reduction="none"), xr, go)
+        (got,) = torch.autograd.grad(cross_entropy(xf, target, reduction="none", backend=backend), xf, go)
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the CPU extension is not built")
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_cpu_kernel_on_lower_isas(isa):
+    """Every ISA copy of the CPU kernel (the process picks the best one) against torch, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from fusedopt import _backend\n"
+        "from fusedopt.nn.functional import cross_entropy\n"
+        f"assert _backend.cpu_extension()[0].cpu_capability() == {isa!r}\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
+        "    for C in (2, 37, 1000):\n"
+        "        x = (torch.randn(9, C, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()\n"
+        "        t = torch.randint(0, C, (9,), generator=g); t[3] = -100\n"
+        "        w = torch.rand(C, generator=g, dtype=torch.float64).to(dtype)\n"
+        "        xr = x.detach().double().requires_grad_()\n"
+        "        a = F.cross_entropy(xr, t, w.double(), label_smoothing=0.1, reduction='none')\n"
+        "        b = cross_entropy(x, t, w, label_smoothing=0.1, reduction='none', backend='cpu')\n"
+        "        go = torch.rand(9, generator=g, dtype=torch.float64) + 0.5\n"
+        "        (ga,) = torch.autograd.grad(a, xr, go); (gb,) = torch.autograd.grad(b, x, go.to(dtype))\n"
+        "        rtol, atol = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-10, 1e-12),\n"
+        "                      torch.bfloat16: (1.6e-2, 1e-4)}[dtype]\n"
+        "        torch.testing.assert_close(b.double(), a, rtol=rtol, atol=atol)\n"
+        "        torch.testing.assert_close(gb.double(), ga, rtol=rtol, atol=atol)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FUSEDOPT_CPU_CAPABILITY=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
