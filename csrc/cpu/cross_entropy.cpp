@@ -112,7 +112,9 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
 
   // Pass 1: per-lane running max m and sum s of exp(z - m); sums for the target terms. Full groups take the
   // unmasked path, the row's last group the masked one; both are this one function.
-  V m(neg_inf), s(S(0)), acc_wz(S(0)), acc_q(S(0)), acc_qz(S(0));
+  // m_safe is m with -inf lanes at 0; the rescale is skipped for groups that raise no lane's max (most of them).
+  V m(neg_inf), m_safe(S(0)), s(S(0)), acc_wz(S(0)), acc_q(S(0)), acc_qz(S(0));
+  constexpr int kAllLanes = static_cast<int>((int64_t{1} << kLaneSize) - 1);
   auto group = [&](int64_t i, auto tail_tag) {
     constexpr bool kTail = decltype(tail_tag)::value;
     V z[kUnroll * B::kLanes];
@@ -141,11 +143,14 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     V group_max = z[0];
     for (int j = 1; j < kUnroll * B::kLanes; ++j) group_max = at::vec::maximum(group_max, z[j]);  // NaN-propagating
     const V m_new = at::vec::maximum(m, group_max);
-    const V m_safe = V::blendv(m_new, V(S(0)), m_new == V(neg_inf));  // a lane of only -inf so far: exp(-inf) = 0
-    V sum = s * fast_exp(m - m_safe);
+    if ((m_new != m).zero_mask() != kAllLanes) {  // some lane's max grew (or is NaN): rescale its sum
+      m_safe = V::blendv(m_new, V(S(0)), m_new == V(neg_inf));  // a lane of only -inf so far: exp(-inf) = 0
+      s = s * fast_exp(m - m_safe);
+      m = m_new;
+    }
+    V sum = s;
     for (const V& zv : z) sum = sum + fast_exp(zv - m_safe);
     s = sum;
-    m = m_new;
   };
   constexpr int64_t kGroup = kUnroll * B::kSize;
   int64_t i = 0;
@@ -197,8 +202,9 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     for (int l = 0; l < B::kLanes; ++l) {
       const int64_t nl = n - l * kLaneSize;
       const V zl = softcap_v(xb.lane[l], k);
-      const V q = target_weights<kProb>(load_weight<V>(w ? w + i + l * kLaneSize : w, nl), yb.lane[l], k);
-      V gl = V(coef) * fast_exp(zl - V(lse)) - V(scale) * q;
+      V gl = V(coef) * fast_exp(zl - V(lse));
+      if (kProb || k.smoothing)  // else q is zero but for the target's element, done below
+        gl = gl - V(scale) * target_weights<kProb>(load_weight<V>(w ? w + i + l * kLaneSize : w, nl), yb.lane[l], k);
       if (k.softcap) gl = gl * (V(S(1)) - zl * V(k.inv_cap) * zl * V(k.inv_cap));
       out.lane[l] = gl;
     }
@@ -230,13 +236,21 @@ CrossEntropyStatus cross_entropy_typed(const CrossEntropyArgs& a) {
   k.weight_sum = weight_sum;
 
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.classes, 1));
-  at::parallel_for(0, a.rows, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      if (a.target_prob != nullptr)
-        ce_row<T, true>(a, k, r, first_bad);
-      else
-        ce_row<T, false>(a, k, r, first_bad);
+  // Threads take chunks of rows from a shared counter rather than a fixed half each: on a shared machine a thread
+  // that gets descheduled then delays only its current chunk, not half of the work.
+  const int64_t chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.classes, 1));
+  const int64_t chunks = (a.rows + chunk - 1) / chunk;
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next_chunk.fetch_add(1); c < chunks; c = next_chunk.fetch_add(1)) {
+      const int64_t end = std::min(a.rows, (c + 1) * chunk);
+      for (int64_t r = c * chunk; r < end; ++r) {
+        if (a.target_prob != nullptr)
+          ce_row<T, true>(a, k, r, first_bad);
+        else
+          ce_row<T, false>(a, k, r, first_bad);
+      }
     }
   });
   CrossEntropyStatus st;
