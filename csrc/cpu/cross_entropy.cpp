@@ -1,7 +1,8 @@
 // Cross-entropy rows on the CPU. Compiled once per ISA by cpu/capability/*.cpp (never on its own).
-// One row per task, rows spread over threads. Pass 1 reads the row from memory once: an online max and sum of exp
-// (one rescale per group of 4 blocks, so about one exp per element), plus the target terms. The row then sits in L2
-// (32000 fp32 = 125 KiB), and pass 2 writes the gradient from it. The math is fusedopt/reference.py's.
+// Rows handed out to threads in chunks. Pass 1 reads the row from memory once: an online max and sum of exp
+// (a rescale only when a lane's max grows, so about one exp per element), plus the target terms. The row then sits
+// in L2 (32000 fp32 = 125 KiB), and the gradient is written from it (see three_pass in ce_row for fp32/fp64).
+// The math is fusedopt/reference.py's.
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 
@@ -112,6 +113,9 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
 
   // Pass 1: per-lane running max m and sum s of exp(z - m); sums for the target terms. Full groups take the
   // unmasked path, the row's last group the masked one; both are this one function.
+  // With a gradient in the logits' own dtype (fp32, fp64) and no softcap, pass 1 takes only the max, pass 2 stores
+  // exp(z - max) into the gradient row and sums it, and pass 3 rescales it in cache: one exp per element, not two.
+  const bool three_pass = std::is_same_v<T, S> && g != nullptr && !k.softcap;
   // m_safe is m with -inf lanes at 0; the rescale is skipped for groups that raise no lane's max (most of them).
   V m(neg_inf), m_safe(S(0)), s(S(0)), acc_wz(S(0)), acc_q(S(0)), acc_qz(S(0));
   constexpr int kAllLanes = static_cast<int>((int64_t{1} << kLaneSize) - 1);
@@ -142,6 +146,10 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     }
     V group_max = z[0];
     for (int j = 1; j < kUnroll * B::kLanes; ++j) group_max = at::vec::maximum(group_max, z[j]);  // NaN-propagating
+    if (three_pass) {
+      m = at::vec::maximum(m, group_max);
+      return;
+    }
     const V m_new = at::vec::maximum(m, group_max);
     if ((m_new != m).zero_mask() != kAllLanes) {  // some lane's max grew (or is NaN): rescale its sum
       m_safe = V::blendv(m_new, V(S(0)), m_new == V(neg_inf));  // a lane of only -inf so far: exp(-inf) = 0
@@ -169,7 +177,20 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
   }
   const S max_safe = row_max == neg_inf ? S(0) : row_max;
   S total = 0;
-  for (int64_t l = 0; l < kLaneSize; ++l) total += ss[l] * std::exp(ms[l] - max_safe);
+  if (!three_pass) {
+    for (int64_t l = 0; l < kLaneSize; ++l) total += ss[l] * std::exp(ms[l] - max_safe);
+  } else if constexpr (std::is_same_v<T, S>) {
+    if (!has_nan) {  // pass 2 of three, from cache
+      V acc(S(0));
+      for (int64_t i = 0; i < C; i += kLaneSize) {
+        const int64_t n = std::min<int64_t>(kLaneSize, C - i);
+        const V e = keep_first(fast_exp(V::loadu(x + i, n) - V(max_safe)), n, S(0));
+        e.store(g + i, n);
+        acc = acc + e;
+      }
+      total = at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc);
+    }
+  }
   const S lse = has_nan ? nan : max_safe + std::log(total);
 
   S big_q;
@@ -194,7 +215,21 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
   // 1 - (z/cap)^2. scale is the mean's 1/denominator when the caller knows it, else 1.
   const S scale = a.grad_scale != nullptr ? *static_cast<const S*>(a.grad_scale) : S(1);
   const S coef = scale * (big_q + 2 * k.z_loss * lse);
-  for (int64_t i = 0; i < C; i += B::kSize) {
+  if constexpr (std::is_same_v<T, S>) {
+    if (three_pass) {  // g holds exp(z - max): softmax = g / total
+      const V factor(coef / total);
+      for (int64_t i = 0; i < C; i += kLaneSize) {
+        const int64_t n = std::min<int64_t>(kLaneSize, C - i);
+        V gl = V::loadu(g + i, n) * factor;
+        if (kProb || k.smoothing) {
+          const V yv = kProb ? V::loadu(y + i, n) : V(S(0));
+          gl = gl - V(scale) * target_weights<kProb>(load_weight<V>(w ? w + i : w, n), yv, k);
+        }
+        gl.store(g + i, n);
+      }
+    }
+  }
+  for (int64_t i = 0; !three_pass && i < C; i += B::kSize) {
     const int64_t n = std::min<int64_t>(B::kSize, C - i);
     const B xb = B::load(x + i, n);
     B yb = zero_block<T>(), out;
