@@ -13,12 +13,14 @@ import shutil
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_fusedopt_build", ROOT / "fusedopt" / "_build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
+build.set_default_cuda_home()
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def want_cuda() -> bool:

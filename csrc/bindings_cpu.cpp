@@ -1,6 +1,8 @@
 // fusedopt._C: the CPU kernels, bound for fusedopt/ops/*.py. The only C++ file of _C that knows Python.
 #include <torch/extension.h>
 
+#include <cmath>
+
 #include "common/tensor_lists.h"
 #include "cpu/grad_buffer.h"
 #include "cpu/kernels.h"
@@ -74,6 +76,134 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
     a.step.push_back(steps[i].data_ptr<float>());
   }
   FUSEDOPT_CPU_KERNEL(adam_step)(a);
+}
+
+
+void check_cpu_group(const TensorList& params, const char* op) {
+  TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
+                  const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
+                  double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                  const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fusedopt rmsprop_step (cpu)";
+  if (params.empty()) return;
+  const at::ScalarType dtype = params[0].scalar_type();
+  std::vector<const TensorList*> lists{&params, &grads, &square_avgs};
+  if (centered) lists.push_back(&grad_avgs);
+  if (momentum > 0) lists.push_back(&momentum_buffers);
+  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
+  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
+  check_steps(steps, params, op);
+  check_cpu_group(params, op);
+
+  RmspropArgs a;
+  a.kind = scalar_kind(dtype, op);
+  a.lr = lr;
+  a.alpha = alpha;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.momentum = momentum;
+  a.centered = centered;
+  a.maximize = maximize;
+  const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
+  const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
+  a.grad_divisor = opt_ptr(divisor);
+  a.found_inf = opt_ptr(inf);
+
+  ContiguousScope scope;  // copies back on exit, after the kernel ran
+  for (size_t i = 0; i < params.size(); ++i) {
+    a.numel.push_back(params[i].numel());
+    a.param.push_back(scope.write(params[i]).data_ptr());
+    a.grad.push_back(scope.read(grads[i]).data_ptr());
+    a.square_avg.push_back(scope.write(square_avgs[i]).data_ptr());
+    if (centered) a.grad_avg.push_back(scope.write(grad_avgs[i]).data_ptr());
+    if (momentum > 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
+    a.step.push_back(steps[i].data_ptr<float>());
+  }
+  FUSEDOPT_CPU_KERNEL(rmsprop_step)(a);
+}
+
+void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
+              const TensorList& first_flags, double lr, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+              const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fusedopt sgd_step (cpu)";
+  if (params.empty()) return;
+  const at::ScalarType dtype = params[0].scalar_type();
+  std::vector<const TensorList*> lists{&params, &grads};
+  if (momentum != 0) lists.push_back(&momentum_buffers);
+  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
+  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
+  if (!first_flags.empty()) check_steps(first_flags, params, op);
+  check_cpu_group(params, op);
+
+  SgdArgs a;
+  a.kind = scalar_kind(dtype, op);
+  a.lr = lr;
+  a.momentum = momentum;
+  a.dampening = dampening;
+  a.weight_decay = weight_decay;
+  a.nesterov = nesterov;
+  a.maximize = maximize;
+  const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
+  const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
+  a.grad_divisor = opt_ptr(divisor);
+  a.found_inf = opt_ptr(inf);
+
+  ContiguousScope scope;
+  for (size_t i = 0; i < params.size(); ++i) {
+    a.numel.push_back(params[i].numel());
+    a.param.push_back(scope.write(params[i]).data_ptr());
+    a.grad.push_back(scope.read(grads[i]).data_ptr());
+    if (momentum != 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
+    if (momentum != 0 && !first_flags.empty()) a.first_flag.push_back(first_flags[i].data_ptr<float>());
+  }
+  FUSEDOPT_CPU_KERNEL(sgd_step)(a);
+}
+
+NormKind norm_kind(double p, const char* op) {
+  if (std::isinf(p) && p > 0) return NormKind::Inf;
+  TORCH_CHECK(p > 0 && std::isfinite(p), op, ": norm_type must be > 0 or inf, got ", p);
+  return p == 1.0 ? NormKind::One : p == 2.0 ? NormKind::Two : NormKind::P;
+}
+
+// sum |x|^p (or max |x| for inf) over all tensors, all of one dtype, in double. The caller takes the root.
+double grad_norm_power_sum(const TensorList& tensors, double norm_type) {
+  constexpr const char* op = "fusedopt grad_norm (cpu)";
+  if (tensors.empty()) return 0.0;
+  check_cpu_group(tensors, op);
+  check_same_dtype(tensors, tensors[0].scalar_type(), "tensor", op);
+  GradNormArgs a;
+  a.kind = scalar_kind(tensors[0].scalar_type(), op);
+  a.norm = norm_kind(norm_type, op);
+  a.p = norm_type;
+  ContiguousScope scope;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(!t.is_sparse(), op, ": sparse tensors are not supported");
+    a.numel.push_back(t.numel());
+    a.data.push_back(scope.read(t).data_ptr());
+  }
+  return FUSEDOPT_CPU_KERNEL(grad_norm_power_sum)(a);
+}
+
+void scale_tensors(const TensorList& tensors, double coef) {
+  constexpr const char* op = "fusedopt scale_grads (cpu)";
+  if (tensors.empty()) return;
+  check_cpu_group(tensors, op);
+  check_same_dtype(tensors, tensors[0].scalar_type(), "tensor", op);
+  ScaleArgs a;
+  a.kind = scalar_kind(tensors[0].scalar_type(), op);
+  a.coef = coef;
+  ContiguousScope scope;
+  for (const auto& t : tensors) {
+    a.numel.push_back(t.numel());
+    a.data.push_back(scope.write(t).data_ptr());
+  }
+  FUSEDOPT_CPU_KERNEL(scale_tensors)(a);
 }
 
 // logits (M, C); target (M,) int64 or (M, C) in the logits' dtype; weight (C,) in opmath; grad_out (M, C) or none
@@ -163,6 +293,11 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CPU kernels (SIMD + threads)";
   m.def("adam_step", &fusedopt::cpu::adam_step, "Fused Adam/AdamW step over a list of CPU tensors");
+  m.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, "Fused RMSprop step over a list of CPU tensors");
+  m.def("sgd_step", &fusedopt::cpu::sgd_step, "Fused SGD step over a list of CPU tensors");
+  m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,
+        "sum |x|^p (max |x| for p=inf) over CPU tensors of one dtype, in double");
+  m.def("scale_tensors", &fusedopt::cpu::scale_tensors, "x *= coef over CPU tensors of one dtype");
   m.def("cross_entropy_fwd", &fusedopt::cpu::cross_entropy_fwd,
         "Per-row cross-entropy loss and logsumexp of CPU logits, with the gradient written in the same pass");
   m.def("cross_entropy_scale_grad", &fusedopt::cpu::cross_entropy_scale_grad,

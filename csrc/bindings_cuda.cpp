@@ -4,7 +4,10 @@
 #include "common/tensor_lists.h"
 #include "cuda/kernels.h"
 
-namespace fusedopt::cuda {
+// The Python-facing wrappers live in their own namespace: in fusedopt::cuda itself, `&fusedopt::cuda::bind::adam_step`
+// would name the kernel entry of cuda/kernels.h (qualified lookup never reaches an unnamed namespace's members when
+// the namespace declares the name directly), and pybind11 would bind the wrong function.
+namespace fusedopt::cuda::bind {
 namespace {
 
 // Device float32 copy of an optional scalar tensor (an async device op, no sync).
@@ -52,6 +55,105 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
                inf ? inf->data_ptr<float>() : nullptr,
                amsgrad, maximize, decoupled_weight_decay};
   fusedopt::cuda::adam_step(a);
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
+                  const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
+                  const std::optional<at::Tensor>& lr_tensor, double alpha, double eps, double weight_decay,
+                  double momentum, bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+                  const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fusedopt rmsprop_step (cuda)";
+  if (params.empty()) return;
+  const at::ScalarType dtype = params[0].scalar_type();
+  std::vector<const TensorList*> lists{&grads, &square_avgs};
+  if (centered) lists.push_back(&grad_avgs);
+  if (momentum > 0) lists.push_back(&momentum_buffers);
+  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
+  lists.push_back(&params);
+  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
+  check_steps(steps, params, op);
+  check_cuda_group(params, op);
+  ContiguousScope scope;
+  TensorList p, g, s, ga, mb;
+  for (size_t i = 0; i < params.size(); ++i) {
+    p.push_back(scope.write(params[i]));
+    g.push_back(scope.read(grads[i]));
+    s.push_back(scope.write(square_avgs[i]));
+    if (centered) ga.push_back(scope.write(grad_avgs[i]));
+    if (momentum > 0) mb.push_back(scope.write(momentum_buffers[i]));
+  }
+  const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
+  const auto divisor = device_scalar(grad_divisor, params[0], "grad_divisor", op);
+  const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
+  const TensorList empty;
+  RmspropLaunch a{&p,  &g,        &s,      &ga,          &mb,      &steps,        &empty,
+                  lr,  alpha,     eps,     weight_decay, momentum, opt_ptr(lr_dev), opt_ptr(divisor),
+                  opt_ptr(inf), centered, maximize};
+  fusedopt::cuda::rmsprop_step(a);
+}
+
+void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
+              const TensorList& first_flags, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+              double dampening, double weight_decay, bool nesterov, bool maximize,
+              const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fusedopt sgd_step (cuda)";
+  if (params.empty()) return;
+  const at::ScalarType dtype = params[0].scalar_type();
+  std::vector<const TensorList*> lists{&grads};
+  if (momentum != 0) lists.push_back(&momentum_buffers);
+  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
+  lists.push_back(&params);
+  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
+  if (momentum != 0 && !first_flags.empty()) check_steps(first_flags, params, op);
+  check_cuda_group(params, op);
+  ContiguousScope scope;
+  TensorList p, g, mb;
+  for (size_t i = 0; i < params.size(); ++i) {
+    p.push_back(scope.write(params[i]));
+    g.push_back(scope.read(grads[i]));
+    if (momentum != 0) mb.push_back(scope.write(momentum_buffers[i]));
+  }
+  const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
+  const auto divisor = device_scalar(grad_divisor, params[0], "grad_divisor", op);
+  const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
+  const TensorList empty;
+  SgdLaunch a{&p,           &g,        &mb,       &first_flags,    &empty,           lr,           momentum,
+              dampening,    weight_decay, opt_ptr(lr_dev), opt_ptr(divisor), opt_ptr(inf), nesterov, maximize};
+  fusedopt::cuda::sgd_step(a);
+}
+
+at::Tensor grad_norm_power_sum(const TensorList& tensors, double norm_type) {
+  constexpr const char* op = "fusedopt grad_norm (cuda)";
+  TORCH_CHECK(!tensors.empty(), op, ": needs at least one tensor");
+  TORCH_CHECK(norm_type > 0, op, ": norm_type must be > 0 or inf, got ", norm_type);
+  check_cuda_group(tensors, op);
+  check_same_dtype(tensors, tensors[0].scalar_type(), "tensor", op);
+  TensorList xs;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device() == tensors[0].device(), op, ": tensors on ", t.device(), " and ", tensors[0].device());
+    TORCH_CHECK(!t.is_sparse(), op, ": sparse tensors are not supported");
+    xs.push_back(t.contiguous());  // a read: a contiguous copy is enough
+  }
+  return fusedopt::cuda::grad_norm_power_sum(xs, norm_type);
+}
+
+void scale_tensors(const TensorList& tensors, const at::Tensor& coef) {
+  constexpr const char* op = "fusedopt scale_grads (cuda)";
+  if (tensors.empty()) return;
+  check_cuda_group(tensors, op);
+  check_same_dtype(tensors, tensors[0].scalar_type(), "tensor", op);
+  TORCH_CHECK(coef.numel() == 1 && coef.device() == tensors[0].device(), op, ": coef must be one element on ",
+              tensors[0].device());
+  ContiguousScope scope;
+  TensorList xs;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device() == tensors[0].device(), op, ": tensors on ", t.device(), " and ", tensors[0].device());
+    xs.push_back(scope.write(t));
+  }
+  const at::Tensor c = coef.to(at::kDouble).reshape({});  // async on the stream
+  fusedopt::cuda::scale_tensors(xs, c);
 }
 
 // logits (M, C); target (M,) int64 or (M, C) in the logits' dtype; weight (C,) in opmath; grad_out (M, C) or none
@@ -115,14 +217,19 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
-}  // namespace fusedopt::cuda
+}  // namespace fusedopt::cuda::bind
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
-  m.def("adam_step", &fusedopt::cuda::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
-  m.def("cross_entropy_fwd", &fusedopt::cuda::cross_entropy_fwd,
+  m.def("adam_step", &fusedopt::cuda::bind::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
+  m.def("rmsprop_step", &fusedopt::cuda::bind::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
+  m.def("sgd_step", &fusedopt::cuda::bind::sgd_step, "Fused SGD step over a list of CUDA tensors");
+  m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,
+        "sum |x|^p (max |x| for p=inf) over CUDA tensors of one dtype, as a device scalar");
+  m.def("scale_tensors", &fusedopt::cuda::bind::scale_tensors, "x *= coef over CUDA tensors of one dtype, coef on device");
+  m.def("cross_entropy_fwd", &fusedopt::cuda::bind::cross_entropy_fwd,
         "Per-row cross-entropy loss and logsumexp of CUDA logits, with the gradient written in the same pass");
-  m.def("cross_entropy_scale_grad", &fusedopt::cuda::cross_entropy_scale_grad,
+  m.def("cross_entropy_scale_grad", &fusedopt::cuda::bind::cross_entropy_scale_grad,
         "Scales a saved cross-entropy gradient in place by grad_output (a factor of 1 touches nothing)");
-  m.def("torch_version", &fusedopt::cuda::torch_version, "torch version this extension was built against");
+  m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

@@ -4,7 +4,7 @@ and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Ad
 from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
 from fusedopt.nn import CrossEntropyLoss
-from fusedopt.optim import Adam, AdamW
+from fusedopt.optim import SGD, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Adam", "AdamW", "CrossEntropyLoss", "nn", "ops", "optim"]
+__all__ = ["BACKENDS", "SGD", "Adam", "AdamW", "CrossEntropyLoss", "RMSprop", "nn", "ops", "optim"]

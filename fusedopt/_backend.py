@@ -75,9 +75,10 @@ def cuda_extension() -> tuple[ModuleType | None, str]:
 
 
 def _jit_build_cuda() -> ModuleType:
-    from torch.utils.cpp_extension import load
-
     from fusedopt import _build
+
+    _build.set_default_cuda_home()
+    from torch.utils.cpp_extension import load
 
     src = _build.csrc_dir()
     tag = f"torch{torch.__version__}".replace("+", "_").replace(".", "_")
@@ -112,7 +113,9 @@ def status(name: str) -> BackendStatus:
         return BackendStatus("cpu", mod is not None, mod is not None, False, why or "CPU tensors only")
     if name == "cuda":
         mod, why = cuda_extension()
-        return BackendStatus("cuda", mod is not None, False, mod is not None, why or "CUDA tensors only")
+        gpu = torch.cuda.is_available()
+        reason = why or ("CUDA tensors only" if gpu else "built, but no GPU present")
+        return BackendStatus("cuda", mod is not None, False, mod is not None and gpu, reason)
     if name == "triton":
         mod, why = triton_module()
         on_gpu = mod is not None and torch.cuda.is_available()

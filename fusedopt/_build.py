@@ -11,11 +11,19 @@ CPU_SOURCES = [
     "bindings_cpu.cpp",
     "cpu/dispatch.cpp",
     "cpu/grad_buffer.cpp",
+    # Each capability TU compiles every CPU kernel for one ISA (see csrc/cpu/capability/all_kernels.inc).
     "cpu/capability/default.cpp",
     "cpu/capability/avx2.cpp",
     "cpu/capability/avx512.cpp",
 ]
-CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/adam.cu", "cuda/cross_entropy.cu"]
+CUDA_SOURCES = [
+    "bindings_cuda.cpp",
+    "cuda/adam.cu",
+    "cuda/rmsprop.cu",
+    "cuda/sgd.cu",
+    "cuda/grad_norm.cu",
+    "cuda/cross_entropy.cu",
+]
 
 CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]
 CUDA_HOST_FLAGS = ["-O3", "-std=c++20"]
@@ -61,6 +69,17 @@ def cuda_library_include_dirs() -> list:
 
     site = Path(torch.__file__).resolve().parent.parent / "nvidia"
     return sorted(str(p) for p in site.glob("*/include") if (p / "cusparse.h").exists())
+
+
+def set_default_cuda_home() -> None:
+    """torch's cpp_extension guesses CUDA_HOME from `which nvcc`; with nvcc in /usr/local/bin that guess (/usr/local)
+    has no lib64/libcudart. Prefer a real toolkit folder. Call before importing torch.utils.cpp_extension."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for cand in ("/usr/local/cuda",):
+        if Path(cand, "bin", "nvcc").exists() or Path(cand, "lib64").exists():
+            os.environ["CUDA_HOME"] = cand
+            return
 
 
 def nvcc_found() -> bool:

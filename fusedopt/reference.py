@@ -61,6 +61,84 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         _commit(exp_avg_sqs[i], v, skip)
 
 
+def _lr_value(lr, device):
+    return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
+
+
+def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
+                  momentum, centered, maximize, grad_divisor=None, found_inf=None):  # fmt: skip
+    """torch.optim.RMSprop's update (single-tensor form), with GradScaler's unscale and inf-skip folded in."""
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
+        if centered:
+            ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
+            avg = (sq - ga * ga).sqrt() + eps
+            _commit(grad_avgs[i], ga, skip)
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(ot) * momentum + g / avg
+            _commit(momentum_buffers[i], buf, skip)
+            new_p = p - lr_t * buf
+        else:
+            new_p = p - lr_t * (g / avg)
+        _commit(param, new_p, skip)
+        _commit(square_avgs[i], sq, skip)
+
+
+def sgd_step_(params, grads, momentum_buffers, first_flags, *, lr, momentum, dampening, weight_decay, nesterov,
+              maximize, grad_divisor=None, found_inf=None):  # fmt: skip
+    """torch.optim.SGD's update (single-tensor form). A nonzero first_flags[i] makes momentum_buffers[i] a copy of
+    the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buf = momentum_buffers[i].to(ot) * momentum + (1 - dampening) * g
+            if first_flags:
+                buf = torch.where(first_flags[i].reshape(()) != 0, g, buf)
+            _commit(momentum_buffers[i], buf, skip)
+            g = g + momentum * buf if nesterov else buf
+        _commit(param, p - lr_t * g, skip)
+    if first_flags and momentum != 0:
+        keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
+        torch._foreach_mul_(first_flags, keep)
+
+
+def grad_norm_power_sum(tensors, norm_type: float) -> Tensor:
+    """sum |x|^p over all tensors (max |x| for p = inf), accumulated in float64 for float64 tensors, else float32."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if not tensors:
+        return torch.zeros((), dtype=acc)
+    parts = []
+    for t in tensors:
+        a = t.detach().to(acc).abs().reshape(-1)
+        if norm_type == float("inf"):
+            parts.append(a.amax() if a.numel() else a.new_zeros(()))
+        else:
+            parts.append(a.pow(norm_type).sum())
+    stacked = torch.stack([x.to(tensors[0].device) for x in parts])
+    return stacked.amax() if norm_type == float("inf") else stacked.sum()
+
+
+def scale_(tensors, coef: Tensor) -> None:
+    """x *= coef in opmath, coef a one-element tensor on the tensors' device."""
+    torch._foreach_mul_(list(tensors), coef)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cross-entropy. Per row with logits z (after the optional softcap), lse = logsumexp(z) and per-class target weights q:
 #   class index t: q_c = (1 - ls) * w_t * [c == t] + ls / C * w_c     (w = 1 without a weight)

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fusedopt import _backend  # noqa: E402
+from fusedopt import _backend
 
 # (rtol, atol) per dtype, for comparing a fused result with the float64 reference.
 # fp32/fp64: whole trajectories. bf16/fp16: one step from identical inputs, so about one rounding of the result.

@@ -22,6 +22,49 @@ struct AdamArgs {
   const float* found_inf = nullptr;  // nonzero: skip the whole step, steps included (GradScaler semantics)
 };
 
+struct RmspropArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<void*> param, grad, square_avg, grad_avg, momentum_buffer;  // grad_avg / momentum_buffer may be empty
+  std::vector<float*> step;                                             // incremented by the kernel
+  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0.0, momentum = 0.0;
+  bool centered = false, maximize = false;
+  const float* grad_divisor = nullptr;  // as AdamArgs
+  const float* found_inf = nullptr;
+};
+
+struct SgdArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<void*> param, grad, momentum_buffer;  // momentum_buffer empty when momentum == 0
+  // Per-tensor float32 flags, or empty: nonzero means the buffer starts this step as a copy of the grad (torch's
+  // first step). The kernel clears them, unless found_inf skipped the step.
+  std::vector<float*> first_flag;
+  double lr = 1e-3, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
+  bool nesterov = false, maximize = false;
+  const float* grad_divisor = nullptr;  // as AdamArgs
+  const float* found_inf = nullptr;
+};
+
+enum class NormKind { One, Two, P, Inf };
+
+// The p-norm of all tensors of one dtype group, before the root: sum |x|^p (One, Two, P) or max |x| (Inf).
+struct GradNormArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<const void*> data;
+  NormKind norm = NormKind::Two;
+  double p = 2.0;
+};
+
+// x *= coef for every tensor of one dtype group (clip_grad_norm_'s scaling).
+struct ScaleArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<void*> data;
+  double coef = 1.0;
+};
+
 // Cross-entropy over rows of a contiguous (rows, classes) matrix; see fusedopt/reference.py for the math.
 struct CrossEntropyArgs {
   ScalarKind kind = ScalarKind::Float;  // of logits, target_prob and grad; loss, lse and weight are opmath
@@ -53,11 +96,15 @@ struct CrossEntropyScaleArgs {
 };
 
 // Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
-#define FUSEDOPT_DECLARE_CPU_KERNELS(CAP) \
-  namespace CAP {                         \
-  void adam_step(const AdamArgs& args);   \
-  CrossEntropyStatus cross_entropy_fwd(const CrossEntropyArgs& args); \
-  void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);   \
+#define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                                \
+  namespace CAP {                                                        \
+  void adam_step(const AdamArgs& args);                                  \
+  void rmsprop_step(const RmspropArgs& args);                            \
+  void sgd_step(const SgdArgs& args);                                    \
+  double grad_norm_power_sum(const GradNormArgs& args);                  \
+  void scale_tensors(const ScaleArgs& args);                             \
+  CrossEntropyStatus cross_entropy_fwd(const CrossEntropyArgs& args);    \
+  void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);      \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

@@ -34,4 +34,18 @@ void for_each_chunk(const std::vector<int64_t>& numel, const Fn& fn) {
   });
 }
 
+// The reduction form: fn(tensor_index, begin, end) returns each chunk's partial, in parallel; the partials are
+// then combined in chunk order, so the result does not depend on the thread count.
+template <typename Acc, typename Fn, typename Combine>
+Acc reduce_chunks(const std::vector<int64_t>& numel, Acc init, const Fn& fn, const Combine& combine) {
+  const std::vector<Chunk> chunks = split_into_chunks(numel);
+  std::vector<Acc> partial(chunks.size(), init);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) partial[i] = fn(chunks[i].tensor, chunks[i].begin, chunks[i].end);
+  });
+  Acc total = init;
+  for (const Acc& x : partial) total = combine(total, x);
+  return total;
+}
+
 }  // namespace fusedopt::cpu

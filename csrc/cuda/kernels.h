@@ -18,6 +18,32 @@ struct AdamLaunch {
 };
 void adam_step(const AdamLaunch& args);
 
+struct RmspropLaunch {
+  const TensorList *params, *grads, *square_avgs, *grad_avgs, *momentum_buffers, *steps, *empty;
+  double lr, alpha, eps, weight_decay, momentum;
+  const float* lr_ptr;        // device float32, or null
+  const float* grad_divisor;  // device float32, or null
+  const float* found_inf;     // device float32, or null
+  bool centered, maximize;
+};
+void rmsprop_step(const RmspropLaunch& args);
+
+struct SgdLaunch {
+  const TensorList *params, *grads, *momentum_buffers, *first_flags, *empty;  // first_flags: float32 scalars or {}
+  double lr, momentum, dampening, weight_decay;
+  const float* lr_ptr;
+  const float* grad_divisor;
+  const float* found_inf;
+  bool nesterov, maximize;
+};
+void sgd_step(const SgdLaunch& args);
+
+// sum |x|^p (max |x| for p = inf) over contiguous tensors of one dtype, as a device scalar (double for float64,
+// else float). The caller takes the root.
+at::Tensor grad_norm_power_sum(const TensorList& tensors, double p);
+// x *= *coef (a device double scalar) over contiguous tensors of one dtype.
+void scale_tensors(const TensorList& tensors, const at::Tensor& coef);
+
 // Cross-entropy over the rows of contiguous (rows, classes) logits; see fusedopt/reference.py for the math.
 struct CrossEntropyLaunch {
   const at::Tensor* logits;      // (rows, classes)

@@ -1,5 +1,5 @@
 """The only door to the kernels: torch.library custom ops (fusedopt::*) and the backend choice."""
 
-from fusedopt.ops import adam, cross_entropy
+from fusedopt.ops import adam, cross_entropy, grad_norm, rmsprop, sgd
 
-__all__ = ["adam", "cross_entropy"]
+__all__ = ["adam", "cross_entropy", "grad_norm", "rmsprop", "sgd"]

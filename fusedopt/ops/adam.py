@@ -40,8 +40,9 @@ def _impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t
         )  # fmt: skip
     elif backend == "torch":
         reference.adam_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr_tensor if lr_tensor is not None else lr,
-            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay, grad_divisor=grad_divisor, found_inf=found_inf,
         )  # fmt: skip
     else:
@@ -56,14 +57,14 @@ adam_step_op = define_op(SCHEMA, _impl, _fake)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-              amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None, backend="auto"):  # fmt: skip
+              amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None, backend="auto"):
     """Updates params and state in place. `lr` may be a float or a one-element tensor."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, "adam")
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_float = 0.0 if lr_tensor is not None else float(lr)
-    adam_step_op(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
-        weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend,
-    )  # fmt: skip
+    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
+            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend)  # fmt: skip
+    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
+    (adam_step_op if torch.compiler.is_compiling() else _impl)(*args)

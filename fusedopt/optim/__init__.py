@@ -1,5 +1,7 @@
 """Drop-in replacements for torch.optim: change `torch.optim.X` to `fusedopt.optim.X`."""
 
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.rmsprop import RMSprop
+from fusedopt.optim.sgd import SGD
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop"]

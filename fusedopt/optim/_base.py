@@ -3,6 +3,9 @@ unscale/inf-skip, the backend choice, and torch-compatible state handling.
 
 Each optimizer subclasses the torch.optim class it replaces (so its signature, ValueErrors, defaults, state_dict
 and isinstance checks are torch's) and this mixin, and implements `_init_state` and `_step_bucket`.
+
+`max_grad_norm=` folds clip_grad_norm_ into step(): one fused read of every grad gives the global 2-norm, and the
+clip coefficient joins GradScaler's scale in the kernels' grad divisor, so the grads are never rewritten.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import _backend
+from fusedopt.ops import grad_norm as grad_norm_op
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -31,6 +35,7 @@ class Bucket:
     state_lists: dict = field(default_factory=dict)  # state key -> list of local tensors, aligned with params
     steps: list = field(default_factory=list)
     backend: str = "torch"
+    extra: dict = field(default_factory=dict)  # per-optimizer cached lists (e.g. SGD's first-step flags)
 
 
 class FusedOptimizerMixin:
@@ -38,9 +43,15 @@ class FusedOptimizerMixin:
 
     STATE_KEYS: tuple = ()
     OP_NAME = "optimizer"
+    HAS_STEP = True  # state carries 'step' (SGD's does not)
+    LAZY_STATE = False  # True: _step_bucket creates the state itself (SGD, as torch does)
     _step_supports_amp_scaling = True
 
-    def _fusedopt_setup(self, backend: str | None, differentiable: bool) -> None:
+    def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None) -> None:
+        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (expected a number >= 0, or None)")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.last_grad_norm: Tensor | None = None  # the unscaled global grad norm of the last step, on the device
         if differentiable:
             raise NotImplementedError(
                 f"fusedopt.optim.{type(self).__name__} does not support differentiable=True: its fused kernels "
@@ -104,13 +115,14 @@ class FusedOptimizerMixin:
         for (device, dtype), idx in by_kind.items():
             params = [group["params"][i] for i in idx]
             b = Bucket(device, dtype, params, [local_tensor(p) for p in params])
-            for p in params:
-                st = self.state[p]
-                if len(st) == 0:
-                    self._init_state(group, p, st)
-            b.steps = [self.state[p]["step"] for p in params]
+            if not self.LAZY_STATE:
+                for p in params:
+                    if not self.state.get(p):
+                        self._init_state(group, p, self.state[p])
+            if self.HAS_STEP:
+                b.steps = [self.state[p]["step"] for p in params]
             for k in self.STATE_KEYS:
-                if all(k in self.state[p] for p in params):
+                if all(k in self.state.get(p, ()) for p in params):
                     b.state_lists[k] = [local_tensor(self.state[p][k]) for p in params]
             b.index = idx
             b.backend = _backend.resolve(group.get("backend"), device, self.OP_NAME)
@@ -140,20 +152,56 @@ class FusedOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []  # (group, bucket, grads): all buckets first, so a folded clip sees every grad
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [p.grad for p in params]
-            if None in grads:
+            # Not `None in grads`: that falls back to Tensor.__eq__ for every grad (tens of microseconds each).
+            if any(g is None for g in grads):
                 with_grad = [i for i, g in enumerate(grads) if g is not None]
                 if not with_grad:
                     continue
                 grads = [grads[i] for i in with_grad]
             else:
                 with_grad = list(range(len(params)))
-            for bucket in self._buckets(gi, group, with_grad):
-                grad_scale, found_inf = self._amp_tensors(bucket.device)
-                self._step_bucket(group, bucket, self._grads_of(bucket, grads), grad_scale, found_inf)
+            work.extend((group, b, self._grads_of(b, grads)) for b in self._buckets(gi, group, with_grad))
+        divisors = self._clip_divisors(work) if self.max_grad_norm is not None else {}
+        for group, bucket, grads in work:
+            grad_scale, found_inf = self._amp_tensors(bucket.device)
+            self._step_bucket(group, bucket, grads, divisors.get(bucket.device, grad_scale), found_inf)
         return loss
+
+    def _bucket_norm(self, bucket: Bucket, local_grads: list) -> Tensor:
+        if hasattr(bucket.params[0], "_local_tensor"):  # DTensor (FSDP2): the norm over all ranks' shards
+            return grad_norm_op.dtensor_power_sum([p.grad for p in bucket.params], 2.0).sqrt()
+        return grad_norm_op.grad_norm(local_grads, 2.0, backend=bucket.backend)
+
+    def _clip_divisors(self, work: list) -> dict:
+        """Folded clipping: the global 2-norm of the (unscaled) grads, and per device the grad divisor
+        grad_scale / clip_coef with clip_coef = min(max_norm / (norm + 1e-6), 1), as clip_grad_norm_ computes it.
+        All on the device: no host sync."""
+        if not work:
+            self.last_grad_norm = torch.zeros(())
+            return {}
+        norms = [self._bucket_norm(b, grads) for _, b, grads in work]
+        first = work[0][1].device
+        if len(norms) == 1:
+            total = norms[0]
+        else:
+            acc = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+            total = torch.linalg.vector_norm(torch.stack([n.to(first, acc, non_blocking=True) for n in norms]), 2.0)
+        scale, _ = self._amp_tensors(first)
+        if scale is not None:
+            total = total / scale.to(total.dtype)  # GradScaler: clip by the norm of the unscaled grads
+        self.last_grad_norm = total
+        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        divisors = {}
+        for _, b, _ in work:
+            if b.device not in divisors:
+                scale, _ = self._amp_tensors(b.device)
+                c = coef.to(b.device, non_blocking=True)
+                divisors[b.device] = ((scale / c) if scale is not None else c.reciprocal()).to(torch.float32)
+        return divisors
 
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list, grad_scale, found_inf) -> None:
         raise NotImplementedError

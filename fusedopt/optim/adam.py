@@ -55,12 +55,13 @@ class _FusedAdamStep(FusedOptimizerMixin):
 
 
 class Adam(_FusedAdamStep, torch.optim.Adam):
-    """Drop-in for torch.optim.Adam. Extra keyword: backend="auto"|"cuda"|"triton"|"cpu"|"torch"."""
+    """Drop-in for torch.optim.Adam. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None):  # fmt: skip
-        self._fusedopt_setup(backend, differentiable)
+                 decoupled_weight_decay=False, backend=None, max_grad_norm=None):  # fmt: skip
+        self._fusedopt_setup(backend, differentiable, max_grad_norm)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
             maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -70,12 +71,13 @@ class Adam(_FusedAdamStep, torch.optim.Adam):
 
 
 class AdamW(_FusedAdamStep, torch.optim.AdamW):
-    """Drop-in for torch.optim.AdamW. Extra keyword: backend="auto"|"cuda"|"triton"|"cpu"|"torch"."""
+    """Drop-in for torch.optim.AdamW. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend=None):  # fmt: skip
-        self._fusedopt_setup(backend, differentiable)
+                 backend=None, max_grad_norm=None):  # fmt: skip
+        self._fusedopt_setup(backend, differentiable, max_grad_norm)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,

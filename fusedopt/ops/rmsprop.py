@@ -1,0 +1,75 @@
+"""fusedopt::rmsprop_step: one fused RMSprop update over a list of tensors of one (device, dtype) group."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt import _backend, reference
+from fusedopt.ops._library import define_op
+
+SCHEMA = (
+    "rmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+    "Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float alpha, float eps, "
+    "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_divisor, Tensor? found_inf, "
+    "str backend) -> ()"
+)
+
+
+def _impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
+          momentum, centered, maximize, grad_divisor, found_inf, backend):  # fmt: skip
+    if not params:
+        return
+    if backend == "cpu":
+        if lr_tensor is not None:
+            lr = float(lr_tensor)  # a CPU scalar: no device sync
+        _backend.cpu_extension()[0].rmsprop_step(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, alpha, eps, weight_decay, momentum,
+            centered, maximize, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "cuda":
+        _backend.cuda_extension()[0].rmsprop_step(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
+            momentum, centered, maximize, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "triton":
+        from fusedopt.triton_kernels import rmsprop as triton_rmsprop
+
+        triton_rmsprop.rmsprop_step(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
+            momentum, centered, maximize, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "torch":
+        reference.rmsprop_step_(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+            lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+            momentum=momentum, centered=centered, maximize=maximize, grad_divisor=grad_divisor, found_inf=found_inf,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"fusedopt rmsprop_step: unknown backend {backend!r}")
+
+
+def _fake(*args):
+    return None
+
+
+rmsprop_step_op = define_op(SCHEMA, _impl, _fake)
+
+
+def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
+                 momentum, centered, maximize, grad_divisor=None, found_inf=None, backend="auto"):  # fmt: skip
+    """Updates params and state in place. grad_avgs is [] unless centered, momentum_buffers [] unless momentum > 0.
+    `lr` may be a float or a one-element tensor."""
+    if not params:
+        return
+    backend = _backend.resolve(backend, params[0].device, "rmsprop")
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
+        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
+    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    args = (
+        params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else [], steps,
+        lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
+        bool(maximize), grad_divisor, found_inf, backend,
+    )
+    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
+    (rmsprop_step_op if torch.compiler.is_compiling() else _impl)(*args)

@@ -1,0 +1,77 @@
+"""fusedopt::sgd_step: one fused SGD update (momentum, dampening, Nesterov) over a list of tensors of one
+(device, dtype) group."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt import _backend, reference
+from fusedopt.ops._library import define_op
+
+# first_flags: [] or one float32 scalar per param; nonzero makes that momentum buffer a copy of the grad this step
+# (torch's first step). The step clears them, unless found_inf skips it: the flag then waits for the next step.
+SCHEMA = (
+    "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] first_flags, "
+    "float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
+    "bool maximize, Tensor? grad_divisor, Tensor? found_inf, str backend) -> ()"
+)
+
+
+def _impl(params, grads, momentum_buffers, first_flags, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
+          maximize, grad_divisor, found_inf, backend):  # fmt: skip
+    if not params:
+        return
+    if backend == "cpu":
+        if lr_tensor is not None:
+            lr = float(lr_tensor)  # a CPU scalar: no device sync
+        _backend.cpu_extension()[0].sgd_step(
+            params, grads, momentum_buffers, first_flags, lr, momentum, dampening, weight_decay, nesterov, maximize,
+            grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "cuda":
+        _backend.cuda_extension()[0].sgd_step(
+            params, grads, momentum_buffers, first_flags, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
+            maximize, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "triton":
+        from fusedopt.triton_kernels import sgd as triton_sgd
+
+        triton_sgd.sgd_step(
+            params, grads, momentum_buffers, first_flags, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
+            maximize, grad_divisor, found_inf,
+        )  # fmt: skip
+    elif backend == "torch":
+        reference.sgd_step_(
+            params, grads, momentum_buffers, first_flags, lr=lr_tensor if lr_tensor is not None else lr,
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+            grad_divisor=grad_divisor, found_inf=found_inf,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"fusedopt sgd_step: unknown backend {backend!r}")
+
+
+def _fake(*args):
+    return None
+
+
+sgd_step_op = define_op(SCHEMA, _impl, _fake)
+
+
+def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, dampening, weight_decay, nesterov,
+             maximize, grad_divisor=None, found_inf=None, backend="auto"):  # fmt: skip
+    """Updates params (and momentum buffers when momentum != 0) in place. `lr` may be a float or a tensor."""
+    if not params:
+        return
+    backend = _backend.resolve(backend, params[0].device, "sgd")
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
+        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
+    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    use_buf = momentum != 0
+    args = (
+        params, grads, momentum_buffers if use_buf else [], first_flags if use_buf else [], lr_float, lr_tensor,
+        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), grad_divisor,
+        found_inf, backend,
+    )
+    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
+    (sgd_step_op if torch.compiler.is_compiling() else _impl)(*args)

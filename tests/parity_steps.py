@@ -1,0 +1,130 @@
+"""Fused-vs-torch optimizer parity, shared by test_rmsprop.py, test_sgd.py and test_clip_grad_norm.py.
+
+The reference is the torch.optim class in float64. fp32/fp64 runs compare the whole trajectory (>= 20 steps);
+16-bit runs compare one step at a time from identical inputs: the fused optimizer's params and state are copied
+into the float64 reference before each step, so each comparison measures one step's rounding.
+
+float32 trajectories use conftest's float32 tolerance, widened only where torch's own float32 optimizer, run on the
+same grads, is already further than that from float64 (momentum RMSprop accumulates grad / sqrt(avg), which
+amplifies rounding): then the fused result may be at most twice as far as torch's own float32 run.
+"""
+
+from __future__ import annotations
+
+import torch
+from conftest import tol
+
+SHAPES = [(), (0,), (3,), (33, 17), (1100,), (1,)]
+SHAPES_GPU = [(), (0,), (3,), (33, 17), (70001,), (3, 65537)]  # several chunks, unaligned tails
+SMALL_SHAPES = [(), (0,), (3,), (9, 7), (130,)]  # for the Triton interpreter
+
+
+def make_params(shapes, dtype, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    fused = [torch.nn.Parameter(b.to(dtype).to(device)) for b in base]
+    ref = [torch.nn.Parameter(f.detach().double().clone()) for f in fused]
+    return fused, ref
+
+
+def set_grads(fused, ref, gen, step, none_every=4, scale=1.0):
+    """Fresh random grads, identical in both (the reference gets the fused dtype's values); some grads None."""
+    for i, (f, r) in enumerate(zip(fused, ref)):
+        if none_every and (step + i) % none_every == 0 and i != 1:
+            f.grad, r.grad = None, None
+            continue
+        g = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype).to(f.device)
+        f.grad = g * scale if scale != 1.0 else g
+        r.grad = f.grad.detach().double().clone()
+
+
+def _assert_close(actual, expected, dtype, msg, widen=1.0):
+    rtol, atol = tol(dtype)["rtol"] * widen, tol(dtype)["atol"] * widen
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+
+def excess(opt_a, opt_r, params_a, ref, dtype) -> float:
+    """max |a - ref| / (atol + rtol |ref|) over params and state: 1.0 means exactly at the tolerance."""
+    t = tol(dtype)
+    worst = 0.0
+    for a, r in zip(params_a, ref):
+        pairs = [(a, r)] + [(opt_a.state[a][k], v) for k, v in opt_r.state.get(r, {}).items() if k != "step"]
+        for x, y in pairs:
+            y = y.detach().double()
+            if y.numel() == 0:
+                continue
+            worst = max(worst, ((x.detach().double() - y).abs() / (t["atol"] + t["rtol"] * y.abs())).max().item())
+    return worst
+
+
+def compare(opt_f, opt_r, fused, ref, dtype, msg, widen=1.0, skipped_first=False):
+    """Params and every state tensor. skipped_first: a GradScaler-skipped first step, where torch made no state
+    and the fused optimizer (which cannot know on the host) made zero state that must be untouched."""
+    for i, (f, r) in enumerate(zip(fused, ref)):
+        _assert_close(f.detach(), r.detach(), dtype, f"{msg}: param {i}", widen)
+        st_f, st_r = opt_f.state.get(f, {}), opt_r.state.get(r, {})
+        if skipped_first and not st_r:
+            for k, v in st_f.items():
+                assert not v.any(), f"{msg}: param {i} state {k} moved on a skipped step"
+            continue
+        assert set(st_f) == set(st_r), f"{msg}: param {i} state keys {sorted(st_f)} vs torch {sorted(st_r)}"
+        for k, v in st_r.items():
+            if k == "step":
+                assert float(st_f[k]) == float(v), f"{msg}: param {i} step {float(st_f[k])} vs {float(v)}"
+            else:
+                _assert_close(st_f[k], v, dtype, f"{msg}: param {i} state {k}", widen)
+
+
+def sync_into_reference(opt_f, opt_r, fused, ref):
+    """Copies the fused params and state into the float64 reference (16-bit one-step comparisons)."""
+    with torch.no_grad():
+        for f, r in zip(fused, ref):
+            r.copy_(f.double())
+            for k, v in opt_f.state.get(f, {}).items():
+                if k == "step":
+                    opt_r.state[r][k] = v.detach().clone().cpu()
+                else:
+                    opt_r.state[r][k] = v.detach().double().clone()
+
+
+def _step_without_sync(opt, device):
+    """On CUDA, any host sync inside step() raises (torch's sync debug mode)."""
+    if torch.device(device).type != "cuda":
+        return opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0, device="cpu"):
+    """Runs `steps` steps of both optimizers on the same grads and asserts params and every state tensor match."""
+    fused, ref = make_params(shapes, dtype, seed, device)
+    kw_f = {**kwargs, "lr": _lr_like(kwargs.get("lr"), device)} if "lr" in kwargs else kwargs
+    opt_f = fused_cls(fused, backend=backend, **kw_f)
+    opt_r = torch_cls(ref, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    one_step = dtype in (torch.bfloat16, torch.float16)
+    # float32: torch's own float32 optimizer on the same grads, to measure how far float32 itself drifts.
+    t32 = [torch.nn.Parameter(f.detach().clone()) for f in fused] if dtype == torch.float32 else None
+    opt_t32 = torch_cls(t32, **kwargs) if t32 is not None else None
+    for s in range(steps):
+        set_grads(fused, ref, gen, s)
+        if t32 is not None:
+            for a, f in zip(t32, fused):
+                a.grad = None if f.grad is None else f.grad.clone()
+            opt_t32.step()
+        if one_step:
+            sync_into_reference(opt_f, opt_r, fused, ref)
+        _step_without_sync(opt_f, device)
+        opt_r.step()
+        if one_step:
+            compare(opt_f, opt_r, fused, ref, dtype, f"step {s}")
+    widen = 1.0 if t32 is None else max(1.0, 2.0 * excess(opt_t32, opt_r, t32, ref, dtype))
+    compare(opt_f, opt_r, fused, ref, dtype, f"after {steps} steps (tolerance x{widen:.2f})", widen)
+    return opt_f, opt_r, fused, ref
+
+
+def _lr_like(lr, device="cpu"):
+    return lr.clone().to(device) if isinstance(lr, torch.Tensor) else lr

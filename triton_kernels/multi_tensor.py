@@ -1,0 +1,80 @@
+"""The Triton multi-tensor engine: one launch covers every tensor of a (device, dtype) group.
+
+A table in device memory holds each tensor's addresses (int64, one row per list) and numel; each program handles
+BLOCK elements of one tensor, found through a block -> (tensor, start) map. Kernels turn an address back into a
+typed pointer with `.to(tl.pointer_type(dtype))`, which also works in TRITON_INTERPRET=1 on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def opmath(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host table -> device without a sync: pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class TensorTable:
+    """Addresses of `lists` (each empty or one tensor per entry of lists[0]) and the block map for BLOCK."""
+
+    def __init__(self, lists: list, block: int):
+        first = lists[0]
+        self.n = len(first)
+        device = first[0].device
+        rows = [[t.data_ptr() for t in lst] if lst else [0] * self.n for lst in lists]
+        numel = [t.numel() for t in first]
+        block_tensor, block_start = [], []
+        for i, n in enumerate(numel):
+            for start in range(0, n, block):
+                block_tensor.append(i)
+                block_start.append(start)
+        self.blocks = len(block_tensor)
+        host = torch.tensor([x for row in rows for x in row] + numel + block_tensor + block_start, dtype=torch.int64)
+        table = _to_device(host, device)
+        k = len(lists) * self.n
+        self.addrs = table[:k]
+        self.numel = table[k : k + self.n]
+        self.block_tensor = table[k + self.n : k + self.n + self.blocks]
+        self.block_start = table[k + self.n + self.blocks :]
+
+
+def scalars_tensor(values: list, device: torch.device, lr_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 hyperparameters on the device (exact, unlike fp32 scalar kernel args). values[0] is lr, replaced by
+    lr_tensor when given, with device ops only."""
+    host = torch.tensor(values, dtype=torch.float64)
+    dev = _to_device(host, device)
+    if lr_tensor is not None:
+        dev = torch.cat([lr_tensor.detach().reshape(1).to(device=device, dtype=torch.float64), dev[1:]])
+    return dev
+
+
+@triton.jit
+def increment_steps_kernel(addrs_ptr, n, step_row, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """step += 1 for tensor program_id(0), unless GradScaler found an inf."""
+    t = tl.program_id(0).to(tl.int64)
+    step_ptr = tl.load(addrs_ptr + step_row * n + t).to(tl.pointer_type(tl.float32))
+    increment = 1.0
+    if HAS_FOUND_INF:
+        increment = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
+    tl.store(step_ptr, tl.load(step_ptr) + increment)
+
+
+def increment_steps(table: TensorTable, step_row: int, found_inf: torch.Tensor | None) -> None:
+    found = found_inf.float() if found_inf is not None else table.addrs  # any valid pointer when unused
+    increment_steps_kernel[(table.n,)](table.addrs, table.n, step_row, found, HAS_FOUND_INF=found_inf is not None)
