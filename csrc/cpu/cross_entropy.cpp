@@ -1,7 +1,7 @@
 // Cross-entropy rows on the CPU. Compiled once per ISA by cpu/capability/*.cpp (never on its own).
 // Rows handed out to threads in chunks. Pass 1 reads the row from memory once: an online max and sum of exp
 // (a rescale only when a lane's max grows, so about one exp per element), plus the target terms. The row then sits
-// in L2 (32000 fp32 = 125 KiB), and the gradient is written from it (see three_pass in ce_row for fp32/fp64).
+// in L2 (32000 fp32 = 125 KiB), and the gradient is written from it (see three_pass in ce_row).
 // The math is fusedopt/reference.py's.
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
@@ -113,9 +113,20 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
 
   // Pass 1: per-lane running max m and sum s of exp(z - m); sums for the target terms. Full groups take the
   // unmasked path, the row's last group the masked one; both are this one function.
-  // With a gradient in the logits' own dtype (fp32, fp64) and no softcap, pass 1 takes only the max, pass 2 stores
-  // exp(z - max) into the gradient row and sums it, and pass 3 rescales it in cache: one exp per element, not two.
-  const bool three_pass = std::is_same_v<T, S> && g != nullptr && !k.softcap;
+  // With a gradient and no softcap, pass 1 takes only the max, pass 2 stores exp(z - max) in opmath (into the
+  // gradient row itself for fp32/fp64, else into a per-thread row buffer) and sums it, and pass 3 rescales it in
+  // cache into the gradient: one exp per element, not two.
+  const bool three_pass = g != nullptr && !k.softcap;
+  thread_local std::vector<S> scratch;  // plain scalars: std::vector does not honour AVX-512 vector alignment
+  S* exps = nullptr;
+  if (three_pass) {
+    if constexpr (std::is_same_v<T, S>) {
+      exps = g;
+    } else {
+      if (static_cast<int64_t>(scratch.size()) < C) scratch.resize(static_cast<size_t>(C));
+      exps = scratch.data();
+    }
+  }
   // m_safe is m with -inf lanes at 0; the rescale is skipped for groups that raise no lane's max (most of them).
   V m(neg_inf), m_safe(S(0)), s(S(0)), acc_wz(S(0)), acc_q(S(0)), acc_qz(S(0));
   constexpr int kAllLanes = static_cast<int>((int64_t{1} << kLaneSize) - 1);
@@ -179,17 +190,20 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
   S total = 0;
   if (!three_pass) {
     for (int64_t l = 0; l < kLaneSize; ++l) total += ss[l] * std::exp(ms[l] - max_safe);
-  } else if constexpr (std::is_same_v<T, S>) {
-    if (!has_nan) {  // pass 2 of three, from cache
-      V acc(S(0));
-      for (int64_t i = 0; i < C; i += kLaneSize) {
-        const int64_t n = std::min<int64_t>(kLaneSize, C - i);
-        const V e = keep_first(fast_exp(V::loadu(x + i, n) - V(max_safe)), n, S(0));
-        e.store(g + i, n);
+  } else if (!has_nan) {  // pass 2 of three, from cache
+    V acc(S(0));
+    for (int64_t i = 0; i < C; i += B::kSize) {
+      const int64_t n = std::min<int64_t>(B::kSize, C - i);
+      const B xb = B::load(x + i, n);
+      for (int l = 0; l < B::kLanes; ++l) {
+        const int64_t nl = std::min<int64_t>(n - l * kLaneSize, kLaneSize);
+        if (nl <= 0) break;
+        const V e = keep_first(fast_exp(xb.lane[l] - V(max_safe)), nl, S(0));
+        e.store(exps + i + l * kLaneSize, nl);
         acc = acc + e;
       }
-      total = at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc);
     }
+    total = at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc);
   }
   const S lse = has_nan ? nan : max_safe + std::log(total);
 
@@ -215,18 +229,21 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
   // 1 - (z/cap)^2. scale is the mean's 1/denominator when the caller knows it, else 1.
   const S scale = a.grad_scale != nullptr ? *static_cast<const S*>(a.grad_scale) : S(1);
   const S coef = scale * (big_q + 2 * k.z_loss * lse);
-  if constexpr (std::is_same_v<T, S>) {
-    if (three_pass) {  // g holds exp(z - max): softmax = g / total
-      const V factor(coef / total);
-      for (int64_t i = 0; i < C; i += kLaneSize) {
-        const int64_t n = std::min<int64_t>(kLaneSize, C - i);
-        V gl = V::loadu(g + i, n) * factor;
-        if (kProb || k.smoothing) {
-          const V yv = kProb ? V::loadu(y + i, n) : V(S(0));
-          gl = gl - V(scale) * target_weights<kProb>(load_weight<V>(w ? w + i : w, n), yv, k);
-        }
-        gl.store(g + i, n);
+  if (three_pass) {  // exps holds exp(z - max): softmax = exps / total
+    const V factor(coef / total);
+    for (int64_t i = 0; i < C; i += B::kSize) {
+      const int64_t n = std::min<int64_t>(B::kSize, C - i);
+      B yb = zero_block<T>(), out = zero_block<T>();
+      if constexpr (kProb) yb = B::load(y + i, n);
+      for (int l = 0; l < B::kLanes; ++l) {
+        const int64_t nl = std::min<int64_t>(n - l * kLaneSize, kLaneSize);
+        if (nl <= 0) break;
+        V gl = V::loadu(exps + i + l * kLaneSize, nl) * factor;
+        if (kProb || k.smoothing)
+          gl = gl - V(scale) * target_weights<kProb>(load_weight<V>(w ? w + i + l * kLaneSize : w, nl), yb.lane[l], k);
+        out.lane[l] = gl;
       }
+      out.store(g + i, n);
     }
   }
   for (int64_t i = 0; !three_pass && i < C; i += B::kSize) {
