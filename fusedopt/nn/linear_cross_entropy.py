@@ -84,7 +84,7 @@ class _Chunked:
                 _accumulate_mm(dw, grad.t(), self.x[lo:hi])
             if db is not None:
                 db += grad.sum(0, dtype=acc_dtype)
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        cast = lambda g, like: None if g is None else g.to(like.dtype)
         return losses, dx, cast(dw, self.weight), cast(db, self.bias) if self.bias is not None else None
 
 
