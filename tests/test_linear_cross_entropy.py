@@ -83,7 +83,7 @@ def test_parity_grid(backend, dtype, reduction, bias, chunk_size):
 @pytest.mark.parametrize(
     "extras",
     [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=5.0), dict(label_smoothing=0.2, z_loss=1e-2,
-     softcap=3.0), dict(ignore_index=7)],  # fmt: skip
+     softcap=3.0), dict(ignore_index=7)],
     ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()),
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
