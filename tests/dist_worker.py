@@ -177,8 +177,8 @@ def scenarios(ckpt_dir):
         for name in OPTIMIZERS:
             out.append((f"{kind}-{name}", lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, False, rank, mesh)))
         for name in ("AdamW", "SGD"):
-            out.append((f"{kind}-{name}-folded", lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, True, rank,
-                                                                                                     mesh)))  # fmt: skip
+            folded = lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, True, rank, mesh)
+            out.append((f"{kind}-{name}-folded", folded))
     out.append(("fsdp2-global-norm", scenario_global_norm))
     for name in ("AdamW", "SGD"):
         out.append((f"fsdp2-dcp-{name}", lambda rank, mesh, n=name: scenario_dcp_roundtrip(n, rank, mesh, ckpt_dir)))

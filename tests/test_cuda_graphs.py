@@ -182,6 +182,5 @@ def test_triton_backend_refuses_capture():
     opt = fusedopt.Adam(params, backend="triton", capturable=True)
     _warmup(lambda i: opt.step(), 1)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        with torch.cuda.graph(graph):
-            opt.step()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"), torch.cuda.graph(graph):
+        opt.step()

@@ -14,11 +14,10 @@ import json
 import os
 import socket
 
+import dist_worker
 import pytest
 import torch
 import torch.distributed as dist
-
-import dist_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
