@@ -77,6 +77,97 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   FUSEDOPT_CPU_KERNEL(adam_step)(a);
 }
 
+// ---- Pointwise losses: flat contiguous input/target of one dtype; weights flat, applied as w[i % period] ----
+using LossKernel = PointwiseLossResult (*)(const PointwiseLossArgs&);
+
+// Shortest weight period handed to the kernel: shorter ones are tiled so each contiguous run is long enough to
+// vectorise (a per-class weight of 3 classes would otherwise give 3-element runs).
+constexpr int64_t kMinWeightRun = 1024;
+
+const void* weight_arg(const std::optional<at::Tensor>& w, int64_t& period, const at::Tensor& input,
+                       std::vector<at::Tensor>& keep, const char* name, const char* op) {
+  if (!w.has_value() || !w->defined()) return nullptr;
+  const int64_t n = input.numel();
+  TORCH_CHECK(period >= 1 && w->numel() == period, op, ": ", name, " has ", w->numel(), " elements, period ", period);
+  TORCH_CHECK(w->scalar_type() == input.scalar_type() && w->device() == input.device(), op, ": ", name,
+              " must be a ", input.scalar_type(), " tensor on ", input.device());
+  at::Tensor t = w->contiguous();
+  if (period < kMinWeightRun && period < n) {
+    const int64_t reps = (kMinWeightRun + period - 1) / period;
+    t = t.repeat({reps});
+    period *= reps;
+  }
+  keep.push_back(t);
+  return t.data_ptr();
+}
+
+// Runs `kernel`; returns (loss, grad, flags). loss: (numel,) for reduction none, else the 0-d sum * scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_loss(
+    LossKernel kernel, const char* op, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t weight_period, const std::optional<at::Tensor>& pos_weight,
+    int64_t pos_weight_period, double scale, const std::optional<at::Tensor>& scale_tensor, int64_t reduction,
+    bool need_grad, at::ScalarType out_dtype) {
+  TORCH_CHECK(input.device().is_cpu(), op, ": input must be on the CPU, got ", input.device());
+  TORCH_CHECK(target.device() == input.device() && target.scalar_type() == input.scalar_type(), op,
+              ": target must be a ", input.scalar_type(), " tensor on the CPU");
+  TORCH_CHECK(target.numel() == input.numel(), op, ": target has ", target.numel(), " elements, input ",
+              input.numel());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  if (scale_tensor.has_value() && scale_tensor->defined()) {
+    TORCH_CHECK(scale_tensor->numel() == 1 && scale_tensor->device().is_cpu(), op, ": scale_tensor: 1 CPU element");
+    scale *= scale_tensor->to(at::kDouble).item<double>();  // a CPU scalar: no device sync
+  }
+  std::vector<at::Tensor> keep;
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  PointwiseLossArgs a;
+  a.kind = scalar_kind(input.scalar_type(), op);
+  a.numel = x.numel();
+  a.input = x.data_ptr();
+  a.target = t.data_ptr();
+  a.weight = weight_arg(weight, weight_period, x, keep, "weight", op);
+  a.weight_period = weight_period;
+  a.pos_weight = weight_arg(pos_weight, pos_weight_period, x, keep, "pos_weight", op);
+  a.pos_weight_period = pos_weight_period;
+  a.scale = scale;
+  at::Tensor loss = reduction == 0 ? at::empty({a.numel}, x.options()) : at::Tensor();
+  at::Tensor grad = at::empty({need_grad ? a.numel : 0}, x.options());
+  a.loss = reduction == 0 ? loss.data_ptr() : nullptr;
+  a.grad = need_grad ? grad.data_ptr() : nullptr;
+  const PointwiseLossResult r = a.numel > 0 ? kernel(a) : PointwiseLossResult{};
+  if (reduction != 0) loss = at::scalar_tensor(r.sum * scale, x.options().dtype(out_dtype));
+  at::Tensor flags = at::full({1}, r.flags, x.options().dtype(at::kInt));
+  return {loss, grad, flags};
+}
+
+std::tuple<at::Tensor, at::Tensor> mse_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t weight_period,
+                                                double scale, const std::optional<at::Tensor>& scale_tensor,
+                                                int64_t reduction, bool need_grad, at::ScalarType out_dtype) {
+  auto [loss, grad, flags] =
+      pointwise_loss(FUSEDOPT_CPU_KERNEL(mse_loss_fwd), "fusedopt mse_loss_fwd (cpu)", input, target, weight,
+                     weight_period, std::nullopt, 1, scale, scale_tensor, reduction, need_grad, out_dtype);
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            int64_t weight_period, double scale, int64_t reduction,
+                                                            bool need_grad, at::ScalarType out_dtype) {
+  return pointwise_loss(FUSEDOPT_CPU_KERNEL(bce_loss_fwd), "fusedopt bce_loss_fwd (cpu)", input, target, weight,
+                        weight_period, std::nullopt, 1, scale, std::nullopt, reduction, need_grad, out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight, int64_t weight_period,
+                                                       const std::optional<at::Tensor>& pos_weight,
+                                                       int64_t pos_weight_period, double scale, int64_t reduction,
+                                                       bool need_grad, at::ScalarType out_dtype) {
+  auto [loss, grad, flags] = pointwise_loss(FUSEDOPT_CPU_KERNEL(bce_with_logits_fwd),
+                                            "fusedopt bce_with_logits_fwd (cpu)", input, target, weight,
+                                            weight_period, pos_weight, pos_weight_period, scale, std::nullopt,
+                                            reduction, need_grad, out_dtype);
+  return {loss, grad};
+}
 
 void check_cpu_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
@@ -216,5 +307,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CPU tensors of one dtype, in double");
   m.def("scale_tensors", &fusedopt::cpu::scale_tensors, "x *= coef over CPU tensors of one dtype");
+  m.def("mse_loss_fwd", &fusedopt::cpu::mse_loss_fwd, "Fused MSE loss: loss and input gradient in one pass");
+  m.def("bce_loss_fwd", &fusedopt::cpu::bce_loss_fwd, "Fused BCE loss: loss, input gradient, range flags");
+  m.def("bce_with_logits_fwd", &fusedopt::cpu::bce_with_logits_fwd,
+        "Fused BCE-with-logits loss: loss and input gradient in one pass");
   m.def("cpu_capability", &fusedopt::cpu::capability_name, "ISA the CPU kernels run with");
 }

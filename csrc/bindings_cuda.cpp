@@ -57,6 +57,64 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   fusedopt::cuda::adam_step(a);
 }
 
+// ---- Pointwise losses: flat input/target of one dtype; weights flat, applied as w[i % period] ----
+std::optional<at::Tensor> loss_weight(const std::optional<at::Tensor>& w, int64_t period, const at::Tensor& x,
+                                      const char* name, const char* op) {
+  if (!w.has_value() || !w->defined()) return std::nullopt;
+  TORCH_CHECK(period >= 1 && w->numel() == period, op, ": ", name, " has ", w->numel(), " elements, period ", period);
+  TORCH_CHECK(w->scalar_type() == x.scalar_type() && w->device() == x.device(), op, ": ", name, " must be a ",
+              x.scalar_type(), " tensor on ", x.device());
+  return w->contiguous();
+}
+
+template <typename Fn>
+auto pointwise_loss(Fn kernel, const char* op, const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, int64_t weight_period,
+                    const std::optional<at::Tensor>& pos_weight, int64_t pos_weight_period, double scale,
+                    const std::optional<at::Tensor>& scale_tensor, int64_t reduction, bool need_grad,
+                    at::ScalarType out_dtype) {
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got ", input.device());
+  TORCH_CHECK(target.device() == input.device() && target.scalar_type() == input.scalar_type(), op,
+              ": target must be a ", input.scalar_type(), " tensor on ", input.device());
+  TORCH_CHECK(target.numel() == input.numel(), op, ": target has ", target.numel(), " elements, input ",
+              input.numel());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  if (scale_tensor.has_value() && scale_tensor->defined())
+    TORCH_CHECK(scale_tensor->numel() == 1 && scale_tensor->device() == input.device(), op,
+                ": scale_tensor must be one element on ", input.device());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const auto w = loss_weight(weight, weight_period, x, "weight", op);
+  const auto pw = loss_weight(pos_weight, pos_weight_period, x, "pos_weight", op);
+  const PointwiseLossLaunch l{&x, &t, &w, &pw, &scale_tensor, weight_period, pos_weight_period, reduction, scale,
+                              need_grad, out_dtype};
+  return kernel(l);
+}
+
+std::tuple<at::Tensor, at::Tensor> mse_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t weight_period,
+                                                double scale, const std::optional<at::Tensor>& scale_tensor,
+                                                int64_t reduction, bool need_grad, at::ScalarType out_dtype) {
+  return pointwise_loss(&fusedopt::cuda::mse_loss_fwd, "fusedopt mse_loss_fwd (cuda)", input, target, weight,
+                        weight_period, std::nullopt, 1, scale, scale_tensor, reduction, need_grad, out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            int64_t weight_period, double scale, int64_t reduction,
+                                                            bool need_grad, at::ScalarType out_dtype) {
+  return pointwise_loss(&fusedopt::cuda::bce_loss_fwd, "fusedopt bce_loss_fwd (cuda)", input, target, weight,
+                        weight_period, std::nullopt, 1, scale, std::nullopt, reduction, need_grad, out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight, int64_t weight_period,
+                                                       const std::optional<at::Tensor>& pos_weight,
+                                                       int64_t pos_weight_period, double scale, int64_t reduction,
+                                                       bool need_grad, at::ScalarType out_dtype) {
+  return pointwise_loss(&fusedopt::cuda::bce_with_logits_fwd, "fusedopt bce_with_logits_fwd (cuda)", input, target,
+                        weight, weight_period, pos_weight, pos_weight_period, scale, std::nullopt, reduction,
+                        need_grad, out_dtype);
+}
 const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
@@ -169,5 +227,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CUDA tensors of one dtype, as a device scalar");
   m.def("scale_tensors", &fusedopt::cuda::bind::scale_tensors, "x *= coef over CUDA tensors of one dtype, coef on device");
+  m.def("mse_loss_fwd", &fusedopt::cuda::bind::mse_loss_fwd, "Fused MSE loss: loss and input gradient in one pass");
+  m.def("bce_loss_fwd", &fusedopt::cuda::bind::bce_loss_fwd, "Fused BCE loss: loss, input gradient, range flags");
+  m.def("bce_with_logits_fwd", &fusedopt::cuda::bind::bce_with_logits_fwd,
+        "Fused BCE-with-logits loss: loss and input gradient in one pass");
   m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

@@ -3,7 +3,20 @@ and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Ad
 
 from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
+from fusedopt.nn import BCELoss, BCEWithLogitsLoss, MSELoss
 from fusedopt.optim import SGD, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "SGD", "Adam", "AdamW", "RMSprop", "nn", "ops", "optim"]
+__all__ = [
+    "BACKENDS",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "MSELoss",
+    "RMSprop",
+    "nn",
+    "ops",
+    "optim",
+]

@@ -15,7 +15,15 @@ CPU_SOURCES = [
     "cpu/capability/avx2.cpp",
     "cpu/capability/avx512.cpp",
 ]
-CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/adam.cu", "cuda/rmsprop.cu", "cuda/sgd.cu", "cuda/grad_norm.cu"]
+CUDA_SOURCES = [
+    "bindings_cuda.cpp",
+    "cuda/adam.cu",
+    "cuda/rmsprop.cu",
+    "cuda/sgd.cu",
+    "cuda/grad_norm.cu",
+    "cuda/mse_loss.cu",
+    "cuda/bce_loss.cu",
+]
 
 CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]
 CUDA_HOST_FLAGS = ["-O3", "-std=c++20"]

@@ -137,3 +137,86 @@ def grad_norm_power_sum(tensors, norm_type: float) -> Tensor:
 def scale_(tensors, coef: Tensor) -> None:
     """x *= coef in opmath, coef a one-element tensor on the tensors' device."""
     torch._foreach_mul_(list(tensors), coef)
+
+
+# --- Pointwise losses (MSE, BCE, BCE with logits): the "torch" backend of fusedopt::*_loss_fwd -------------------
+# Inputs are flat and contiguous; a weight broadcast along the flat index is `w[i % period]` (see fusedopt/nn/
+# _pointwise.py). Each returns (loss, grad): loss unreduced (numel,) in the input dtype for reduction 0 ("none"),
+# else the 0-d sum * scale in out_dtype; grad = d loss_i / d input_i * scale, or an empty tensor.
+
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+BCE_LOG_CLAMP = -100.0  # torch clamps both logs of binary_cross_entropy at -100
+BCE_GRAD_EPS = 9.999999960041972e-13  # and divides its gradient by max(x (1 - x), 1e-12), 1e-12 as a float32
+
+
+def periodic(w: Tensor | None, period: int, numel: int, dtype: torch.dtype) -> Tensor | None:
+    """The flat weight w[i % period] for i < numel, in dtype."""
+    if w is None:
+        return None
+    w = w.to(dtype)
+    return w if period == numel else w.repeat(-(-numel // period))[:numel]
+
+
+def _finish(loss: Tensor, grad: Tensor | None, x: Tensor, scale: float, scale_tensor: Tensor | None, reduction: int,
+            need_grad: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # fmt: skip
+    if scale_tensor is not None:
+        scale_t = scale_tensor.reshape(()).to(loss.dtype) * scale
+    else:
+        scale_t = scale
+    if reduction == REDUCTION_NONE:
+        out = loss.to(x.dtype)
+    else:
+        acc = torch.float64  # accumulate the sum in double, like the kernels' second stage
+        out = (loss.to(acc).sum() * (scale_t.to(acc) if isinstance(scale_t, Tensor) else scale_t)).to(out_dtype)
+    g = (grad * scale_t).to(x.dtype) if need_grad else x.new_empty(0)
+    return out, g
+
+
+def mse_loss_fwd(x, t, weight, weight_period, scale, scale_tensor, reduction, need_grad, out_dtype):
+    ot = opmath_dtype(x.dtype)
+    xo, to = x.to(ot), t.to(ot)
+    w = periodic(weight, weight_period, x.numel(), ot)
+    diff = xo - to
+    loss, grad = diff * diff, 2.0 * diff
+    if w is not None:
+        loss, grad = loss * w, grad * w
+    return _finish(loss, grad, x, scale, scale_tensor, reduction, need_grad, out_dtype)
+
+
+def bce_range_flags(x: Tensor, t: Tensor) -> Tensor:
+    """int32 (1,): bit 0 set when an input is outside [0, 1] (or NaN), bit 1 likewise for the target."""
+    bad_x = ~((x >= 0) & (x <= 1))
+    bad_t = ~((t >= 0) & (t <= 1))
+    return (bad_x.any().to(torch.int32) + 2 * bad_t.any().to(torch.int32)).reshape(1)
+
+
+def bce_loss_fwd(x, t, weight, weight_period, scale, reduction, need_grad, out_dtype):
+    ot = opmath_dtype(x.dtype)
+    xo, to = x.to(ot), t.to(ot)
+    w = periodic(weight, weight_period, x.numel(), ot)
+    log_x = torch.log(xo).clamp_min(BCE_LOG_CLAMP)
+    log_1mx = torch.log1p(-xo).clamp_min(BCE_LOG_CLAMP)
+    loss = (to - 1) * log_1mx - to * log_x
+    grad = (xo - to) / (xo * (1 - xo)).clamp_min(BCE_GRAD_EPS)
+    if w is not None:
+        loss, grad = loss * w, grad * w
+    out, g = _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)
+    return out, g, bce_range_flags(xo, to)
+
+
+def bce_with_logits_fwd(x, t, weight, weight_period, pos_weight, pos_weight_period, scale, reduction, need_grad,
+                        out_dtype):  # fmt: skip
+    ot = opmath_dtype(x.dtype)
+    xo, to = x.to(ot), t.to(ot)
+    w = periodic(weight, weight_period, x.numel(), ot)
+    pw = periodic(pos_weight, pos_weight_period, x.numel(), ot)
+    sig = torch.sigmoid(xo)
+    if pw is None:
+        loss = (1 - to) * xo - torch.nn.functional.logsigmoid(xo)
+        grad = sig - to
+    else:
+        loss = (1 - to) * xo - ((pw - 1) * to + 1) * torch.nn.functional.logsigmoid(xo)
+        grad = (pw * to + 1 - to) * sig - pw * to
+    if w is not None:
+        loss, grad = loss * w, grad * w
+    return _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)

@@ -65,6 +65,25 @@ struct ScaleArgs {
   double coef = 1.0;
 };
 
+// One pointwise loss (MSE, BCE, BCE with logits) over flat contiguous tensors of one dtype.
+struct PointwiseLossArgs {
+  ScalarKind kind = ScalarKind::Float;
+  int64_t numel = 0;
+  const void* input = nullptr;
+  const void* target = nullptr;
+  const void* weight = nullptr;  // null: unweighted; else the weight of element i is weight[i % weight_period]
+  int64_t weight_period = 1;
+  const void* pos_weight = nullptr;  // BCE with logits only; same convention
+  int64_t pos_weight_period = 1;
+  void* loss = nullptr;  // reduction "none": numel elements written; null: only the sum is wanted
+  void* grad = nullptr;  // d loss_i / d input_i * scale, or null when no gradient is wanted
+  double scale = 1.0;
+};
+struct PointwiseLossResult {
+  double sum = 0.0;  // sum of loss_i (when loss == null), chunk partials added in a fixed order
+  int flags = 0;     // BCE: bit 0 an input outside [0, 1] (or NaN), bit 1 a target outside [0, 1]
+};
+
 // Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
 #define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                \
   namespace CAP {                                        \
@@ -73,6 +92,9 @@ struct ScaleArgs {
   void sgd_step(const SgdArgs& args);                    \
   double grad_norm_power_sum(const GradNormArgs& args);  \
   void scale_tensors(const ScaleArgs& args);             \
+  PointwiseLossResult mse_loss_fwd(const PointwiseLossArgs& args);        \
+  PointwiseLossResult bce_loss_fwd(const PointwiseLossArgs& args);        \
+  PointwiseLossResult bce_with_logits_fwd(const PointwiseLossArgs& args); \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

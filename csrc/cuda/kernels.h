@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace fusedopt::cuda {
@@ -43,5 +45,18 @@ void sgd_step(const SgdLaunch& args);
 at::Tensor grad_norm_power_sum(const TensorList& tensors, double p);
 // x *= *coef (a device double scalar) over contiguous tensors of one dtype.
 void scale_tensors(const TensorList& tensors, const at::Tensor& coef);
+
+// One pointwise loss over flat contiguous CUDA tensors of one dtype (see fusedopt/ops/mse_loss.py for the contract).
+struct PointwiseLossLaunch {
+  const at::Tensor *input, *target;
+  const std::optional<at::Tensor>*weight, *pos_weight, *scale_tensor;
+  int64_t weight_period, pos_weight_period, reduction;
+  double scale;
+  bool need_grad;
+  at::ScalarType out_dtype;
+};
+std::tuple<at::Tensor, at::Tensor> mse_loss_fwd(const PointwiseLossLaunch& args);                  // (loss, grad)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_loss_fwd(const PointwiseLossLaunch& args);      // + range flags
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const PointwiseLossLaunch& args);           // (loss, grad)
 
 }  // namespace fusedopt::cuda

@@ -1,0 +1,1 @@
+"""fusedopt's benchmark suite: `python -m bench` (see bench/__main__.py and docs/BENCH.md)."""
