@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, cpu_backends
+from loss_cases import CASES, cast_module, make_inputs
 
 import fusedopt
 
@@ -89,3 +90,59 @@ def test_grad_scaler_cpu_other_backends(cls, ref_cls, kwargs, backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_grad_scaler_cuda(cls, ref_cls, kwargs, mode, amp_dtype, backend):
     run_scaled_training(cls, ref_cls, kwargs, mode, "cuda", amp_dtype, backend)
+
+
+# --- losses under autocast ---------------------------------------------------------------------------------------
+
+
+def _head_and_targets(kind, gen, device):
+    """A Linear head (float32 weights: autocast runs it in 16 bits) and the targets for a loss kind."""
+    classes = 11 if kind == "ce" else 5
+    torch.manual_seed(int(torch.randint(0, 10**6, (), generator=gen)))
+    head = torch.nn.Linear(8, classes).to(device)
+    _, target = make_inputs(kind, torch.float32, gen)
+    return head, target.to(device)
+
+
+def run_loss_under_autocast(name, kind, ours, theirs, device, amp_dtype):
+    """Logits from a Linear under autocast (16-bit), then the loss: fusedopt's loss has torch's output dtype and
+    value, and the head's float32 weight gets torch's gradient."""
+    gen = torch.Generator().manual_seed(4)
+    ours, theirs = cast_module(ours, torch.float32), cast_module(theirs, torch.float32)
+    if isinstance(ours, torch.nn.Module):
+        ours, theirs = ours.to(device), theirs.to(device)
+    head, target = _head_and_targets(kind, gen, device)
+    x = torch.randn(6, 8, generator=gen).to(device)
+    results = []
+    for loss_fn in (ours, theirs):
+        head.zero_grad()
+        with torch.autocast(device, dtype=amp_dtype):
+            out = head(x)
+            if kind == "bce":
+                out = torch.sigmoid(out)
+            loss = loss_fn(out, target)
+        loss.backward(torch.ones_like(loss))
+        results.append((loss.detach(), head.weight.grad.clone()))
+    (loss, grad), (ref, ref_grad) = results
+    assert loss.dtype == ref.dtype, f"{name}: loss dtype {loss.dtype}, torch's {ref.dtype}"
+    assert loss.shape == ref.shape
+    assert_close(loss, ref, loss.dtype, f"{name} loss", reduction=True)
+    assert grad.dtype == ref_grad.dtype == torch.float32
+    assert_close(grad, ref_grad, amp_dtype, f"{name} head weight grad", reduction=True)
+
+
+@pytest.mark.parametrize(("name", "kind", "ours", "theirs"), CASES, ids=[c[0] for c in CASES])
+def test_losses_under_cpu_autocast(name, kind, ours, theirs):
+    run_loss_under_autocast(name, kind, ours, theirs, "cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "kind", "ours", "theirs"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_losses_under_cuda_autocast(name, kind, ours, theirs, amp_dtype):
+    if kind == "bce":  # torch refuses BCE on probabilities under CUDA autocast: so must fusedopt, with its message
+        for fn in (theirs, ours):
+            with pytest.raises(RuntimeError, match="unsafe to autocast"):
+                run_loss_under_autocast(name, kind, fn, fn, "cuda", amp_dtype)
+        return
+    run_loss_under_autocast(name, kind, ours, theirs, "cuda", amp_dtype)
