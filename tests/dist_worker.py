@@ -29,11 +29,8 @@ OPTIMIZERS = {
 
 
 def _losses():
-    """(fusedopt's loss, torch's loss) on logits and class targets: fusedopt's cross entropy once it exists."""
-    nn = fusedopt.nn
-    if hasattr(nn, "functional") and hasattr(nn.functional, "cross_entropy"):
-        return nn.functional.cross_entropy, torch.nn.functional.cross_entropy
-    return torch.nn.functional.cross_entropy, torch.nn.functional.cross_entropy
+    """(fusedopt's loss, torch's loss) on logits and multi-label targets."""
+    return fusedopt.nn.functional.binary_cross_entropy_with_logits, torch.nn.functional.binary_cross_entropy_with_logits
 
 
 def _model(seed=0):
@@ -43,7 +40,7 @@ def _model(seed=0):
 
 def _batch(rank, step):
     gen = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own data
-    return torch.randn(6, 10, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
+    return torch.randn(6, 10, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen, dtype=torch.float64)
 
 
 def _train(model, opt, loss_fn, clip, rank, steps, first_step=0):
@@ -116,7 +113,7 @@ def scenario_global_norm(rank, mesh):
     rank's shard), for the 2-, 1- and inf-norm, the same on both ranks, and torch's DTensor-aware value."""
     model = _fsdp(_model(), mesh)
     x, y = _batch(rank, 0)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
     full_grads = [_full(p.grad) for p in model.parameters()]
     local_only = [p.grad.to_local() for p in model.parameters()]
     for norm_type in (2.0, 1.0, float("inf")):
