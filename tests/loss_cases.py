@@ -11,18 +11,18 @@ import fusedopt.nn.functional as FF
 F = torch.nn.functional
 
 
-def make_inputs(kind, dtype, gen):
-    """(input, target, extra kwargs) for a loss kind; input requires grad."""
+def make_inputs(kind, dtype, gen, device="cpu"):
+    """(input, target) for a loss kind, made on the CPU from `gen`; input is a leaf that requires grad."""
     if kind == "ce":
         x = torch.randn(6, 11, generator=gen, dtype=torch.float64)
         t = torch.randint(0, 11, (6,), generator=gen)
         t[2] = -100  # torch's default ignore_index
-        return x.to(dtype).requires_grad_(), t
+        return x.to(device, dtype).requires_grad_(), t.to(device)
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     t = torch.rand(6, 5, generator=gen, dtype=torch.float64)
     if kind == "bce":
         x = torch.sigmoid(x)
-    return x.to(dtype).requires_grad_(), t.to(dtype)
+    return x.to(device, dtype).requires_grad_(), t.to(device, dtype)
 
 
 def _cases():
@@ -56,6 +56,6 @@ CASES = _cases()
 
 
 
-def cast_module(fn, dtype):
-    """Loss modules hold float64 weights: give them the test dtype (as a user's .to(dtype) would)."""
-    return fn.to(dtype) if isinstance(fn, torch.nn.Module) else fn
+def cast_module(fn, dtype, device="cpu"):
+    """Loss modules hold float64 weights: give them the test dtype and device (as a user's .to() would)."""
+    return fn.to(device, dtype) if isinstance(fn, torch.nn.Module) else fn

@@ -108,9 +108,7 @@ def run_loss_under_autocast(name, kind, ours, theirs, device, amp_dtype):
     """Logits from a Linear under autocast (16-bit), then the loss: fusedopt's loss has torch's output dtype and
     value, and the head's float32 weight gets torch's gradient."""
     gen = torch.Generator().manual_seed(4)
-    ours, theirs = cast_module(ours, torch.float32), cast_module(theirs, torch.float32)
-    if isinstance(ours, torch.nn.Module):
-        ours, theirs = ours.to(device), theirs.to(device)
+    ours, theirs = cast_module(ours, torch.float32, device), cast_module(theirs, torch.float32, device)
     head, target = _head_and_targets(kind, gen, device)
     x = torch.randn(6, 8, generator=gen).to(device)
     results = []

@@ -59,8 +59,8 @@ class GraphRecorder:
         return {str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function"}
 
 
-def _params(dtype, gen):
-    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+def _params(dtype, gen, device="cpu"):
+    base = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in SHAPES]
     return [torch.nn.Parameter(b.to(dtype)) for b in base], [torch.nn.Parameter(b.clone()) for b in base]
 
 
@@ -69,7 +69,7 @@ def _set_grads(fused_params, ref_params, step, gen, dtype):
         if (step + k) % 5 == 3:  # some grads missing: the bucket set changes (a recompile) and must stay right
             p.grad = q.grad = None
             continue
-        g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (3.0 if step % 2 else 0.2)
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device) * (3.0 if step % 2 else 0.2)
         p.grad, q.grad = g.to(dtype), g.to(dtype).double()
 
 
@@ -85,12 +85,15 @@ def _compare(fused, ref, fused_params, ref_params, dtype, where):
 
 
 @pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), OPTIMIZERS, ids=_opt_id)
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_compiled_step_matches_eager_torch(cls, ref_cls, kwargs, backend):
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [("cpu", "cpu"), ("cpu", "torch"), *(pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("cuda", "triton"))],
+)
+def test_compiled_step_matches_eager_torch(cls, ref_cls, kwargs, device, backend):
     """torch.compile(fullgraph=True) around opt.step(): the same params and state as eager torch.optim in float64,
     step after step, and the graph calls fusedopt::<op> (not the eager fast path, which Dynamo would trace into)."""
     gen = torch.Generator().manual_seed(5)
-    fused_params, ref_params = _params(torch.float32, gen)
+    fused_params, ref_params = _params(torch.float32, gen, device)
     fused = cls(fused_params, backend=backend, **kwargs)
     ref = ref_cls(ref_params, foreach=False, **kwargs)
     recorder = GraphRecorder()

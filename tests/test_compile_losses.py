@@ -20,23 +20,24 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("name", "kind", "ours", "theirs"), CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_loss_compiled_fullgraph_matches_eager_torch(name, kind, ours, theirs, dtype, compile_backend):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_loss_compiled_fullgraph_matches_eager_torch(name, kind, ours, theirs, dtype, compile_backend, device):
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return torch._dynamo.lookup_backend(compile_backend)(gm, example_inputs)
 
-    ours, theirs = cast_module(ours, dtype), cast_module(theirs, dtype)
+    ours, theirs = cast_module(ours, dtype, device), cast_module(theirs, dtype, device)
     compiled = torch.compile(lambda x, t: ours(x, t), backend=backend, fullgraph=True)
     gen = torch.Generator().manual_seed(3)
     for step in range(2):  # the second call runs the cached graph
-        x, t = make_inputs(kind, dtype, gen)
+        x, t = make_inputs(kind, dtype, gen, device)
         x_ref = x.detach().clone().requires_grad_()
         loss, ref = compiled(x, t), theirs(x_ref, t)
         assert loss.dtype == ref.dtype and loss.shape == ref.shape, f"{name}: {loss.dtype} {loss.shape}"
         assert_close(loss, ref, dtype, f"{name} step {step} loss", reduction=True)
-        up = torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(dtype)  # a non-trivial grad_output
+        up = torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(device, dtype)  # a non-trivial grad_output
         (grad,) = torch.autograd.grad(loss, x, up)
         (ref_grad,) = torch.autograd.grad(ref, x_ref, up)
         assert_close(grad, ref_grad, dtype, f"{name} step {step} input grad")
