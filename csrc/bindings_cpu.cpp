@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/tensor_lists.h"
+#include "cpu/grad_buffer.h"
 #include "cpu/kernels.h"
 
 namespace fusedopt::cpu {
@@ -296,6 +297,87 @@ void scale_tensors(const TensorList& tensors, double coef) {
   FUSEDOPT_CPU_KERNEL(scale_tensors)(a);
 }
 
+// logits (M, C); target (M,) int64 or (M, C) in the logits' dtype; weight (C,) in opmath; grad_out (M, C) or none
+// (it may be logits itself). Returns per-row (loss, lse) in opmath; the reductions are done by the caller.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& grad_out,
+                                                     const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                                                     double label_smoothing, double z_loss,
+                                                     std::optional<double> softcap, bool prob_target) {
+  constexpr const char* op = "fusedopt cross_entropy_fwd (cpu)";
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be a contiguous (rows, classes) matrix");
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const at::ScalarType opmath = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  CrossEntropyArgs a;
+  a.kind = scalar_kind(logits.scalar_type(), op);
+  a.rows = rows;
+  a.classes = classes;
+  a.logits = logits.data_ptr();
+  if (prob_target) {
+    TORCH_CHECK(target.sizes() == logits.sizes() && target.scalar_type() == logits.scalar_type() &&
+                    target.is_contiguous() && target.device() == logits.device(),
+                op, ": probability targets must be contiguous, shaped and typed like the logits");
+    a.target_prob = target.data_ptr();
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows && target.scalar_type() == at::kLong &&
+                    target.is_contiguous() && target.device() == logits.device(),
+                op, ": class-index targets must be a contiguous int64 vector of ", rows, " rows");
+    a.target_index = target.data_ptr<int64_t>();
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == classes && weight->scalar_type() == opmath &&
+                    weight->is_contiguous() && weight->device() == logits.device(),
+                op, ": weight must be a contiguous ", opmath, " vector of ", classes, " classes");
+    a.weight = weight->data_ptr();
+  }
+  if (grad_out.has_value() && grad_out->defined()) {
+    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->scalar_type() == logits.scalar_type() &&
+                    grad_out->is_contiguous() && grad_out->device() == logits.device(),
+                op, ": grad_out must be contiguous, shaped and typed like the logits");
+    a.grad = grad_out->data_ptr();
+  }
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == opmath && grad_scale->device().is_cpu(), op,
+                ": grad_scale must be one ", opmath, " value on the CPU");
+    a.grad_scale = grad_scale->data_ptr();
+  }
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(opmath));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(opmath));
+  a.loss = loss.data_ptr();
+  a.lse = lse.data_ptr();
+  a.ignore_index = ignore_index;
+  a.label_smoothing = label_smoothing;
+  a.z_loss = z_loss;
+  a.softcap = softcap.value_or(0.0);
+  if (rows == 0) return {loss, lse};
+  TORCH_CHECK(classes > 0, op, ": zero classes");
+  const CrossEntropyStatus st = FUSEDOPT_CPU_KERNEL(cross_entropy_fwd)(a);
+  TORCH_CHECK_INDEX(!st.bad_target, "Target ", st.target, " is out of bounds.");
+  return {loss, lse};
+}
+
+// grad (rows, classes) *= scale, scale having one opmath value per row or one in all (the backward's grad_output).
+void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  constexpr const char* op = "fusedopt cross_entropy_scale_grad (cpu)";
+  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 2 && grad.is_contiguous(), op,
+              ": grad must be a contiguous (rows, classes) CPU matrix");
+  const at::ScalarType opmath = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == opmath && scale.is_contiguous() &&
+                  (scale.numel() == 1 || scale.numel() == grad.size(0)),
+              op, ": scale must hold one ", opmath, " value, or one per row");
+  CrossEntropyScaleArgs a;
+  a.kind = scalar_kind(grad.scalar_type(), op);
+  a.rows = grad.size(0);
+  a.classes = grad.size(1);
+  a.grad = grad.data_ptr();
+  a.scale = scale.data_ptr();
+  a.scale_per_row = scale.numel() != 1 || grad.size(0) == 1;
+  if (a.rows == 0 || a.classes == 0) return;
+  FUSEDOPT_CPU_KERNEL(cross_entropy_scale_grad)(a);
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
@@ -311,5 +393,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bce_loss_fwd", &fusedopt::cpu::bce_loss_fwd, "Fused BCE loss: loss, input gradient, range flags");
   m.def("bce_with_logits_fwd", &fusedopt::cpu::bce_with_logits_fwd,
         "Fused BCE-with-logits loss: loss and input gradient in one pass");
+  m.def("cross_entropy_fwd", &fusedopt::cpu::cross_entropy_fwd,
+        "Per-row cross-entropy loss and logsumexp of CPU logits, with the gradient written in the same pass");
+  m.def("cross_entropy_scale_grad", &fusedopt::cpu::cross_entropy_scale_grad,
+        "Scales a saved cross-entropy gradient in place by grad_output (rows whose factor is 1 are skipped)");
+  m.def("empty_grad_buffer", &fusedopt::cpu::empty_grad_buffer,
+        "Uninitialised tensor like the argument; large ones pre-faulted on huge pages and reused after they die");
   m.def("cpu_capability", &fusedopt::cpu::capability_name, "ISA the CPU kernels run with");
 }

@@ -214,6 +214,64 @@ void scale_tensors(const TensorList& tensors, const at::Tensor& coef) {
   fusedopt::cuda::scale_tensors(xs, c);
 }
 
+// logits (M, C); target (M,) int64 or (M, C) in the logits' dtype; weight (C,) in opmath; grad_out (M, C) or none
+// (it may be logits itself). Returns per-row (loss, lse) in opmath; the reductions are done by the caller.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& grad_out,
+                                                     const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                                                     double label_smoothing, double z_loss,
+                                                     std::optional<double> softcap, bool prob_target) {
+  constexpr const char* op = "fusedopt cross_entropy_fwd (cuda)";
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be a contiguous (rows, classes) matrix");
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const at::ScalarType opmath = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (prob_target) {
+    TORCH_CHECK(target.sizes() == logits.sizes() && target.scalar_type() == logits.scalar_type() &&
+                    target.is_contiguous() && target.device() == logits.device(),
+                op, ": probability targets must be contiguous, shaped and typed like the logits");
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows && target.scalar_type() == at::kLong &&
+                    target.is_contiguous() && target.device() == logits.device(),
+                op, ": class-index targets must be a contiguous int64 vector of ", rows, " rows");
+  }
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight)
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == classes && weight->scalar_type() == opmath &&
+                    weight->is_contiguous() && weight->device() == logits.device(),
+                op, ": weight must be a contiguous ", opmath, " vector of ", classes, " classes on the logits' device");
+  const bool has_grad = grad_out.has_value() && grad_out->defined();
+  if (has_grad)
+    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->scalar_type() == logits.scalar_type() &&
+                    grad_out->is_contiguous() && grad_out->device() == logits.device(),
+                op, ": grad_out must be contiguous, shaped and typed like the logits");
+  const bool has_scale = grad_scale.has_value() && grad_scale->defined();
+  if (has_scale)
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == opmath &&
+                    grad_scale->device() == logits.device(),
+                op, ": grad_scale must be one ", opmath, " value on the logits' device");
+  TORCH_CHECK(rows == 0 || classes > 0, op, ": zero classes");
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(opmath));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(opmath));
+  CrossEntropyLaunch a{&logits, &target, has_weight ? &*weight : nullptr, has_grad ? &*grad_out : nullptr,
+                       has_scale ? &*grad_scale : nullptr, &loss, &lse, ignore_index, label_smoothing, z_loss,
+                       softcap.value_or(0.0), prob_target};
+  launch_cross_entropy_fwd(a);
+  return {loss, lse};
+}
+
+void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  constexpr const char* op = "fusedopt cross_entropy_scale_grad (cuda)";
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(), op,
+              ": grad must be a contiguous (rows, classes) CUDA matrix");
+  const at::ScalarType opmath = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.device() == grad.device() && scale.scalar_type() == opmath && scale.is_contiguous() &&
+                  (scale.numel() == 1 || scale.numel() == grad.size(0)),
+              op, ": scale must hold one ", opmath, " value, or one per row, on the gradient's device");
+  launch_cross_entropy_scale_grad(grad, scale);
+}
+
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
@@ -231,5 +289,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bce_loss_fwd", &fusedopt::cuda::bind::bce_loss_fwd, "Fused BCE loss: loss, input gradient, range flags");
   m.def("bce_with_logits_fwd", &fusedopt::cuda::bind::bce_with_logits_fwd,
         "Fused BCE-with-logits loss: loss and input gradient in one pass");
+  m.def("cross_entropy_fwd", &fusedopt::cuda::bind::cross_entropy_fwd,
+        "Per-row cross-entropy loss and logsumexp of CUDA logits, with the gradient written in the same pass");
+  m.def("cross_entropy_scale_grad", &fusedopt::cuda::bind::cross_entropy_scale_grad,
+        "Scales a saved cross-entropy gradient in place by grad_output (a factor of 1 touches nothing)");
   m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

@@ -3,7 +3,7 @@ and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Ad
 
 from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
-from fusedopt.nn import BCELoss, BCEWithLogitsLoss, MSELoss
+from fusedopt.nn import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, MSELoss
 from fusedopt.optim import SGD, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
@@ -14,6 +14,8 @@ __all__ = [
     "AdamW",
     "BCELoss",
     "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "MSELoss",
     "RMSprop",
     "nn",

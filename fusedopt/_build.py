@@ -10,6 +10,7 @@ from pathlib import Path
 CPU_SOURCES = [
     "bindings_cpu.cpp",
     "cpu/dispatch.cpp",
+    "cpu/grad_buffer.cpp",
     # Each capability TU compiles every CPU kernel for one ISA (see csrc/cpu/capability/all_kernels.inc).
     "cpu/capability/default.cpp",
     "cpu/capability/avx2.cpp",
@@ -23,6 +24,7 @@ CUDA_SOURCES = [
     "cuda/grad_norm.cu",
     "cuda/mse_loss.cu",
     "cuda/bce_loss.cu",
+    "cuda/cross_entropy.cu",
 ]
 
 CPU_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"]

@@ -220,3 +220,96 @@ def bce_with_logits_fwd(x, t, weight, weight_period, pos_weight, pos_weight_peri
     if w is not None:
         loss, grad = loss * w, grad * w
     return _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)
+# ---------------------------------------------------------------------------------------------------------------------
+# Cross-entropy. Per row with logits z (after the optional softcap), lse = logsumexp(z) and per-class target weights q:
+#   class index t: q_c = (1 - ls) * w_t * [c == t] + ls / C * w_c     (w = 1 without a weight)
+#   probabilities y: q_c = w_c * ((1 - ls) * y_c + ls / C)
+#   loss = sum_c q_c * (lse - z_c) + z_loss * lse^2,   dloss/dz_c = (Q + 2 * z_loss * lse) * softmax(z)_c - q_c
+# with Q = sum_c q_c. Ignored rows give 0. This is torch's loss, label smoothing and weights included.
+
+
+def softcap_logits(x: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-2's logit soft-capping: cap * tanh(x / cap)."""
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def cross_entropy_formula(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                          z_loss=0.0, softcap=None):  # fmt: skip
+    """The loss fusedopt computes, as differentiable plain PyTorch: F.cross_entropy on soft-capped logits, plus PaLM's
+    z_loss * logsumexp^2 on every non-ignored row; a mean divides everything by torch's own denominator."""
+    import torch.nn.functional as F
+
+    z = softcap_logits(input, softcap)
+    loss = F.cross_entropy(z, target, weight, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)  # fmt: skip
+    class_dim = 0 if input.dim() == 1 else 1
+    prob = input.shape == target.shape
+    valid = torch.ones_like(loss, dtype=torch.bool) if prob else target != ignore_index
+    if z_loss:
+        loss = loss + torch.where(valid, z_loss * torch.logsumexp(z, dim=class_dim) ** 2, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if prob:
+        return loss.sum() / loss.numel()
+    denom = valid.sum() if weight is None else torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
+    return loss.sum() / denom
+
+
+def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, grad_out: Tensor | None,
+                      grad_scale: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: float | None, prob_target: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The "torch" backend of fusedopt::cross_entropy_fwd: logits (M, C); target (M,) int64 or (M, C) probabilities.
+    Returns the per-row loss and lse in opmath; writes the gradient w.r.t. logits, times grad_scale (one value or
+    None), into grad_out when given."""
+    ot = opmath_dtype(logits.dtype)
+    x = logits.to(ot)
+    num_classes = x.shape[-1]
+    ls = label_smoothing
+    z = softcap_logits(x, softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    w = None if weight is None else weight.to(ot)
+    if prob_target:
+        y = target.to(ot)
+        if ls != 0:
+            y = y * (1 - ls) + ls / num_classes
+        q = y if w is None else y * w
+        big_q = q.sum(-1)
+        loss = big_q * lse - (q * z).sum(-1)
+        valid = None
+    else:
+        valid = target != ignore_index
+        t = torch.where(valid, target, 0).unsqueeze(-1)
+        w_t = torch.ones_like(lse) if w is None else w[t.squeeze(-1)]
+        z_t = z.gather(-1, t).squeeze(-1)
+        w_sum = num_classes if w is None else w.sum()
+        big_q = (1 - ls) * w_t + ls / num_classes * w_sum
+        loss = (1 - ls) * w_t * (lse - z_t)
+        if ls != 0:  # the smoothing term only when asked: 0 * (-inf logits) would be NaN
+            wz = z.sum(-1) if w is None else (z * w).sum(-1)
+            loss = loss + ls / num_classes * (w_sum * lse - wz)
+    loss = loss + z_loss * lse * lse
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
+        lse = torch.where(valid, lse, 0.0)
+    if grad_out is not None:
+        g = (big_q + 2 * z_loss * lse).unsqueeze(-1) * torch.exp(z - lse.unsqueeze(-1))
+        if prob_target:
+            g = g - q
+        else:
+            smooth = ls / num_classes * (torch.ones_like(lse).unsqueeze(-1) if w is None else w)
+            g = (g - smooth).scatter_add(-1, t, -((1 - ls) * w_t).unsqueeze(-1))
+        if softcap is not None:
+            g = g * (1 - (z / softcap) ** 2)
+        if valid is not None:
+            g = torch.where(valid.unsqueeze(-1), g, 0.0)
+        if grad_scale is not None:
+            g = g * grad_scale.to(ot)
+        grad_out.copy_(g)
+    return loss, lse
+
+
+def cross_entropy_scale_grad(grad: Tensor, scale: Tensor) -> None:
+    """grad (M, C) *= scale, one value per row (M,) or one for all (1,): the fused cross-entropy's backward."""
+    grad.mul_(scale.reshape(-1, 1))

@@ -84,17 +84,49 @@ struct PointwiseLossResult {
   int flags = 0;     // BCE: bit 0 an input outside [0, 1] (or NaN), bit 1 a target outside [0, 1]
 };
 
+// Cross-entropy over rows of a contiguous (rows, classes) matrix; see fusedopt/reference.py for the math.
+struct CrossEntropyArgs {
+  ScalarKind kind = ScalarKind::Float;  // of logits, target_prob and grad; loss, lse and weight are opmath
+  int64_t rows = 0, classes = 0;
+  const void* logits = nullptr;
+  const int64_t* target_index = nullptr;  // (rows,) class indices, or null for probability targets
+  const void* target_prob = nullptr;      // (rows, classes) probabilities, or null
+  const void* weight = nullptr;           // (classes,) opmath, or null
+  void* grad = nullptr;                   // (rows, classes), or null (no gradient); may alias logits
+  const void* grad_scale = nullptr;       // one opmath value multiplying the gradient, or null
+  void* loss = nullptr;                   // (rows,) opmath
+  void* lse = nullptr;                    // (rows,) opmath
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0, z_loss = 0.0, softcap = 0.0;  // softcap 0: off
+};
+// The first out-of-range class index met (torch's "Target t is out of bounds"), if any.
+struct CrossEntropyStatus {
+  bool bad_target = false;
+  int64_t target = 0;
+};
+
+// grad (rows, classes) *= scale (one opmath value per row, or one for all); rows whose scale is 1 are skipped.
+struct CrossEntropyScaleArgs {
+  ScalarKind kind = ScalarKind::Float;
+  int64_t rows = 0, classes = 0;
+  void* grad = nullptr;
+  const void* scale = nullptr;
+  bool scale_per_row = false;
+};
+
 // Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
-#define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                \
-  namespace CAP {                                        \
-  void adam_step(const AdamArgs& args);                  \
-  void rmsprop_step(const RmspropArgs& args);            \
-  void sgd_step(const SgdArgs& args);                    \
-  double grad_norm_power_sum(const GradNormArgs& args);  \
-  void scale_tensors(const ScaleArgs& args);             \
-  PointwiseLossResult mse_loss_fwd(const PointwiseLossArgs& args);        \
-  PointwiseLossResult bce_loss_fwd(const PointwiseLossArgs& args);        \
+#define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                                \
+  namespace CAP {                                                        \
+  void adam_step(const AdamArgs& args);                                  \
+  void rmsprop_step(const RmspropArgs& args);                            \
+  void sgd_step(const SgdArgs& args);                                    \
+  double grad_norm_power_sum(const GradNormArgs& args);                  \
+  void scale_tensors(const ScaleArgs& args);                             \
+  PointwiseLossResult mse_loss_fwd(const PointwiseLossArgs& args);      \
+  PointwiseLossResult bce_loss_fwd(const PointwiseLossArgs& args);      \
   PointwiseLossResult bce_with_logits_fwd(const PointwiseLossArgs& args); \
+  CrossEntropyStatus cross_entropy_fwd(const CrossEntropyArgs& args);    \
+  void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);      \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

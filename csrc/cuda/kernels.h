@@ -58,5 +58,21 @@ struct PointwiseLossLaunch {
 std::tuple<at::Tensor, at::Tensor> mse_loss_fwd(const PointwiseLossLaunch& args);                  // (loss, grad)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_loss_fwd(const PointwiseLossLaunch& args);      // + range flags
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const PointwiseLossLaunch& args);           // (loss, grad)
+// Cross-entropy over the rows of contiguous (rows, classes) logits; see fusedopt/reference.py for the math.
+struct CrossEntropyLaunch {
+  const at::Tensor* logits;      // (rows, classes)
+  const at::Tensor* target;      // (rows,) int64, or (rows, classes) like logits when prob_target
+  const at::Tensor* weight;      // (classes,) opmath, or null
+  const at::Tensor* grad;        // (rows, classes) like logits, or null; may be logits itself
+  const at::Tensor* grad_scale;  // one opmath value multiplying the gradient, or null
+  const at::Tensor* loss;        // (rows,) opmath, written
+  const at::Tensor* lse;         // (rows,) opmath, written
+  int64_t ignore_index;
+  double label_smoothing, z_loss, softcap;  // softcap 0: off
+  bool prob_target;
+};
+void launch_cross_entropy_fwd(const CrossEntropyLaunch& args);
+// grad (rows, classes) *= scale (one opmath value per row, or one for all); a factor of 1 touches nothing.
+void launch_cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
 
 }  // namespace fusedopt::cuda

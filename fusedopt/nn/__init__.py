@@ -1,8 +1,19 @@
-"""Drop-in replacements for torch.nn: swap `torch.nn.X` for `fusedopt.nn.X` (losses), and
-`torch.nn.utils.clip_grad_norm_` for `fusedopt.nn.utils.clip_grad_norm_`."""
+"""Drop-in replacements for torch.nn: `torch.nn.XLoss` becomes `fusedopt.nn.XLoss`, `torch.nn.functional.f`
+becomes `fusedopt.nn.functional.f`, and `torch.nn.utils.clip_grad_norm_` becomes `fusedopt.nn.utils.clip_grad_norm_`.
+LinearCrossEntropyLoss (linear + cross-entropy without the logits) goes beyond torch."""
 
 from fusedopt.nn import functional, utils
 from fusedopt.nn.bce_loss import BCELoss, BCEWithLogitsLoss
+from fusedopt.nn.cross_entropy import CrossEntropyLoss
+from fusedopt.nn.linear_cross_entropy import LinearCrossEntropyLoss
 from fusedopt.nn.mse_loss import MSELoss
 
-__all__ = ["BCELoss", "BCEWithLogitsLoss", "MSELoss", "functional", "utils"]
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "MSELoss",
+    "functional",
+    "utils",
+]
