@@ -28,9 +28,19 @@ OPTIMIZERS = {
 }
 
 
-def _losses():
-    """(fusedopt's loss, torch's loss) on logits and multi-label targets."""
-    return fusedopt.nn.functional.binary_cross_entropy_with_logits, torch.nn.functional.binary_cross_entropy_with_logits
+# name -> (fusedopt's loss, torch's loss, target kind): each optimizer scenario trains with one of them.
+LOSSES = {
+    "ce": (fusedopt.nn.functional.cross_entropy, torch.nn.functional.cross_entropy, "classes"),
+    "bce_logits": (fusedopt.nn.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), "probs"),
+    "mse": (fusedopt.nn.MSELoss(), torch.nn.MSELoss(), "probs"),
+}
+LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce"}
+
+
+def _losses(name):
+    """(fusedopt's loss, torch's loss) for optimizer scenario `name`."""
+    ours, theirs, _ = LOSSES[LOSS_OF[name]]
+    return ours, theirs
 
 
 def _model(seed=0):
@@ -38,16 +48,22 @@ def _model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(10, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5)).double()
 
 
-def _batch(rank, step):
-    gen = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own data
-    return torch.randn(6, 10, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen, dtype=torch.float64)
+def _batch(rank, step, name="AdamW"):
+    """Each rank its own data; class targets (one ignored row) or probabilities, per the scenario's loss."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    if LOSSES[LOSS_OF[name]][2] == "classes":
+        y = torch.randint(0, 5, (6,), generator=gen)
+        y[step % 6] = -100
+        return x, y
+    return x, torch.rand(6, 5, generator=gen, dtype=torch.float64)
 
 
-def _train(model, opt, loss_fn, clip, rank, steps, first_step=0):
+def _train(model, opt, loss_fn, clip, rank, steps, first_step=0, name="AdamW"):
     """Forward, loss, backward, optional clip, step; returns the norms clip returned."""
     norms = []
     for s in range(first_step, first_step + steps):
-        x, y = _batch(rank, s)
+        x, y = _batch(rank, s, name)
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         if clip is not None:
@@ -85,11 +101,11 @@ def scenario_parity(kind, name, folded, rank, mesh):
     the step) against torch's optimizer, loss and clip_grad_norm_."""
     cls, ref_cls, kwargs = OPTIMIZERS[name]
     ours, theirs = _wrap(kind, _model(), mesh), _wrap(kind, _model(), mesh)
-    fused_loss, torch_loss = _losses()
+    fused_loss, torch_loss = _losses(name)
     opt = cls(ours.parameters(), max_grad_norm=MAX_NORM if folded else None, **kwargs)
     ref = ref_cls(theirs.parameters(), foreach=False, **kwargs)
     for s in range(STEPS):
-        x, y = _batch(rank, s)
+        x, y = _batch(rank, s, name)
         for model, o, loss_fn in ((ours, opt, fused_loss), (theirs, ref, torch_loss)):
             o.zero_grad()
             loss_fn(model(x), y).backward()
@@ -143,13 +159,13 @@ def scenario_dcp_roundtrip(name, rank, mesh, ckpt_dir):
     )
 
     cls, ref_cls, kwargs = OPTIMIZERS[name]
-    fused_loss, torch_loss = _losses()
+    fused_loss, torch_loss = _losses(name)
     path = os.path.join(ckpt_dir, name)
     model = _fsdp(_model(), mesh)
     opt = cls(model.parameters(), max_grad_norm=MAX_NORM, **kwargs)
-    _train(model, opt, fused_loss, None, rank, 2)
+    _train(model, opt, fused_loss, None, rank, 2, name=name)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
-    _train(model, opt, fused_loss, None, rank, 3, first_step=2)
+    _train(model, opt, fused_loss, None, rank, 3, first_step=2, name=name)
 
     for resumed_cls, loss_fn, extra in ((cls, fused_loss, {"max_grad_norm": MAX_NORM}), (ref_cls, torch_loss, {})):
         fresh = _fsdp(_model(seed=1), mesh)  # other weights: the load must overwrite them
@@ -159,7 +175,7 @@ def scenario_dcp_roundtrip(name, rank, mesh, ckpt_dir):
         set_model_state_dict(fresh, state["model"])
         set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
         clip = None if resumed_cls is cls else torch.nn.utils.clip_grad_norm_
-        _train(fresh, fresh_opt, loss_fn, clip, rank, 3, first_step=2)
+        _train(fresh, fresh_opt, loss_fn, clip, rank, 3, first_step=2, name=name)
         # Same kernels from the same state: identical. torch.optim + torch's clip: the folded float32 coefficient.
         dtype = torch.float64 if resumed_cls is cls else torch.float32
         _compare_models(fresh, model, dtype, f"resumed with {resumed_cls.__module__}.{resumed_cls.__name__}")

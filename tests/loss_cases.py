@@ -16,7 +16,7 @@ def make_inputs(kind, dtype, gen, device="cpu"):
     if kind == "ce":
         x = torch.randn(6, 11, generator=gen, dtype=torch.float64)
         t = torch.randint(0, 11, (6,), generator=gen)
-        t[2] = -100  # torch's default ignore_index
+        t[2] = -100  # torch's default ignore_index: one ignored row in every CE case
         return x.to(device, dtype).requires_grad_(), t.to(device)
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     t = torch.rand(6, 5, generator=gen, dtype=torch.float64)
@@ -41,13 +41,17 @@ def _cases():
         ("binary_cross_entropy_with_logits", "pointwise", FF.binary_cross_entropy_with_logits,
          F.binary_cross_entropy_with_logits),
     ]  # fmt: skip
-    if hasattr(fusedopt.nn, "CrossEntropyLoss"):
-        cases += [
-            ("CrossEntropyLoss-smoothing", "ce", fusedopt.nn.CrossEntropyLoss(label_smoothing=0.1),
-             torch.nn.CrossEntropyLoss(label_smoothing=0.1)),
-            ("cross_entropy-sum", "ce", lambda x, t: FF.cross_entropy(x, t, reduction="sum"),
-             lambda x, t: F.cross_entropy(x, t, reduction="sum")),
-        ]  # fmt: skip
+    cw = torch.rand(11, dtype=torch.float64) + 0.5
+    cases += [
+        ("CrossEntropyLoss-smoothing", "ce", fusedopt.nn.CrossEntropyLoss(label_smoothing=0.1),
+         torch.nn.CrossEntropyLoss(label_smoothing=0.1)),
+        ("CrossEntropyLoss-weight", "ce", fusedopt.nn.CrossEntropyLoss(weight=cw),
+         torch.nn.CrossEntropyLoss(weight=cw)),
+        ("cross_entropy-sum", "ce", lambda x, t: FF.cross_entropy(x, t, reduction="sum"),
+         lambda x, t: F.cross_entropy(x, t, reduction="sum")),
+        ("cross_entropy-none", "ce", lambda x, t: FF.cross_entropy(x, t, reduction="none"),
+         lambda x, t: F.cross_entropy(x, t, reduction="none")),
+    ]  # fmt: skip
     return cases
 
 

@@ -60,3 +60,26 @@ def test_compiled_bce_still_rejects_inputs_outside_0_1(module):
     x[1, 2] = 1.5
     with pytest.raises(RuntimeError, match="between 0 and 1"):
         compiled(x, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("module", [False, True])
+def test_linear_cross_entropy_compiled_fullgraph(dtype, module):
+    """LinearCrossEntropyLoss / linear_cross_entropy (several chunks) compiled: loss and the input, weight and bias
+    gradients of eager F.linear + F.cross_entropy."""
+    import fusedopt
+    from fusedopt.nn.linear_cross_entropy import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(9)
+    leaf = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    x, w, b = leaf(12, 8), leaf(20, 8), leaf(20)
+    t = torch.randint(0, 20, (12,), generator=gen)
+    t[3] = -100
+    fn = fusedopt.nn.LinearCrossEntropyLoss(chunk_size=5) if module else (
+        lambda x, w, t, b: linear_cross_entropy(x, w, t, b, chunk_size=5))  # fmt: skip
+    compiled = torch.compile(lambda *a: fn(*a), backend="aot_eager", fullgraph=True)
+    loss = compiled(x, w, t, b)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, b), t)
+    assert_close(loss, ref, dtype, "loss", reduction=True)
+    for name, g, r in zip("xwb", torch.autograd.grad(loss, (x, w, b)), torch.autograd.grad(ref, (x, w, b))):
+        assert_close(g, r, dtype, f"grad {name}", reduction=True)
