@@ -83,3 +83,31 @@ def test_linear_cross_entropy_compiled_fullgraph(dtype, module):
     assert_close(loss, ref, dtype, "loss", reduction=True)
     for name, g, r in zip("xwb", torch.autograd.grad(loss, (x, w, b)), torch.autograd.grad(ref, (x, w, b))):
         assert_close(g, r, dtype, f"grad {name}", reduction=True)
+
+
+def _ce_op_cases():
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(7, 13, generator=gen)
+    target = torch.randint(0, 13, (7,), generator=gen)
+    target[1] = -100
+    weight = torch.rand(13, generator=gen) + 0.5
+    probs = torch.softmax(torch.randn(7, 13, generator=gen), dim=1)
+    cases = [
+        ("cross_entropy_fwd", (logits, target, None, None, None, True, -100, 0.1, 1e-3, None, False, "cpu")),
+        ("cross_entropy_fwd", (logits, target, weight, torch.empty_like(logits), torch.tensor([0.5]), True, -100, 0.0,
+                               0.0, 30.0, False, "cpu")),
+    ]  # fmt: skip
+    return cases + [
+        ("cross_entropy_fwd", (logits, probs, None, None, None, True, -100, 0.0, 0.0, None, True, "cpu")),
+        ("cross_entropy_fwd", (logits, target, None, None, None, False, -100, 0.0, 0.0, None, False, "cpu")),
+        ("cross_entropy_scale_grad_", (torch.randn(7, 13, generator=gen), torch.rand(7, generator=gen), "cpu")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_cross_entropy_ops_pass_full_opcheck(case):
+    """Every opcheck utility on the cross-entropy ops (the loss tests cover the pointwise ones): schema and the
+    (a!) gradient buffers, fake impl, autograd registration, AOTAutograd with dynamic shapes."""
+    name, args = _ce_op_cases()[case]
+    result = torch.library.opcheck(getattr(torch.ops.fusedopt, name).default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
