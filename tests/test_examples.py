@@ -1,0 +1,34 @@
+"""The examples run as a user runs them (short settings) and agree with plain PyTorch."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_seed_example_matches_torch():
+    fused = float(re.search(r"final loss (\S+)", run("examples/seed_example.py")).group(1))
+    plain = float(re.search(r"final loss (\S+)", run("examples/seed_example.py", "--torch")).group(1))
+    first = float(re.search(r"epoch   0 loss (\S+)", run("examples/seed_example.py", "--epochs", "1")).group(1))
+    assert fused < first  # the loss falls
+    assert fused == pytest.approx(plain, rel=1e-4)  # fp32 parity tolerance for a reduced loss
+
+
+def test_finetune_gpt_tiny_curves_agree(tmp_path):
+    out = run("examples/finetune_gpt.py", "--tiny", "--check", "--out", str(tmp_path / "curves.png"))
+    assert "largest relative difference" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -1,0 +1,173 @@
+"""linear_cross_entropy / LinearCrossEntropyLoss against the unfused expression
+F.cross_entropy(F.linear(input, weight, bias), target, ...) in float64: loss and every gradient, on every backend
+that runs here, with several chunk sizes so the chunk boundaries are crossed."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ALL_DTYPES, cpu_backends, tol
+
+import fusedopt
+from fusedopt import reference
+from fusedopt.nn.functional import linear_cross_entropy
+
+
+def make_case(n, h, v, dtype, *, ignore_frac=0.2, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, dtype=torch.float64, generator=gen).to(dtype)
+    w = (torch.randn(v, h, dtype=torch.float64, generator=gen) / h**0.5).to(dtype)
+    b = torch.randn(v, dtype=torch.float64, generator=gen).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return x, w, b, t
+
+
+class _StoredAs(torch.autograd.Function):
+    """Rounds to `dtype` and back, forward and backward: the points where the unfused expression in `dtype` stores
+    a tensor (F.linear's logits, and their gradient). Everything else of the reference runs in float64."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.to(dtype).double()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).double(), None
+
+
+def check(backend, dtype, x, w, b, t, *, reduction="mean", chunk_size=None, requires=(True, True, True), **extras):
+    """Fused in `dtype` vs the float64 unfused expression on the same (rounded) inputs, with the logits and their
+    gradient rounded to `dtype` where F.linear in `dtype` stores them; non-unit grad_output."""
+    leaves = [x, w, b]
+    fused_in = [None if a is None else a.clone().requires_grad_(r) for a, r in zip(leaves, requires)]
+    ref_in = [None if a is None else a.double().requires_grad_(r) for a, r in zip(leaves, requires)]
+    out = linear_cross_entropy(fused_in[0], fused_in[1], t, fused_in[2], reduction=reduction, backend=backend,
+                               chunk_size=chunk_size, **extras)  # fmt: skip
+    logits = _StoredAs.apply(F.linear(ref_in[0], ref_in[1], ref_in[2]), dtype)
+    ref = reference.cross_entropy_formula(logits, t, reduction=reduction, **extras)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, **tol(dtype, reduction=True))
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) + 1.5
+    wanted = [i for i, a in enumerate(fused_in) if a is not None and a.requires_grad]
+    if not wanted:
+        return
+    got = torch.autograd.grad(out, [fused_in[i] for i in wanted], grad_out.to(dtype))
+    exp = torch.autograd.grad(ref, [ref_in[i] for i in wanted], grad_out)
+    for i, g, e in zip(wanted, got, exp):
+        assert g.dtype == dtype, f"grad {i} dtype"
+        # Gradients are sums over rows or classes: reduction tolerances, plus one storage rounding of a logit's
+        # gradient landing on the other side (fp32 vs float64 softmax) times the largest factor it multiplies.
+        rtol, atol = tol(dtype, reduction=True).values()
+        other = max(a.abs().max().item() for a in (x, w) if a.numel())
+        flip = 2 * torch.finfo(dtype).eps * other
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol + flip,
+                                   msg=lambda m, i=i: f"grad {['input', 'weight', 'bias'][i]}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_parity_grid(backend, dtype, reduction, bias, chunk_size):
+    x, w, b, t = make_case(33, 24, 101, dtype, bias=bias)
+    check(backend, dtype, x, w, b, t, reduction=reduction, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize(
+    "extras",
+    [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=5.0), dict(label_smoothing=0.2, z_loss=1e-2,
+     softcap=3.0), dict(ignore_index=7)],
+    ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()),
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options(backend, extras, reduction):
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    x, w, b, t = make_case(19, 16, 37, dtype)
+    if "ignore_index" in extras:
+        t[t == -100] = 0  # -100 is an ordinary (out-of-range) class when another ignore_index is set
+        t[::3] = extras["ignore_index"]
+    check(backend, dtype, x, w, b, t, reduction=reduction, chunk_size=5, **extras)
+
+
+@pytest.mark.parametrize("requires", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_only_some_inputs_require_grad(requires):
+    x, w, b, t = make_case(21, 8, 29, torch.float64)
+    check("cpu", torch.float64, x, w, b, t, chunk_size=4, requires=requires)
+    check("cpu", torch.float64, x, w, b, t, reduction="none", chunk_size=4, requires=requires)
+
+
+def test_all_rows_ignored_mean_is_nan_with_zero_grads():
+    x, w, b, t = make_case(6, 4, 9, torch.float64)
+    t[:] = -100
+    x.requires_grad_()
+    loss = linear_cross_entropy(x, w, t, b)
+    assert torch.isnan(loss)
+    (gx,) = torch.autograd.grad(loss, [x])
+    assert torch.equal(gx, torch.zeros_like(gx))
+
+
+def test_module_form_and_top_level_export():
+    x, w, b, t = make_case(10, 6, 13, torch.float64)
+    loss = fusedopt.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.05, chunk_size=3)(x, w, t, b)
+    ref = F.cross_entropy(F.linear(x, w, b), t, reduction="sum", label_smoothing=0.05)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_weight_gradient_accumulates_in_fp32():
+    """Many small chunks in bf16: the weight gradient is summed in fp32 and rounded once, so it stays within one
+    bf16 rounding of the float64 gradient (a bf16 running sum over 64 chunks would drift far beyond that)."""
+    x, w, _, t = make_case(256, 16, 64, torch.bfloat16, ignore_frac=0.0)
+    w.requires_grad_()
+    loss = linear_cross_entropy(x, w, t, chunk_size=4, reduction="sum")
+    (gw,) = torch.autograd.grad(loss, [w])
+    wd = w.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(F.linear(x.double(), wd), t, reduction="sum"), [wd])
+    # the logits chunk itself is bf16 (as F.linear gives), so allow a few bf16 ulps relative to the gradient scale
+    torch.testing.assert_close(gw.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda x, w, t, b: (x[0], w, t, b), ValueError, "input .N, H. and weight .V, H. expected"),
+        (lambda x, w, t, b: (x[:, :3], w, t, b), ValueError, "features"),
+        (lambda x, w, t, b: (x, w, t[:-1], b), ValueError, "target must be"),
+        (lambda x, w, t, b: (x, w, t.float(), b), RuntimeError, "dtype Long"),
+        (lambda x, w, t, b: (x, w, t, b[:-1]), ValueError, "bias must be"),
+        (lambda x, w, t, b: (x.float(), w, t, b), RuntimeError, "share a dtype"),
+    ],
+)
+def test_bad_inputs(mutate, exc, match):
+    x, w, b, t = make_case(5, 4, 7, torch.float64)
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(*mutate(x, w, t, b))
+
+
+def test_bad_options():
+    x, w, b, t = make_case(5, 4, 7, torch.float64)
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        linear_cross_entropy(x, w, t, b, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(x, w, t, b, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(x, w, t, b, chunk_size=0)
+    t[0] = 7
+    with pytest.raises((RuntimeError, IndexError)):
+        linear_cross_entropy(x, w, t, b, backend="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_parity_gpu(backend, dtype, reduction):
+    x, w, b, t = make_case(300, 64, 1000, dtype)
+    check(backend, dtype, x.cuda(), w.cuda(), b.cuda(), t.cuda(), reduction=reduction, chunk_size=128)
