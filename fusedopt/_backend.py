@@ -145,6 +145,9 @@ def requested_backend(backend: str | None) -> str:
 _warned_fallback: set = set()
 
 
+# torch.compile: the answer depends only on the process (extensions, env), so Dynamo calls it at trace time and
+# bakes the name into the graph instead of tracing imports and caches (graph breaks).
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, op: str) -> str:
     """The concrete backend for `op` on `device`. Raises if a named backend cannot run there."""
     name = requested_backend(backend)

@@ -27,6 +27,13 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host table -> device without a sync: pinned memory and a non-blocking copy on CUDA."""
     if device.type == "cpu":
         return host
+    if torch.cuda.is_current_stream_capturing():
+        # A captured copy from a host buffer replays from that address after the buffer went back to the pinned
+        # allocator: refuse rather than replay stale tables.
+        raise RuntimeError(
+            "fusedopt: the 'triton' backend cannot be captured in a CUDA graph (its tensor table is copied from "
+            "host memory on every call). Use backend='cuda' (capture-safe) or backend='torch' for graph capture."
+        )
     return host.pin_memory().to(device, non_blocking=True)
 
 

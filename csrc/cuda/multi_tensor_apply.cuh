@@ -1,11 +1,14 @@
 // The one CUDA multi-tensor engine: every tensor of a (device, dtype) group is cut into fixed-size chunks and the
 // whole group is updated by ONE launch, one block per chunk. The table of addresses lives in device memory (built
 // in pinned host memory, copied asynchronously), so 10000 tensors cost one small copy and one launch, no sync.
+// Under CUDA graph capture the table is written by kernels instead (see build_table).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -55,6 +58,32 @@ struct DeviceTable {
   int64_t blocks = 0;
 };
 
+// Under CUDA graph capture the table must not come from a host buffer: the graph replays the recorded copy from
+// the same host address every time, long after the pinned allocator may have handed that buffer to someone else.
+// There the values travel as kernel parameters instead (a graph keeps its kernels' parameters by value), in chunks
+// that fit the 4 KB parameter limit. The captured table then describes the captured tensors, as the graph does.
+constexpr int kFillValues = 480;
+template <int kN>
+struct FillChunk {
+  int64_t v[kN];
+};
+
+template <int kN>
+__global__ void fill_table_kernel(FillChunk<kN> chunk, int64_t* dst, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = chunk.v[i];
+}
+
+inline void fill_table_by_launches(const std::vector<int64_t>& values, int64_t* dst) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  for (size_t begin = 0; begin < values.size(); begin += kFillValues) {
+    const int count = static_cast<int>(std::min<size_t>(kFillValues, values.size() - begin));
+    FillChunk<kFillValues> chunk;
+    std::copy(values.begin() + begin, values.begin() + begin + count, chunk.v);
+    fill_table_kernel<kFillValues><<<1, 256, 0, stream>>>(chunk, dst + begin, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // lists[l] is empty or has one tensor per param. All tensors must be contiguous and on one device.
 template <int kLists>
 DeviceTable<kLists> build_table(const std::array<const std::vector<at::Tensor>*, kLists>& lists) {
@@ -66,16 +95,26 @@ DeviceTable<kLists> build_table(const std::array<const std::vector<at::Tensor>*,
     for (int64_t c = 0; c < chunks; ++c) block_map.push_back((t << 32) | c);
   }
   const int64_t total = kLists * n + n + static_cast<int64_t>(block_map.size());
-  at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  for (int l = 0; l < kLists; ++l)
-    for (int64_t t = 0; t < n; ++t)
-      h[l * n + t] = lists[l]->empty() ? 0 : reinterpret_cast<int64_t>((*lists[l])[t].data_ptr());
-  for (int64_t t = 0; t < n; ++t) h[kLists * n + t] = first[t].numel();
-  std::copy(block_map.begin(), block_map.end(), h + kLists * n + n);
+  auto write = [&](int64_t* h) {
+    for (int l = 0; l < kLists; ++l)
+      for (int64_t t = 0; t < n; ++t)
+        h[l * n + t] = lists[l]->empty() ? 0 : reinterpret_cast<int64_t>((*lists[l])[t].data_ptr());
+    for (int64_t t = 0; t < n; ++t) h[kLists * n + t] = first[t].numel();
+    std::copy(block_map.begin(), block_map.end(), h + kLists * n + n);
+  };
 
   DeviceTable<kLists> out;
-  const at::Tensor device_copy = host.to(first[0].device(), /*non_blocking=*/true);
+  at::Tensor device_copy;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    write(host.data_ptr<int64_t>());
+    device_copy = host.to(first[0].device(), /*non_blocking=*/true);
+  } else {
+    std::vector<int64_t> values(static_cast<size_t>(total));
+    write(values.data());
+    device_copy = at::empty({total}, first[0].options().dtype(at::kLong));  // from the graph's private pool
+    fill_table_by_launches(values, device_copy.data_ptr<int64_t>());
+  }
   out.storage = device_copy;
   const int64_t* d = device_copy.data_ptr<int64_t>();
   out.view = TensorTable<kLists>{d, d + kLists * n, d + kLists * n + n, n};

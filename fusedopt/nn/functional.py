@@ -187,6 +187,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"cross_entropy: softcap must be a positive number or None, got {softcap}")
+    if torch.is_autocast_enabled(input.device.type):
+        # autocast runs cross_entropy in float32 (on CPU and CUDA): cast 16-bit logits, probability targets and weight
+        # up (differentiably) as autocast does before torch's kernel, so the loss has torch's dtype and value.
+        input, target, weight = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                                 for t in (input, target, weight))  # fmt: skip
     logits, rows, w, prob_target, out_dtype, out_shape = _check_and_flatten(input, target, weight, ignore_index)
     if prob_target and target.requires_grad and torch.is_grad_enabled():
         # torch differentiates through probability targets too; the fused kernels do not, so use the formula.

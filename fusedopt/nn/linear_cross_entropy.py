@@ -159,6 +159,12 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
     """F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=..., label_smoothing=...,
     reduction=...) without materialising the (N, V) logits. input (N, H), weight (V, H), target (N,) class indices.
     chunk_size: rows per chunk (default: from a 256 MiB budget for one chunk's logits)."""
+    if torch.is_autocast_enabled(input.device.type):
+        # torch would run the matmul in 16 bits and the cross-entropy in float32; the chunks do not reproduce that.
+        raise NotImplementedError(
+            "fusedopt linear_cross_entropy does not support torch.autocast yet: cast input, weight and bias to the "
+            "16-bit dtype and call it outside autocast, or use F.linear + fusedopt.nn.functional.cross_entropy"
+        )
     _check(input, weight, target, bias, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")

@@ -51,7 +51,9 @@ class FusedOptimizerMixin:
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (expected a number >= 0, or None)")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.last_grad_norm: Tensor | None = None  # the unscaled global grad norm of the last step, on the device
+        # Per-step results live in a dict, not in attributes: torch.compile (Dynamo) drops attribute writes made on
+        # an optimizer inside a compiled step, but replays dict writes.
+        self._fusedopt_stats: dict = {}
         if differentiable:
             raise NotImplementedError(
                 f"fusedopt.optim.{type(self).__name__} does not support differentiable=True: its fused kernels "
@@ -60,6 +62,11 @@ class FusedOptimizerMixin:
         _backend.requested_backend(backend)  # validates the name early
         self._fusedopt_extra_defaults = {"backend": backend}
         self._bucket_cache: dict = {}
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The unscaled global grad norm of the last step (max_grad_norm set), on the device; None before."""
+        return self._fusedopt_stats.get("last_grad_norm")
 
     # --- param groups and state ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -181,7 +188,7 @@ class FusedOptimizerMixin:
         grad_scale / clip_coef with clip_coef = min(max_norm / (norm + 1e-6), 1), as clip_grad_norm_ computes it.
         All on the device: no host sync."""
         if not work:
-            self.last_grad_norm = torch.zeros(())
+            self._fusedopt_stats["last_grad_norm"] = torch.zeros(())
             return {}
         norms = [self._bucket_norm(b, grads) for _, b, grads in work]
         first = work[0][1].device
@@ -193,7 +200,7 @@ class FusedOptimizerMixin:
         scale, _ = self._amp_tensors(first)
         if scale is not None:
             total = total / scale.to(total.dtype)  # GradScaler: clip by the norm of the unscaled grads
-        self.last_grad_norm = total
+        self._fusedopt_stats["last_grad_norm"] = total
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         divisors = {}
         for _, b, _ in work:
