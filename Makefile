@@ -23,7 +23,7 @@ build: $(DEPS_STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --junitxml=build/junit.xml
 
 bench: build
 	$(PY) -m bench

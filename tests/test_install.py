@@ -23,12 +23,12 @@ def test_pip_install_cpu_only(tmp_path):
     assert (target / "fusedopt" / "triton_kernels" / "adam.py").exists()
     assert (target / "fusedopt" / "csrc" / "cuda" / "multi_tensor_apply.cuh").exists()  # for the JIT fallback
     script = (
-        "import torch, fusedopt; assert fusedopt.__file__.startswith(%r), fusedopt.__file__\n"
+        f"import torch, fusedopt; assert fusedopt.__file__.startswith({str(target)!r}), fusedopt.__file__\n"
         "p = torch.nn.Parameter(torch.ones(5)); p.grad = torch.ones(5)\n"
         "opt = fusedopt.Adam([p], lr=0.1); opt.step()\n"
         "assert opt.param_groups[0]['lr'] == 0.1 and abs(p[0].item() - 0.9) < 1e-6, p\n"
         "import fusedopt.triton_kernels.adam\n"
-        "print('ok', fusedopt._backend.status('cpu'))\n" % str(target)
+        "print('ok', fusedopt._backend.status('cpu'))\n"
     )
     run_env = dict(env, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=run_env, capture_output=True, text=True)
