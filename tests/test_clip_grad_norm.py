@@ -65,6 +65,20 @@ def test_clip_parity(dtypes, norm_type, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_clip_parity_named_backend(backend, norm_type):
+    """clip_grad_norm_(..., backend=b): the keyword-only extra picks the kernel; the result is torch's."""
+    gen = torch.Generator().manual_seed(11)
+    params = _grad_set("finite", [torch.float32], gen)
+    expected_total, ref = _reference(params, 0.5, norm_type, torch.float32)
+    total = clip_grad_norm_(params, 0.5, norm_type, backend=backend)
+    torch.testing.assert_close(total.double(), expected_total.double(), **tol(torch.float32, reduction=True))
+    for p, r in zip(params, ref):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad.double(), r, **tol(p.dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 def test_grad_norm_op_backends(backend, dtype, norm_type):

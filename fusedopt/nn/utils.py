@@ -4,6 +4,7 @@ coefficient staying on the device.
 
 Differences from torch, all documented here:
 - `foreach` is accepted and ignored: the fused kernels always run (one kernel per device and dtype).
+- Keyword-only extra `backend="auto"|"cuda"|"triton"|"cpu"|"torch"`, as on every fusedopt op.
 - norm_type must be > 0 or inf for the fused path; 0, negative and -inf orders go to torch's own implementation.
 - DTensor grads (FSDP2, TP): each device sums |x|^p (or max |x|) of its local shards in one fused pass; that partial
   value is wrapped as a DTensor with Partial placements on the mesh dims where the grad is sharded and reduced by
@@ -39,7 +40,8 @@ def _root(power_sum: Tensor, norm_type: float) -> Tensor:
 
 
 @torch.no_grad()
-def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None, *,
+                   backend: str | None = None) -> Tensor:  # fmt: skip
     """The norm of all `tensors` seen as one vector: torch.nn.utils.get_total_norm's result (dtype: the promoted
     dtype of the tensors; device: the first tensor's), computed by the fused grad_norm op."""
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
@@ -56,7 +58,7 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
         by_device: dict = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
-        norms = [grad_norm_op.grad_norm(ts, norm_type) for ts in by_device.values()]
+        norms = [grad_norm_op.grad_norm(ts, norm_type, backend=backend) for ts in by_device.values()]
         if len(norms) == 1:
             total = norms[0]
         else:
@@ -74,7 +76,8 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
 
 
 @torch.no_grad()
-def clip_grads_with_norm_(parameters, max_norm: float, total_norm: Tensor, foreach=None) -> None:
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: Tensor, foreach=None, *,
+                          backend: str | None = None) -> None:  # fmt: skip
     """grads *= min(max_norm / (total_norm + 1e-6), 1): one fused pass per (device, dtype), no host sync."""
     parameters = [parameters] if isinstance(parameters, Tensor) else parameters
     grads = [_local(p.grad) for p in parameters if p.grad is not None]
@@ -86,12 +89,12 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: Tensor, forea
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for device, gs in by_device.items():
-        grad_norm_op.scale_grads(gs, coef.to(device))
+        grad_norm_op.scale_grads(gs, coef.to(device), backend=backend)
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None) -> Tensor:  # fmt: skip
+                    foreach=None, *, backend: str | None = None) -> Tensor:  # fmt: skip
     """Drop-in for torch.nn.utils.clip_grad_norm_: scales the grads in place so that their total norm is at most
     max_norm, and returns the total norm (before clipping) as torch does."""
     if isinstance(parameters, Tensor):
@@ -102,6 +105,6 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
-    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, backend=backend)
+    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend=backend)
     return total_norm
