@@ -68,3 +68,22 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend)  # fmt: skip
     # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
     (adam_step_op if torch.compiler.is_compiling() else _impl)(*args)
+
+
+def cached_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, backend: str):
+    """The bucket's tensor lists held in C++ across steps (cpu backend, plain tensors), or None where the list path
+    must be used. An optimizer keeps it while its set of tensors is unchanged; see adam_step_cached."""
+    if backend != "cpu" or not params or hasattr(params[0], "_local_tensor"):
+        return None
+    return _backend.cpu_extension()[0].AdamBucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+
+
+def adam_step_cached(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                     grad_divisor=None, found_inf=None) -> bool:
+    """One step on a cached_bucket, reading every param's .grad in C++. False (nothing done) if a grad is None,
+    or under torch.compile, where the custom op must be traced: use adam_step then."""
+    if torch.compiler.is_compiling():
+        return False
+    lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # a CPU scalar here: no device sync
+    return bucket.step(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                       grad_divisor, found_inf)  # fmt: skip

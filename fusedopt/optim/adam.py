@@ -30,13 +30,8 @@ class _FusedAdamStep(FusedOptimizerMixin):
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             self._bucket_cache.clear()
             bucket.state_lists["max_exp_avg_sq"] = [self.state[p]["max_exp_avg_sq"] for p in bucket.params]
-        adam_op.adam_step(
-            bucket.local_params,
-            grads,
-            bucket.state_lists["exp_avg"],
-            bucket.state_lists["exp_avg_sq"],
-            bucket.state_lists.get("max_exp_avg_sq", []) if amsgrad else [],
-            bucket.steps,
+            bucket.extra.pop(("adam_cpp", True), None)
+        hyper = dict(
             lr=group["lr"],
             beta1=float(beta1),
             beta2=float(beta2),
@@ -47,7 +42,29 @@ class _FusedAdamStep(FusedOptimizerMixin):
             decoupled_weight_decay=self._decoupled(group),
             grad_divisor=grad_scale,
             found_inf=found_inf,
+        )
+        max_sqs = bucket.state_lists.get("max_exp_avg_sq", []) if amsgrad else []
+        # Eager fast path: the lists live in C++ and the grads are read there (no per-tensor Python work per step).
+        # torch.compile must trace the custom op instead.
+        if not torch.compiler.is_compiling():
+            key = ("adam_cpp", amsgrad)
+            if key not in bucket.extra:
+                bucket.extra[key] = adam_op.cached_bucket(
+                    bucket.local_params, bucket.state_lists["exp_avg"], bucket.state_lists["exp_avg_sq"], max_sqs,
+                    bucket.steps, backend=bucket.backend,
+                )  # fmt: skip
+            cached = bucket.extra[key]
+            if cached is not None and adam_op.adam_step_cached(cached, **hyper):
+                return
+        adam_op.adam_step(
+            bucket.local_params,
+            grads,
+            bucket.state_lists["exp_avg"],
+            bucket.state_lists["exp_avg_sq"],
+            max_sqs,
+            bucket.steps,
             backend=bucket.backend,
+            **hyper,
         )
 
     def _decoupled(self, group) -> bool:
