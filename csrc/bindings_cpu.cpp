@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "common/tensor_bucket.h"
 #include "common/tensor_lists.h"
 #include "cpu/grad_buffer.h"
 #include "cpu/kernels.h"
@@ -384,35 +385,17 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 namespace fusedopt::cpu {
 namespace {
 
-// One optimizer bucket's tensor lists, converted from Python once. step() reads each param's .grad in C++, so a
-// step converts no Python lists: with thousands of small tensors that conversion was most of the step.
-class AdamBucket {
- public:
-  AdamBucket(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
-             TensorList steps)
-      : params_(std::move(params)), exp_avgs_(std::move(exp_avgs)), exp_avg_sqs_(std::move(exp_avg_sqs)),
-        max_exp_avg_sqs_(std::move(max_exp_avg_sqs)), steps_(std::move(steps)) {}
-
-  // False (nothing done) when a param has no grad: the caller then takes the list path.
-  bool step(double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-            bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
-            const std::optional<at::Tensor>& found_inf) {
-    grads_.clear();
-    grads_.reserve(params_.size());
-    for (const auto& p : params_) {
-      const at::Tensor& g = p.grad();
-      if (!g.defined()) return false;
-      grads_.push_back(g);
-    }
-    adam_step(params_, grads_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2, eps,
-              weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf);
-    grads_.clear();  // hold no grad between steps
-    return true;
-  }
-
- private:
-  TensorList params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, grads_;
-};
+// adam_step on a TensorBucket [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]; false if a grad is None.
+bool adam_step_bucket(TensorBucket& b, double lr, double beta1, double beta2, double eps, double weight_decay,
+                      bool amsgrad, bool maximize, bool decoupled_weight_decay,
+                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf);
+  b.release_grads();
+  return true;
+}
 
 }  // namespace
 }  // namespace fusedopt::cpu
@@ -420,10 +403,8 @@ class AdamBucket {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CPU kernels (SIMD + threads)";
   m.def("adam_step", &fusedopt::cpu::adam_step, "Fused Adam/AdamW step over a list of CPU tensors");
-  pybind11::class_<fusedopt::cpu::AdamBucket>(m, "AdamBucket", "Adam tensor lists kept in C++ across steps")
-      .def(pybind11::init<fusedopt::TensorList, fusedopt::TensorList, fusedopt::TensorList, fusedopt::TensorList,
-                          fusedopt::TensorList>())
-      .def("step", &fusedopt::cpu::AdamBucket::step, "One fused step reading each param's .grad; False if one is None");
+  fusedopt::bind_tensor_bucket(m);
+  m.def("adam_step_bucket", &fusedopt::cpu::adam_step_bucket, "adam_step on a TensorBucket; False if a grad is None");
   m.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, "Fused RMSprop step over a list of CPU tensors");
   m.def("sgd_step", &fusedopt::cpu::sgd_step, "Fused SGD step over a list of CPU tensors");
   m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,

@@ -1,6 +1,7 @@
 // fusedopt._cuda: the CUDA kernels, bound for fusedopt/ops/*.py. The only C++ file of _cuda that knows Python.
 #include <torch/extension.h>
 
+#include "common/tensor_bucket.h"
 #include "common/tensor_lists.h"
 #include "cuda/kernels.h"
 
@@ -272,6 +273,19 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   launch_cross_entropy_scale_grad(grad, scale);
 }
 
+// adam_step on a TensorBucket [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]; false if a grad is None.
+bool adam_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                      double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                      bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
+                      const std::optional<at::Tensor>& found_inf) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, lr_tensor, beta1, beta2, eps,
+            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf);
+  b.release_grads();
+  return true;
+}
+
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
@@ -280,6 +294,9 @@ std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
   m.def("adam_step", &fusedopt::cuda::bind::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
+  fusedopt::bind_tensor_bucket(m);
+  m.def("adam_step_bucket", &fusedopt::cuda::bind::adam_step_bucket,
+        "adam_step on a TensorBucket; False if a grad is None");
   m.def("rmsprop_step", &fusedopt::cuda::bind::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
   m.def("sgd_step", &fusedopt::cuda::bind::sgd_step, "Fused SGD step over a list of CUDA tensors");
   m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,

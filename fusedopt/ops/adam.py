@@ -56,14 +56,23 @@ def _fake(*args):
 adam_step_op = define_op(SCHEMA, _impl, _fake)
 
 
+def _split_lr(lr) -> tuple:
+    """(float, None), or (0.0, tensor) for an lr tensor the kernel reads on the device. A CPU lr tensor is read here:
+    a CPU scalar costs no device sync, and the kernels want the value on the params' device."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
+            return float(lr), None
+        return 0.0, lr
+    return float(lr), None
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
               amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None, backend="auto"):
     """Updates params and state in place. `lr` may be a float or a one-element tensor."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, "adam")
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    lr_float, lr_tensor = _split_lr(lr)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend)  # fmt: skip
     # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
@@ -71,19 +80,24 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
 
 
 def cached_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, backend: str):
-    """The bucket's tensor lists held in C++ across steps (cpu backend, plain tensors), or None where the list path
-    must be used. An optimizer keeps it while its set of tensors is unchanged; see adam_step_cached."""
-    if backend != "cpu" or not params or hasattr(params[0], "_local_tensor"):
+    """The bucket's tensor lists held in C++ across steps (cpu and cuda backends, plain tensors), or None where the
+    list path must be used. An optimizer keeps it while its set of tensors is unchanged; see adam_step_cached."""
+    if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
         return None
-    return _backend.cpu_extension()[0].AdamBucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    ext = _backend.cpu_extension()[0] if backend == "cpu" else _backend.cuda_extension()[0]
+    return backend, ext, ext.TensorBucket([params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])
 
 
-def adam_step_cached(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+def adam_step_cached(cached, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
                      grad_divisor=None, found_inf=None) -> bool:
     """One step on a cached_bucket, reading every param's .grad in C++. False (nothing done) if a grad is None,
     or under torch.compile, where the custom op must be traced: use adam_step then."""
     if torch.compiler.is_compiling():
         return False
-    lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # a CPU scalar here: no device sync
-    return bucket.step(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                       grad_divisor, found_inf)  # fmt: skip
+    backend, ext, bucket = cached
+    lr_float, lr_tensor = _split_lr(lr)
+    if backend == "cpu":
+        return ext.adam_step_bucket(bucket, lr_float, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                    decoupled_weight_decay, grad_divisor, found_inf)  # fmt: skip
+    return ext.adam_step_bucket(bucket, lr_float, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                decoupled_weight_decay, grad_divisor, found_inf)  # fmt: skip
