@@ -10,6 +10,7 @@ from fusedopt.triton_kernels.multi_tensor import (
     TensorTable,
     increment_steps,
     opmath,
+    program_block,
     scalars_tensor,
 )
 
@@ -24,13 +25,7 @@ def adam_kernel(
     DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    numel = tl.load(numel_ptr + t)
-    if HAS_FOUND_INF:
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # GradScaler found an inf: touch nothing
-    mask = offs < numel
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
     # Hyperparameters in float64 (hp_ptr), bias corrections from this tensor's step, then opmath.
     lr = tl.load(hp_ptr + 0)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath
+from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath, program_block
 
 BLOCK = 2048
 KIND_ONE, KIND_TWO, KIND_P, KIND_INF = range(4)
@@ -20,10 +20,7 @@ def norm_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, partials_ptr, p_ptr,
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_ptr + t)
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, numel_ptr, False, BLOCK)
     x_ptr = tl.load(addrs_ptr + t).to(tl.pointer_type(DTYPE))
     a = tl.abs(tl.load(x_ptr + offs, mask=mask, other=0).to(OPMATH))
     if KIND == 0:
@@ -40,16 +37,13 @@ def norm_kernel(
         is_nan = a != a
         part = tl.max(tl.where(is_nan, 0.0, a))
         part = tl.where(tl.max(is_nan.to(tl.int32)) > 0, tl.sum(a), part)  # a sum keeps the NaN
-    tl.store(partials_ptr + pid, part)
+    tl.store(partials_ptr + tl.program_id(0), part)
 
 
 @triton.jit
 def scale_kernel(addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, coef_ptr, DTYPE: tl.constexpr,
                  OPMATH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_ptr + t)
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, numel_ptr, False, BLOCK)
     x_ptr = tl.load(addrs_ptr + t).to(tl.pointer_type(DTYPE))
     coef = tl.load(coef_ptr).to(OPMATH)
     tl.store(x_ptr + offs, (tl.load(x_ptr + offs, mask=mask).to(OPMATH) * coef).to(DTYPE), mask=mask)

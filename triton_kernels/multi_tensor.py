@@ -72,6 +72,20 @@ def scalars_tensor(values: list, device: torch.device, lr_tensor: torch.Tensor |
 
 
 @triton.jit
+def program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """This program's tensor index, its 64-bit element offsets, and their mask: empty when GradScaler found an inf,
+    so a skipped step touches nothing. Every multi-tensor kernel starts here."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)
+    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    numel = tl.load(numel_ptr + t)
+    if HAS_FOUND_INF:
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    return t, offs, offs < numel
+
+
+@triton.jit
 def increment_steps_kernel(addrs_ptr, n, step_row, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     """step += 1 for tensor program_id(0), unless GradScaler found an inf."""
     t = tl.program_id(0).to(tl.int64)

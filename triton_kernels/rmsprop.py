@@ -5,7 +5,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, increment_steps, opmath, scalars_tensor
+from fusedopt.triton_kernels.multi_tensor import (
+    TRITON_DTYPES,
+    TensorTable,
+    increment_steps,
+    opmath,
+    program_block,
+    scalars_tensor,
+)
 
 BLOCK = 1024
 ROW_PARAM, ROW_GRAD, ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF, ROW_STEP = range(6)
@@ -18,13 +25,7 @@ def rmsprop_kernel(
     MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    numel = tl.load(numel_ptr + t)
-    if HAS_FOUND_INF:
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # GradScaler found an inf: touch nothing
-    mask = offs < numel
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
     lr = tl.load(hp_ptr + 0).to(OPMATH)
     alpha = tl.load(hp_ptr + 1)

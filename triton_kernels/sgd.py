@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath, scalars_tensor
+from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath, program_block, scalars_tensor
 
 BLOCK = 1024
 ROW_PARAM, ROW_GRAD, ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = range(4)
@@ -19,13 +19,7 @@ def sgd_kernel(
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    numel = tl.load(numel_ptr + t)
-    if HAS_FOUND_INF:
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # GradScaler found an inf: touch nothing
-    mask = offs < numel
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
     lr = tl.load(hp_ptr + 0).to(OPMATH)
     momentum = tl.load(hp_ptr + 1).to(OPMATH)
