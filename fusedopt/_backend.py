@@ -101,6 +101,21 @@ def triton_module() -> tuple[ModuleType | None, str]:
     return mod, "" if mod else f"triton is not installed ({err})"
 
 
+def kernels(backend: str, triton_module: str) -> ModuleType:
+    """The module holding a resolved backend's kernels for one op: fusedopt._C, fusedopt._cuda,
+    fusedopt.triton_kernels.<triton_module>, or fusedopt.reference (the plain-torch backend). Ops whose kernels take
+    the same arguments on every backend call `kernels(backend, name).<entry>(...)`."""
+    if backend == "cpu":
+        return cpu_extension()[0]
+    if backend == "cuda":
+        return cuda_extension()[0]
+    if backend == "triton":
+        return importlib.import_module(f"fusedopt.triton_kernels.{triton_module}")
+    if backend == "torch":
+        return importlib.import_module("fusedopt.reference")
+    raise ValueError(f"fusedopt: unknown backend {backend!r}")
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

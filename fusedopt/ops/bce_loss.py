@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt import _backend, reference
+from fusedopt import _backend
 from fusedopt.ops._library import define_op
 
 BCE_SCHEMA = (
@@ -26,17 +26,8 @@ BCE_LOGITS_SCHEMA = (
 
 
 def _kernels(backend: str):
-    if backend == "cpu":
-        return _backend.cpu_extension()[0]
-    if backend == "cuda":
-        return _backend.cuda_extension()[0]
-    if backend == "triton":
-        from fusedopt.triton_kernels import bce_loss as triton_bce
-
-        return triton_bce
-    if backend == "torch":
-        return reference
-    raise ValueError(f"fusedopt bce loss: unknown backend {backend!r}")
+    """The module holding this backend's bce_loss kernels."""
+    return _backend.kernels(backend, "bce_loss")
 
 
 def _bce_impl(input, target, weight, weight_period, scale, reduction, need_grad, out_dtype, backend):

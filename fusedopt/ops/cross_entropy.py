@@ -21,18 +21,8 @@ SCALE_SCHEMA = "cross_entropy_scale_grad_(Tensor(a!) grad, Tensor scale, str bac
 
 
 def _kernels(backend: str):
-    """The module holding this backend's cross_entropy_fwd and cross_entropy_scale_grad."""
-    if backend == "cpu":
-        return _backend.cpu_extension()[0]
-    if backend == "cuda":
-        return _backend.cuda_extension()[0]
-    if backend == "triton":
-        from fusedopt.triton_kernels import cross_entropy as triton_ce
-
-        return triton_ce
-    if backend == "torch":
-        return reference
-    raise ValueError(f"fusedopt cross_entropy: unknown backend {backend!r}")
+    """The module holding this backend's cross_entropy kernels."""
+    return _backend.kernels(backend, "cross_entropy")
 
 
 def _impl(logits, target, weight, grad_out, grad_scale, need_grad, ignore_index, label_smoothing, z_loss, softcap,

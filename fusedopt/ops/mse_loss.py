@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt import _backend, reference
+from fusedopt import _backend
 from fusedopt.ops._library import define_op
 
 SCHEMA = (
@@ -22,17 +22,7 @@ SCHEMA = (
 
 def _impl(input, target, weight, weight_period, scale, scale_tensor, reduction, need_grad, out_dtype, backend):
     args = (input, target, weight, weight_period, scale, scale_tensor, reduction, need_grad, out_dtype)
-    if backend == "cpu":
-        return _backend.cpu_extension()[0].mse_loss_fwd(*args)
-    if backend == "cuda":
-        return _backend.cuda_extension()[0].mse_loss_fwd(*args)
-    if backend == "triton":
-        from fusedopt.triton_kernels import mse_loss as triton_mse
-
-        return triton_mse.mse_loss_fwd(*args)
-    if backend == "torch":
-        return reference.mse_loss_fwd(*args)
-    raise ValueError(f"fusedopt mse_loss_fwd: unknown backend {backend!r}")
+    return _backend.kernels(backend, "mse_loss").mse_loss_fwd(*args)
 
 
 def _fake(input, target, weight, weight_period, scale, scale_tensor, reduction, need_grad, out_dtype, backend):
