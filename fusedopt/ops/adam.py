@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import define_op, split_lr
 
 SCHEMA = (
     "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -56,23 +56,13 @@ def _fake(*args):
 adam_step_op = define_op(SCHEMA, _impl, _fake)
 
 
-def _split_lr(lr) -> tuple:
-    """(float, None), or (0.0, tensor) for an lr tensor the kernel reads on the device. A CPU lr tensor is read here:
-    a CPU scalar costs no device sync, and the kernels want the value on the params' device."""
-    if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
-            return float(lr), None
-        return 0.0, lr
-    return float(lr), None
-
-
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
               amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None, backend="auto"):
     """Updates params and state in place. `lr` may be a float or a one-element tensor."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, "adam")
-    lr_float, lr_tensor = _split_lr(lr)
+    lr_float, lr_tensor = split_lr(lr, params[0].device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, backend)  # fmt: skip
     # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
@@ -85,7 +75,7 @@ def cached_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, back
     if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
         return None
     ext = _backend.cpu_extension()[0] if backend == "cpu" else _backend.cuda_extension()[0]
-    return backend, ext, ext.TensorBucket([params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])
+    return backend, ext, ext.TensorBucket([params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]), params[0].device
 
 
 def adam_step_cached(cached, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
@@ -94,8 +84,8 @@ def adam_step_cached(cached, *, lr, beta1, beta2, eps, weight_decay, amsgrad, ma
     or under torch.compile, where the custom op must be traced: use adam_step then."""
     if torch.compiler.is_compiling():
         return False
-    backend, ext, bucket = cached
-    lr_float, lr_tensor = _split_lr(lr)
+    backend, ext, bucket, device = cached
+    lr_float, lr_tensor = split_lr(lr, device)
     if backend == "cpu":
         return ext.adam_step_bucket(bucket, lr_float, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                     decoupled_weight_decay, grad_divisor, found_inf)  # fmt: skip

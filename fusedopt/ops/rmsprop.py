@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import define_op, split_lr
 
 SCHEMA = (
     "rmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
@@ -62,10 +62,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, "rmsprop")
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
-        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
-    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    lr_float, lr_tensor = split_lr(lr, params[0].device)
     args = (
         params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else [], steps,
         lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import define_op, split_lr
 
 # first_flags: [] or one float32 scalar per param; nonzero makes that momentum buffer a copy of the grad this step
 # (torch's first step). The step clears them, unless found_inf skips it: the flag then waits for the next step.
@@ -63,10 +63,7 @@ def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, damp
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, "sgd")
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    if lr_tensor is not None and lr_tensor.device != params[0].device:  # e.g. a CPU lr for CUDA params
-        lr_tensor = lr_tensor.to(params[0].device, non_blocking=True)
-    lr_float = 0.0 if lr_tensor is not None else float(lr)
+    lr_float, lr_tensor = split_lr(lr, params[0].device)
     use_buf = momentum != 0
     args = (
         params, grads, momentum_buffers if use_buf else [], first_flags if use_buf else [], lr_float, lr_tensor,
