@@ -32,22 +32,34 @@ Fn for_this_cpu(Fn default_fn, Fn avx2_fn, Fn avx512_fn) {
 }
 #define FUSEDOPT_CPU_KERNEL(name) for_this_cpu(DEFAULT::name, AVX2::name, AVX512::name)
 
+void check_cpu_group(const TensorList& params, const char* op) {
+  TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+bool divisor_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A grad the kernel reads, or also writes (the unscaled grad under GradScaler): a writable copy when not contiguous.
+void* grad_ptr(ContiguousScope& scope, const at::Tensor& grad, bool written) {
+  return written ? scope.write(grad).data_ptr() : scope.read(grad).data_ptr();
+}
+
 void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
   constexpr const char* op = "fusedopt adam_step (cpu)";
   if (params.empty()) return;
   const at::ScalarType dtype = params[0].scalar_type();
-  for (const auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_list(*list, params, "tensor list", op);
-  for (const auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_same_dtype(*list, dtype, "tensor", op);
-  if (amsgrad) {
-    check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
-    check_same_dtype(max_exp_avg_sqs, dtype, "max_exp_avg_sqs", op);
-  }
-  check_steps(steps, params, op);
-  TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  check_list(exp_avgs, params, "exp_avgs", op);
+  check_list(exp_avg_sqs, params, "exp_avg_sqs", op);
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
+  check_scalars(steps, params, "steps", op);
+  check_cpu_group(params, op);
 
   AdamArgs a;
   a.kind = scalar_kind(dtype, op);
@@ -59,6 +71,7 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   a.amsgrad = amsgrad;
   a.maximize = maximize;
   a.decoupled_weight_decay = decoupled_weight_decay;
+  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
   a.grad_divisor = divisor ? divisor->data_ptr<float>() : nullptr;
@@ -70,7 +83,7 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   for (size_t i = 0; i < n; ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.read(grads[i]).data_ptr());
+    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
     a.exp_avg.push_back(scope.write(exp_avgs[i]).data_ptr());
     a.exp_avg_sq.push_back(scope.write(exp_avg_sqs[i]).data_ptr());
     if (amsgrad) a.max_exp_avg_sq.push_back(scope.write(max_exp_avg_sqs[i]).data_ptr());
@@ -171,25 +184,20 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, 
   return {loss, grad};
 }
 
-void check_cpu_group(const TensorList& params, const char* op) {
-  TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
-}
-
-const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
-
 void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
                   const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
                   double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
-                  const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+                  bool write_back_grads) {
   constexpr const char* op = "fusedopt rmsprop_step (cpu)";
   if (params.empty()) return;
   const at::ScalarType dtype = params[0].scalar_type();
-  std::vector<const TensorList*> lists{&params, &grads, &square_avgs};
-  if (centered) lists.push_back(&grad_avgs);
-  if (momentum > 0) lists.push_back(&momentum_buffers);
-  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
-  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
-  check_steps(steps, params, op);
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  check_list(square_avgs, params, "square_avgs", op);
+  if (centered) check_list(grad_avgs, params, "grad_avgs", op);
+  if (momentum > 0) check_list(momentum_buffers, params, "momentum_buffers", op);
+  check_scalars(steps, params, "steps", op);
   check_cpu_group(params, op);
 
   RmspropArgs a;
@@ -201,6 +209,7 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   a.momentum = momentum;
   a.centered = centered;
   a.maximize = maximize;
+  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
   a.grad_divisor = opt_ptr(divisor);
@@ -210,7 +219,7 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   for (size_t i = 0; i < params.size(); ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.read(grads[i]).data_ptr());
+    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
     a.square_avg.push_back(scope.write(square_avgs[i]).data_ptr());
     if (centered) a.grad_avg.push_back(scope.write(grad_avgs[i]).data_ptr());
     if (momentum > 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
@@ -222,15 +231,14 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
 void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
               const TensorList& first_flags, double lr, double momentum, double dampening, double weight_decay,
               bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
   constexpr const char* op = "fusedopt sgd_step (cpu)";
   if (params.empty()) return;
   const at::ScalarType dtype = params[0].scalar_type();
-  std::vector<const TensorList*> lists{&params, &grads};
-  if (momentum != 0) lists.push_back(&momentum_buffers);
-  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
-  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
-  if (!first_flags.empty()) check_steps(first_flags, params, op);
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  if (momentum != 0) check_list(momentum_buffers, params, "momentum_buffers", op);
+  if (momentum != 0 && !first_flags.empty()) check_scalars(first_flags, params, "first_flags", op);
   check_cpu_group(params, op);
 
   SgdArgs a;
@@ -241,6 +249,7 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   a.weight_decay = weight_decay;
   a.nesterov = nesterov;
   a.maximize = maximize;
+  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
   a.grad_divisor = opt_ptr(divisor);
@@ -250,7 +259,7 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   for (size_t i = 0; i < params.size(); ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.read(grads[i]).data_ptr());
+    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
     if (momentum != 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
     if (momentum != 0 && !first_flags.empty()) a.first_flag.push_back(first_flags[i].data_ptr<float>());
   }
@@ -388,11 +397,12 @@ namespace {
 // adam_step on a TensorBucket [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]; false if a grad is None.
 bool adam_step_bucket(TensorBucket& b, double lr, double beta1, double beta2, double eps, double weight_decay,
                       bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+                      bool write_back_grads) {
   const TensorList* grads = b.grads();
   if (grads == nullptr) return false;
   adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, beta1, beta2, eps, weight_decay,
-            amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf);
+            amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, write_back_grads);
   b.release_grads();
   return true;
 }

@@ -21,27 +21,34 @@ void check_cuda_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].is_cuda(), op, ": params must be CUDA tensors, got ", params[0].device());
 }
 
+bool divisor_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A grad the kernel reads, or also writes (the unscaled grad under GradScaler): a writable copy when not contiguous.
+at::Tensor grad_arg(ContiguousScope& scope, const at::Tensor& grad, bool written) {
+  return written ? scope.write(grad) : scope.read(grad);
+}
+
 void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
                const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
                bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+               bool write_back_grads) {
   constexpr const char* op = "fusedopt adam_step (cuda)";
   if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  for (const auto* list : {&grads, &exp_avgs, &exp_avg_sqs}) check_list(*list, params, "tensor list", op);
-  for (const auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_same_dtype(*list, dtype, "tensor", op);
-  if (amsgrad) {
-    check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
-    check_same_dtype(max_exp_avg_sqs, dtype, "max_exp_avg_sqs", op);
-  }
-  check_steps(steps, params, op);
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  check_list(exp_avgs, params, "exp_avgs", op);
+  check_list(exp_avg_sqs, params, "exp_avg_sqs", op);
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
+  check_scalars(steps, params, "steps", op);
   check_cuda_group(params, op);
+  write_back_grads = write_back_grads && divisor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, m, v, vmax;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(scope.read(grads[i]));
+    g.push_back(grad_arg(scope, grads[i], write_back_grads));
     m.push_back(scope.write(exp_avgs[i]));
     v.push_back(scope.write(exp_avg_sqs[i]));
     if (amsgrad) vmax.push_back(scope.write(max_exp_avg_sqs[i]));
@@ -54,7 +61,7 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
                lr_dev ? lr_dev->data_ptr<float>() : nullptr,
                divisor ? divisor->data_ptr<float>() : nullptr,
                inf ? inf->data_ptr<float>() : nullptr,
-               amsgrad, maximize, decoupled_weight_decay};
+               amsgrad, maximize, decoupled_weight_decay, write_back_grads};
   fusedopt::cuda::adam_step(a);
 }
 
@@ -122,23 +129,22 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
                   const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
                   const std::optional<at::Tensor>& lr_tensor, double alpha, double eps, double weight_decay,
                   double momentum, bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
   constexpr const char* op = "fusedopt rmsprop_step (cuda)";
   if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  std::vector<const TensorList*> lists{&grads, &square_avgs};
-  if (centered) lists.push_back(&grad_avgs);
-  if (momentum > 0) lists.push_back(&momentum_buffers);
-  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
-  lists.push_back(&params);
-  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
-  check_steps(steps, params, op);
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  check_list(square_avgs, params, "square_avgs", op);
+  if (centered) check_list(grad_avgs, params, "grad_avgs", op);
+  if (momentum > 0) check_list(momentum_buffers, params, "momentum_buffers", op);
+  check_scalars(steps, params, "steps", op);
   check_cuda_group(params, op);
+  write_back_grads = write_back_grads && divisor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, s, ga, mb;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(scope.read(grads[i]));
+    g.push_back(grad_arg(scope, grads[i], write_back_grads));
     s.push_back(scope.write(square_avgs[i]));
     if (centered) ga.push_back(scope.write(grad_avgs[i]));
     if (momentum > 0) mb.push_back(scope.write(momentum_buffers[i]));
@@ -149,29 +155,28 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   const TensorList empty;
   RmspropLaunch a{&p,  &g,        &s,      &ga,          &mb,      &steps,        &empty,
                   lr,  alpha,     eps,     weight_decay, momentum, opt_ptr(lr_dev), opt_ptr(divisor),
-                  opt_ptr(inf), centered, maximize};
+                  opt_ptr(inf), centered, maximize, write_back_grads};
   fusedopt::cuda::rmsprop_step(a);
 }
 
 void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
               const TensorList& first_flags, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
               double dampening, double weight_decay, bool nesterov, bool maximize,
-              const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+              bool write_back_grads) {
   constexpr const char* op = "fusedopt sgd_step (cuda)";
   if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  std::vector<const TensorList*> lists{&grads};
-  if (momentum != 0) lists.push_back(&momentum_buffers);
-  for (const auto* list : lists) check_list(*list, params, "tensor list", op);
-  lists.push_back(&params);
-  for (const auto* list : lists) check_same_dtype(*list, dtype, "tensor", op);
-  if (momentum != 0 && !first_flags.empty()) check_steps(first_flags, params, op);
+  check_params(params, op);
+  check_list(grads, params, "grads", op);
+  if (momentum != 0) check_list(momentum_buffers, params, "momentum_buffers", op);
+  if (momentum != 0 && !first_flags.empty()) check_scalars(first_flags, params, "first_flags", op);
   check_cuda_group(params, op);
+  write_back_grads = write_back_grads && divisor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, mb;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(scope.read(grads[i]));
+    g.push_back(grad_arg(scope, grads[i], write_back_grads));
     if (momentum != 0) mb.push_back(scope.write(momentum_buffers[i]));
   }
   const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
@@ -179,7 +184,7 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
   const TensorList empty;
   SgdLaunch a{&p,           &g,        &mb,       &first_flags,    &empty,           lr,           momentum,
-              dampening,    weight_decay, opt_ptr(lr_dev), opt_ptr(divisor), opt_ptr(inf), nesterov, maximize};
+              dampening,    weight_decay, opt_ptr(lr_dev), opt_ptr(divisor), opt_ptr(inf), nesterov, maximize, write_back_grads};
   fusedopt::cuda::sgd_step(a);
 }
 
@@ -277,11 +282,11 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 bool adam_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                       double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                       bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
   const TensorList* grads = b.grads();
   if (grads == nullptr) return false;
   adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf);
+            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, write_back_grads);
   b.release_grads();
   return true;
 }

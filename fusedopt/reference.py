@@ -9,15 +9,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedopt import _checks
+
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _effective_grad(grad: Tensor, dtype: torch.dtype, grad_divisor: Tensor | None, maximize: bool) -> Tensor:
+def _effective_grad(grad: Tensor, dtype: torch.dtype, grad_divisor: Tensor | None, maximize: bool,
+                    write_back: bool = False, skip: Tensor | None = None) -> Tensor:  # fmt: skip
     g = grad.to(dtype)
     if grad_divisor is not None:
         g = g / grad_divisor.to(dtype)
+        if write_back:  # GradScaler: .grad holds the unscaled grad afterwards, as torch's fused optimizers leave it
+            _commit(grad, g, skip)
     return -g if maximize else g
 
 
@@ -29,8 +34,15 @@ def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-               amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None):  # fmt: skip
+               amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None,
+               write_back_grads=False):  # fmt: skip
     """torch.optim.Adam/AdamW's update (single-tensor form), with GradScaler's unscale and inf-skip folded in."""
+    if not params:
+        return
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _checks.check_step("fusedopt adam_step (torch)", params, lists, {"steps": steps})
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, param in enumerate(params):
         ot = opmath_dtype(param.dtype)
@@ -38,7 +50,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         step.add_(1.0 if skip is None else (~skip).to(step.dtype))
         t = step.to(torch.float64)
         lr_t = lr.to(param.device, torch.float64) if isinstance(lr, Tensor) else lr
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -66,14 +78,23 @@ def _lr_value(lr, device):
 
 
 def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
-                  momentum, centered, maximize, grad_divisor=None, found_inf=None):  # fmt: skip
+                  momentum, centered, maximize, grad_divisor=None, found_inf=None,
+                  write_back_grads=False):  # fmt: skip
     """torch.optim.RMSprop's update (single-tensor form), with GradScaler's unscale and inf-skip folded in."""
+    if not params:
+        return
+    lists = {"grads": grads, "square_avgs": square_avgs}
+    if centered:
+        lists["grad_avgs"] = grad_avgs
+    if momentum > 0:
+        lists["momentum_buffers"] = momentum_buffers
+    _checks.check_step("fusedopt rmsprop_step (torch)", params, lists, {"steps": steps})
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, param in enumerate(params):
         ot = opmath_dtype(param.dtype)
         steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
         lr_t = _lr_value(lr, param.device)
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -95,14 +116,21 @@ def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, steps
 
 
 def sgd_step_(params, grads, momentum_buffers, first_flags, *, lr, momentum, dampening, weight_decay, nesterov,
-              maximize, grad_divisor=None, found_inf=None):  # fmt: skip
+              maximize, grad_divisor=None, found_inf=None, write_back_grads=False):  # fmt: skip
     """torch.optim.SGD's update (single-tensor form). A nonzero first_flags[i] makes momentum_buffers[i] a copy of
     the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
+    if not params:
+        return
+    use_buf = momentum != 0
+    _checks.check_step(
+        "fusedopt sgd_step (torch)", params, {"grads": grads, **({"momentum_buffers": momentum_buffers} if use_buf else {})},
+        {"first_flags": first_flags} if use_buf and first_flags else {},
+    )  # fmt: skip
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, param in enumerate(params):
         ot = opmath_dtype(param.dtype)
         lr_t = _lr_value(lr, param.device)
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if weight_decay != 0:
             g = g + weight_decay * p

@@ -177,10 +177,10 @@ def _op_cases():
     return {
         "rmsprop_step": (
             ps(), ps(), zeros(), zeros(), zeros(), steps(), 0.01, None, 0.9, 1e-8, 0.1, 0.5, True, False,
-            torch.tensor(2.0), torch.tensor(0.0), "cpu",
+            torch.tensor(2.0), torch.tensor(0.0), True, "cpu",
         ),
         "sgd_step": (
-            ps(), ps(), zeros(), flags(), 0.01, torch.tensor(0.02), 0.9, 0.1, 0.01, False, True, None, None, "cpu",
+            ps(), ps(), zeros(), flags(), 0.01, torch.tensor(0.02), 0.9, 0.1, 0.01, False, True, None, None, False, "cpu",
         ),
         "grad_norm": (ps(), 2.0, "cpu"),
         "scale_grads": (ps(), torch.tensor(0.5), "cpu"),

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath, program_block
+from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, ContiguousCopies, TensorTable, opmath, program_block
 
 BLOCK = 2048
 KIND_ONE, KIND_TWO, KIND_P, KIND_INF = range(4)
@@ -49,15 +49,11 @@ def scale_kernel(addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, coef_p
     tl.store(x_ptr + offs, (tl.load(x_ptr + offs, mask=mask).to(OPMATH) * coef).to(DTYPE), mask=mask)
 
 
-def _contiguous(tensors):
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
 def grad_norm_power_sum(tensors, norm_type: float) -> torch.Tensor:
     """sum |x|^p (max |x| for inf) over tensors of one dtype, as a float64/float32 scalar on their device."""
     dtype = tensors[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    table = TensorTable([_contiguous(tensors)], BLOCK)
+    table = TensorTable([ContiguousCopies.read(tensors)], BLOCK)
     if table.blocks == 0:
         return torch.zeros((), dtype=acc, device=tensors[0].device)
     kind = KIND_INF if math.isinf(norm_type) else {1.0: KIND_ONE, 2.0: KIND_TWO}.get(norm_type, KIND_P)
@@ -73,9 +69,8 @@ def grad_norm_power_sum(tensors, norm_type: float) -> torch.Tensor:
 
 def scale_tensors(tensors, coef: torch.Tensor) -> None:
     """x *= coef in opmath, coef a one-element tensor on the tensors' device."""
-    if any(not t.is_contiguous() for t in tensors):
-        raise RuntimeError("fusedopt scale_grads (triton): tensors must be contiguous")
-    table = TensorTable([tensors], BLOCK)
+    copies = ContiguousCopies()
+    table = TensorTable([copies.write(tensors)], BLOCK)
     if table.blocks == 0:
         return
     dtype = tensors[0].dtype
@@ -83,3 +78,4 @@ def scale_tensors(tensors, coef: torch.Tensor) -> None:
         table.addrs, table.numel, table.block_tensor, table.block_start, coef.reshape(1).to(torch.float64),
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), BLOCK=BLOCK,
     )  # fmt: skip
+    copies.finish()

@@ -71,6 +71,54 @@ def scalars_tensor(values: list, device: torch.device, lr_tensor: torch.Tensor |
     return dev
 
 
+class ContiguousCopies:
+    """Kernels read every tensor of a table with one flat offset: a non-contiguous tensor (a strided view, a
+    channels_last param) runs on a contiguous copy, and the copies that were written go back after the launch."""
+
+    def __init__(self):
+        self._writebacks: list = []
+
+    @staticmethod
+    def read(tensors: list) -> list:
+        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+    def write(self, tensors: list) -> list:
+        out = []
+        for t in tensors:
+            if not t.is_contiguous():
+                copy = t.contiguous()
+                self._writebacks.append((t, copy))
+                t = copy
+            out.append(t)
+        return out
+
+    def finish(self) -> None:
+        for dst, src in self._writebacks:
+            dst.copy_(src)
+        self._writebacks.clear()
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """torch's lerp (see csrc/common/lerp.h): the `end - diff * (1 - w)` form for |w| >= 0.5 is exact at w = 1."""
+    diff = end - start
+    return tl.where(tl.abs(weight) < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+
+
+@triton.jit
+def pow_by_squaring(base, exponent):
+    """base ** exponent for a whole-number exponent (an optimizer's step), by repeated squaring in base's dtype:
+    correct for a negative base, where exp(exponent * log(base)) is NaN."""
+    result = base * 0.0 + 1.0
+    remaining = exponent.to(tl.int64)
+    while remaining > 0:
+        if (remaining & 1) != 0:
+            result = result * base
+        base = base * base
+        remaining = remaining >> 1
+    return result
+
+
 @triton.jit
 def program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip

@@ -5,10 +5,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fusedopt import _checks
 from fusedopt.triton_kernels.multi_tensor import (
     TRITON_DTYPES,
+    ContiguousCopies,
     TensorTable,
     increment_steps,
+    lerp,
     opmath,
     program_block,
     scalars_tensor,
@@ -23,7 +26,7 @@ def rmsprop_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
@@ -44,6 +47,8 @@ def rmsprop_kernel(
     # --- the RMSprop update, written once ---
     if HAS_DIVISOR:
         grad = grad * (1.0 / tl.load(grad_divisor_ptr).to(tl.float64)).to(OPMATH)
+    if WRITE_BACK_GRADS:  # GradScaler: .grad holds the unscaled grad afterwards
+        tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
     if MAXIMIZE:
         grad = -grad
     if HAS_WEIGHT_DECAY:
@@ -52,7 +57,7 @@ def rmsprop_kernel(
     if CENTERED:
         a_ptr = tl.load(addrs_ptr + ROW_GRAD_AVG * n_tensors + t).to(tl.pointer_type(DTYPE))
         grad_avg = tl.load(a_ptr + offs, mask=mask).to(OPMATH)
-        grad_avg = grad_avg + (grad - grad_avg) * one_minus_alpha
+        grad_avg = lerp(grad_avg, grad, one_minus_alpha)
         tl.store(a_ptr + offs, grad_avg.to(DTYPE), mask=mask)
         avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
@@ -70,19 +75,25 @@ def rmsprop_kernel(
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps,
-                 weight_decay, momentum, centered, maximize, grad_divisor, found_inf):  # fmt: skip
+                 weight_decay, momentum, centered, maximize, grad_divisor, found_inf,
+                 write_back_grads=False):  # fmt: skip
     if not params:
         return
-    dtype, device = params[0].dtype, params[0].device
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    for name, lst in (("params", params), ("square_avgs", square_avgs), ("grad_avgs", grad_avgs),
-                      ("momentum_buffers", momentum_buffers)):  # fmt: skip
-        if any(not t.is_contiguous() for t in lst):
-            raise RuntimeError(f"fusedopt rmsprop_step (triton): {name} must be contiguous")
     use_buf = momentum > 0
-    table = TensorTable(
-        [params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if use_buf else [], steps], BLOCK
-    )
+    lists = {"grads": grads, "square_avgs": square_avgs}
+    if centered:
+        lists["grad_avgs"] = grad_avgs
+    if use_buf:
+        lists["momentum_buffers"] = momentum_buffers
+    _checks.check_step("fusedopt rmsprop_step (triton)", params, lists, {"steps": steps})
+    dtype, device = params[0].dtype, params[0].device
+    write_back_grads = write_back_grads and grad_divisor is not None
+    copies = ContiguousCopies()
+    params, square_avgs = copies.write(params), copies.write(square_avgs)
+    grad_avgs = copies.write(grad_avgs) if centered else []
+    momentum_buffers = copies.write(momentum_buffers) if use_buf else []
+    grads = copies.write(grads) if write_back_grads else copies.read(grads)
+    table = TensorTable([params, grads, square_avgs, grad_avgs, momentum_buffers, steps], BLOCK)
     increment_steps(table, ROW_STEP, found_inf)
     if table.blocks == 0:
         return
@@ -93,5 +104,6 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         found_inf.float() if found_inf is not None else hp,
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), CENTERED=centered, MOMENTUM=use_buf, MAXIMIZE=maximize,
         HAS_WEIGHT_DECAY=weight_decay != 0, HAS_DIVISOR=grad_divisor is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
     )  # fmt: skip
+    copies.finish()

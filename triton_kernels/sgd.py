@@ -6,7 +6,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import TRITON_DTYPES, TensorTable, opmath, program_block, scalars_tensor
+from fusedopt import _checks
+from fusedopt.triton_kernels.multi_tensor import (
+    TRITON_DTYPES,
+    ContiguousCopies,
+    TensorTable,
+    opmath,
+    program_block,
+    scalars_tensor,
+)
 
 BLOCK = 1024
 ROW_PARAM, ROW_GRAD, ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = range(4)
@@ -17,7 +25,7 @@ def sgd_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr, HAS_FLAGS: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
 
@@ -34,6 +42,8 @@ def sgd_kernel(
     # --- the SGD update, written once ---
     if HAS_DIVISOR:
         grad = grad * (1.0 / tl.load(grad_divisor_ptr).to(tl.float64)).to(OPMATH)
+    if WRITE_BACK_GRADS:  # GradScaler: .grad holds the unscaled grad afterwards
+        tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
     if MAXIMIZE:
         grad = -grad
     if HAS_WEIGHT_DECAY:
@@ -64,19 +74,22 @@ def clear_flags_kernel(addrs_ptr, n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr)
 
 
 def sgd_step(params, grads, momentum_buffers, first_flags, lr, lr_tensor, momentum, dampening, weight_decay,
-             nesterov, maximize, grad_divisor, found_inf):  # fmt: skip
+             nesterov, maximize, grad_divisor, found_inf, write_back_grads=False):  # fmt: skip
     if not params:
         return
-    dtype, device = params[0].dtype, params[0].device
     use_buf = momentum != 0
     has_flags = use_buf and bool(first_flags)
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    for name, lst in (("params", params), ("momentum_buffers", momentum_buffers)):
-        if any(not t.is_contiguous() for t in lst):
-            raise RuntimeError(f"fusedopt sgd_step (triton): {name} must be contiguous")
-    table = TensorTable(
-        [params, grads, momentum_buffers if use_buf else [], first_flags if has_flags else []], BLOCK
-    )
+    _checks.check_step(
+        "fusedopt sgd_step (triton)", params, {"grads": grads, **({"momentum_buffers": momentum_buffers} if use_buf else {})},
+        {"first_flags": first_flags} if has_flags else {},
+    )  # fmt: skip
+    dtype, device = params[0].dtype, params[0].device
+    write_back_grads = write_back_grads and grad_divisor is not None
+    copies = ContiguousCopies()
+    params = copies.write(params)
+    momentum_buffers = copies.write(momentum_buffers) if use_buf else []
+    grads = copies.write(grads) if write_back_grads else copies.read(grads)
+    table = TensorTable([params, grads, momentum_buffers, first_flags if has_flags else []], BLOCK)
     hp = scalars_tensor([lr, momentum, dampening, weight_decay], device, lr_tensor)
     found = found_inf.float() if found_inf is not None else hp
     if table.blocks:
@@ -85,7 +98,9 @@ def sgd_step(params, grads, momentum_buffers, first_flags, lr, lr_tensor, moment
             grad_divisor.float() if grad_divisor is not None else hp, found,
             DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), MOMENTUM=use_buf, HAS_FLAGS=has_flags,
             NESTEROV=nesterov, MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0,
-            HAS_DIVISOR=grad_divisor is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+            HAS_DIVISOR=grad_divisor is not None, HAS_FOUND_INF=found_inf is not None,
+            WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
         )  # fmt: skip
+    copies.finish()
     if has_flags:
         clear_flags_kernel[(table.n,)](table.addrs, table.n, found, HAS_FOUND_INF=found_inf is not None)

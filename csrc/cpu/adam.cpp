@@ -3,6 +3,7 @@
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/vec_io.h"
+#include "common/lerp.h"
 
 #include <cmath>
 
@@ -14,13 +15,13 @@ struct AdamCoefs {
   S beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
   S weight_decay, decay_factor;  // decay_factor = 1 - lr * wd for AdamW
   S step_size, bias_correction2_sqrt, grad_factor;
-  bool amsgrad, maximize, decoupled;
+  bool amsgrad, maximize, decoupled, write_back_grads;
 };
 
-// V is Vectorized<float> or Vectorized<double>; the same code runs for full and partial blocks.
+// V is Vectorized<float> or Vectorized<double>; the same code runs for full and partial blocks. `grad` comes
+// already divided by the grad divisor (see adam_chunk).
 template <typename V, typename S>
 inline void adam_math(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq, const AdamCoefs<S>& c) {
-  grad = grad * V(c.grad_factor);
   if (c.maximize) grad = V(S(0)) - grad;
   if (c.weight_decay != S(0)) {
     if (c.decoupled)
@@ -28,7 +29,7 @@ inline void adam_math(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_av
     else
       grad = grad + param * V(c.weight_decay);
   }
-  exp_avg = exp_avg + (grad - exp_avg) * V(c.one_minus_beta1);
+  exp_avg = fusedopt::lerp(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * V(c.beta2) + grad * grad * V(c.one_minus_beta2);
   V second_moment = exp_avg_sq;
   if (max_exp_avg_sq != nullptr) {
@@ -42,8 +43,9 @@ inline void adam_math(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_av
 template <typename T>
 void adam_chunk(const AdamArgs& a, int64_t t, int64_t begin, int64_t end, const AdamCoefs<opmath_t<T>>& c) {
   using B = Block<T>;
+  using V = typename B::Vec;
   auto* param = static_cast<T*>(a.param[t]);
-  auto* grad = static_cast<const T*>(a.grad[t]);
+  auto* grad = static_cast<T*>(a.grad[t]);
   auto* exp_avg = static_cast<T*>(a.exp_avg[t]);
   auto* exp_avg_sq = static_cast<T*>(a.exp_avg_sq[t]);
   auto* max_sq = c.amsgrad ? static_cast<T*>(a.max_exp_avg_sq[t]) : nullptr;
@@ -52,6 +54,8 @@ void adam_chunk(const AdamArgs& a, int64_t t, int64_t begin, int64_t end, const 
     B p = B::load(param + i, n), g = B::load(grad + i, n), m = B::load(exp_avg + i, n), v = B::load(exp_avg_sq + i, n);
     B vmax;
     if (max_sq) vmax = B::load(max_sq + i, n);
+    for (int k = 0; k < B::kLanes; ++k) g.lane[k] = g.lane[k] * V(c.grad_factor);
+    if (c.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad, as torch's fused
     for (int k = 0; k < B::kLanes; ++k)
       adam_math(p.lane[k], g.lane[k], m.lane[k], v.lane[k], max_sq ? &vmax.lane[k] : nullptr, c);
     p.store(param + i, n);
@@ -86,6 +90,7 @@ void adam_typed(const AdamArgs& a) {
     c.amsgrad = a.amsgrad;
     c.maximize = a.maximize;
     c.decoupled = a.decoupled_weight_decay;
+    c.write_back_grads = a.write_back_grads;
     adam_chunk<T>(a, t, begin, end, c);
   });
 }

@@ -20,6 +20,8 @@ struct AdamArgs {
   // clipping is folded into the step.
   const float* grad_divisor = nullptr;
   const float* found_inf = nullptr;  // nonzero: skip the whole step, steps included (GradScaler semantics)
+  // GradScaler's step: the divided (unscaled) grad is written back to grad, as torch's fused optimizers do.
+  bool write_back_grads = false;
 };
 
 struct RmspropArgs {
@@ -31,6 +33,7 @@ struct RmspropArgs {
   bool centered = false, maximize = false;
   const float* grad_divisor = nullptr;  // as AdamArgs
   const float* found_inf = nullptr;
+  bool write_back_grads = false;
 };
 
 struct SgdArgs {
@@ -44,6 +47,7 @@ struct SgdArgs {
   bool nesterov = false, maximize = false;
   const float* grad_divisor = nullptr;  // as AdamArgs
   const float* found_inf = nullptr;
+  bool write_back_grads = false;
 };
 
 enum class NormKind { One, Two, P, Inf };

@@ -3,6 +3,7 @@
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/vec_io.h"
+#include "common/lerp.h"
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace {
@@ -10,19 +11,18 @@ namespace {
 template <typename S>
 struct RmspropCoefs {
   S lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_factor;
-  bool centered, use_momentum, maximize;
+  bool centered, use_momentum, maximize, write_back_grads;
 };
 
 // torch.optim.RMSprop's update (single-tensor form) on one opmath vector; grad_avg / buf are null when unused.
 template <typename V, typename S>
 inline void rmsprop_math(V& param, V grad, V& square_avg, V* grad_avg, V* buf, const RmspropCoefs<S>& c) {
-  grad = grad * V(c.grad_factor);
   if (c.maximize) grad = V(S(0)) - grad;
   if (c.weight_decay != S(0)) grad = grad + param * V(c.weight_decay);
   square_avg = square_avg * V(c.alpha) + grad * grad * V(c.one_minus_alpha);
   V avg;
   if (grad_avg != nullptr) {
-    *grad_avg = *grad_avg + (grad - *grad_avg) * V(c.one_minus_alpha);
+    *grad_avg = fusedopt::lerp(*grad_avg, grad, c.one_minus_alpha);
     avg = (square_avg - *grad_avg * *grad_avg).sqrt() + V(c.eps);
   } else {
     avg = square_avg.sqrt() + V(c.eps);
@@ -38,8 +38,9 @@ inline void rmsprop_math(V& param, V grad, V& square_avg, V* grad_avg, V* buf, c
 template <typename T>
 void rmsprop_chunk(const RmspropArgs& a, int64_t t, int64_t begin, int64_t end, const RmspropCoefs<opmath_t<T>>& c) {
   using B = Block<T>;
+  using V = typename B::Vec;
   auto* param = static_cast<T*>(a.param[t]);
-  auto* grad = static_cast<const T*>(a.grad[t]);
+  auto* grad = static_cast<T*>(a.grad[t]);
   auto* square_avg = static_cast<T*>(a.square_avg[t]);
   auto* grad_avg = c.centered ? static_cast<T*>(a.grad_avg[t]) : nullptr;
   auto* buf = c.use_momentum ? static_cast<T*>(a.momentum_buffer[t]) : nullptr;
@@ -49,6 +50,8 @@ void rmsprop_chunk(const RmspropArgs& a, int64_t t, int64_t begin, int64_t end, 
     B ga, mb;
     if (grad_avg) ga = B::load(grad_avg + i, n);
     if (buf) mb = B::load(buf + i, n);
+    for (int k = 0; k < B::kLanes; ++k) g.lane[k] = g.lane[k] * V(c.grad_factor);
+    if (c.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
     for (int k = 0; k < B::kLanes; ++k)
       rmsprop_math(p.lane[k], g.lane[k], v.lane[k], grad_avg ? &ga.lane[k] : nullptr, buf ? &mb.lane[k] : nullptr, c);
     p.store(param + i, n);
@@ -74,6 +77,7 @@ void rmsprop_typed(const RmspropArgs& a) {
   c.centered = a.centered;
   c.use_momentum = a.momentum > 0.0;
   c.maximize = a.maximize;
+  c.write_back_grads = a.write_back_grads;
   for_each_chunk(a.numel, [&](int64_t t, int64_t begin, int64_t end) { rmsprop_chunk<T>(a, t, begin, end, c); });
 }
 

@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "common/lerp.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -20,7 +21,6 @@ struct AdamCoefs {
 template <typename S>
 __device__ __forceinline__ void adam_math(S& param, S grad, S& exp_avg, S& exp_avg_sq, S* max_exp_avg_sq,
                                           const AdamCoefs<S>& c, bool maximize, bool decoupled) {
-  grad *= c.grad_factor;
   if (maximize) grad = -grad;
   if (c.weight_decay != S(0)) {
     if (decoupled)
@@ -28,11 +28,11 @@ __device__ __forceinline__ void adam_math(S& param, S grad, S& exp_avg, S& exp_a
     else
       grad += c.weight_decay * param;
   }
-  exp_avg += (grad - exp_avg) * c.one_minus_beta1;
+  exp_avg = fusedopt::lerp(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
   S second_moment = exp_avg_sq;
   if (max_exp_avg_sq != nullptr) {
-    *max_exp_avg_sq = max(*max_exp_avg_sq, exp_avg_sq);
+    *max_exp_avg_sq = nan_propagating_max(*max_exp_avg_sq, exp_avg_sq);  // torch.maximum keeps NaN
     second_moment = *max_exp_avg_sq;
   }
   const S denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
@@ -46,7 +46,7 @@ struct AdamFunctor {
   const float* lr_ptr;        // overrides lr when set (a tensor lr, read on the device)
   const float* grad_divisor;  // GradScaler scale (/ clip coefficient), or null
   const float* found_inf;     // nonzero: skip
-  bool amsgrad, maximize, decoupled;
+  bool amsgrad, maximize, decoupled, write_back_grads;
 
   __device__ void operator()(const TensorTable<kAdamLists>& tab, int64_t t, int64_t begin, int64_t end) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -64,14 +64,15 @@ struct AdamFunctor {
     c.grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
 
     T* param = tab.template ptr<T>(kParam, t);
-    const T* grad = tab.template ptr<T>(kGrad, t);
+    T* grad = tab.template ptr<T>(kGrad, t);
     T* exp_avg = tab.template ptr<T>(kExpAvg, t);
     T* exp_avg_sq = tab.template ptr<T>(kExpAvgSq, t);
     T* max_sq = amsgrad ? tab.template ptr<T>(kMaxExpAvgSq, t) : nullptr;
 
     auto update = [&](int64_t i) {  // the scalar path: tail and unaligned tensors
       S p = param[i], m = exp_avg[i], v = exp_avg_sq[i], vmax = max_sq ? S(max_sq[i]) : S(0);
-      adam_math<S>(p, S(grad[i]), m, v, max_sq ? &vmax : nullptr, c, maximize, decoupled);
+      const S g = unscaled_grad<T>(grad[i], c.grad_factor, write_back_grads);
+      adam_math<S>(p, g, m, v, max_sq ? &vmax : nullptr, c, maximize, decoupled);
       param[i] = T(p);
       exp_avg[i] = T(m);
       exp_avg_sq[i] = T(v);
@@ -84,7 +85,7 @@ struct AdamFunctor {
       vector_end = begin + (end - begin) / kVec * kVec;
       for (int64_t i = begin + threadIdx.x * kVec; i < vector_end; i += static_cast<int64_t>(blockDim.x) * kVec) {
         Vec16<T> pv = *reinterpret_cast<const Vec16<T>*>(param + i);
-        const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
+        Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
         Vec16<T> mv = *reinterpret_cast<const Vec16<T>*>(exp_avg + i);
         Vec16<T> vv = *reinterpret_cast<const Vec16<T>*>(exp_avg_sq + i);
         Vec16<T> xv;
@@ -92,7 +93,8 @@ struct AdamFunctor {
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           S p = pv.v[k], m = mv.v[k], v = vv.v[k], vmax = max_sq ? S(xv.v[k]) : S(0);
-          adam_math<S>(p, S(gv.v[k]), m, v, max_sq ? &vmax : nullptr, c, maximize, decoupled);
+          const S g = unscaled_grad<T>(gv.v[k], c.grad_factor, write_back_grads);
+          adam_math<S>(p, g, m, v, max_sq ? &vmax : nullptr, c, maximize, decoupled);
           pv.v[k] = T(p);
           mv.v[k] = T(m);
           vv.v[k] = T(v);
@@ -100,6 +102,7 @@ struct AdamFunctor {
         }
         *reinterpret_cast<Vec16<T>*>(param + i) = pv;
         *reinterpret_cast<Vec16<T>*>(exp_avg + i) = mv;
+        if (write_back_grads) *reinterpret_cast<Vec16<T>*>(grad + i) = gv;
         *reinterpret_cast<Vec16<T>*>(exp_avg_sq + i) = vv;
         if (max_sq) *reinterpret_cast<Vec16<T>*>(max_sq + i) = xv;
       }
@@ -119,7 +122,8 @@ void adam_step(const AdamLaunch& a) {
   increment_steps(table, kStep, a.found_inf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_adam_cuda", [&] {
     AdamFunctor<scalar_t> fn{a.lr,       a.beta1,        a.beta2,     a.eps,     a.weight_decay, a.lr_ptr,
-                             a.grad_divisor, a.found_inf, a.amsgrad, a.maximize, a.decoupled_weight_decay};
+                             a.grad_divisor, a.found_inf, a.amsgrad, a.maximize, a.decoupled_weight_decay,
+                             a.write_back_grads};
     launch(table, fn);
   });
 }

@@ -17,6 +17,7 @@ struct AdamLaunch {
   const float* grad_divisor;  // device float32, or null
   const float* found_inf;     // device float32, or null
   bool amsgrad, maximize, decoupled_weight_decay;
+  bool write_back_grads;  // GradScaler: the divided (unscaled) grad is stored back, as torch's fused optimizers do
 };
 void adam_step(const AdamLaunch& args);
 
@@ -27,6 +28,7 @@ struct RmspropLaunch {
   const float* grad_divisor;  // device float32, or null
   const float* found_inf;     // device float32, or null
   bool centered, maximize;
+  bool write_back_grads;  // as AdamLaunch
 };
 void rmsprop_step(const RmspropLaunch& args);
 
@@ -37,6 +39,7 @@ struct SgdLaunch {
   const float* grad_divisor;
   const float* found_inf;
   bool nesterov, maximize;
+  bool write_back_grads;  // as AdamLaunch
 };
 void sgd_step(const SgdLaunch& args);
 

@@ -154,4 +154,19 @@ __device__ __forceinline__ bool all_aligned16(const TensorTable<kLists>& table, 
   return (bits & 15) == 0;
 }
 
+// The grad in opmath, divided by the grad divisor (GradScaler's scale / folded clip). Under GradScaler the result is
+// also stored back in place (`write_back`), as torch's fused optimizers leave .grad unscaled.
+template <typename T, typename S>
+__device__ __forceinline__ S unscaled_grad(T& grad, S grad_factor, bool write_back) {
+  const S g = S(grad) * grad_factor;
+  if (write_back) grad = T(g);
+  return g;
+}
+
+// max that returns NaN when either side is NaN, as torch.maximum does (fmax would drop it).
+template <typename S>
+__device__ __forceinline__ S nan_propagating_max(S a, S b) {
+  return (a > b || a != a) ? a : b;
+}
+
 }  // namespace fusedopt::cuda

@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "common/lerp.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -20,13 +21,12 @@ struct RmspropCoefs {
 template <typename S>
 __device__ __forceinline__ void rmsprop_math(S& param, S grad, S& square_avg, S* grad_avg, S* buf,
                                              const RmspropCoefs<S>& c, bool maximize) {
-  grad *= c.grad_factor;
   if (maximize) grad = -grad;
   if (c.weight_decay != S(0)) grad += c.weight_decay * param;
   square_avg = square_avg * c.alpha + c.one_minus_alpha * grad * grad;
   S avg;
   if (grad_avg != nullptr) {
-    *grad_avg += (grad - *grad_avg) * c.one_minus_alpha;
+    *grad_avg = fusedopt::lerp(*grad_avg, grad, c.one_minus_alpha);
     avg = sqrt(square_avg - *grad_avg * *grad_avg) + c.eps;
   } else {
     avg = sqrt(square_avg) + c.eps;
@@ -46,7 +46,7 @@ struct RmspropFunctor {
   const float* lr_ptr;        // overrides lr when set (a tensor lr, read on the device)
   const float* grad_divisor;  // GradScaler scale (/ clip coefficient), or null
   const float* found_inf;     // nonzero: skip
-  bool centered, maximize;
+  bool centered, maximize, write_back_grads;
 
   __device__ void operator()(const TensorTable<kRmspropLists>& tab, int64_t t, int64_t begin, int64_t end) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -61,7 +61,7 @@ struct RmspropFunctor {
     const bool use_buf = momentum > 0.0;
 
     T* param = tab.template ptr<T>(kParam, t);
-    const T* grad = tab.template ptr<T>(kGrad, t);
+    T* grad = tab.template ptr<T>(kGrad, t);
     T* square_avg = tab.template ptr<T>(kSquareAvg, t);
     T* grad_avg = centered ? tab.template ptr<T>(kGradAvg, t) : nullptr;
     T* buf = use_buf ? tab.template ptr<T>(kMomentumBuf, t) : nullptr;
@@ -72,7 +72,7 @@ struct RmspropFunctor {
       vector_end = begin + (end - begin) / kVec * kVec;
       for (int64_t i = begin + threadIdx.x * kVec; i < vector_end; i += static_cast<int64_t>(blockDim.x) * kVec) {
         Vec16<T> pv = *reinterpret_cast<const Vec16<T>*>(param + i);
-        const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
+        Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
         Vec16<T> sv = *reinterpret_cast<const Vec16<T>*>(square_avg + i);
         Vec16<T> av, bv;
         if (grad_avg) av = *reinterpret_cast<const Vec16<T>*>(grad_avg + i);
@@ -80,7 +80,8 @@ struct RmspropFunctor {
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           S p = pv.v[k], s = sv.v[k], a = grad_avg ? S(av.v[k]) : S(0), b = buf ? S(bv.v[k]) : S(0);
-          rmsprop_math<S>(p, S(gv.v[k]), s, grad_avg ? &a : nullptr, buf ? &b : nullptr, c, maximize);
+          const S g = unscaled_grad<T>(gv.v[k], c.grad_factor, write_back_grads);
+          rmsprop_math<S>(p, g, s, grad_avg ? &a : nullptr, buf ? &b : nullptr, c, maximize);
           pv.v[k] = T(p);
           sv.v[k] = T(s);
           if (grad_avg) av.v[k] = T(a);
@@ -88,13 +89,15 @@ struct RmspropFunctor {
         }
         *reinterpret_cast<Vec16<T>*>(param + i) = pv;
         *reinterpret_cast<Vec16<T>*>(square_avg + i) = sv;
+        if (write_back_grads) *reinterpret_cast<Vec16<T>*>(grad + i) = gv;
         if (grad_avg) *reinterpret_cast<Vec16<T>*>(grad_avg + i) = av;
         if (buf) *reinterpret_cast<Vec16<T>*>(buf + i) = bv;
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {  // the tail and unaligned tensors
       S p = param[i], s = square_avg[i], a = grad_avg ? S(grad_avg[i]) : S(0), b = buf ? S(buf[i]) : S(0);
-      rmsprop_math<S>(p, S(grad[i]), s, grad_avg ? &a : nullptr, buf ? &b : nullptr, c, maximize);
+      const S g = unscaled_grad<T>(grad[i], c.grad_factor, write_back_grads);
+      rmsprop_math<S>(p, g, s, grad_avg ? &a : nullptr, buf ? &b : nullptr, c, maximize);
       param[i] = T(p);
       square_avg[i] = T(s);
       if (grad_avg) grad_avg[i] = T(a);
@@ -114,7 +117,8 @@ void rmsprop_step(const RmspropLaunch& a) {
   increment_steps(table, kStep, a.found_inf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_rmsprop_cuda", [&] {
     RmspropFunctor<scalar_t> fn{a.lr,     a.alpha,        a.eps,       a.weight_decay, a.momentum,
-                                a.lr_ptr, a.grad_divisor, a.found_inf, a.centered,     a.maximize};
+                                a.lr_ptr, a.grad_divisor, a.found_inf, a.centered,     a.maximize,
+                                a.write_back_grads};
     launch(table, fn);
   });
 }

@@ -20,7 +20,6 @@ struct SgdCoefs {
 template <typename S>
 __device__ __forceinline__ void sgd_math(S& param, S grad, S* buf, bool first, const SgdCoefs<S>& c, bool nesterov,
                                          bool maximize) {
-  grad *= c.grad_factor;
   if (maximize) grad = -grad;
   if (c.weight_decay != S(0)) grad += c.weight_decay * param;
   if (buf != nullptr) {
@@ -37,7 +36,7 @@ struct SgdFunctor {
   const float* lr_ptr;
   const float* grad_divisor;
   const float* found_inf;
-  bool use_buf, nesterov, maximize;
+  bool use_buf, nesterov, maximize, write_back_grads;
 
   __device__ void operator()(const TensorTable<kSgdLists>& tab, int64_t t, int64_t begin, int64_t end) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -51,7 +50,7 @@ struct SgdFunctor {
     const bool first = flag != nullptr && *flag != 0.0f;  // cleared by clear_flags_kernel after this launch
 
     T* param = tab.template ptr<T>(kParam, t);
-    const T* grad = tab.template ptr<T>(kGrad, t);
+    T* grad = tab.template ptr<T>(kGrad, t);
     T* buf = use_buf ? tab.template ptr<T>(kMomentumBuf, t) : nullptr;
 
     int64_t vector_end = begin;
@@ -60,23 +59,26 @@ struct SgdFunctor {
       vector_end = begin + (end - begin) / kVec * kVec;
       for (int64_t i = begin + threadIdx.x * kVec; i < vector_end; i += static_cast<int64_t>(blockDim.x) * kVec) {
         Vec16<T> pv = *reinterpret_cast<const Vec16<T>*>(param + i);
-        const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
+        Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
         Vec16<T> bv;
         if (buf && !first) bv = *reinterpret_cast<const Vec16<T>*>(buf + i);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           S p = pv.v[k], b = (buf && !first) ? S(bv.v[k]) : S(0);
-          sgd_math<S>(p, S(gv.v[k]), buf ? &b : nullptr, first, c, nesterov, maximize);
+          const S g = unscaled_grad<T>(gv.v[k], c.grad_factor, write_back_grads);
+          sgd_math<S>(p, g, buf ? &b : nullptr, first, c, nesterov, maximize);
           pv.v[k] = T(p);
           if (buf) bv.v[k] = T(b);
         }
         *reinterpret_cast<Vec16<T>*>(param + i) = pv;
         if (buf) *reinterpret_cast<Vec16<T>*>(buf + i) = bv;
+        if (write_back_grads) *reinterpret_cast<Vec16<T>*>(grad + i) = gv;
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {
       S p = param[i], b = (buf && !first) ? S(buf[i]) : S(0);
-      sgd_math<S>(p, S(grad[i]), buf ? &b : nullptr, first, c, nesterov, maximize);
+      const S g = unscaled_grad<T>(grad[i], c.grad_factor, write_back_grads);
+      sgd_math<S>(p, g, buf ? &b : nullptr, first, c, nesterov, maximize);
       param[i] = T(p);
       if (buf) buf[i] = T(b);
     }
@@ -103,7 +105,8 @@ void sgd_step(const SgdLaunch& a) {
       {a.params, a.grads, use_buf ? a.momentum_buffers : a.empty, flags ? a.first_flags : a.empty});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_sgd_cuda", [&] {
     SgdFunctor<scalar_t> fn{a.lr,           a.momentum,  a.dampening, a.weight_decay, a.lr_ptr,
-                            a.grad_divisor, a.found_inf, use_buf,     a.nesterov,     a.maximize};
+                            a.grad_divisor, a.found_inf, use_buf,     a.nesterov,     a.maximize,
+                            a.write_back_grads};
     launch(table, fn);
   });
   if (flags) {

@@ -8,15 +8,15 @@ from fusedopt import _backend, reference
 from fusedopt.ops._library import define_op, split_lr
 
 SCHEMA = (
-    "rmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+    "rmsprop_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
     "Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float alpha, float eps, "
     "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_divisor, Tensor? found_inf, "
-    "str backend) -> ()"
+    "bool write_back_grads, str backend) -> ()"
 )
 
 
 def _impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
-          momentum, centered, maximize, grad_divisor, found_inf, backend):  # fmt: skip
+          momentum, centered, maximize, grad_divisor, found_inf, write_back_grads, backend):  # fmt: skip
     if not params:
         return
     if backend == "cpu":
@@ -24,25 +24,26 @@ def _impl(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr
             lr = float(lr_tensor)  # a CPU scalar: no device sync
         _backend.cpu_extension()[0].rmsprop_step(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, alpha, eps, weight_decay, momentum,
-            centered, maximize, grad_divisor, found_inf,
+            centered, maximize, grad_divisor, found_inf, write_back_grads,
         )  # fmt: skip
     elif backend == "cuda":
         _backend.cuda_extension()[0].rmsprop_step(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
-            momentum, centered, maximize, grad_divisor, found_inf,
+            momentum, centered, maximize, grad_divisor, found_inf, write_back_grads,
         )  # fmt: skip
     elif backend == "triton":
         from fusedopt.triton_kernels import rmsprop as triton_rmsprop
 
         triton_rmsprop.rmsprop_step(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps, weight_decay,
-            momentum, centered, maximize, grad_divisor, found_inf,
+            momentum, centered, maximize, grad_divisor, found_inf, write_back_grads,
         )  # fmt: skip
     elif backend == "torch":
         reference.rmsprop_step_(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
             momentum=momentum, centered=centered, maximize=maximize, grad_divisor=grad_divisor, found_inf=found_inf,
+            write_back_grads=write_back_grads,
         )  # fmt: skip
     else:
         raise ValueError(f"fusedopt rmsprop_step: unknown backend {backend!r}")
@@ -56,7 +57,8 @@ rmsprop_step_op = define_op(SCHEMA, _impl, _fake)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
-                 momentum, centered, maximize, grad_divisor=None, found_inf=None, backend="auto"):  # fmt: skip
+                 momentum, centered, maximize, grad_divisor=None, found_inf=None, write_back_grads=False,
+                 backend="auto"):  # fmt: skip
     """Updates params and state in place. grad_avgs is [] unless centered, momentum_buffers [] unless momentum > 0.
     `lr` may be a float or a one-element tensor."""
     if not params:
@@ -66,7 +68,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
     args = (
         params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else [], steps,
         lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
-        bool(maximize), grad_divisor, found_inf, backend,
+        bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend,
     )
     # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
     (rmsprop_step_op if torch.compiler.is_compiling() else _impl)(*args)

@@ -36,6 +36,26 @@ class Bucket:
     steps: list = field(default_factory=list)
     backend: str = "torch"
     extra: dict = field(default_factory=dict)  # per-optimizer cached lists (e.g. SGD's first-step flags)
+    index: list = field(default_factory=list)  # positions of `params` in their group
+    pass_index: int = 0  # > 0: the repeated entries of a param listed more than once in its group (see _passes)
+    repeated: bool = False  # pass 0 of a (device, dtype) kind that has later passes
+
+
+def _passes(params: list, idx: list) -> list:
+    """`idx` split into lists of distinct params. torch steps a param listed twice in a group twice, one update after
+    the other (it warns at construction); one kernel over both entries would read the old values twice. Pass k holds
+    the k-th occurrences, so running the passes in order gives torch's result."""
+    if len({id(params[i]) for i in idx}) == len(idx):
+        return [idx]
+    seen: dict = {}
+    passes: list = []
+    for i in idx:
+        k = seen.get(id(params[i]), 0)
+        seen[id(params[i])] = k + 1
+        if k == len(passes):
+            passes.append([])
+        passes[k].append(i)
+    return passes
 
 
 class FusedOptimizerMixin:
@@ -118,26 +138,33 @@ class FusedOptimizerMixin:
                 raise RuntimeError(f"fusedopt.optim.{type(self).__name__} does not support complex params yet")
             lp = local_tensor(p)
             by_kind.setdefault((lp.device, lp.dtype), []).append(i)
-        buckets = []
-        for (device, dtype), idx in by_kind.items():
-            params = [group["params"][i] for i in idx]
-            b = Bucket(device, dtype, params, [local_tensor(p) for p in params])
-            if not self.LAZY_STATE:
-                for p in params:
-                    if not self.state.get(p):
-                        self._init_state(group, p, self.state[p])
-            if self.HAS_STEP:
-                b.steps = [self.state[p]["step"] for p in params]
-            for k in self.STATE_KEYS:
-                if all(k in self.state.get(p, ()) for p in params):
-                    b.state_lists[k] = [local_tensor(self.state[p][k]) for p in params]
-            b.index = idx
-            b.backend = _backend.resolve(group.get("backend"), device, self.OP_NAME)
-            buckets.append(b)
+        buckets = [
+            self._make_bucket(gi, group, device, dtype, idx, pass_index)
+            for (device, dtype), idx_all in by_kind.items()
+            for pass_index, idx in enumerate(_passes(group["params"], idx_all))
+        ]
+        for b, after in zip(buckets, buckets[1:]):
+            b.repeated = b.pass_index == 0 and after.pass_index == 1
         self._bucket_cache[key] = (group["params"], buckets)
         return buckets
 
+    def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int) -> Bucket:
+        params = [group["params"][i] for i in idx]
+        b = Bucket(device, dtype, params, [local_tensor(p) for p in params], index=idx, pass_index=pass_index)
+        if not self.LAZY_STATE:
+            for p in params:
+                if not self.state.get(p):
+                    self._init_state(group, p, self.state[p])
+        if self.HAS_STEP:
+            b.steps = [self.state[p]["step"] for p in params]
+        for k in self.STATE_KEYS:
+            if all(k in self.state.get(p, ()) for p in params):
+                b.state_lists[k] = [local_tensor(self.state[p][k]) for p in params]
+        b.backend = _backend.resolve(group.get("backend"), device, self.OP_NAME)
+        return b
+
     def _grads_of(self, bucket: Bucket, grads: list) -> list:
+        """The bucket's grads from `grads`, the grads of its whole group (by group position)."""
         gs = grads if len(bucket.index) == len(grads) else [grads[i] for i in bucket.index]
         return [local_tensor(g) for g in gs] if hasattr(gs[0], "_local_tensor") else gs
 
@@ -168,14 +195,19 @@ class FusedOptimizerMixin:
                 with_grad = [i for i, g in enumerate(grads) if g is not None]
                 if not with_grad:
                     continue
-                grads = [grads[i] for i in with_grad]
             else:
                 with_grad = range(len(params))  # not a list: 10^4 int objects per step wake the GC
             work.extend((group, b, self._grads_of(b, grads)) for b in self._buckets(gi, group, with_grad))
         divisors = self._clip_divisors(work) if self.max_grad_norm is not None else {}
         for group, bucket, grads in work:
             grad_scale, found_inf = self._amp_tensors(bucket.device)
-            self._step_bucket(group, bucket, grads, divisors.get(bucket.device, grad_scale), found_inf)
+            divisor, clip_only = divisors.get(bucket.device, (grad_scale, None))
+            # Under GradScaler the kernels leave .grad unscaled, as torch's fused optimizers do. A repeated entry of a
+            # param (pass_index > 0) then finds its grad already unscaled by the first pass.
+            write_back = grad_scale is not None and bucket.pass_index == 0
+            if grad_scale is not None and bucket.pass_index > 0:
+                divisor = clip_only
+            self._step_bucket(group, bucket, grads, divisor, found_inf, write_back_grads=write_back)
         return loss
 
     def _bucket_norm(self, bucket: Bucket, local_grads: list) -> Tensor:
@@ -184,13 +216,15 @@ class FusedOptimizerMixin:
         return grad_norm_op.grad_norm(local_grads, 2.0, backend=bucket.backend)
 
     def _clip_divisors(self, work: list) -> dict:
-        """Folded clipping: the global 2-norm of the (unscaled) grads, and per device the grad divisor
-        grad_scale / clip_coef with clip_coef = min(max_norm / (norm + 1e-6), 1), as clip_grad_norm_ computes it.
+        """Folded clipping: the global 2-norm of the (unscaled) grads, and per device (the grad divisor
+        grad_scale / clip_coef, the divisor 1 / clip_coef alone) with clip_coef = min(max_norm / (norm + 1e-6), 1), as
+        clip_grad_norm_ computes it.
         All on the device: no host sync."""
         if not work:
             self._fusedopt_stats["last_grad_norm"] = torch.zeros(())
             return {}
-        norms = [self._bucket_norm(b, grads) for _, b, grads in work]
+        # A param listed twice in a group counts once, as in clip_grad_norm_(model.parameters()).
+        norms = [self._bucket_norm(b, grads) for _, b, grads in work if b.pass_index == 0]
         first = work[0][1].device
         if len(norms) == 1:
             total = norms[0]
@@ -207,8 +241,10 @@ class FusedOptimizerMixin:
             if b.device not in divisors:
                 scale, _ = self._amp_tensors(b.device)
                 c = coef.to(b.device, non_blocking=True)
-                divisors[b.device] = ((scale / c) if scale is not None else c.reciprocal()).to(torch.float32)
+                clip_only = c.reciprocal().to(torch.float32)
+                divisors[b.device] = ((scale / c).to(torch.float32) if scale is not None else clip_only, clip_only)
         return divisors
 
-    def _step_bucket(self, group: dict, bucket: Bucket, grads: list, grad_scale, found_inf) -> None:
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list, grad_divisor, found_inf, *,
+                     write_back_grads: bool) -> None:  # fmt: skip
         raise NotImplementedError

@@ -19,7 +19,7 @@ class _FusedAdamStep(FusedOptimizerMixin):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _step_bucket(self, group, bucket: Bucket, grads, grad_scale, found_inf):
+    def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         if amsgrad and "max_exp_avg_sq" not in bucket.state_lists:
@@ -40,8 +40,9 @@ class _FusedAdamStep(FusedOptimizerMixin):
             amsgrad=amsgrad,
             maximize=group["maximize"],
             decoupled_weight_decay=self._decoupled(group),
-            grad_divisor=grad_scale,
+            grad_divisor=grad_divisor,
             found_inf=found_inf,
+            write_back_grads=write_back_grads,
         )
         max_sqs = bucket.state_lists.get("max_exp_avg_sq", []) if amsgrad else []
         # Eager fast path: the lists live in C++ and the grads are read there (no per-tensor Python work per step).

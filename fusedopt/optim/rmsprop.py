@@ -43,7 +43,7 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
             bucket.state_lists[key] = [local_tensor(self.state[p][key]) for p in bucket.params]
         return bucket.state_lists[key]
 
-    def _step_bucket(self, group, bucket: Bucket, grads, grad_scale, found_inf):
+    def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         momentum, centered = group["momentum"], group["centered"]
         rmsprop_op.rmsprop_step(
             bucket.local_params,
@@ -59,7 +59,8 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
             momentum=momentum,
             centered=centered,
             maximize=group["maximize"],
-            grad_divisor=grad_scale,
+            grad_divisor=grad_divisor,
             found_inf=found_inf,
+            write_back_grads=write_back_grads,
             backend=bucket.backend,
         )

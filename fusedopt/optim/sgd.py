@@ -27,6 +27,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                  foreach=None, differentiable=False, fused=None, backend=None, max_grad_norm=None):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm)
         self._first_flags: dict = {}  # param -> float32 device flag: buffer not started yet (see module doc)
+        self._repeat_flags: dict = {}  # param -> its flag before this step's first pass (params listed twice)
         super().__init__(
             params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
@@ -60,9 +61,21 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             bucket.extra["first_flags"] = flags
         return bucket.state_lists["momentum_buffer"], flags
 
-    def _step_bucket(self, group, bucket: Bucket, grads, grad_scale, found_inf):
+    def _repeat_pass_flags(self, bucket: Bucket) -> list:
+        """torch reads every entry's buffer before updating any: on a param's first step, its repeated entries start
+        from the grad too. So a later pass gets the flags as they were before pass 0 cleared them."""
+        if not self._repeat_flags:
+            return []
+        zero = lambda: torch.zeros((), dtype=torch.float32, device=bucket.device)
+        return [self._repeat_flags[p].clone() if p in self._repeat_flags else zero() for p in bucket.params]
+
+    def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         momentum = group["momentum"]
         buffers, flags = self._buffers_and_flags(bucket) if momentum != 0 else ([], [])
+        if momentum != 0 and bucket.repeated:
+            self._repeat_flags = {p: f.clone() for p, f in zip(bucket.params, flags)}
+        elif momentum != 0 and bucket.pass_index > 0:
+            flags = self._repeat_pass_flags(bucket)
         wd = group["weight_decay"]
         sgd_op.sgd_step(
             bucket.local_params,
@@ -75,11 +88,12 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             weight_decay=float(wd),  # torch allows a tensor weight decay; a CUDA one costs one read here
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            grad_divisor=grad_scale,
+            grad_divisor=grad_divisor,
             found_inf=found_inf,
+            write_back_grads=write_back_grads,
             backend=bucket.backend,
         )
-        if flags and found_inf is None:  # no skip possible: every flag of the bucket is now clear
+        if flags and found_inf is None and bucket.pass_index == 0:  # no skip: every flag of the bucket is now clear
             for p in bucket.params:
                 self._first_flags.pop(p, None)
             bucket.extra["first_flags"] = []

@@ -1,0 +1,75 @@
+"""The checks every backend makes on an optimizer step's lists, with the same messages as csrc/common/tensor_lists.h
+(run by the cpu and cuda backends); the triton and torch backends run these. Order: the params group, then each
+list, then the per-param scalars. A kernel reads every tensor with its param's extent, so once these pass nothing
+past a tensor is read."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def check_params(params: list, op: str) -> None:
+    """Dense tensors of one device and one supported floating dtype (one call handles one group)."""
+    first = params[0]
+    for i, p in enumerate(params):
+        if p is None:
+            raise RuntimeError(f"{op}: params[{i}] is undefined (None)")
+        if p.layout != torch.strided:
+            raise RuntimeError(f"{op}: params[{i}] is not a dense (strided) tensor; fusedopt supports dense tensors only")
+        if p.device != first.device:
+            raise RuntimeError(f"{op}: params[{i}] is on {p.device}, params[0] on {first.device} (one call handles one device)")
+        if p.dtype != first.dtype:
+            raise RuntimeError(f"{op}: params[{i}] is {p.dtype}, params[0] {first.dtype} (one call handles one dtype)")
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"{op}: params of dtype {first.dtype} are not supported "
+            "(torch.float32, torch.float64, torch.bfloat16 and torch.float16 are)"
+        )
+
+
+def check_list(tensors: list, params: list, name: str, op: str) -> None:
+    """One tensor per param, matching it in device, shape and dtype."""
+    if len(tensors) != len(params):
+        raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params has {len(params)}")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        if t is None:
+            raise RuntimeError(f"{op}: {name}[{i}] is undefined (None)")
+        if t.layout != torch.strided:
+            raise RuntimeError(f"{op}: {name}[{i}] is not a dense (strided) tensor; fusedopt supports dense tensors only")
+        if t.device != p.device:
+            raise RuntimeError(f"{op}: {name}[{i}] is on {t.device}, its param on {p.device}")
+        if t.shape != p.shape:
+            raise RuntimeError(f"{op}: {name}[{i}] has shape {_shape(t)}, its param {_shape(p)}")
+        if t.dtype != p.dtype:
+            raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype}, its param {p.dtype}")
+
+
+def check_scalars(tensors: list, params: list, name: str, op: str) -> None:
+    """One float32 scalar per param, on its device (the state 'step', SGD's first-step flags)."""
+    if len(tensors) != len(params):
+        raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params has {len(params)}")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        ok = (
+            t is not None
+            and t.layout == torch.strided
+            and t.numel() == 1
+            and t.dtype == torch.float32
+            and t.device == p.device
+        )
+        if not ok:
+            raise RuntimeError(f"{op}: {name}[{i}] must be a one-element torch.float32 tensor on its param's device")
+
+
+def check_step(op: str, params: list, lists: dict, scalars: dict | None = None) -> None:
+    """check_params, then check_list for each (name -> list) of `lists`, then check_scalars for `scalars`."""
+    check_params(params, op)
+    for name, tensors in lists.items():
+        check_list(tensors, params, name, op)
+    for name, tensors in (scalars or {}).items():
+        check_scalars(tensors, params, name, op)
