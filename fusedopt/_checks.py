@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DENSE_ONLY = "fusedopt supports dense tensors only"
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -21,9 +22,11 @@ def check_params(params: list, op: str) -> None:
         if p is None:
             raise RuntimeError(f"{op}: params[{i}] is undefined (None)")
         if p.layout != torch.strided:
-            raise RuntimeError(f"{op}: params[{i}] is not a dense (strided) tensor; fusedopt supports dense tensors only")
+            raise RuntimeError(f"{op}: params[{i}] is not a dense (strided) tensor; {_DENSE_ONLY}")
         if p.device != first.device:
-            raise RuntimeError(f"{op}: params[{i}] is on {p.device}, params[0] on {first.device} (one call handles one device)")
+            raise RuntimeError(
+                f"{op}: params[{i}] is on {p.device}, params[0] on {first.device} (one call handles one device)"
+            )
         if p.dtype != first.dtype:
             raise RuntimeError(f"{op}: params[{i}] is {p.dtype}, params[0] {first.dtype} (one call handles one dtype)")
     if first.dtype not in SUPPORTED_DTYPES:
@@ -41,7 +44,7 @@ def check_list(tensors: list, params: list, name: str, op: str) -> None:
         if t is None:
             raise RuntimeError(f"{op}: {name}[{i}] is undefined (None)")
         if t.layout != torch.strided:
-            raise RuntimeError(f"{op}: {name}[{i}] is not a dense (strided) tensor; fusedopt supports dense tensors only")
+            raise RuntimeError(f"{op}: {name}[{i}] is not a dense (strided) tensor; {_DENSE_ONLY}")
         if t.device != p.device:
             raise RuntimeError(f"{op}: {name}[{i}] is on {t.device}, its param on {p.device}")
         if t.shape != p.shape:

@@ -101,7 +101,7 @@ def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, steps
         sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
         if centered:
             ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
-            avg = (sq - ga * ga).sqrt() + eps
+            avg = sq.addcmul(ga, ga, value=-1).sqrt() + eps  # torch's form: one rounding (fma)
             _commit(grad_avgs[i], ga, skip)
         else:
             avg = sq.sqrt() + eps
@@ -121,11 +121,9 @@ def sgd_step_(params, grads, momentum_buffers, first_flags, *, lr, momentum, dam
     the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
     if not params:
         return
-    use_buf = momentum != 0
-    _checks.check_step(
-        "fusedopt sgd_step (torch)", params, {"grads": grads, **({"momentum_buffers": momentum_buffers} if use_buf else {})},
-        {"first_flags": first_flags} if use_buf and first_flags else {},
-    )  # fmt: skip
+    lists = {"grads": grads, "momentum_buffers": momentum_buffers} if momentum != 0 else {"grads": grads}
+    flags = {"first_flags": first_flags} if momentum != 0 and first_flags else {}
+    _checks.check_step("fusedopt sgd_step (torch)", params, lists, flags)
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, param in enumerate(params):
         ot = opmath_dtype(param.dtype)

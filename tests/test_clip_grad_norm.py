@@ -180,7 +180,8 @@ def _op_cases():
             torch.tensor(2.0), torch.tensor(0.0), True, "cpu",
         ),
         "sgd_step": (
-            ps(), ps(), zeros(), flags(), 0.01, torch.tensor(0.02), 0.9, 0.1, 0.01, False, True, None, None, False, "cpu",
+            ps(), ps(), zeros(), flags(), 0.01, torch.tensor(0.02), 0.9, 0.1, 0.01, False, True, None, None, False,
+            "cpu",
         ),
         "grad_norm": (ps(), 2.0, "cpu"),
         "scale_grads": (ps(), torch.tensor(0.5), "cpu"),

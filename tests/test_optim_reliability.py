@@ -64,15 +64,21 @@ def _adam_lists(**replace):
 
 BAD_LISTS = {
     "grad_reshaped": ({"grads": (0, torch.randn(2, 4))}, "grads[0] has shape [2, 4], its param [4, 2]"),
-    "grad_float64": ({"grads": (1, torch.randn(3, dtype=torch.float64))}, "grads[1] is torch.float64, its param torch.float32"),
+    "grad_float64": ({"grads": (1, torch.randn(3, dtype=torch.float64))},
+                     "grads[1] is torch.float64, its param torch.float32"),
     "grad_sparse": ({"grads": (1, torch.randn(3).to_sparse())}, "grads[1] is not a dense (strided) tensor"),
     "grad_missing": ({"grads": (1, None)}, "grads has 1 tensors, params has 2"),
     "state_larger": ({"exp_avgs": (1, torch.zeros(4096))}, "exp_avgs[1] has shape [4096], its param [3]"),
-    "state_float64": ({"exp_avg_sqs": (0, torch.zeros(4, 2, dtype=torch.float64))}, "exp_avg_sqs[0] is torch.float64, its param torch.float32"),
-    "state_other_device": ({"max_exp_avg_sqs": (1, torch.zeros(3, device="meta"))}, "max_exp_avg_sqs[1] is on meta, its param on cpu"),
-    "step_int": ({"steps": (0, torch.tensor(1))}, "steps[0] must be a one-element torch.float32 tensor on its param's device"),
-    "params_two_dtypes": ({"params": (1, torch.randn(3, dtype=torch.float64))}, "params[1] is torch.float64, params[0] torch.float32"),
-    "params_int": ({"params": (0, torch.ones(4, 2, dtype=torch.int64))}, "params[1] is torch.float32, params[0] torch.int64"),
+    "state_float64": ({"exp_avg_sqs": (0, torch.zeros(4, 2, dtype=torch.float64))},
+                      "exp_avg_sqs[0] is torch.float64, its param torch.float32"),
+    "state_other_device": ({"max_exp_avg_sqs": (1, torch.zeros(3, device="meta"))},
+                           "max_exp_avg_sqs[1] is on meta, its param on cpu"),
+    "step_int": ({"steps": (0, torch.tensor(1))},
+                 "steps[0] must be a one-element torch.float32 tensor on its param's device"),
+    "params_two_dtypes": ({"params": (1, torch.randn(3, dtype=torch.float64))},
+                          "params[1] is torch.float64, params[0] torch.float32"),
+    "params_int": ({"params": (0, torch.ones(4, 2, dtype=torch.int64))},
+                   "params[1] is torch.float32, params[0] torch.int64"),
 }  # fmt: skip
 
 

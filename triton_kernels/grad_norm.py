@@ -53,7 +53,8 @@ def grad_norm_power_sum(tensors, norm_type: float) -> torch.Tensor:
     """sum |x|^p (max |x| for inf) over tensors of one dtype, as a float64/float32 scalar on their device."""
     dtype = tensors[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    table = TensorTable([ContiguousCopies.read(tensors)], BLOCK)
+    tensors = ContiguousCopies.read(tensors)  # held until the launch: the table has only their addresses
+    table = TensorTable([tensors], BLOCK)
     if table.blocks == 0:
         return torch.zeros((), dtype=acc, device=tensors[0].device)
     kind = KIND_INF if math.isinf(norm_type) else {1.0: KIND_ONE, 2.0: KIND_TWO}.get(norm_type, KIND_P)

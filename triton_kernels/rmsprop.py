@@ -59,7 +59,7 @@ def rmsprop_kernel(
         grad_avg = tl.load(a_ptr + offs, mask=mask).to(OPMATH)
         grad_avg = lerp(grad_avg, grad, one_minus_alpha)
         tl.store(a_ptr + offs, grad_avg.to(DTYPE), mask=mask)
-        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
+        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps  # one rounding, as torch's addcmul
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:

@@ -79,10 +79,8 @@ def sgd_step(params, grads, momentum_buffers, first_flags, lr, lr_tensor, moment
         return
     use_buf = momentum != 0
     has_flags = use_buf and bool(first_flags)
-    _checks.check_step(
-        "fusedopt sgd_step (triton)", params, {"grads": grads, **({"momentum_buffers": momentum_buffers} if use_buf else {})},
-        {"first_flags": first_flags} if has_flags else {},
-    )  # fmt: skip
+    lists = {"grads": grads, "momentum_buffers": momentum_buffers} if use_buf else {"grads": grads}
+    _checks.check_step("fusedopt sgd_step (triton)", params, lists, {"first_flags": first_flags} if has_flags else {})
     dtype, device = params[0].dtype, params[0].device
     write_back_grads = write_back_grads and grad_divisor is not None
     copies = ContiguousCopies()

@@ -23,7 +23,8 @@ inline void rmsprop_math(V& param, V grad, V& square_avg, V* grad_avg, V* buf, c
   V avg;
   if (grad_avg != nullptr) {
     *grad_avg = fusedopt::lerp(*grad_avg, grad, c.one_minus_alpha);
-    avg = (square_avg - *grad_avg * *grad_avg).sqrt() + V(c.eps);
+    // One rounding, as torch's addcmul: an overflowing grad_avg^2 must not turn inf - inf into NaN.
+    avg = at::vec::fmadd(V(S(0)) - *grad_avg, *grad_avg, square_avg).sqrt() + V(c.eps);
   } else {
     avg = square_avg.sqrt() + V(c.eps);
   }

@@ -27,7 +27,7 @@ __device__ __forceinline__ void rmsprop_math(S& param, S grad, S& square_avg, S*
   S avg;
   if (grad_avg != nullptr) {
     *grad_avg = fusedopt::lerp(*grad_avg, grad, c.one_minus_alpha);
-    avg = sqrt(square_avg - *grad_avg * *grad_avg) + c.eps;
+    avg = sqrt(fma(-*grad_avg, *grad_avg, square_avg)) + c.eps;  // one rounding, as torch's addcmul
   } else {
     avg = sqrt(square_avg) + c.eps;
   }

@@ -10,6 +10,7 @@ clip coefficient joins GradScaler's scale in the kernels' grad divisor, so the g
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -143,7 +144,7 @@ class FusedOptimizerMixin:
             for (device, dtype), idx_all in by_kind.items()
             for pass_index, idx in enumerate(_passes(group["params"], idx_all))
         ]
-        for b, after in zip(buckets, buckets[1:]):
+        for b, after in itertools.pairwise(buckets):
             b.repeated = b.pass_index == 0 and after.pass_index == 1
         self._bucket_cache[key] = (group["params"], buckets)
         return buckets
