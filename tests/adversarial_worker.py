@@ -203,7 +203,7 @@ def check_cross_entropy(case):
     return "same", ""
 
 
-def _compare_runs(run_fused, run_torch, dtype, run_exact=None):
+def _compare_runs(run_fused, run_torch, dtype, run_exact=None, torch_error_ok=None):
     """Runs both; compares their outcomes as the module doc says. Each run returns a tuple of tensors. With
     run_exact (torch in float64 on the same inputs, rounded once to the dtype), values may match either torch run:
     16-bit overflow inside torch's intermediates and inside fusedopt's float32 ones differ at the edge of the range."""
@@ -219,6 +219,8 @@ def _compare_runs(run_fused, run_torch, dtype, run_exact=None):
     if our_err is not None:
         raise Mismatch(f"fusedopt raised where torch did not: {type(our_err).__name__}: {our_err}")
     if their_err is not None:
+        if torch_error_ok is not None and torch_error_ok(str(their_err)):
+            return "documented_difference", str(their_err)
         raise Mismatch(f"torch raised {type(their_err).__name__}: {their_err}; fusedopt did not")
     try:
         for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -262,6 +264,8 @@ def check_clip_grad_norm(case):
         lambda: run(lambda ps: fusedopt.nn.utils.clip_grad_norm_(ps, backend=case["backend"], **kw)),
         lambda: run(lambda ps: torch.nn.utils.clip_grad_norm_(ps, **kw)),
         dtype if dtype not in (torch.bfloat16, torch.float16) else torch.bfloat16,
+        # Documented (docs/ARCHITECTURE.md): an empty grad adds nothing to an inf norm; torch refuses it.
+        torch_error_ok=lambda msg: "infinity norm on an empty tensor" in msg,
     )
 
 

@@ -50,12 +50,6 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
         return torch.tensor(0.0)
     if math.isnan(norm_type) or not (norm_type > 0):
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
-    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
-        # torch's max over an empty tensor has no identity: it raises, and so do we (a shape check, no sync).
-        raise RuntimeError(
-            "fusedopt get_total_norm: cannot compute the infinity norm on an empty tensor because the operation "
-            "does not have an identity (torch raises too)"
-        )
     out_dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
     first_device = tensors[0].device
     if any(hasattr(t, "_local_tensor") for t in tensors):
