@@ -345,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   if (grad_out.has_value() && grad_out->defined()) {
     TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->scalar_type() == logits.scalar_type() &&
                     grad_out->is_contiguous() && grad_out->device() == logits.device(),
-                op, ": grad_out must be contiguous, shaped and typed like the logits");
+                op, ": grad_out must be contiguous, shaped and typed like the logits (", logits.scalar_type(),
+                "), got ", grad_out->scalar_type(), " ", grad_out->sizes());
     a.grad = grad_out->data_ptr();
   }
   if (grad_scale.has_value() && grad_scale->defined()) {
@@ -373,10 +374,14 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   constexpr const char* op = "fusedopt cross_entropy_scale_grad (cpu)";
   TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 2 && grad.is_contiguous(), op,
               ": grad must be a contiguous (rows, classes) CPU matrix");
-  const at::ScalarType opmath = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": grad must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType opmath = dtype == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == opmath && scale.is_contiguous() &&
                   (scale.numel() == 1 || scale.numel() == grad.size(0)),
-              op, ": scale must hold one ", opmath, " value, or one per row");
+              op, ": scale (the loss's grad_output) must hold one ", opmath, " value, or one per row, for a ", dtype,
+              " grad; got ", scale.scalar_type(), " ", scale.sizes());
   CrossEntropyScaleArgs a;
   a.kind = scalar_kind(grad.scalar_type(), op);
   a.rows = grad.size(0);

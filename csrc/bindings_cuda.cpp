@@ -251,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   if (has_grad)
     TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->scalar_type() == logits.scalar_type() &&
                     grad_out->is_contiguous() && grad_out->device() == logits.device(),
-                op, ": grad_out must be contiguous, shaped and typed like the logits");
+                op, ": grad_out must be contiguous, shaped and typed like the logits (", logits.scalar_type(),
+                "), got ", grad_out->scalar_type(), " ", grad_out->sizes());
   const bool has_scale = grad_scale.has_value() && grad_scale->defined();
   if (has_scale)
     TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == opmath &&
@@ -271,10 +272,14 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   constexpr const char* op = "fusedopt cross_entropy_scale_grad (cuda)";
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(), op,
               ": grad must be a contiguous (rows, classes) CUDA matrix");
-  const at::ScalarType opmath = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": grad must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType opmath = dtype == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.device() == grad.device() && scale.scalar_type() == opmath && scale.is_contiguous() &&
                   (scale.numel() == 1 || scale.numel() == grad.size(0)),
-              op, ": scale must hold one ", opmath, " value, or one per row, on the gradient's device");
+              op, ": scale (the loss's grad_output) must hold one ", opmath, " value, or one per row, for a ", dtype,
+              " grad on the grad's device; got ", scale.scalar_type(), " ", scale.sizes());
   launch_cross_entropy_scale_grad(grad, scale);
 }
 

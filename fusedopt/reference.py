@@ -259,6 +259,14 @@ def softcap_logits(x: Tensor, softcap: float | None) -> Tensor:
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
+def logsumexp(z: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp's value, with the gradient exp(z - max) / sum: torch's backward forms exp(z - lse), which
+    rounds against a large max (a relative error of 1e-4 at logits near 1e12 in float64)."""
+    m = z.detach().amax(dim, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row of only -inf: exp(-inf - 0) = 0
+    return (m + torch.log(torch.exp(z - m).sum(dim, keepdim=True))).squeeze(dim)
+
+
 def cross_entropy_formula(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                           z_loss=0.0, softcap=None):  # fmt: skip
     """The loss fusedopt computes, as differentiable plain PyTorch: F.cross_entropy on soft-capped logits, plus PaLM's
@@ -272,7 +280,7 @@ def cross_entropy_formula(input, target, weight=None, ignore_index=-100, reducti
     prob = input.shape == target.shape
     valid = torch.ones_like(loss, dtype=torch.bool) if prob else target != ignore_index
     if z_loss:
-        loss = loss + torch.where(valid, z_loss * torch.logsumexp(z, dim=class_dim) ** 2, 0.0)
+        loss = loss + torch.where(valid, z_loss * logsumexp(z, class_dim) ** 2, 0.0)
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -283,55 +291,82 @@ def cross_entropy_formula(input, target, weight=None, ignore_index=-100, reducti
     return loss.sum() / denom
 
 
+def check_targets(target: Tensor, ignore_index: int, num_classes: int) -> Tensor:
+    """Class-index targets that are neither ignored nor in [0, C) raise torch's IndexError: on the host for CPU
+    tensors (no device to sync with), as a device-side assert elsewhere (torch's CUDA kernel asserts too).
+    Returns the mask of such targets."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.device.type == "cpu":
+        if bad.any():
+            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    else:
+        torch._assert_async(~bad.any(), "fusedopt cross_entropy: target out of bounds")
+    return bad
+
+
 def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, grad_out: Tensor | None,
                       grad_scale: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                       softcap: float | None, prob_target: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The "torch" backend of fusedopt::cross_entropy_fwd: logits (M, C); target (M,) int64 or (M, C) probabilities.
     Returns the per-row loss and lse in opmath; writes the gradient w.r.t. logits, times grad_scale (one value or
-    None), into grad_out when given."""
+    None), into grad_out when given.
+
+    Everything is taken relative to the row max: lse - z_c = log(sum) - (z_c - max) and softmax = exp(z - max) / sum.
+    Forming lse = max + log(sum) first would round log(sum) away against a large max (1e30, or 1e4 in float32)."""
     ot = opmath_dtype(logits.dtype)
     x = logits.to(ot)
-    num_classes = x.shape[-1]
+    rows, num_classes = x.shape
     ls = label_smoothing
+    ls_over_c = ls / num_classes if num_classes else 0.0
+    bad = None if prob_target else check_targets(target, ignore_index, num_classes)
+    if num_classes == 0:  # every row is ignored (else it was out of bounds) or has an empty probability target
+        lse = x.new_full((rows,), float("-inf")) if prob_target else x.new_zeros(rows)
+        return x.new_zeros(rows), lse
     z = softcap_logits(x, softcap)
-    lse = torch.logsumexp(z, dim=-1)
+    row_max = z.amax(-1, keepdim=True)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # a row of only -inf: exp(-inf - 0) = 0
+    zs = z - shift
+    exp_zs = torch.exp(zs)
+    sum_exp = exp_zs.sum(-1)
+    log_sum = torch.log(sum_exp)
+    lse = shift.squeeze(-1) + log_sum
     w = None if weight is None else weight.to(ot)
     if prob_target:
         y = target.to(ot)
         if ls != 0:
-            y = y * (1 - ls) + ls / num_classes
+            y = y * (1 - ls) + ls_over_c
         q = y if w is None else y * w
         big_q = q.sum(-1)
-        loss = big_q * lse - (q * z).sum(-1)
+        loss = big_q * log_sum - (q * zs).sum(-1)
         valid = None
     else:
-        valid = target != ignore_index
+        valid = (target != ignore_index) & ~bad
         t = torch.where(valid, target, 0).unsqueeze(-1)
         w_t = torch.ones_like(lse) if w is None else w[t.squeeze(-1)]
-        z_t = z.gather(-1, t).squeeze(-1)
+        zs_t = zs.gather(-1, t).squeeze(-1)
         w_sum = num_classes if w is None else w.sum()
-        big_q = (1 - ls) * w_t + ls / num_classes * w_sum
-        loss = (1 - ls) * w_t * (lse - z_t)
+        big_q = (1 - ls) * w_t + ls_over_c * w_sum
+        loss = (1 - ls) * w_t * (log_sum - zs_t)
         if ls != 0:  # the smoothing term only when asked: 0 * (-inf logits) would be NaN
-            wz = z.sum(-1) if w is None else (z * w).sum(-1)
-            loss = loss + ls / num_classes * (w_sum * lse - wz)
+            wzs = zs.sum(-1) if w is None else (zs * w).sum(-1)
+            loss = loss + ls_over_c * (w_sum * log_sum - wzs)
     loss = loss + z_loss * lse * lse
-    if valid is not None:
-        loss = torch.where(valid, loss, 0.0)
-        lse = torch.where(valid, lse, 0.0)
+    if valid is not None:  # ignored rows give 0; out-of-bounds ones (past the device assert) NaN, as the kernels
+        loss = torch.where(valid, loss, torch.where(bad, float("nan"), 0.0))
+        lse = torch.where(valid, lse, torch.where(bad, float("nan"), 0.0))
     if grad_out is not None:
-        g = (big_q + 2 * z_loss * lse).unsqueeze(-1) * torch.exp(z - lse.unsqueeze(-1))
+        g = (big_q + 2 * z_loss * lse).unsqueeze(-1) * (exp_zs / sum_exp.unsqueeze(-1))
         if prob_target:
             g = g - q
         else:
-            smooth = ls / num_classes * (torch.ones_like(lse).unsqueeze(-1) if w is None else w)
+            smooth = ls_over_c * (torch.ones_like(lse).unsqueeze(-1) if w is None else w)
             g = (g - smooth).scatter_add(-1, t, -((1 - ls) * w_t).unsqueeze(-1))
         if softcap is not None:
             g = g * (1 - (z / softcap) ** 2)
-        if valid is not None:
-            g = torch.where(valid.unsqueeze(-1), g, 0.0)
         if grad_scale is not None:
             g = g * grad_scale.to(ot)
+        if valid is not None:  # after the scale: an ignored row stays 0 when the scale is 1/0 (torch's NaN mean)
+            g = torch.where(valid.unsqueeze(-1), g, torch.where(bad, float("nan"), 0.0).unsqueeze(-1))
         grad_out.copy_(g)
     return loss, lse
 

@@ -225,6 +225,28 @@ def test_bce_bad_inputs():
             fn(x, t, backend="nope")
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bce_elementwise_mean_is_mean_with_torchs_warning(backend):
+    x, t = _probs((4, 6), torch.float64)
+    w = _weight((6,), torch.float64)
+    cases = [
+        (lambda **kw: FF.binary_cross_entropy(x, t, w, **kw, backend=backend),
+         lambda **kw: F.binary_cross_entropy(x, t, w, **kw)),
+        (lambda **kw: FF.binary_cross_entropy_with_logits(x, t, w, pos_weight=w, **kw, backend=backend),
+         lambda **kw: F.binary_cross_entropy_with_logits(x, t, w, pos_weight=w, **kw)),
+        (lambda **kw: fusedopt.BCELoss(w, **kw, backend=backend)(x, t), lambda **kw: torch.nn.BCELoss(w, **kw)(x, t)),
+        (lambda **kw: fusedopt.BCEWithLogitsLoss(w, **kw, backend=backend)(x, t),
+         lambda **kw: torch.nn.BCEWithLogitsLoss(w, **kw)(x, t)),
+    ]  # fmt: skip
+    for ours, theirs in cases:
+        with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+            got = ours(reduction="elementwise_mean")
+        with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+            want = theirs(reduction="elementwise_mean")
+        assert_close(got, want, torch.float64, reduction=True)
+        assert_close(got, theirs(reduction="mean"), torch.float64, reduction=True)
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_bce_cpu_isa_paths(capability):
     """Each per-ISA copy of the CPU kernels, in a fresh process (the capability is chosen once per process)."""

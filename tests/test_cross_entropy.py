@@ -60,6 +60,7 @@ def check(backend, dtype, x64, target, weight=None, *, reduction="mean", label_s
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual.double(), expected, **tol(dtype, reduction != "none"), equal_nan=True)
     go = torch.randn(expected.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64) + 0.5
+    go = go.to(xr.device)
     (g_ref,) = torch.autograd.grad(expected, xr, go)
     (g,) = torch.autograd.grad(actual, x, go.to(actual.dtype))
     assert g.dtype == dtype and g.shape == x.shape
@@ -334,9 +335,10 @@ def test_out_of_range_target_raises(backend, bad_target, weight):
     x = torch.randn(4, 5)
     target = torch.tensor([0, -100, bad_target, 1])
     w = torch.rand(5) if weight else None
-    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+    want = rf"Target {bad_target} is out of bounds\."
+    with pytest.raises(IndexError, match=want):  # torch's exception and message, on every backend
         cross_entropy(x, target, w, backend=backend)
-    with pytest.raises(IndexError, match="out of bounds"):
+    with pytest.raises(IndexError, match=want):
         F.cross_entropy(x, target, w)
 
 
@@ -423,6 +425,31 @@ def test_gpu_large_vocab(backend, shape, dtype):
           softcap=30.0)  # fmt: skip
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["huge-equal", "huge-unequal", "minus-inf", "offset"])
+def test_gpu_large_logits(backend, dtype, kind):
+    x, target = large_logits(kind, dtype)
+    w = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5
+    prob = torch.softmax(torch.randn(x.shape, generator=torch.Generator().manual_seed(7)), 1)
+    for reduction in ("none", "mean"):
+        check(backend, dtype, x.cuda(), target.cuda(), reduction=reduction)
+        check(backend, dtype, x.cuda(), target.cuda(), w.cuda(), reduction=reduction, label_smoothing=0.1)
+        check(backend, dtype, x.cuda(), prob.cuda(), reduction=reduction, label_smoothing=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cap", [30.0, 1000.0])
+def test_gpu_softcap_precision(backend, cap):
+    """The compiled kernels' tanh (libdevice in Triton, tanhf in CUDA) is as exact as torch's."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 37, generator=g, dtype=torch.float64) * 4
+    target = torch.randint(0, 37, (16,), generator=g)
+    check(backend, torch.float32, x.cuda(), target.cuda(), reduction="none", softcap=cap)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_output_of_ones_and_mixed_rows(backend):
     """The backward skips rows whose grad_output is exactly 1 and scales the others."""
@@ -469,3 +496,205 @@ def test_cpu_kernel_on_lower_isas(isa):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# --- large logits: lse - z must not cancel (issue 13) ----------------------------------------------------------------
+def large_logits(kind, dtype):
+    """float64 logits (already representable in dtype) and targets where max + log(sum) would round log(sum) away."""
+    g = torch.Generator().manual_seed(5)
+    if kind == "offset":  # a moderate spread on a large offset: 1e4 in fp32 (ulp 1e-3), 1e12 in fp64
+        offset = {torch.float64: 1e12, torch.float16: 1e3}.get(dtype, 1e4)
+        x = torch.randn(6, 37, generator=g, dtype=torch.float64) * 3 + offset
+    else:
+        huge = 3e4 if dtype == torch.float16 else 1e30  # fp16: the largest loss (2 huge) stays finite
+        x = torch.full((6, 9), huge, dtype=torch.float64)
+        if kind == "huge-unequal":
+            x[:, 5:] = torch.tensor([huge / 2, -huge, 0.0, -huge / 4])
+        elif kind == "minus-inf":
+            x[:, 1::3] = float("-inf")
+    target = torch.tensor([3, 0, 8, 5, 6, 2]) % x.shape[1]
+    return x.to(dtype).double(), target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["huge-equal", "huge-unequal", "minus-inf", "offset"])
+@pytest.mark.parametrize("opts", ["plain", "weight-smoothing", "prob"])
+def test_large_logits_match_torch(backend, dtype, kind, opts):
+    """A row of nine logits equal to 1e30 has loss log(9) and target gradient -8/9 (not 0 and 0 or 1)."""
+    x, target = large_logits(kind, dtype)
+    weight, ls = None, 0.0
+    if opts == "weight-smoothing":
+        weight, ls = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5, 0.1
+    elif opts == "prob":
+        target, ls = torch.softmax(torch.randn(x.shape, generator=torch.Generator().manual_seed(7)), 1), 0.05
+    for reduction in ("none", "mean"):
+        check(backend, dtype, x, target, weight, reduction=reduction, label_smoothing=ls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_large_logits_with_z_loss_and_lse(backend, dtype):
+    """z_loss adds z * lse^2 with lse itself still max + log(sum), which return_lse gives."""
+    x, target = large_logits("offset", dtype)
+    target[1] = -100
+    check(backend, dtype, x, target, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    _, lse = cross_entropy(x.to(dtype), target, reduction="none", backend=backend, return_lse=True)
+    want = torch.where(target != -100, torch.logsumexp(x, dim=1), 0.0)
+    torch.testing.assert_close(lse.double(), want, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [30.0, 1000.0])
+def test_softcap_precision_vs_float64(backend, cap):
+    """cap * tanh(x / cap) to about an ulp of the capped logit, not of cap: with 1 - 2 / (exp(2u) + 1) the capped
+    logits were off by ~cap * eps (1000 * 6e-8), which shows in the fp32 loss and gradient."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 37, generator=g, dtype=torch.float64) * 4
+    target = torch.randint(0, 37, (16,), generator=g)
+    check(backend, torch.float32, x, target, reduction="none", softcap=cap)
+
+
+if "triton" in BACKENDS:
+    import triton
+    import triton.language as tl
+
+    from fusedopt.triton_kernels.cross_entropy import _softcap
+
+    @triton.jit
+    def _capped_logits_kernel(X, Z, cap, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        z = _softcap(tl.load(X + cols, mask=cols < n).to(ACC), cap, True, False, ACC)
+        tl.store(Z + cols, z, mask=cols < n)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_softcap_capped_logits_within_two_ulp(dtype):
+    """The Triton kernel's capped logits themselves against long double, relative to the capped value: the tanh the
+    interpreter runs (compiled kernels use the device's tanh; test_gpu_softcap_precision checks those)."""
+    import numpy as np
+
+    u = torch.cat([torch.logspace(-6, 1.5, 400, dtype=torch.float64), torch.linspace(0.3, 0.5, 101).double()])
+    u = torch.cat([u, -u])
+    for cap in (1.0, 30.0, 1000.0):
+        x = (u * cap).to(dtype)
+        z = torch.empty_like(x)
+        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        _capped_logits_kernel[(1,)](x, z, cap, x.numel(), ACC=acc, BLOCK=1024)
+        exact = torch.from_numpy((cap * np.tanh(x.numpy().astype(np.longdouble) / cap)).astype(np.float64))
+        ulps = ((z.double() - exact).abs() / (exact.abs() * torch.finfo(dtype).eps)).max().item()
+        assert ulps <= 2.0, f"cap {cap}: capped logits off by {ulps:.1f} ulp"
+
+
+# --- torch's answers at the edges (issue 13) --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [-0.5, -1e-9, float("-inf"), float("nan"), 1.0])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_label_smoothing_outside_0_1_like_torch(backend, label_smoothing, prob):
+    """torch smooths only when label_smoothing > 0: a negative or NaN one is no smoothing (1.0 is full smoothing)."""
+    x, target, w = make_case((7, 5), prob=prob, weight=True, ignore_frac=0.0 if prob else 0.3)
+    for reduction in ("none", "mean"):
+        check(backend, torch.float64, x, target, w, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("label_smoothing", [1.0000001, 1.5, float("inf")])
+def test_label_smoothing_above_1_raises_like_torch(label_smoothing):
+    x, target, _ = make_case((4, 5))
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
+        F.cross_entropy(x, target, label_smoothing=label_smoothing)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
+        cross_entropy(x, target, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("zeros", ["all", "targets"])
+def test_zero_weight_mean_is_nan_like_torch(backend, label_smoothing, zeros):
+    """A mean over rows whose class weights sum to 0: torch's loss is 0/0 and its gradient NaN on the kept rows (an
+    ignored row's gradient stays 0)."""
+    x, target, _ = make_case((6, 5))
+    target[2] = -100
+    w = torch.zeros(5, dtype=torch.float64) if zeros == "all" else torch.ones(5, dtype=torch.float64)
+    w[target[target != -100]] = 0.0
+    check(backend, torch.float64, x, target, w, reduction="mean", label_smoothing=label_smoothing)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(xr, target, w, backend=backend, label_smoothing=label_smoothing), xr)
+    assert torch.isnan(g[target != -100]).all() and torch.equal(g[2], torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elementwise_mean_is_mean_with_torchs_warning(backend):
+    x, target, w = make_case((6, 5), weight=True, ignore_frac=0.3)
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        want = F.cross_entropy(x, target, w, reduction="elementwise_mean")
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        got = cross_entropy(x, target, w, reduction="elementwise_mean", backend=backend)
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        got_module = CrossEntropyLoss(w, reduction="elementwise_mean", backend=backend)(x, target)
+    torch.testing.assert_close(got, want, **tol(torch.float64, True))
+    torch.testing.assert_close(got_module, want, **tol(torch.float64, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probability_target_dtype_promotes_with_the_weight(backend):
+    """torch multiplies probability targets by the weight in the weight's dtype: float64 weight, float64 loss."""
+    x, target, w = make_case((4, 6), prob=True, weight=True)
+    for reduction in REDUCTIONS:
+        want = F.cross_entropy(x.float(), target.float(), w, reduction=reduction)
+        got = cross_entropy(x.float(), target.float(), w, reduction=reduction, backend=backend)
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, **tol(torch.float32, reduction != "none"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64], ids=str)
+def test_wide_probability_targets_with_16bit_logits(backend, dtype, target_dtype):
+    """torch uses float32/float64 probability targets unrounded next to 16-bit logits and returns the promoted dtype:
+    so does fusedopt (in float32, its math precision), instead of rounding the targets to the logits' dtype."""
+    x, target, _ = make_case((5, 37), prob=True)
+    target = torch.softmax(torch.randn(5, 37, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 4, 1)
+    target = target.to(target_dtype)
+    x16 = x.to(dtype).requires_grad_()
+    xr = x16.detach().double().requires_grad_()
+    for reduction in REDUCTIONS:
+        got = cross_entropy(x16, target, reduction=reduction, backend=backend)
+        assert got.dtype == F.cross_entropy(x16.detach(), target, reduction=reduction).dtype == target_dtype
+        want = F.cross_entropy(xr, target.double(), reduction=reduction)
+        torch.testing.assert_close(got.double(), want, **tol(torch.float32, reduction != "none"))
+        go = torch.rand(want.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) + 0.5
+        (g,) = torch.autograd.grad(got, x16, go.to(got.dtype))
+        (g_want,) = torch.autograd.grad(want, xr, go)
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), g_want, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,prob", [((0, 0), False), ((0, 5), False), ((0, 0), True), ((3, 0), True),
+                                        ((2, 0, 3), True), ((0, 4, 2), False)])  # fmt: skip
+def test_empty_inputs_like_torch(backend, shape, prob):
+    """Empty batches and empty class dimensions: torch's values (0 for a sum, NaN for a mean), shapes and dtypes."""
+    x = torch.zeros(shape)
+    target = torch.zeros(shape) if prob else torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
+    for reduction in REDUCTIONS:
+        want = F.cross_entropy(x, target, reduction=reduction)
+        got = cross_entropy(x, target, reduction=reduction, backend=backend)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_dtype_grads_are_named_in_the_error(backend):
+    """The op layer checks the gradient buffers for every backend, naming the one that is wrong."""
+    from fusedopt.ops import cross_entropy as ce_ops
+
+    x, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    opts = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, prob_target=False, backend=backend)
+    with pytest.raises(RuntimeError, match=r"grad_out must be shaped and typed like the logits \(torch.float32"):
+        ce_ops.cross_entropy_fwd(x, target, None, need_grad=True, grad_out=torch.empty(4, 5, dtype=torch.float64),
+                                 **opts)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"grad must be float32, float64, bfloat16 or float16, got torch.int32"):
+        ce_ops.cross_entropy_scale_grad_(torch.ones(4, 5, dtype=torch.int32), torch.ones(1), backend=backend)
+    with pytest.raises(RuntimeError, match=r"grad_output \(scale\) must be torch.float32 for a torch.bfloat16 grad"):
+        ce_ops.cross_entropy_scale_grad_(x.bfloat16(), torch.ones(1, dtype=torch.float64), backend=backend)

@@ -13,11 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str) -> str:
+def run(*args: str, stderr: bool = False) -> str | tuple[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return (out.stdout, out.stderr) if stderr else out.stdout
 
 
 def test_seed_example_matches_torch():
@@ -29,6 +29,10 @@ def test_seed_example_matches_torch():
 
 
 def test_finetune_gpt_tiny_curves_agree(tmp_path):
-    out = run("examples/finetune_gpt.py", "--tiny", "--check", "--out", str(tmp_path / "curves.png"))
+    out, err = run("examples/finetune_gpt.py", "--tiny", "--check", "--out", str(tmp_path / "curves.png"), stderr=True)
     assert "largest relative difference" in out
+    peaks = re.findall(r"peak RSS \(whole process\) (\d+) MiB", out)  # measured on the CPU too, not "nan"
+    assert len(peaks) == 2 and all(int(p) > 0 for p in peaks), out
+    assert "DeprecationWarning" not in err, err[-3000:]
+    assert "20/20" in err  # the progress bars ran to the end (12 + 8 steps in --tiny)
     assert (tmp_path / "curves.png").stat().st_size > 0

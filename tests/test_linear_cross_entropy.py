@@ -167,13 +167,51 @@ def test_bad_options():
     x, w, b, t = make_case(5, 4, 7, torch.float64)
     with pytest.raises(ValueError, match="not a valid value for reduction"):
         linear_cross_entropy(x, w, t, b, reduction="avg")
-    with pytest.raises(ValueError, match="label_smoothing"):
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):  # torch's exception
         linear_cross_entropy(x, w, t, b, label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
+        F.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(x, w, t, b, chunk_size=0)
-    t[0] = 7
-    with pytest.raises((RuntimeError, IndexError)):
-        linear_cross_entropy(x, w, t, b, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_out_of_range_target_raises_torchs_index_error(backend):
+    x, w, b, t = make_case(5, 4, 7, torch.float64)
+    t[1] = 7
+    with pytest.raises(IndexError, match=r"Target 7 is out of bounds\."):
+        F.linear_cross_entropy(x, w, t, linear_bias=b)
+    with pytest.raises(IndexError, match=r"Target 7 is out of bounds\."):
+        linear_cross_entropy(x, w, t, b, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_argument_semantics(backend, reduction):
+    """As torch's F.linear_cross_entropy: ignore_index=None is -100, a negative or NaN label_smoothing is none."""
+    x, w, b, t = make_case(9, 6, 11, torch.float64)
+    for kwargs, torch_kwargs in [
+        (dict(ignore_index=None), dict(ignore_index=None)),
+        (dict(label_smoothing=-0.5), dict(label_smoothing=-0.5)),
+        (dict(label_smoothing=float("nan")), dict(label_smoothing=float("nan"))),
+    ]:
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        got = linear_cross_entropy(xs, ws, t, b, reduction=reduction, backend=backend, chunk_size=4, **kwargs)
+        want = F.linear_cross_entropy(xr, wr, t, linear_bias=b, reduction=reduction, **torch_kwargs)
+        torch.testing.assert_close(got, want, **tol(torch.float64, reduction=True))
+        go = torch.rand(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+        for g, r in zip(torch.autograd.grad(got, [xs, ws], go), torch.autograd.grad(want, [xr, wr], go)):
+            torch.testing.assert_close(g, r, **tol(torch.float64, reduction=True))
+
+
+def test_elementwise_mean_is_mean_with_torchs_warning():
+    x, w, b, t = make_case(9, 6, 11, torch.float64)
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        got = linear_cross_entropy(x, w, t, b, reduction="elementwise_mean", backend="cpu")
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        want = F.linear_cross_entropy(x, w, t, linear_bias=b, reduction="elementwise_mean")
+    torch.testing.assert_close(got, want, **tol(torch.float64, reduction=True))
 
 
 @pytest.mark.gpu

@@ -196,6 +196,13 @@ def test_mse_non_contiguous_auto_backend_and_elementwise_mean(backend):
     with pytest.warns(UserWarning, match="elementwise_mean"):
         out = FF.mse_loss(x, t, reduction="elementwise_mean", backend=backend)
     assert_close(out, F.mse_loss(x, t), torch.float64, reduction=True)
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        out = fusedopt.MSELoss(reduction="elementwise_mean", backend=backend)(x, t)
+    assert_close(out, F.mse_loss(x, t), torch.float64, reduction=True)
+    with pytest.raises(ValueError, match="Invalid reduction mode: elementwise_mean"):  # torch's weighted MSE refuses it
+        F.mse_loss(x, t, weight=torch.ones_like(x), reduction="elementwise_mean")
+    with pytest.raises(ValueError, match="Invalid reduction mode: elementwise_mean"):
+        FF.mse_loss(x, t, weight=torch.ones_like(x), reduction="elementwise_mean", backend=backend)
 
 
 def test_mse_under_torch_compile():

@@ -128,11 +128,17 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     }
   }
   // m_safe is m with -inf lanes at 0; the rescale is skipped for groups that raise no lane's max (most of them).
-  V m(neg_inf), m_safe(S(0)), s(S(0)), acc_wz(S(0)), acc_q(S(0)), acc_qz(S(0));
+  // The target sums are kept relative to the max too, as sums of q (z - shift) with shift = m (0 while m is -inf),
+  // moved by W (new shift - old shift) when a lane's max grows (W: the q seen so far): lse - z = log(sum) - (z - max)
+  // keeps its precision where lse = max + log(sum) would round log(sum) away (a large max: 1e30, or 1e4 in fp32).
+  V m(neg_inf), m_safe(S(0)), s(S(0)), shift(S(0)), acc_w(S(0)), acc_wz(S(0));
+  const bool target_sums = kProb || k.smoothing;
   constexpr int kAllLanes = static_cast<int>((int64_t{1} << kLaneSize) - 1);
   auto group = [&](int64_t i, auto tail_tag) {
     constexpr bool kTail = decltype(tail_tag)::value;
-    V z[kUnroll * B::kLanes];
+    constexpr int kVecs = kUnroll * B::kLanes;
+    V z[kVecs], q[kVecs];  // q: per-class target weights (probabilities) or class weights (smoothing), 0 past the end
+    int64_t count[kVecs];  // valid lanes of each vector (the tail only)
     for (int b = 0; b < kUnroll; ++b) {
       const int64_t off = i + b * B::kSize;
       const int64_t n = kTail ? std::clamp<int64_t>(C - off, 0, B::kSize) : B::kSize;
@@ -142,26 +148,42 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
         if (!kTail || n > 0) yb = B::load(y + off, n);
       }
       for (int l = 0; l < B::kLanes; ++l) {
+        const int j = b * B::kLanes + l;
         const int64_t nl = kTail ? n - l * kLaneSize : kLaneSize;
-        const V zl = softcap_v(xb.lane[l], k);  // zero past the end: harmless in the sums below
-        if constexpr (kProb) {
-          V q = target_weights<true>(load_weight<V>(w ? w + off + l * kLaneSize : w, nl), yb.lane[l], k);
-          if (kTail) q = keep_first(q, nl, S(0));
-          acc_q = acc_q + q;
-          acc_qz = acc_qz + q * zl;
-        } else if (k.smoothing) {
-          acc_wz = acc_wz + load_weight<V>(w ? w + off + l * kLaneSize : w, nl) * zl;
+        count[j] = nl;
+        const V zl = softcap_v(xb.lane[l], k);
+        if (target_sums) {
+          const V wl = load_weight<V>(w ? w + off + l * kLaneSize : w, nl);
+          V ql;
+          if constexpr (kProb)
+            ql = target_weights<true>(wl, yb.lane[l], k);
+          else
+            ql = wl;
+          q[j] = kTail ? keep_first(ql, nl, S(0)) : ql;
         }
-        z[b * B::kLanes + l] = kTail ? keep_first(zl, nl, neg_inf) : zl;  // -inf past the end: no effect
+        z[j] = kTail ? keep_first(zl, nl, neg_inf) : zl;  // -inf past the end: no effect
       }
     }
     V group_max = z[0];
-    for (int j = 1; j < kUnroll * B::kLanes; ++j) group_max = at::vec::maximum(group_max, z[j]);  // NaN-propagating
+    for (int j = 1; j < kVecs; ++j) group_max = at::vec::maximum(group_max, z[j]);  // NaN-propagating
+    const V m_new = at::vec::maximum(m, group_max);
+    if (target_sums) {
+      const V shift_new = V::blendv(m_new, V(S(0)), m_new == V(neg_inf));
+      V acc = acc_wz - acc_w * (shift_new - shift), w_seen = acc_w;
+      for (int j = 0; j < kVecs; ++j) {
+        V term = q[j] * (z[j] - shift_new);
+        if (kTail) term = keep_first(term, count[j], S(0));  // past the end: 0 * -inf
+        acc = acc + term;
+        w_seen = w_seen + q[j];
+      }
+      acc_wz = acc;
+      acc_w = w_seen;
+      shift = shift_new;
+    }
     if (three_pass) {
-      m = at::vec::maximum(m, group_max);
+      m = m_new;
       return;
     }
-    const V m_new = at::vec::maximum(m, group_max);
     if ((m_new != m).zero_mask() != kAllLanes) {  // some lane's max grew (or is NaN): rescale its sum
       m_safe = V::blendv(m_new, V(S(0)), m_new == V(neg_inf));  // a lane of only -inf so far: exp(-inf) = 0
       s = s * fast_exp(m - m_safe);
@@ -177,9 +199,12 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
   if (i < C) group(i, std::true_type{});
 
   // Combine the lanes.
-  alignas(64) S ms[kLaneSize], ss[kLaneSize];
+  alignas(64) S ms[kLaneSize], ss[kLaneSize], shifts[kLaneSize], ws[kLaneSize], wzs[kLaneSize];
   m.store(ms);
   s.store(ss);
+  shift.store(shifts);
+  acc_w.store(ws);
+  acc_wz.store(wzs);
   S row_max = neg_inf;
   bool has_nan = false;
   for (int64_t l = 0; l < kLaneSize; ++l) {
@@ -187,7 +212,11 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     row_max = std::max(row_max, ms[l]);
   }
   const S max_safe = row_max == neg_inf ? S(0) : row_max;
-  S total = 0;
+  S total = 0, big_w = 0, sum_wz = 0;  // sum_wz: sum of q (z - max_safe) over the row
+  for (int64_t l = 0; target_sums && l < kLaneSize; ++l) {
+    big_w += ws[l];
+    sum_wz += wzs[l] - ws[l] * (max_safe - shifts[l]);
+  }
   if (!three_pass) {
     for (int64_t l = 0; l < kLaneSize; ++l) total += ss[l] * std::exp(ms[l] - max_safe);
   } else if (!has_nan) {  // pass 2 of three, from cache
@@ -205,17 +234,17 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     }
     total = at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc);
   }
-  const S lse = has_nan ? nan : max_safe + std::log(total);
+  const S log_sum = has_nan ? nan : std::log(total);
+  const S lse = max_safe + log_sum;  // what return_lse gives; the loss uses log_sum
 
   S big_q;
   if constexpr (kProb) {
-    big_q = at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc_q);
-    loss = big_q * lse - at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc_qz);
+    big_q = big_w;
+    loss = big_q * log_sum - sum_wz;
   } else {
     big_q = k.one_minus_ls * w_t + k.ls_over_c * k.weight_sum;
-    loss = k.one_minus_ls * w_t * (lse - z_t);
-    if (k.smoothing)
-      loss += k.ls_over_c * (k.weight_sum * lse - at::vec::vec_reduce_all<S>([](V p, V q) { return p + q; }, acc_wz));
+    loss = k.one_minus_ls * w_t * (log_sum - (z_t - max_safe));
+    if (k.smoothing) loss += k.ls_over_c * (k.weight_sum * log_sum - sum_wz);
   }
   loss += k.z_loss * lse * lse;
   lse_out = lse;
@@ -254,7 +283,7 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     for (int l = 0; l < B::kLanes; ++l) {
       const int64_t nl = n - l * kLaneSize;
       const V zl = softcap_v(xb.lane[l], k);
-      V gl = V(coef) * fast_exp(zl - V(lse));
+      V gl = V(coef / total) * fast_exp(zl - V(max_safe));  // softmax = exp(z - max) / sum, never exp(z - lse)
       if (kProb || k.smoothing)  // else q is zero but for the target's element, done below
         gl = gl - V(scale) * target_weights<kProb>(load_weight<V>(w ? w + i + l * kLaneSize : w, nl), yb.lane[l], k);
       if (k.softcap) gl = gl * (V(S(1)) - zl * V(k.inv_cap) * zl * V(k.inv_cap));
@@ -263,7 +292,7 @@ void ce_row(const CrossEntropyArgs& a, const CeConsts<opmath_t<T>>& k, int64_t r
     out.store(g + i, n);
   }
   if constexpr (!kProb) {  // the target's own share of q, on one element
-    S gt = coef * std::exp(z_t - lse) - scale * (k.ls_over_c * w_t + k.one_minus_ls * w_t);
+    S gt = coef / total * std::exp(z_t - max_safe) - scale * (k.ls_over_c * w_t + k.one_minus_ls * w_t);
     if (k.softcap) gt *= S(1) - (z_t * k.inv_cap) * (z_t * k.inv_cap);
     g[t] = static_cast<T>(gt);
   }

@@ -1,9 +1,15 @@
 // Large CPU gradient buffers. A fresh buffer is faulted in page by page and zeroed by the OS on first touch: for the
-// 500 MB gradient of a 4096 x 32000 fp32 cross-entropy that is ~400 ms on a small VM, more than the whole fused
+// 500 MB gradient of a 4096 x 32000 fp32 cross-entropy that is 0.2-0.4 s on a small VM, more than the whole fused
 // kernel, and torch's CPU allocator hands big blocks back to the OS on free, so every step pays it again.
-// So blocks of >= 16 MiB are allocated 2 MiB-aligned, advised to use transparent huge pages, pre-faulted with one
-// madvise(MADV_POPULATE_WRITE), and kept after their tensor dies for the next call, up to
-// FUSEDOPT_CPU_BUFFER_CACHE_MB in all (default 4096; 0 turns the reuse off).
+// So blocks of >= 16 MiB are pre-faulted with one madvise(MADV_POPULATE_WRITE) and kept after their tensor dies for
+// the next call, up to FUSEDOPT_CPU_BUFFER_CACHE_MB in all (default 4096; 0 turns the reuse off).
+//
+// No MADV_HUGEPAGE: with THP in "madvise" mode (defrag "madvise", the usual default) it makes the first touch compact
+// memory synchronously. Measured on the 2-core, 23 GiB dev VM (first allocation + touch in a fresh process, 3 runs
+// each): 1 GiB took 2.6-3.1 s with MADV_HUGEPAGE + MADV_POPULATE_WRITE (1.7-4.2 s faulting on touch) against
+// 0.41-0.47 s with MADV_POPULATE_WRITE alone and 0.42-0.56 s for torch.empty + fill; 2 GiB 6.6-8.0 s against
+// 1.2-1.4 s; a second pass over the buffer was no faster on huge pages (0.04 s/GiB either way). Blocks stay 2 MiB
+// aligned, so a system with THP "always" may still back them with huge pages, without the synchronous compaction.
 #include "cpu/grad_buffer.h"
 
 #include <cstdlib>
@@ -47,7 +53,6 @@ void* allocate_block(size_t bytes) {
   void* p = nullptr;
   if (posix_memalign(&p, kHugePage, bytes) != 0) throw std::bad_alloc();
 #if defined(__linux__)
-  madvise(p, bytes, MADV_HUGEPAGE);        // advisory: fine if THP is off
   madvise(p, bytes, MADV_POPULATE_WRITE);  // one call instead of a fault per page; ignored before Linux 5.14
 #endif
   return p;

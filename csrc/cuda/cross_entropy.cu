@@ -3,6 +3,7 @@
 // the same row again (an L2 hit for all but the longest rows) and writes the gradient. Each thread loops over the
 // row, so any vocabulary (256k and beyond) runs with the same few registers. The math is fusedopt/reference.py's:
 //   loss = sum_c q_c (lse - z_c) + z_loss lse^2,  g_c = scale ((Q + 2 z_loss lse) softmax_c - q_c) (1 - (z_c/cap)^2)
+// computed relative to the row max (see pass 1). The softcap's tanh is the device's tanhf/tanh, as torch's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -139,14 +140,17 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(CeParams
     z_t = softcap_of(S(x[t]), p.softcap, cap, inv_cap);  // read before pass 2 may overwrite x (in-place mode)
   }
 
-  // Pass 1.
-  S m = S(-INFINITY), s = S(0), acc_wz = S(0), acc_q = S(0), acc_qz = S(0);
+  // Pass 1. Everything is kept relative to the max (lse - z = log(s) - (z - max)): lse = max + log(s) would round
+  // log(s) away against a large max (1e30, or 1e4 in fp32). So the target sums are sums of q (z - shift), shift = m
+  // (0 while m is -inf), moved by W (new shift - old shift) when m grows, W being the q seen so far.
+  S m = S(-INFINITY), s = S(0), shift = S(0), acc_w = S(0), acc_wz = S(0);
+  const bool target_sums = kProb || p.smoothing;
   bool has_nan = false;
   for (int64_t v = threadIdx.x; v < packs; v += blockDim.x) {
     const P xp = reinterpret_cast<const P*>(x)[v];
     P yp;
     if constexpr (kProb) yp = reinterpret_cast<const P*>(y)[v];
-    S z[kVec];
+    S z[kVec], q[kVec];
     S pack_max = S(-INFINITY);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -154,14 +158,11 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(CeParams
       z[k] = softcap_of(S(xp.v[k]), p.softcap, cap, inv_cap);
       has_nan |= z[k] != z[k];
       pack_max = fmax(pack_max, z[k]);
-      const S wc = w != nullptr ? w[c] : S(1);
-      if constexpr (kProb) {
-        const S q = wc * (S(yp.v[k]) * one_minus_ls + ls_over_c);
-        acc_q += q;
-        acc_qz += q * z[k];
-      } else if (p.smoothing) {
-        acc_wz += wc * z[k];
-      }
+      const S wc = target_sums && w != nullptr ? w[c] : S(1);  // class weights: only the sums read them
+      if constexpr (kProb)
+        q[k] = wc * (S(yp.v[k]) * one_minus_ls + ls_over_c);
+      else
+        q[k] = wc;
     }
     const S m_new = fmax(m, pack_max);
     const S safe = m_new == -INFINITY ? S(0) : m_new;
@@ -170,21 +171,33 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(CeParams
     for (int k = 0; k < kVec; ++k) sum += fast_exp(z[k] - safe);
     s = sum;
     m = m_new;
+    if (target_sums) {
+      acc_wz -= acc_w * (safe - shift);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        acc_wz += q[k] * (z[k] - safe);
+        acc_w += q[k];
+      }
+      shift = safe;
+    }
   }
   block_merge_lse(m, s, shared_a, shared_b);
   has_nan = __syncthreads_or(has_nan);
   const S max_safe = m == -INFINITY ? S(0) : m;
-  const S lse = has_nan ? nan : max_safe + log(s);
+  const S log_s = has_nan ? nan : log(s);
+  const S lse = max_safe + log_s;  // what return_lse gives; the loss uses log_s
+  // This thread's q (z - max), from its own shift.
+  const S wz = target_sums ? acc_wz - acc_w * (max_safe - shift) : S(0);
 
   S big_q, loss;
   if constexpr (kProb) {
-    big_q = block_sum(acc_q, shared_a);
-    loss = big_q * lse - block_sum(acc_qz, shared_b);
+    big_q = block_sum(acc_w, shared_a);
+    loss = big_q * log_s - block_sum(wz, shared_b);
   } else {
     const S w_sum = p.weight_sum != nullptr ? *static_cast<const S*>(p.weight_sum) : S(C);
     big_q = one_minus_ls * w_t + ls_over_c * w_sum;
-    loss = one_minus_ls * w_t * (lse - z_t);
-    if (p.smoothing) loss += ls_over_c * (w_sum * lse - block_sum(acc_wz, shared_a));
+    loss = one_minus_ls * w_t * (log_s - (z_t - max_safe));
+    if (p.smoothing) loss += ls_over_c * (w_sum * log_s - block_sum(wz, shared_a));
   }
   loss += z_loss * lse * lse;
   if (threadIdx.x == 0) {
@@ -199,7 +212,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(CeParams
 
   // Pass 2.
   const S scale = p.grad_scale != nullptr ? *static_cast<const S*>(p.grad_scale) : S(1);
-  const S coef = scale * (big_q + S(2) * z_loss * lse);
+  const S coef = scale * (big_q + S(2) * z_loss * lse) / s;  // softmax = exp(z - max) / s, never exp(z - lse)
   for (int64_t v = threadIdx.x; v < packs; v += blockDim.x) {
     const P xp = reinterpret_cast<const P*>(x)[v];
     P yp, out;
@@ -214,7 +227,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(CeParams
         q = wc * (S(yp.v[k]) * one_minus_ls + ls_over_c);
       else
         q = ls_over_c * wc + (c == t ? one_minus_ls * w_t : S(0));
-      S gk = coef * fast_exp(z - lse) - scale * q;
+      S gk = coef * fast_exp(z - max_safe) - scale * q;
       if (p.softcap) gk *= S(1) - (z * inv_cap) * (z * inv_cap);
       out.v[k] = T(gk);
     }

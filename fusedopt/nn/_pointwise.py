@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from fusedopt import reference
+from fusedopt.nn import _torch_args
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTION_ENUM = {"none": reference.REDUCTION_NONE, "mean": reference.REDUCTION_MEAN, "sum": reference.REDUCTION_SUM}
@@ -28,12 +29,8 @@ def reduction_string(size_average, reduce, reduction: str) -> str:
 
 
 def reduction_enum(reduction: str) -> int:
-    if reduction == "elementwise_mean":
-        _Reduction.get_enum(reduction)  # torch's deprecation warning
-        return reference.REDUCTION_MEAN
-    if reduction not in REDUCTION_ENUM:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    return REDUCTION_ENUM[reduction]
+    """torch's reading ("elementwise_mean" is "mean" with its warning), as the kernels' enum."""
+    return REDUCTION_ENUM[_torch_args.reduction_name(reduction)]
 
 
 def autocast_on(t: Tensor) -> bool:

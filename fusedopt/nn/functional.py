@@ -7,12 +7,15 @@ backward only scales the saved gradient by grad_output, in place.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import _reduction as _Reduction
 
 from fusedopt import _backend, reference
+from fusedopt.nn import _torch_args
 from fusedopt.ops import cross_entropy as ce_ops
 
 __all__ = [
@@ -24,20 +27,23 @@ __all__ = [
     "mse_loss",
 ]
 
-_REDUCTIONS = ("none", "mean", "sum")
-
-
 def _mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, prob_target: bool, rows: int,
                       num_classes: int, dtype: torch.dtype) -> Tensor:  # fmt: skip
     """torch's divisor for reduction="mean", kept on the device: the summed class weights of the non-ignored rows
-    (their count without a weight), or the number of rows for probability targets."""
+    (their count without a weight), or the number of rows for probability targets (0 without classes: torch's mean
+    of an empty input)."""
     if prob_target:
-        return torch.full((), rows, dtype=dtype, device=target.device)
+        return torch.full((), rows if num_classes else 0, dtype=dtype, device=target.device)
     valid = target != ignore_index
     if weight is None:
         return valid.sum().to(dtype)
     # Clamped so that an out-of-range target reaches the kernel, which reports it as torch does.
     return torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0.0).sum()
+
+
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether `dtype` holds values that 16-bit `than` would round (float32, float64, or the other 16-bit type)."""
+    return than in (torch.float16, torch.bfloat16) and torch.promote_types(than, dtype) != than
 
 
 @torch.compiler.assume_constant_result
@@ -61,8 +67,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         denom = grad_scale = None
         if reduction == "mean":
             denom = _mean_denominator(target, weight, ignore_index, prob_target, rows, num_classes, opmath)
-            # All rows ignored: torch's loss is 0/0 = NaN, its gradient 0.
-            grad_scale = torch.where(denom == 0, 0.0, 1.0 / denom).reshape(1)
+            # A zero denominator (no kept rows, or kept rows of weight 0) gives torch's results: a NaN loss (its
+            # nll term is 0/0), a NaN gradient on kept rows and 0 on ignored ones (the kernels write those unscaled).
+            grad_scale = torch.where(denom == 0, float("nan"), 1.0 / denom).reshape(1)
         loss, lse, grad = ce_ops.cross_entropy_fwd(
             logits, target, weight, need_grad=need_grad, grad_out=logits if need_grad and inplace else None,
             grad_scale=grad_scale, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -76,7 +83,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif reduction == "sum":
             out = loss.sum().to(out_dtype)
         else:
-            out = (loss.sum() / denom).to(out_dtype)
+            out = torch.where(denom == 0, float("nan"), loss.sum() / denom).to(out_dtype)
         ctx.reduction = reduction
         ctx.backend = backend
         ctx.consumed = False
@@ -121,6 +128,8 @@ def _check_and_flatten(input: Tensor, target: Tensor, weight: Tensor | None, ign
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:  # torch multiplies by the weight in its own dtype: a float64 weight gives float64
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
     else:
         if target.dtype not in (torch.int64, torch.uint8):
             name = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char"}.get(target.dtype, str(target.dtype))
@@ -156,9 +165,10 @@ def _check_and_flatten(input: Tensor, target: Tensor, weight: Tensor | None, ign
         logits, out_shape = input, (input.shape[0],)
         rows = target
     else:  # (N, C, d1, ...): classes last, one row per position
-        logits = input.movedim(1, -1).reshape(-1, num_classes)
         out_shape = (input.shape[0], *input.shape[2:])
-        rows = target.movedim(1, -1).reshape(-1, num_classes) if prob_target else target.reshape(-1)
+        positions = math.prod(out_shape)  # not -1: ambiguous when there are no classes
+        logits = input.movedim(1, -1).reshape(positions, num_classes)
+        rows = target.movedim(1, -1).reshape(positions, num_classes) if prob_target else target.reshape(-1)
     rows = rows.to(input.dtype if prob_target else torch.int64).contiguous()
     return logits.contiguous(), rows, weight, prob_target, out_dtype, out_shape
 
@@ -181,10 +191,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    reduction = _torch_args.reduction_name(reduction)
+    label_smoothing = _torch_args.label_smoothing_value(label_smoothing)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"cross_entropy: softcap must be a positive number or None, got {softcap}")
     if torch.is_autocast_enabled(input.device.type):
@@ -192,6 +200,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         # up (differentiably) as autocast does before torch's kernel, so the loss has torch's dtype and value.
         input, target, weight = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                                  for t in (input, target, weight))  # fmt: skip
+    if input.shape == target.shape and target.is_floating_point() and _wider(target.dtype, input.dtype):
+        # Probability targets wider than 16-bit logits: torch uses them unrounded. The kernels read targets in the
+        # logits' dtype, so run in float32 (their math precision anyway; the gradient flows back through the cast).
+        input = input.float()
     logits, rows, w, prob_target, out_dtype, out_shape = _check_and_flatten(input, target, weight, ignore_index)
     if prob_target and target.requires_grad and torch.is_grad_enabled():
         # torch differentiates through probability targets too; the fused kernels do not, so use the formula.

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedopt import _backend, reference
+from fusedopt.nn import _torch_args
 from fusedopt.ops import cross_entropy as ce_ops
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
@@ -128,7 +129,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return dx, dw, db if need_b else None, None, None, None, None, None
 
 
-def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, reduction: str) -> None:
+def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
     if type(weight).__name__ == "DTensor" or type(input).__name__ == "DTensor":
         raise NotImplementedError(
             "linear_cross_entropy: DTensor input/weight are not supported. Under FSDP2 call it inside the wrapped "
@@ -148,12 +149,10 @@ def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, r
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise RuntimeError(f"linear_cross_entropy: input, weight and bias must share a dtype, got {input.dtype}, "
                            f"{weight.dtype}{'' if bias is None else ', ' + str(bias.dtype)}")  # fmt: skip
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
-                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                         ignore_index: int | None = -100, label_smoothing: float = 0.0, reduction: str = "mean",
                          z_loss: float = 0.0, softcap: float | None = None, backend: str | None = "auto",
                          chunk_size: int | None = None) -> Tensor:  # fmt: skip
     """F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=..., label_smoothing=...,
@@ -165,12 +164,15 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
             "fusedopt linear_cross_entropy does not support torch.autocast yet: cast input, weight and bias to the "
             "16-bit dtype and call it outside autocast, or use F.linear + fusedopt.nn.functional.cross_entropy"
         )
-    _check(input, weight, target, bias, reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    _check(input, weight, target, bias)
+    # As torch's (F.cross_entropy, F.linear_cross_entropy): "elementwise_mean" means "mean", a negative or NaN
+    # label_smoothing none, and ignore_index=None -100.
+    reduction = _torch_args.reduction_name(reduction)
+    label_smoothing = _torch_args.label_smoothing_value(label_smoothing)
+    ignore_index = -100 if ignore_index is None else ignore_index
     resolved = _backend.resolve(backend, input.device, "cross_entropy")
     rows = _chunk_rows(input.shape[0], weight.shape[0], input.element_size(), chunk_size)
-    opts = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=float(z_loss),
                 softcap=None if softcap is None else float(softcap), prob_target=False)  # fmt: skip
     return _LinearCrossEntropyFunction.apply(
         input.contiguous(), weight.contiguous(), bias, target.contiguous(), reduction, opts, resolved, rows

@@ -20,6 +20,27 @@ SCHEMA = (
 SCALE_SCHEMA = "cross_entropy_scale_grad_(Tensor(a!) grad, Tensor scale, str backend) -> ()"
 
 
+_GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_grad_out(logits: torch.Tensor, grad_out: torch.Tensor | None) -> None:
+    """Every backend's check of a caller's gradient buffer, with a message that names it."""
+    if grad_out is not None and (grad_out.dtype != logits.dtype or grad_out.shape != logits.shape):
+        raise RuntimeError(f"fusedopt cross_entropy: grad_out must be shaped and typed like the logits ({logits.dtype} "
+                           f"{tuple(logits.shape)}), got {grad_out.dtype} {tuple(grad_out.shape)}")  # fmt: skip
+
+
+def _check_scale(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """The backward's checks, on every backend: the saved gradient and the loss's grad_output (scale) by name."""
+    if grad.dtype not in _GRAD_DTYPES:
+        raise RuntimeError(f"fusedopt cross_entropy backward: grad must be float32, float64, bfloat16 or float16, "
+                           f"got {grad.dtype}")  # fmt: skip
+    opmath = reference.opmath_dtype(grad.dtype)
+    if scale.dtype != opmath:
+        raise RuntimeError(f"fusedopt cross_entropy backward: grad_output (scale) must be {opmath} for a {grad.dtype} "
+                           f"grad, got {scale.dtype}")  # fmt: skip
+
+
 def _kernels(backend: str):
     """The module holding this backend's cross_entropy kernels."""
     return _backend.kernels(backend, "cross_entropy")
@@ -28,6 +49,7 @@ def _kernels(backend: str):
 def _impl(logits, target, weight, grad_out, grad_scale, need_grad, ignore_index, label_smoothing, z_loss, softcap,
           prob_target, backend):  # fmt: skip
     kernels = _kernels(backend)
+    _check_grad_out(logits, grad_out if need_grad else None)
     new_grad = logits.new_empty(0)
     if need_grad and grad_out is None:
         # The CPU extension's buffers skip the page faults of a fresh large allocation (csrc/cpu/grad_buffer.cpp).
@@ -41,19 +63,25 @@ def _impl(logits, target, weight, grad_out, grad_scale, need_grad, ignore_index,
 
 
 def _scale_impl(grad, scale, backend):
+    _check_scale(grad, scale)
     _kernels(backend).cross_entropy_scale_grad(grad, scale)
 
 
 def _fake(logits, target, weight, grad_out, grad_scale, need_grad, ignore_index, label_smoothing, z_loss, softcap,
           prob_target, backend):  # fmt: skip
+    _check_grad_out(logits, grad_out if need_grad else None)
     rows = logits.shape[0]
     ot = reference.opmath_dtype(logits.dtype)
     new_grad = torch.empty_like(logits) if need_grad and grad_out is None else logits.new_empty(0)
     return logits.new_empty((rows,), dtype=ot), logits.new_empty((rows,), dtype=ot), new_grad
 
 
+def _scale_fake(grad, scale, backend):
+    _check_scale(grad, scale)
+
+
 cross_entropy_fwd_op = define_op(SCHEMA, _impl, _fake)
-cross_entropy_scale_grad_op = define_op(SCALE_SCHEMA, _scale_impl, lambda grad, scale, backend: None)
+cross_entropy_scale_grad_op = define_op(SCALE_SCHEMA, _scale_impl, _scale_fake)
 
 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, *, need_grad: bool,
