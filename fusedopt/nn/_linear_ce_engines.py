@@ -25,7 +25,7 @@ from fusedopt import reference
 from fusedopt.ops import cross_entropy as ce_ops
 
 TILE_BYTES = 64 * 2**20  # logits of one row chunk, or of one (rows x vocab block) tile
-WORK_BYTES = 8 * 2**20  # the float32 working rows of a 16-bit tile's gradient
+WORK_BYTES = 2 * 2**20  # the float32 working rows of a 16-bit tile's gradient (cache-sized)
 MIN_VOCAB_BLOCK = 256  # below this the rows are split into several tiles instead
 UPCAST_COLUMNS = 4096  # row_chunked, 16-bit on the CPU: vocab columns upcast at a time for the fp32 d_weight sum
 
@@ -141,7 +141,7 @@ class _RowCoefficients(NamedTuple):
     derivative; s is the row's scale (0 on ignored rows), a = sum_c q[r, c] + 2 z_loss lse[r]."""
 
     scale: Tensor  # s
-    softmax_coef: Tensor  # s * a
+    softmax_coef: Tensor | None  # s * a (None once folded into the logsumexp, see _vocab_pass)
     hit: Tensor | None  # s * (1 - ls) * w[t]
     target_col: Tensor | None  # t, or -1 on ignored rows
     smooth: Tensor | None  # (V,) ls / C * w[c], None without smoothing
@@ -175,68 +175,78 @@ def _row_coefficients(target, cw, lse, row_scale, plan: Plan, num_classes: int) 
 
 
 def _vocab_pass(x, w, b, target, cw, plan: Plan, row_scale, lses: Tensor, dw: Tensor) -> None:
-    """d_weight one vocabulary block at a time, exact per block (see the module docstring)."""
+    """d_weight one vocabulary block at a time, exact per block (see the module docstring). A tile is held
+    transposed, (block, rows), so that d_weight[block] = tile @ x is a GEMM of contiguous operands (a transposed
+    operand costs the CPU BLAS a packed copy of the tile)."""
     n, vocab = x.shape[0], w.shape[0]
     coef = _row_coefficients(target, cw, lses, row_scale, plan, vocab)
     # Rows whose gradient is 0 (ignored, or a zero scale): an infinite lse makes exp(z - lse) exactly 0, where the
     # kernel's lse of 0 could overflow exp and give inf * 0 = NaN.
     lses = torch.where(coef.scale == 0, torch.inf, lses)
+    # sa * exp(z - lse) = exp(z - (lse - log sa)) when sa >= 0: one pass less over each tile. Known on the CPU for
+    # free; elsewhere asking would be a host sync per call, so the multiply stays.
+    if x.device.type == "cpu" and plan.softcap is None and not bool((coef.softmax_coef < 0).any()):
+        lses = lses - coef.softmax_coef.log()
+        coef = coef._replace(softmax_coef=None)
     block = plan.vocab_block
     tile_rows = max(1, min(n, TILE_BYTES // max(1, block * x.element_size())))
     for v0 in range(0, vocab, block):
         v1 = min(vocab, v0 + block)
-        w_blk, b_blk = w[v0:v1], None if b is None else b[v0:v1]
+        w_blk = w[v0:v1]
         acc = None  # several row tiles into a 16-bit d_weight: a block-sized fp32 accumulator
         if tile_rows < n and dw.dtype != lses.dtype:
             acc = torch.zeros((v1 - v0, w.shape[1]), dtype=torch.float32, device=x.device)
         for r0 in range(0, n, tile_rows):
             r1 = min(n, r0 + tile_rows)
-            tile = _logits(x[r0:r1], w_blk, b_blk).contiguous()
+            xs = x[r0:r1]
+            tile = w_blk @ xs.t() if b is None else torch.addmm(b[v0:v1].unsqueeze(1), w_blk, xs.t())
             _tile_gradient_(tile, slice(r0, r1), v0, target, coef, lses, plan)
             if acc is not None:
-                _accumulate_mm(acc, tile.t(), x[r0:r1])
+                _accumulate_mm(acc, tile, xs)
             elif r0 == 0:
-                torch.mm(tile.t(), x[r0:r1], out=dw[v0:v1])
+                torch.mm(tile, xs, out=dw[v0:v1])
             else:
-                dw[v0:v1].addmm_(tile.t(), x[r0:r1])
+                dw[v0:v1].addmm_(tile, xs)
             del tile
         if acc is not None:
             dw[v0:v1].copy_(acc)
 
 
 def _tile_gradient_(tile: Tensor, rows: slice, v0: int, target, coef: _RowCoefficients, lses, plan: Plan) -> None:
-    """Overwrites a (rows, block) tile of logits with their gradient, computed in opmath a few rows at a time and
-    rounded once to the tile's dtype."""
+    """Overwrites a transposed (classes, rows) tile of logits with their gradient, computed in opmath a few classes
+    at a time and rounded once to the tile's dtype."""
     opmath = lses.dtype
-    width = tile.shape[1]
+    width = tile.shape[1]  # rows
     step = tile.shape[0] if tile.dtype == opmath else max(1, WORK_BYTES // (4 * width))
     cap = plan.softcap
+    lse, s = lses[rows].unsqueeze(0), coef.scale[rows]
+    sa = None if coef.softmax_coef is None else coef.softmax_coef[rows].unsqueeze(0)  # None: folded into lse
     for a in range(0, tile.shape[0], step):
         z = tile[a : a + step]
-        r = slice(rows.start + a, rows.start + a + z.shape[0])
-        lse, s = lses[r].unsqueeze(1), coef.scale[r]
+        c0, c1 = v0 + a, v0 + a + z.shape[0]  # the classes of these tile rows
         if cap is None:
-            g = z.sub_(lse) if z.dtype == opmath else torch.sub(z, lse)
-            g.exp_()
+            g = z if z.dtype == opmath else z.to(opmath)
+            g.sub_(lse).exp_()
         else:
             tanh = z.to(opmath, copy=True).div_(cap).tanh_()
             g = z if z.dtype == opmath else torch.empty_like(tanh)
             torch.mul(tanh, cap, out=g).sub_(lse).exp_()
-        g.mul_(coef.softmax_coef[r].unsqueeze(1))
+        if sa is not None:
+            g.mul_(sa)
         if coef.smooth is not None:
-            g.addr_(s, coef.smooth[v0 : v0 + width], alpha=-1)
+            g.addr_(coef.smooth[c0:c1], s, alpha=-1)
         if plan.prob_target:
-            q = target[r, v0 : v0 + width].to(opmath)
+            q = target[rows, c0:c1].t().to(opmath)
             if plan.label_smoothing:
                 q = q * (1 - plan.label_smoothing) + plan.label_smoothing / coef.num_classes
             if coef.class_weight is not None:
-                q = q * coef.class_weight[v0 : v0 + width]
-            g.addcmul_(q, s.unsqueeze(1), value=-1)
+                q = q * coef.class_weight[c0:c1].unsqueeze(1)
+            g.addcmul_(q, s.unsqueeze(0), value=-1)
         else:
-            col = coef.target_col[r] - v0
-            inside = (col >= 0) & (col < width)
-            hit = torch.where(inside, -coef.hit[r], 0.0).unsqueeze(1)
-            g.scatter_add_(1, col.clamp(0, width - 1).unsqueeze(1), hit)
+            col = coef.target_col[rows] - c0
+            inside = (col >= 0) & (col < g.shape[0])
+            hit = torch.where(inside, -coef.hit[rows], 0.0).unsqueeze(0)
+            g.scatter_add_(0, col.clamp(0, g.shape[0] - 1).unsqueeze(0), hit)
         if cap is not None:
             g.mul_(tanh.square_().neg_().add_(1))
         if z.dtype != opmath:  # else g is z

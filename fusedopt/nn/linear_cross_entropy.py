@@ -83,6 +83,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, b, target, cw, plan, need_x, need_w, need_b = inputs
         ctx.plan, ctx.needs, ctx.consumed = plan, (need_x, need_w, need_b), False
+        ctx.set_materialize_grads(False)  # else autograd passes zeros the size of every gradient output to backward
         if plan.reduction == "none":
             ctx.save_for_backward(x, w, b, target, cw)
         else:
