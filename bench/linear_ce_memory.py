@@ -95,15 +95,17 @@ def measure_here(impl: str, n: int, h: int, v: int, dtype: torch.dtype, reps: in
         start = time.perf_counter()
         torch.autograd.grad(fn(x, w, t), [x, w])
         times.append(time.perf_counter() - start)
+    times = times or [first]
     return {"impl": impl, "extra_bytes": peak - base - grad_bytes, "grad_bytes": grad_bytes, "first_s": first,
-            "median_s": statistics.median(times) if times else first, "min_s": min(times) if times else first}  # fmt: skip
+            "median_s": statistics.median(times), "min_s": min(times)}  # fmt: skip
 
 
 def measure(impl: str, n: int, h: int, v: int, dtype: str, reps: int) -> dict:
     """One implementation in a fresh Python process."""
     cmd = [sys.executable, "-m", "bench.linear_ce_memory", "--child", impl, "--n", str(n), "--h", str(h), "--v",
            str(v), "--dtypes", dtype, "--reps", str(reps)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parent.parent)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
     if out.returncode != 0:
         return {"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
