@@ -184,8 +184,10 @@ def _vocab_pass(x, w, b, target, cw, plan: Plan, row_scale, lses: Tensor, dw: Te
     # kernel's lse of 0 could overflow exp and give inf * 0 = NaN.
     lses = torch.where(coef.scale == 0, torch.inf, lses)
     # sa * exp(z - lse) = exp(z - (lse - log sa)) when sa >= 0: one pass less over each tile. Known on the CPU for
-    # free; elsewhere asking would be a host sync per call, so the multiply stays.
-    if x.device.type == "cpu" and plan.softcap is None and not bool((coef.softmax_coef < 0).any()):
+    # free; elsewhere asking would be a host sync per call (and a graph break under torch.compile), so the multiply
+    # stays there.
+    foldable = x.device.type == "cpu" and plan.softcap is None and not torch.compiler.is_compiling()
+    if foldable and not bool((coef.softmax_coef < 0).any()):
         lses = lses - coef.softmax_coef.log()
         coef = coef._replace(softmax_coef=None)
     block = plan.vocab_block
