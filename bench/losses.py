@@ -4,8 +4,8 @@ linear cross-entropy, against torch eager, torch.compile, Liger-Kernel and Cut C
 Byte model: cross-entropy reads the logits once and writes their grad once (2 x N x V x elt-size); MSE/BCE read
 input and target and write the input's grad (3 x n x elt-size). The linear cross-entropy is compute-bound: it is
 reported in TFLOP/s of its three matmuls (6 x N x H x V), not GB/s.
-Peak extra memory is measured over one forward + backward, above what was allocated before it (inputs), so it
-includes the grads the call produces (listed per case in the footer).
+Peak extra memory is measured over one forward + backward, above what was allocated before it (inputs); the table
+shows it with and without the grads the call returns (listed per case in the footer).
 """
 
 from __future__ import annotations
@@ -155,13 +155,18 @@ def linear_ce_case(n: int, h: int, v: int, dtype, env: Env, targets: list) -> Ca
         t[torch.rand(n, device=dev, generator=g) < 0.1] = IGNORE
         return x, w, t
 
-    def ours(api, b):
+    def ours(api, b, **extra):
         x, w, t = data()
-        return _fwd_bwd([x, w], lambda: api(x, w, t, ignore_index=IGNORE, **_kw(api, b)))
+        return _fwd_bwd([x, w], lambda: api(x, w, t, ignore_index=IGNORE, **_kw(api, b), **extra))
 
     def eager():
         x, w, t = data()
         return _fwd_bwd([x, w], lambda: F.cross_entropy(F.linear(x, w), t, ignore_index=IGNORE))
+
+    def native():  # torch 2.14's own chunked path (options=None would be the plain expression)
+        x, w, t = data()
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return _fwd_bwd([x, w], lambda: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE, options=opts))
 
     def liger(mod):
         x, w, t = data()
@@ -173,7 +178,13 @@ def linear_ce_case(n: int, h: int, v: int, dtype, env: Env, targets: list) -> Ca
         return _fwd_bwd([x, w], lambda: mod.linear_cross_entropy(x, w, t, ignore_index=IGNORE))
 
     impls = fusedopt_impls("nn.functional.linear_cross_entropy", dev, ours)
+    for mode in ("row_chunked", "vocab_blocked"):
+        with_mode = lambda api, b, mode=mode: ours(api, b, mode=mode)
+        impls += fusedopt_impls("nn.functional.linear_cross_entropy", dev, with_mode, label=mode, needs="mode")
+    has_native = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
     impls += [Impl("torch eager (linear + cross_entropy)", "peer", eager),
+              Impl("torch native F.linear_cross_entropy (chunked)", "peer",
+                   native if has_native else None, "" if has_native else "needs torch >= 2.14"),
               _gpu_peer(env, "Liger FusedLinearCrossEntropy", "liger_kernel.transformers", "liger-kernel", liger),
               _gpu_peer(env, "Cut Cross-Entropy", "cut_cross_entropy", "cut-cross-entropy", cce)]  # fmt: skip
     e = dtype.itemsize

@@ -111,6 +111,8 @@ def cells(row: Row, case: Case, env: Env) -> list[str]:
     pct = "" if row.pct_copy is None else f"{row.pct_copy:.0f}%"
     speed = "" if row.speedup is None else f"{row.speedup:.2f}x"
     peak = _bytes(row.peak_bytes) if case.memory else ""
+    if peak and case.grad_bytes:  # what the implementation needs beyond the grads it returns
+        peak += f" ({_bytes(max(0, row.peak_bytes - case.grad_bytes))} beyond grads)"
     if case.memory and row.ms is not None and row.peak_bytes is None:
         peak = "n/a"
     return [row.op, row.impl, ms, rate, pct, speed, peak, row.note]
@@ -163,7 +165,8 @@ def footer(cases: list[Case], env: Env, targets: list[dict], meta: dict) -> list
         how = env.peak_method or "not measurable here (n/a)"
         grads = ", ".join(f"{c.tag} {_bytes(c.grad_bytes)[1:]}" for c in mem)
         lines.append(f"Peak extra memory: the first forward + backward (after compilation), above the inputs, by "
-                     f"{how}; buffers kept for re-use count; it includes the grads the call returns ({grads}).")
+                     f"{how}; buffers kept for re-use count; it includes the grads the call returns ({grads}); "
+                     "'beyond grads' leaves them out.")
     if meta.get("interrupted"):
         lines.append(f"INTERRUPTED: {meta['interrupted']}.")
     load = [meta.get("load_start"), meta.get("load_end")]

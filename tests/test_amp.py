@@ -146,10 +146,52 @@ def test_losses_under_cuda_autocast(name, kind, ours, theirs, amp_dtype):
     run_loss_under_autocast(name, kind, ours, theirs, "cuda", amp_dtype)
 
 
-def test_linear_cross_entropy_refuses_autocast():
-    """LinearCrossEntropyLoss does not reproduce autocast's 16-bit matmul + float32 cross-entropy yet: it says so
-    (it used to fail deep inside with an out= dtype error)."""
-    x, w = torch.randn(4, 8), torch.randn(10, 8)
-    t = torch.randint(0, 10, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="autocast"):
-        fusedopt.nn.LinearCrossEntropyLoss()(x, w, t)
+def _autocast_linear_ce(fn, device, amp_dtype, params_dtype, mode, **kw):
+    """fn under autocast on (B, T, H) hidden states and params of params_dtype: the loss, and the grads of the
+    hidden states, weight and bias (each in its own dtype)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 16, generator=gen).to(device, params_dtype).requires_grad_()
+    w = (torch.randn(300, 16, generator=gen) / 4).to(device, params_dtype).requires_grad_()
+    b = torch.randn(300, generator=gen).to(device, params_dtype).requires_grad_()
+    t = torch.randint(0, 300, (2, 9), generator=gen).to(device)
+    t[0, :3] = -100
+    with torch.autocast(device, dtype=amp_dtype):
+        loss = fn(x, w, b, t, mode, **kw)
+    return loss, torch.autograd.grad(loss, (x, w, b))
+
+
+def _torch_linear_ce(x, w, b, t, mode, **kw):
+    logits = torch.nn.functional.linear(x, w, b)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), t.flatten(), **kw)
+
+
+def _fused_linear_ce(x, w, b, t, mode, **kw):
+    return fusedopt.nn.functional.linear_cross_entropy(x, w, t, linear_bias=b, mode=mode, chunk_size=5,
+                                                       vocab_block_size=128, **kw)  # fmt: skip
+
+
+def run_linear_ce_under_autocast(device, amp_dtype, tol_dtype):
+    """linear_cross_entropy under autocast is F.linear (matmuls in the autocast dtype) + F.cross_entropy (rows in
+    float32): the loss in float32, every grad in its param's dtype. tol_dtype: float32 on the CPU, where both run the
+    same 16-bit GEMMs (ignoring autocast, i.e. float32 matmuls, is off by ~5e-3 and fails); the autocast dtype on
+    CUDA, where cuBLAS may pick another kernel for a chunk and round a logit the other way."""
+    for mode in ("row_chunked", "vocab_blocked"):
+        for params_dtype, kw in [(torch.float32, {}), (torch.float32, {"label_smoothing": 0.1}),
+                                 (amp_dtype, {"reduction": "sum"})]:  # fmt: skip
+            loss, grads = _autocast_linear_ce(_fused_linear_ce, device, amp_dtype, params_dtype, mode, **kw)
+            ref, ref_grads = _autocast_linear_ce(_torch_linear_ce, device, amp_dtype, params_dtype, mode, **kw)
+            assert loss.dtype == ref.dtype == torch.float32
+            assert_close(loss, ref, tol_dtype, f"{mode} {params_dtype} {kw} loss", reduction=True)
+            for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+                assert g.dtype == r.dtype == params_dtype, name
+                assert_close(g, r, tol_dtype, f"{mode} {params_dtype} {kw} grad {name}", reduction=True)
+
+
+def test_linear_cross_entropy_under_cpu_autocast():
+    run_linear_ce_under_autocast("cpu", torch.bfloat16, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_under_cuda_autocast(amp_dtype):
+    run_linear_ce_under_autocast("cuda", amp_dtype, amp_dtype)

@@ -64,9 +64,10 @@ def test_compiled_bce_still_rejects_inputs_outside_0_1(module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("module", [False, True])
-def test_linear_cross_entropy_compiled_fullgraph(dtype, module):
-    """LinearCrossEntropyLoss / linear_cross_entropy (several chunks) compiled: loss and the input, weight and bias
-    gradients of eager F.linear + F.cross_entropy."""
+@pytest.mark.parametrize("mode", ["row_chunked", "vocab_blocked"])
+def test_linear_cross_entropy_compiled_fullgraph(dtype, module, mode):
+    """LinearCrossEntropyLoss / linear_cross_entropy (several chunks and vocabulary blocks) compiled: loss and the
+    input, weight and bias gradients of eager F.linear + F.cross_entropy."""
     import fusedopt
     from fusedopt.nn.linear_cross_entropy import linear_cross_entropy
 
@@ -75,10 +76,17 @@ def test_linear_cross_entropy_compiled_fullgraph(dtype, module):
     x, w, b = leaf(12, 8), leaf(20, 8), leaf(20)
     t = torch.randint(0, 20, (12,), generator=gen)
     t[3] = -100
-    fn = fusedopt.nn.LinearCrossEntropyLoss(chunk_size=5) if module else (
-        lambda x, w, t, b: linear_cross_entropy(x, w, t, b, chunk_size=5))  # fmt: skip
-    compiled = torch.compile(lambda *a: fn(*a), backend="aot_eager", fullgraph=True)
-    loss = compiled(x, w, t, b)
+    extras = dict(chunk_size=5, mode=mode, vocab_block_size=6)
+    if module:
+        head = fusedopt.nn.LinearCrossEntropyLoss(8, 20, bias=True, dtype=dtype, **extras)
+        with torch.no_grad():
+            head.linear.weight.copy_(w), head.linear.bias.copy_(b)
+        w, b = head.linear.weight, head.linear.bias
+        fn = lambda x, t: head(x, t)
+    else:
+        fn = lambda x, t: linear_cross_entropy(x, w, t, linear_bias=b, **extras)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, t)
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, b), t)
     assert_close(loss, ref, dtype, "loss", reduction=True)
     for name, g, r in zip("xwb", torch.autograd.grad(loss, (x, w, b)), torch.autograd.grad(ref, (x, w, b))):

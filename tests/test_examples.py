@@ -36,3 +36,13 @@ def test_finetune_gpt_tiny_curves_agree(tmp_path):
     assert "DeprecationWarning" not in err, err[-3000:]
     assert "20/20" in err  # the progress bars ran to the end (12 + 8 steps in --tiny)
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_finetune_hf_tiny_curves_agree(tmp_path):
+    """The Trainer example, plain vs apply_fusedopt + fusedopt AdamW, each in a fresh process: the script's --check
+    asserts a loss per step, curves within float32 rounding, and a finite peak memory for both runs."""
+    pytest.importorskip("transformers")
+    out = run("examples/finetune_hf.py", "--tiny", "--check", "--out", str(tmp_path / "curves.png"))
+    assert "largest relative difference" in out and "nan" not in out
+    assert re.search(r"fusedopt .* tokens/s  peak memory \+\d+ MiB", out)
+    assert (tmp_path / "curves.png").stat().st_size > 0
