@@ -238,7 +238,8 @@ def test_torch_argument_semantics(backend, reduction):
     ]:
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        got = linear_cross_entropy(xs, ws, t, linear_bias=b, reduction=reduction, backend=backend, chunk_size=4, **kwargs)
+        got = linear_cross_entropy(xs, ws, t, linear_bias=b, reduction=reduction, backend=backend, chunk_size=4,
+                                   **kwargs)
         want = F.linear_cross_entropy(xr, wr, t, linear_bias=b, reduction=reduction, **torch_kwargs)
         torch.testing.assert_close(got, want, **tol(torch.float64, reduction=True))
         go = torch.rand(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
