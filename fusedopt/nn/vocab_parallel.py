@@ -54,16 +54,6 @@ def _gather_rows(local: Tensor, group) -> Tensor:
     return out.view(world, *local.shape)
 
 
-def _local_weight(weight: Tensor | None, vocab_start: int, local: int, vocab_size: int, real: Tensor, ot) -> Tensor:
-    """This rank's class weights (1 without a weight), 0 on padding columns."""
-    if weight is None:
-        return real.to(ot)
-    stop = min(max(vocab_start, vocab_size), vocab_start + local)
-    w = weight.new_zeros(local, dtype=ot)
-    w[: stop - vocab_start] = weight[vocab_start:stop].to(ot)
-    return w
-
-
 def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *, need_grad: bool,
                         grad_scale: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                         softcap: float | None, vocab_start: int, vocab_size: int,
@@ -76,28 +66,27 @@ def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *
     ls = label_smoothing
     bad = reference.check_targets(target, ignore_index, vocab_size)  # a padding column is out of bounds
     valid = (target != ignore_index) & ~bad
-    columns = torch.arange(vocab_start, vocab_start + local, device=logits.device)
-    real = columns < vocab_size
-    capped = reference.softcap_logits(logits.to(ot), softcap)
-    z = capped.masked_fill(~real, float("-inf"))
+    n_real = max(0, min(local, vocab_size - vocab_start))  # the columns past these are padding: never read
+    z = reference.softcap_logits(logits[:, :n_real].to(ot), softcap)
+    w_local = None if weight is None else weight[vocab_start : vocab_start + n_real].to(ot)
 
     # This rank's statistics, each relative to its own max (0 when it has only -inf or no columns).
-    m = z.amax(-1) if local else z.new_full((rows,), float("-inf"))
-    shift = torch.where(m == float("-inf"), 0.0, m)
-    zs = torch.where(real, z - shift.unsqueeze(-1), 0.0)
-    e = torch.where(real, torch.exp(zs), 0.0)
-    t_local = target - vocab_start
-    owns = valid & (t_local >= 0) & (t_local < local)
-    t_index = torch.where(owns, t_local, 0).unsqueeze(-1)
-    z_t = torch.where(owns, z.gather(-1, t_index).squeeze(-1), 0.0) if local else z.new_zeros(rows)
+    m = z.amax(-1) if n_real else z.new_full((rows,), float("-inf"))
+    shift = torch.where(m == float("-inf"), 0.0, m).unsqueeze(-1)
+    e = torch.exp(z - shift)  # becomes the gradient buffer
     local_sum = e.sum(-1)
+    t_local = target - vocab_start
+    owns = valid & (t_local >= 0) & (t_local < n_real)
+    t_index = torch.where(owns, t_local, 0).unsqueeze(-1)
+    z_t = torch.where(owns, z.gather(-1, t_index).squeeze(-1), 0.0) if n_real else z.new_zeros(rows)
     stats = [m, local_sum, z_t]
-    w_local = _local_weight(weight, vocab_start, local, vocab_size, real, ot)
     if ls:
-        stats.append((zs * w_local).sum(-1))
+        zs = z - shift
+        stats.append((zs if w_local is None else zs * w_local).sum(-1))
     local_stats = torch.stack(stats) if rows else z.new_zeros((len(stats), 0))
     if ls:  # W_r, this rank's column weight: one number per rank, sent as one extra column
-        local_stats = torch.cat([local_stats, w_local.sum().expand(len(stats), 1)], dim=1)
+        weight_here = z.new_tensor(float(n_real)) if w_local is None else w_local.sum()
+        local_stats = torch.cat([local_stats, weight_here.expand(len(stats), 1)], dim=1)
     gathered = _gather_rows(local_stats, group)
     if ls:
         weight_r, gathered = gathered[:, 3, -1], gathered[..., :-1]
@@ -130,19 +119,23 @@ def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *
 
     big_q = (1 - ls) * w_t + ls_over_c * w_sum
     # exp(z - M) / S = e * exp(m_r - M) / S; a rank whose columns are all -inf has e = 0 (and may overflow the factor).
-    coef = (big_q + 2 * z_loss * lse) * torch.where(local_sum > 0, torch.exp(shift - big_shift) / sum_exp, 0.0)
-    g = coef.unsqueeze(-1) * e
+    to_global = torch.where(local_sum > 0, torch.exp(shift.squeeze(-1) - big_shift) / sum_exp, 0.0)
+    g = e.mul_(((big_q + 2 * z_loss * lse) * to_global).unsqueeze(-1))
     if ls:
-        g = g - ls_over_c * w_local
-    g = g.scatter_add(-1, t_index, torch.where(owns, -(1 - ls) * w_t, 0.0).unsqueeze(-1)) if local else g
+        g.sub_(ls_over_c * (1.0 if w_local is None else w_local))
+    if n_real:
+        g.scatter_add_(-1, t_index, torch.where(owns, -(1 - ls) * w_t, 0.0).unsqueeze(-1))
     if softcap is not None:
-        g = g * (1 - (capped / softcap) ** 2)
+        g.mul_(1 - (z / softcap) ** 2)
     if grad_scale is not None:
-        g = g * grad_scale.to(ot)
-    # After the scale: ignored rows and padding columns stay exactly 0 (also when the scale is torch's NaN mean).
-    keep = valid.unsqueeze(-1) & real
-    g = torch.where(keep, g, torch.where(real, flagged.unsqueeze(-1), 0.0))
-    return loss, lse, g.to(logits.dtype)
+        g.mul_(grad_scale.to(ot))
+    # After the scale: ignored rows stay exactly 0 (also when the scale is torch's NaN mean).
+    g.masked_fill_(~valid.unsqueeze(-1), 0.0).masked_fill_(bad.unsqueeze(-1), float("nan"))
+    if n_real == local:
+        return loss, lse, g.to(logits.dtype)
+    grad = logits.new_zeros((rows, local))  # padding columns: 0
+    grad[:, :n_real] = g
+    return loss, lse, grad
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
