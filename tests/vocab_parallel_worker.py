@@ -117,8 +117,10 @@ def scenarios():
                 name = f"{layout}-{dtype_name}-{option}"
                 out.append((name, lambda g, a=layout, b=dtype_name, c=option: scenario_option(a, b, c, g)))
     import vocab_parallel_cases
+    import vocab_parallel_linear_cases
 
     out.extend(vocab_parallel_cases.CASES)
+    out.extend(vocab_parallel_linear_cases.CASES)
     return out
 
 
