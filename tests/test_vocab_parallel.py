@@ -54,3 +54,16 @@ def test_every_scenario_ran(results):
     for world in WORLDS:
         assert len(results[world]) == world
         assert all(set(r) == set(SCENARIOS) for r in results[world])
+
+
+def test_bench_row_reports_the_bytes_of_the_collective():
+    """bench/vocab_parallel.py on tiny sizes: every row timed, one collective per call on the 2 ranks, and the bytes
+    measured at the collective are those the docs give."""
+    from bench import vocab_parallel as bench
+
+    result = bench.run(16, 64, "float32", reps=2)
+    assert [r["ms"] > 0 for r in result["rows"]] == [True] * 4
+    tp = result["rows"][-1]
+    assert tp["collectives_per_call"] == 1
+    assert tp["bytes_per_row"] == result["expected_bytes_per_row"] == 12
+    assert "| fusedopt vocab-parallel, 2 gloo ranks x 1 thread |" in bench.markdown(result)

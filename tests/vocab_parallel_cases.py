@@ -200,7 +200,7 @@ def one_collective_of_row_statistics(group):
 
 
 def bad_arguments(group):
-    """Clear errors: a weight over the local shard only, probability targets, inplace_backward."""
+    """Clear errors: a weight over the local shard only, probability targets, inplace_backward, a second backward."""
     x, target, weight = make_inputs(torch.float32, VOCAB, VOCAB)
     local, start = _local(x, "chunk", VOCAB, group)
     kw = {"process_group": group, "vocab_start": start, "vocab_size": VOCAB}
@@ -210,6 +210,10 @@ def bad_arguments(group):
         cross_entropy(local, torch.softmax(local.detach(), -1), **kw)
     with pytest.raises(NotImplementedError, match="inplace_backward"):
         cross_entropy(local, target, inplace_backward=True, **kw)
+    loss = cross_entropy(local, target, **kw)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):  # the saved gradient was scaled in place
+        loss.backward()
 
 
 def dtensor_matches_loss_parallel(group):

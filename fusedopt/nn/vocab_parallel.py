@@ -18,8 +18,8 @@ followed by one of the rescaled sums would be two collectives (two latencies) fo
 Communication per row (token): each rank contributes 3 opmath values (4 with label smoothing), and receives that from
 every other rank: (world - 1) * 12 bytes (16) in float32. See docs/CROSS_ENTROPY.md.
 
-This path is a composition of torch ops (a few passes over the local shard), not the single-pass fused kernel: the
-kernels take no external row statistics yet.
+This path is a composition of torch ops (about five passes over the local shard, the gradient built in place in the
+exp buffer), not the single-pass fused kernel: the kernels take no external row statistics yet.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         else:
             out = torch.where(denom == 0, float("nan"), loss.sum() / denom).to(out_dtype)
         ctx.save_for_backward(grad)
+        ctx.consumed = False
         lse = lse.reshape(out_shape)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -168,11 +169,15 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_lse):
         nones = (None,) * 14
+        if ctx.consumed:
+            raise RuntimeError("fusedopt cross_entropy: backward ran twice through the same graph (retain_graph=True); "
+                               "the saved gradient is scaled in place by the first backward")  # fmt: skip
+        ctx.consumed = True
         if grad_loss is None:
             return (None, *nones)
         (grad,) = ctx.saved_tensors
-        scale = grad_loss.reshape(-1, 1).to(reference.opmath_dtype(grad.dtype))
-        return ((grad.to(scale.dtype) * scale).to(grad.dtype), *nones)
+        # In place, in opmath and rounded once, as the fused kernels' backward (the buffer is this Function's own).
+        return (grad.mul_(grad_loss.reshape(-1, 1).to(reference.opmath_dtype(grad.dtype))), *nones)
 
 
 def dtensor_cross_entropy(cross_entropy, input, target, weight, **kwargs):
