@@ -12,7 +12,7 @@ from conftest import assert_close
 from vocab_parallel_worker import ROWS, VOCAB, check_against_single_process, make_inputs, shard
 
 from fusedopt import reference
-from fusedopt.nn import vocab_parallel
+from fusedopt.nn import CrossEntropyLoss, vocab_parallel
 from fusedopt.nn.functional import cross_entropy
 
 
@@ -69,6 +69,8 @@ def ignore_index_rows_with_reduction_none(group):
     assert_close(loss, expected, torch.float32, "per-row loss")
     loss.backward(torch.rand(ROWS) + 0.5)
     assert torch.all(local.grad[ignored] == 0) and torch.all(local.grad[~ignored].abs().sum(-1) > 0)
+    module = CrossEntropyLoss(weight, reduction="none", process_group=group, vocab_start=start, vocab_size=VOCAB)
+    assert torch.equal(module(local.detach(), target), loss.detach()), "the nn.Module gives the functional's loss"
 
 
 def local_index_equal_to_ignore_index_is_kept(group):

@@ -73,7 +73,7 @@ def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *
     # This rank's statistics, each relative to its own max (0 when it has only -inf or no columns).
     m = z.amax(-1) if n_real else z.new_full((rows,), float("-inf"))
     shift = torch.where(m == float("-inf"), 0.0, m).unsqueeze(-1)
-    e = torch.exp(z - shift)  # becomes the gradient buffer
+    e = (z - shift).exp_()  # becomes the gradient buffer
     local_sum = e.sum(-1)
     t_local = target - vocab_start
     owns = valid & (t_local >= 0) & (t_local < n_real)
@@ -85,7 +85,7 @@ def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *
         stats.append((zs if w_local is None else zs * w_local).sum(-1))
     local_stats = torch.stack(stats) if rows else z.new_zeros((len(stats), 0))
     if ls:  # W_r, this rank's column weight: one number per rank, sent as one extra column
-        weight_here = z.new_tensor(float(n_real)) if w_local is None else w_local.sum()
+        weight_here = z.new_full((), float(n_real)) if w_local is None else w_local.sum()
         local_stats = torch.cat([local_stats, weight_here.expand(len(stats), 1)], dim=1)
     gathered = _gather_rows(local_stats, group)
     if ls:
@@ -130,7 +130,9 @@ def vocab_parallel_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *
     if grad_scale is not None:
         g.mul_(grad_scale.to(ot))
     # After the scale: ignored rows stay exactly 0 (also when the scale is torch's NaN mean).
-    g.masked_fill_(~valid.unsqueeze(-1), 0.0).masked_fill_(bad.unsqueeze(-1), float("nan"))
+    g.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    if logits.device.type != "cpu":  # (on the CPU an out-of-bounds target has raised already)
+        g.masked_fill_(bad.unsqueeze(-1), float("nan"))
     if n_real == local:
         return loss, lse, g.to(logits.dtype)
     grad = logits.new_zeros((rows, local))  # padding columns: 0
