@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import _reduction as _Reduction
 
 from fusedopt import _backend, reference
-from fusedopt.nn import _torch_args
+from fusedopt.nn import _torch_args, vocab_parallel
 from fusedopt.ops import cross_entropy as ce_ops
 
 __all__ = [
@@ -176,8 +176,9 @@ def _check_and_flatten(input: Tensor, target: Tensor, weight: Tensor | None, ign
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
                   ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, backend: str | None = "auto", z_loss: float = 0.0,
-                  softcap: float | None = None, return_lse: bool = False,
-                  inplace_backward: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+                  softcap: float | None = None, return_lse: bool = False, inplace_backward: bool = False,
+                  process_group=None, vocab_start: int | None = None,
+                  vocab_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
     """torch.nn.functional.cross_entropy, fused. Extras (keyword-only):
 
     backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (see fusedopt._backend).
@@ -188,10 +189,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     inplace_backward: write the gradient over the logits instead of a new buffer (saves one logits-sized buffer). Only
         safe when nothing else reads these logits after this call; see docs/CROSS_ENTROPY.md. Another autograd user of
         the logits then fails loudly (version counter), it is never silently corrupted.
+
+    Logits sharded along the class dim (tensor parallelism; see docs/CROSS_ENTROPY.md), never gathered:
+    process_group: `input` holds this rank's columns [vocab_start, vocab_start + local) of the logits; the loss (the
+        same on every rank) and this rank's gradient columns are those of the whole vocabulary. target and weight
+        (over the whole vocabulary) are the same on every rank.
+    vocab_start: the global index of this rank's first column (default: rank * local, equal shards).
+    vocab_size: the real vocabulary (default: world * local). Columns at or past it are padding: never counted, never
+        a target (a target there is out of bounds), gradient 0.
+    A DTensor `input` sharded along the class dim (Shard(-1) of (N, C) logits) takes this path by itself, inside or
+    outside torch's loss_parallel() context, and gives Replicate DTensors as torch's loss_parallel does.
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     reduction = _torch_args.reduction_name(reduction)
+    if _is_dtensor(input):
+        return vocab_parallel.dtensor_cross_entropy(
+            cross_entropy, input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, backend=backend, z_loss=z_loss, softcap=softcap, return_lse=return_lse,
+            inplace_backward=inplace_backward,
+        )  # fmt: skip
     label_smoothing = _torch_args.label_smoothing_value(label_smoothing)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"cross_entropy: softcap must be a positive number or None, got {softcap}")
@@ -204,6 +221,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         # Probability targets wider than 16-bit logits: torch uses them unrounded. The kernels read targets in the
         # logits' dtype, so run in float32 (their math precision anyway; the gradient flows back through the cast).
         input = input.float()
+    if process_group is not None:
+        loss, lse = _vocab_parallel_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing,
+                                                  z_loss, softcap, inplace_backward, process_group, vocab_start,
+                                                  vocab_size)  # fmt: skip
+        return (loss, lse) if return_lse else loss
     logits, rows, w, prob_target, out_dtype, out_shape = _check_and_flatten(input, target, weight, ignore_index)
     if prob_target and target.requires_grad and torch.is_grad_enabled():
         # torch differentiates through probability targets too; the fused kernels do not, so use the formula.
@@ -223,6 +245,51 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         out_shape,
     )  # fmt: skip
     return (loss, lse) if return_lse else loss
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _vocab_parallel_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                  inplace_backward, group, vocab_start, vocab_size):  # fmt: skip
+    """cross_entropy on this rank's columns of class-sharded logits (see vocab_parallel.py). Returns (loss, lse)."""
+    import torch.distributed as dist
+
+    if inplace_backward:
+        raise NotImplementedError("fusedopt cross_entropy: inplace_backward with process_group is not supported")
+    if input.shape == target.shape and target.is_floating_point():
+        raise NotImplementedError("fusedopt cross_entropy: probability targets with process_group are not supported")
+    local = input.shape[0 if input.dim() == 1 else 1]
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * local
+    if vocab_size is None:
+        vocab_size = dist.get_world_size(group) * local
+    if vocab_start < 0 or vocab_size < 0:
+        raise ValueError(f"cross_entropy: vocab_start and vocab_size must be >= 0, got {vocab_start}, {vocab_size}")
+    logits, rows, _, _, out_dtype, out_shape = _check_and_flatten(input, target, None, ignore_index)
+    opmath = reference.opmath_dtype(input.dtype)
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != vocab_size:
+            raise RuntimeError(f"weight tensor should be defined for all {vocab_size} classes of the vocabulary (not "
+                               f"this rank's shard) but got weight tensor of shape: {list(weight.shape)}")  # fmt: skip
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {input.dtype} but found {weight.dtype} (weight)")
+        if weight.device != input.device:
+            raise RuntimeError(f"cross_entropy: weight is on {weight.device}, input on {input.device}")
+        weight = weight.to(opmath).contiguous()
+    denom = None
+    if reduction == "mean":
+        denom = _mean_denominator(rows, weight, ignore_index, False, rows.numel(), vocab_size, opmath)
+    need_grad = torch.is_grad_enabled() and input.requires_grad
+    return vocab_parallel.VocabParallelCrossEntropyFunction.apply(
+        logits, rows, weight, reduction, denom, ignore_index, float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), vocab_start, vocab_size, group, need_grad, out_dtype, out_shape,
+    )  # fmt: skip
 
 
 # --- Pointwise losses: MSE, BCE, BCE with logits (implemented in fusedopt/nn/mse_loss.py and bce_loss.py) ---------
