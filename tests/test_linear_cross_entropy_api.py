@@ -172,11 +172,12 @@ def test_three_d_input_is_the_flattened_reference(reduction, prob):
 
 @pytest.mark.parametrize("n", [0, 1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_empty_and_single_rows_and_byte_targets(n, reduction):
+@pytest.mark.parametrize("mode", ["row_chunked", "vocab_blocked"])
+def test_empty_and_single_rows_and_byte_targets(n, reduction, mode):
     x, w = _rand(n, 4, seed=5, requires_grad=True), _rand(7, 4, seed=6, requires_grad=True)
     t = torch.randint(0, 7, (n,), dtype=torch.uint8)
-    _compare(linear_cross_entropy(x, w, t, reduction=reduction), F.linear_cross_entropy(x, w, t, reduction=reduction),
-             [x, w], f"n={n}")  # fmt: skip
+    _compare(linear_cross_entropy(x, w, t, reduction=reduction, mode=mode, vocab_block_size=3),
+             F.linear_cross_entropy(x, w, t, reduction=reduction), [x, w], f"n={n} {mode}")  # fmt: skip
 
 
 @pytest.mark.parametrize("label_smoothing", [-0.3, float("nan"), 0.0])
@@ -311,3 +312,18 @@ def test_options_batch_chunk_size_is_the_chunk_size(monkeypatch):
     linear_cross_entropy(x, w, t, options=LCEO(batch_chunk_size=3))
     linear_cross_entropy(x, w, t, options=LCEO(batch_chunk_size=3), chunk_size=4)  # fusedopt's keyword wins
     assert seen == [3, 4]
+
+
+def test_autocast_leaves_float64_alone():
+    """As F.linear under autocast: float64 operands are not cast (a float32 input with a float64 weight is then a
+    dtype error, in torch too); an all-float64 call is exact."""
+    x, w, t = _rand(4, 3, seed=30), _rand(5, 3, seed=31, requires_grad=True), torch.tensor([0, 1, 2, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            F.linear_cross_entropy(x.float(), w, t)
+        with pytest.raises(RuntimeError, match="share a dtype"):
+            linear_cross_entropy(x.float(), w, t)
+        ours = linear_cross_entropy(x, w, t)
+        ref = F.cross_entropy(F.linear(x, w), t)
+    assert ours.dtype == ref.dtype == F64
+    _compare(ours, ref, [w], "float64 under autocast")

@@ -1,6 +1,6 @@
 """Drop-in replacements for torch.nn: `torch.nn.XLoss` becomes `fusedopt.nn.XLoss`, `torch.nn.functional.f`
 becomes `fusedopt.nn.functional.f`, and `torch.nn.utils.clip_grad_norm_` becomes `fusedopt.nn.utils.clip_grad_norm_`.
-LinearCrossEntropyLoss (linear + cross-entropy without the logits) goes beyond torch."""
+LinearCrossEntropyLoss is torch 2.14's nn.LinearCrossEntropyLoss, computed without the (N, V) logits."""
 
 from fusedopt.nn import functional, utils
 from fusedopt.nn.bce_loss import BCELoss, BCEWithLogitsLoss

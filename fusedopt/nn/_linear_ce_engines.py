@@ -179,6 +179,9 @@ def _vocab_pass(x, w, b, target, cw, plan: Plan, row_scale, lses: Tensor, dw: Te
     transposed, (block, rows), so that d_weight[block] = tile @ x is a GEMM of contiguous operands (a transposed
     operand costs the CPU BLAS a packed copy of the tile)."""
     n, vocab = x.shape[0], w.shape[0]
+    if n == 0:  # no rows: no tile writes d_weight
+        dw.zero_()
+        return
     coef = _row_coefficients(target, cw, lses, row_scale, plan, vocab)
     # Rows whose gradient is 0 (ignored, or a zero scale): an infinite lse makes exp(z - lse) exactly 0, where the
     # kernel's lse of 0 could overflow exp and give inf * 0 = NaN.

@@ -268,7 +268,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, b
                         softcap, loss_dtype)  # fmt: skip
     if amp:  # as F.linear under autocast: the operands in the autocast dtype; the rows run in float32 anyway
         low = torch.get_autocast_dtype(device_type)
-        input, linear_weight, linear_bias = (None if t is None or t.dtype == torch.float64 else t.to(low)
+        input, linear_weight, linear_bias = (t if t is None or t.dtype == torch.float64 else t.to(low)
                                              for t in (input, linear_weight, linear_bias))  # fmt: skip
         loss_dtype = torch.float32 if loss_dtype is None else loss_dtype
     if input.dtype != linear_weight.dtype or (linear_bias is not None and linear_bias.dtype != linear_weight.dtype):
