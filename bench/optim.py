@@ -1,5 +1,5 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, clip_grad_norm_, and clip + Adam, against torch's
-for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam.
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, clip_grad_norm_, and clip + Adam, against
+torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam.
 
 Byte model (per parameter, element size e): Adam reads p, g, m, v and writes p, m, v (7e: 28 B fp32, 14 B bf16);
 RMSprop (no momentum, not centered) and SGD with momentum read p, g, one buffer and write p and it (5e);

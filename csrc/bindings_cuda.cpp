@@ -296,6 +296,10 @@ std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 }  // namespace
 }  // namespace fusedopt::cuda::bind
 
+namespace fusedopt::cuda::bind {
+void bind_optimizers(pybind11::module_& m);  // bindings_cuda_optim.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
   m.def("adam_step", &fusedopt::cuda::bind::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
@@ -315,5 +319,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-row cross-entropy loss and logsumexp of CUDA logits, with the gradient written in the same pass");
   m.def("cross_entropy_scale_grad", &fusedopt::cuda::bind::cross_entropy_scale_grad,
         "Scales a saved cross-entropy gradient in place by grad_output (a factor of 1 touches nothing)");
+  fusedopt::cuda::bind::bind_optimizers(m);
   m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

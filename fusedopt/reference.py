@@ -339,3 +339,11 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, gra
 def cross_entropy_scale_grad(grad: Tensor, scale: Tensor) -> None:
     """grad (M, C) *= scale, one value per row (M,) or one for all (1,): the fused cross-entropy's backward."""
     grad.mul_(scale.reshape(-1, 1))
+
+
+# ---- Optimizers through the shared engines: every backend's <op>_step takes these arguments (optim/_spec.py) ----
+def _engine_step_begin(op: str, params, grads, states, state_names, steps, found_inf):
+    """The boundary checks, and found_inf as a device bool (or None). No host sync."""
+    lists = {"grads": grads, **dict(zip(state_names, states))}
+    _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {"steps": steps} if steps else None)
+    return None if found_inf is None else found_inf.reshape(()) != 0

@@ -81,7 +81,10 @@ def sync_into_reference(opt_f, opt_r, fused, ref):
         for f, r in zip(fused, ref):
             r.copy_(f.double())
             for k, v in opt_f.state.get(f, {}).items():
-                if k == "step":
+                have = opt_r.state[r].get(k)
+                if isinstance(have, torch.Tensor) and have.shape == v.shape:
+                    have.copy_(v)  # in place: a reference that caches its state tensors (a fusedopt one) sees it
+                elif k == "step":
                     opt_r.state[r][k] = v.detach().clone().cpu()
                 else:
                     opt_r.state[r][k] = v.detach().double().clone()

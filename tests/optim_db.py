@@ -1,0 +1,105 @@
+"""The one table of optimizers the tests run: each entry names the fused class, its float64 reference and its
+options. The parity, compile, AMP, CUDA-graph, max_grad_norm, distributed and ISA tests take their optimizers from
+here, so a new optimizer is tested everywhere by adding one entry (test_optim_registry.py's contract test fails
+when an optimizer of fusedopt.optim has none).
+
+`grid` is the parity grid of the engine-driven optimizers (test_optim_registry.py; Adam, RMSprop and SGD keep
+their grids in their own files); `cases` are the few configurations every cross-cutting family runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+import fusedopt
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    name: str
+    fused: type
+    reference: type  # torch.optim class, or a float64 loop where torch has none
+    op: str  # fusedopt::<op>
+    cases: tuple  # configurations for the cross-cutting families (compile, AMP, clipping, graphs, distributed)
+    # family -> its own cases, where a family must not run them all ("compile", "amp", "max_grad_norm",
+    # "cuda_graphs", "distributed")
+    family_cases: dict = field(default_factory=dict)
+    grid: tuple = field(default=())  # full parity grid (engine-driven optimizers)
+    grid_16bit: tuple | None = None  # the bf16/fp16 one-step grid; None: every 5th of `grid`
+
+    def cases_for(self, family: str | None) -> tuple:
+        return self.family_cases.get(family, self.cases)
+
+    def grid_for(self, dtype: torch.dtype) -> tuple:
+        low = dtype in (torch.bfloat16, torch.float16)
+        return (self.grid_16bit if self.grid_16bit is not None else self.grid[::5]) if low else self.grid
+
+
+def _grid(keys_values: dict, cycle: list) -> tuple:
+    """Every combination of keys_values, with the `cycle` configurations varied along it."""
+    combos = itertools.product(*keys_values.values())
+    return tuple({**dict(zip(keys_values, c)), **v} for c, v in zip(combos, itertools.cycle(cycle)))
+
+
+OPTIM_DB = (
+    # Adam, AdamW, RMSprop and SGD: each family keeps the configurations it ran before the registry (others found
+    # float32 tolerance failures to look into: AdamW amsgrad and RMSprop centered with weight decay under AMP with
+    # clipping, RMSprop centered with folded clipping on the torch backend).
+    OptimInfo("Adam", fusedopt.Adam, torch.optim.Adam, "adam_step",
+              cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 1e-2, "amsgrad": True, "maximize": True}),
+              family_cases={"amp": ({"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True},),
+                            "max_grad_norm": ({"lr": 1e-2, "weight_decay": 0.01},),
+                            "cuda_graphs": ({"lr": 1e-2, "weight_decay": 0.1},),
+                            "distributed": ({"lr": 1e-2, "weight_decay": 0.1},)}),
+    OptimInfo("AdamW", fusedopt.AdamW, torch.optim.AdamW, "adam_step",
+              cases=({"lr": 1e-2, "amsgrad": True},),
+              family_cases={"compile": ({"lr": 1e-2, "weight_decay": 0.05},), "amp": ({"lr": 1e-2},)}),
+    OptimInfo("RMSprop", fusedopt.RMSprop, torch.optim.RMSprop, "rmsprop_step",
+              cases=({"lr": 1e-2, "momentum": 0.5, "centered": True},),
+              family_cases={"compile": ({"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
+                                        {"lr": 1e-2}),
+                            "amp": ({"lr": 1e-3, "momentum": 0.5, "centered": True}, {"lr": 1e-3}),
+                            "distributed": ({"lr": 1e-3, "momentum": 0.5, "centered": True},)}),
+    OptimInfo("SGD", fusedopt.SGD, torch.optim.SGD, "sgd_step",
+              cases=({"lr": 1e-2, "momentum": 0.9, "nesterov": True},),
+              family_cases={"compile": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+                                        {"lr": 1e-2, "momentum": 0.5, "dampening": 0.3}, {"lr": 1e-2}),
+                            "amp": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, {"lr": 1e-2}),
+                            "cuda_graphs": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, {"lr": 1e-2})}),
+)  # fmt: skip
+
+BY_NAME = {info.name: info for info in OPTIM_DB}
+ENGINE_DRIVEN = tuple(info for info in OPTIM_DB if info.grid)
+
+
+def cases(family: str | None = None) -> list:
+    """(fused class, reference class, kwargs) for every case of every optimizer in `family`."""
+    return [(i.fused, i.reference, kw) for i in OPTIM_DB for kw in i.cases_for(family)]
+
+
+def first_cases(family: str | None = None) -> list:
+    """One (fused class, reference class, kwargs) per optimizer: its first case in `family`."""
+    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB]
+
+
+def one_case_per_op(family: str | None = None) -> list:
+    """The first case of one optimizer per op (AdamW shares Adam's op): for the slow families (inductor)."""
+    seen, out = set(), []
+    for i in OPTIM_DB:
+        if i.op not in seen:
+            seen.add(i.op)
+            out.append((i.fused, i.reference, i.cases_for(family)[0]))
+    return out
+
+
+def op_of(cls) -> str:
+    return next(i.op for i in OPTIM_DB if i.fused is cls)
+
+
+def case_id(x) -> str:
+    if isinstance(x, type):
+        return x.__name__
+    return "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else ""
