@@ -1,8 +1,9 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, clip_grad_norm_, and clip + Adam, against
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, clip_grad_norm_, and clip + Adam, against
 torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam.
 
 Byte model (per parameter, element size e): Adam reads p, g, m, v and writes p, m, v (7e: 28 B fp32, 14 B bf16);
-RMSprop (no momentum, not centered) and SGD with momentum read p, g, one buffer and write p and it (5e);
+RMSprop (no momentum, not centered), SGD with momentum and Adagrad read p, g, one buffer and write p and
+it (5e);
 clip_grad_norm_ reads g for the norm, then reads and writes g to scale it (3e); clip + Adam is counted at what a
 fused step needs: one read of g for the norm plus Adam's 7e (8e), whatever an implementation actually moves.
 """
@@ -224,5 +225,9 @@ def cases(env: Env) -> list[Case]:
     out.append(optimizer_case("sgd", "SGD momentum=0.9", "SGD", torch.optim.SGD, model, f32, env,
                               {"lr": 1e-3, "momentum": 0.9}, ("for-loop", "foreach", "fused"),
                               [Target("vs", 1.05 if gpu else 1.0, "torch fused")], 5, FIVE_BYTES))  # fmt: skip
+    # torch's fused Adagrad runs on the CPU only.
+    out.append(optimizer_case("adagrad", "Adagrad", "Adagrad", torch.optim.Adagrad, model, f32, env, {"lr": 1e-2},
+                              ("foreach",) if gpu else ("foreach", "fused"),
+                              [Target("vs", 1.0, "torch foreach" if gpu else "torch fused")], 5, FIVE_BYTES))
     out += clip_cases(model, f32, env, gpu)
     return out

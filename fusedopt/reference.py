@@ -347,3 +347,23 @@ def _engine_step_begin(op: str, params, grads, states, state_names, steps, found
     lists = {"grads": grads, **dict(zip(state_names, states))}
     _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {"steps": steps} if steps else None)
     return None if found_inf is None else found_inf.reshape(()) != 0
+
+
+def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads):  # fmt: skip
+    """torch.optim.Adagrad's update (single-tensor form): clr = lr / (1 + (step - 1) * lr_decay),
+    sum += g^2, p -= clr * g / (sqrt(sum) + eps)."""
+    (sums,) = states
+    skip = _engine_step_begin("adagrad", params, grads, states, ["state_sums"], steps, found_inf)
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        clr = (_lr_value(lr, param.device) / (1 + (steps[i].to(torch.float64) - 1) * hyper["lr_decay"])).to(ot)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if hyper["weight_decay"] != 0:
+            g = g + hyper["weight_decay"] * p
+        s = sums[i].to(ot) + g * g
+        _commit(param, p - clr * (g / (s.sqrt() + hyper["eps"])), skip)
+        _commit(sums[i], s, skip)

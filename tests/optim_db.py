@@ -69,6 +69,24 @@ OPTIM_DB = (
                                         {"lr": 1e-2, "momentum": 0.5, "dampening": 0.3}, {"lr": 1e-2}),
                             "amp": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, {"lr": 1e-2}),
                             "cuda_graphs": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, {"lr": 1e-2})}),
+    OptimInfo(
+        "Adagrad", fusedopt.Adagrad, torch.optim.Adagrad, "adagrad_step",
+        cases=(
+            {"lr": 1e-1, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
+            {"lr": 1e-2, "maximize": True},
+        ),
+        # max_grad_norm's 16-bit check compares one step of folded vs plain clipping, where the plain path rounds
+        # the clipped grad to 16 bits once more: `sum` = g^2 would double that rounding. A large initial
+        # accumulator keeps it below one rounding of `sum` (and of the update).
+        family_cases={"max_grad_norm": ({"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1,
+                                         "initial_accumulator_value": 10.0},)},
+        grid=_grid(
+            {"weight_decay": [0.0, 0.1], "lr_decay": [0.0, 0.05], "maximize": [False, True]},
+            [{"lr": 0.1, "eps": 1e-10, "initial_accumulator_value": 0.0},
+             {"lr": 0.03, "eps": 1e-6, "initial_accumulator_value": 0.5},
+             {"lr": 0.2, "eps": 1e-3, "initial_accumulator_value": 0.1}],
+        ),
+    ),
 )  # fmt: skip
 
 BY_NAME = {info.name: info for info in OPTIM_DB}

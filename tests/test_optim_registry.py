@@ -134,6 +134,23 @@ def test_non_contiguous_and_repeated_params(info, backend):
         compare(opt_f, opt_r, fused, ref, torch.float64, f"step {s}")
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_adagrad_matches_torch_fused_cpu(backend):
+    """torch's fused Adagrad (CPU only) is the peer the bench measures: the same trajectory."""
+    kwargs = {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1}
+    fused_ref = lambda params, **kw: torch.optim.Adagrad(params, fused=True, **kw)
+    run_parity(fusedopt.Adagrad, fused_ref, kwargs, torch.float64, backend, steps=20)
+
+
+def test_adagrad_state_after_construction():
+    """torch.optim.Adagrad makes its state in __init__: so does fusedopt's, with 'step' on the param's device."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fusedopt.Adagrad([p], initial_accumulator_value=0.25, backend="torch")
+    assert set(opt.state[p]) == {"step", "sum"}
+    assert opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 0.0
+    assert torch.equal(opt.state[p]["sum"], torch.full((3,), 0.25))
+
+
 @pytest.mark.parametrize("info", INFOS)
 def test_boundary_errors_same_on_every_backend(info):
     """A state list with a wrong shape, and one with a missing tensor: every backend raises the same message."""
