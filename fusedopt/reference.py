@@ -367,3 +367,23 @@ def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
         s = sums[i].to(ot) + g * g
         _commit(param, p - clr * (g / (s.sqrt() + hyper["eps"])), skip)
         _commit(sums[i], s, skip)
+
+
+def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads):  # fmt: skip
+    """Lion (Chen et al. 2023, Algorithm 2): update = sign(lerp(m, g, 1 - beta1)); p = p * (1 - lr * wd) - lr * update;
+    m = lerp(m, g, 1 - beta2). sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze
+    the element silently behind a NaN momentum; here it makes the param NaN, as in every other optimizer)."""
+    (exp_avgs,) = states
+    skip = _engine_step_begin("lion", params, grads, states, ["exp_avgs"], [], found_inf)
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, weight_decay = hyper["beta1"], hyper["beta2"], hyper["weight_decay"]
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        m = exp_avgs[i].to(ot)
+        c = m.lerp(g, 1 - beta1)
+        update = torch.where(c.isnan(), c, c.sign())
+        _commit(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip)
+        _commit(exp_avgs[i], m.lerp(g, 1 - beta2), skip)

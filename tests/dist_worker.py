@@ -188,7 +188,7 @@ def scenarios(ckpt_dir):
             folded = lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, True, rank, mesh)
             out.append((f"{kind}-{name}-folded", folded))
     out.append(("fsdp2-global-norm", scenario_global_norm))
-    for name in ("AdamW", "SGD", "Adagrad"):
+    for name in ("AdamW", "SGD", "Adagrad", "Lion"):
         out.append((f"fsdp2-dcp-{name}", lambda rank, mesh, n=name: scenario_dcp_roundtrip(n, rank, mesh, ckpt_dir)))
     return out
 

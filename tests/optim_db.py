@@ -17,6 +17,33 @@ import torch
 import fusedopt
 
 
+class PaperLion(torch.optim.Optimizer):
+    """Lion as the paper writes it (Chen et al. 2023, Algorithm 2), plainly, for float64 references:
+    c = beta1 * m + (1 - beta1) * g;  theta = theta - lr * (sign(c) + lambda * theta);  m = beta2 * m + (1 - beta2) * g.
+    Written independently of fusedopt.reference.lion_step (which uses torch's lerp form)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, foreach=None):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                c = beta1 * m + (1 - beta1) * g
+                sign = torch.where(c.isnan(), c, torch.sign(c))  # NaN stays NaN (torch.sign gives 0)
+                p.sub_(lr * (sign + wd * p))
+                m.copy_(beta2 * m + (1 - beta2) * g)
+
+
 @dataclass(frozen=True)
 class OptimInfo:
     name: str
@@ -86,6 +113,30 @@ OPTIM_DB = (
              {"lr": 0.03, "eps": 1e-6, "initial_accumulator_value": 0.5},
              {"lr": 0.2, "eps": 1e-3, "initial_accumulator_value": 0.1}],
         ),
+    ),
+    OptimInfo(
+        "Lion", fusedopt.Lion, PaperLion, "lion_step",
+        cases=(
+            {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
+            {"lr": 3e-3, "betas": (0.95, 0.98), "maximize": True},
+        ),
+        # Under bf16 autocast the two models' grads differ by bf16 roundings (up to a few % per element) once their
+        # params differ at all, and a sign update flips where c is near 0. Without weight decay the fused and the
+        # paper's updates are the same float operations, the models stay identical, and the test stays exact.
+        # GradScaler itself is tested in float64 in test_optim_registry.py.
+        family_cases={"amp": ({"lr": 3e-3, "betas": (0.95, 0.98), "maximize": True},)},
+        grid=_grid(
+            {"weight_decay": [0.0, 0.1], "maximize": [False, True], "betas": [(0.9, 0.99), (0.0, 0.5), (1.0, 0.9)]},
+            [{"lr": 1e-3}, {"lr": 3e-2}, {"lr": 1e-4}],
+        ),
+        # 16-bit inputs make exact ties likely when beta1 / (1 - beta1) is a short binary number: with beta1 = 0.9,
+        # g = -9 m is exact in bf16 and beta1 m + (1 - beta1) g is exactly 0, so the sign is decided by how
+        # 1 - beta1 and the lerp round (float32 vs float64, fma or not): +-lr either way, a legitimate difference.
+        # beta1 = 0.93 keeps every tie at least ~1e-5 relative away from 0, far above float32's rounding.
+        grid_16bit=_grid(
+            {"weight_decay": [0.0, 0.1], "maximize": [False, True], "betas": [(0.93, 0.99), (0.0, 0.5), (1.0, 0.9)]},
+            [{"lr": 1e-3}, {"lr": 3e-2}],
+        )[::2],
     ),
 )  # fmt: skip
 

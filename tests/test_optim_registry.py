@@ -134,6 +134,21 @@ def test_non_contiguous_and_repeated_params(info, backend):
         compare(opt_f, opt_r, fused, ref, torch.float64, f"step {s}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_sign_of_zero_and_nan(backend):
+    """sign(0) = 0: a zero grad on a zero momentum moves a param by its weight decay alone (+-0 alike); a NaN grad
+    makes that element's update, param and momentum NaN (torch.sign(NaN) is 0, which would freeze the element
+    silently; a copysign would step by lr)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64))
+    opt = fusedopt.Lion([p], lr=0.1, weight_decay=0.5, backend=backend)
+    p.grad = torch.tensor([0.0, -0.0, float("nan"), 2.0], dtype=torch.float64)
+    opt.step()
+    expected = torch.tensor([1.0 * 0.95, -2.0 * 0.95, float("nan"), 0.5 * 0.95 - 0.1], dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), expected, equal_nan=True, rtol=1e-15, atol=0)
+    m = opt.state[p]["exp_avg"]
+    torch.testing.assert_close(m, torch.tensor([0.0, 0.0, float("nan"), 0.02], dtype=torch.float64), equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_adagrad_matches_torch_fused_cpu(backend):
     """torch's fused Adagrad (CPU only) is the peer the bench measures: the same trajectory."""
@@ -149,6 +164,17 @@ def test_adagrad_state_after_construction():
     assert set(opt.state[p]) == {"step", "sum"}
     assert opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 0.0
     assert torch.equal(opt.state[p]["sum"], torch.full((3,), 0.25))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"lr": -1.0}, "Invalid learning rate"), ({"betas": (0.9, 1.5)}, "Invalid betas"),
+     ({"weight_decay": -0.1}, "Invalid weight_decay"), ({"lr": torch.tensor([0.1, 0.2])}, "1-element"),
+     ({"backend": "nope"}, "unknown backend")],
+)  # fmt: skip
+def test_lion_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fusedopt.Lion([torch.nn.Parameter(torch.ones(2))], **kwargs)
 
 
 @pytest.mark.parametrize("info", INFOS)
