@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from optim_parity import compare_state
+from parity_steps import compare
 
 import fusedopt
 from fusedopt import _backend
@@ -61,7 +61,8 @@ def test_custom_op_matches_eager_path():
         ps = [p.clone() for p in params]
         m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         steps = [torch.zeros(()) for _ in ps]
-        args = (ps, grads, m, v, [], steps, 0.1, None, 0.9, 0.99, 1e-8, 0.01, False, False, True, None, None, "cpu")
+        args = (ps, grads, m, v, [], steps, 0.1, None, 0.9, 0.99, 1e-8, 0.01, False, False, True, None, None, False,
+                "cpu")
         (fusedopt.ops.adam.adam_step_op if use_op else fusedopt.ops.adam._impl)(*args)
         results.append((ps, m, v, steps))
     for a, b in zip(*results):
@@ -101,6 +102,6 @@ def test_dtensor_params_update_local_shards():
         local = lambda ps: [p.to_local() for p in ps]
         for p, q in zip(local(fused_params), local(ref_params)):
             torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
-        compare_state(fused, ref, fused_params, ref_params, torch.float32, "dtensor")
+        compare(fused, ref, fused_params, ref_params, torch.float32, "dtensor")
     finally:
         dist.destroy_process_group()
