@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op, split_lr
+from fusedopt.ops._library import custom_op, split_lr
 
 SCHEMA = (
     "rmsprop_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
@@ -53,7 +51,8 @@ def _fake(*args):
     return None
 
 
-rmsprop_step_op = define_op(SCHEMA, _impl, _fake)
+_call_rmsprop_step = custom_op(SCHEMA, _fake)(_impl)
+rmsprop_step_op = _call_rmsprop_step.op
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
@@ -70,5 +69,4 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
         bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend,
     )
-    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
-    (rmsprop_step_op if torch.compiler.is_compiling() else _impl)(*args)
+    _call_rmsprop_step(*args)
