@@ -387,6 +387,18 @@ bool adam_step_bucket(TensorBucket& b, double lr, double beta1, double beta2, do
   return true;
 }
 
+// rmsprop_step on a TensorBucket [params, square_avgs, grad_avgs, momentum_buffers, steps]; false if a grad is None.
+bool rmsprop_step_bucket(TensorBucket& b, double lr, double alpha, double eps, double weight_decay, double momentum,
+                         bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+                         const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  rmsprop_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, alpha, eps, weight_decay, momentum,
+               centered, maximize, grad_divisor, found_inf, write_back_grads);
+  b.release_grads();
+  return true;
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
@@ -400,6 +412,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fusedopt::bind_tensor_bucket(m);
   m.def("adam_step_bucket", &fusedopt::cpu::adam_step_bucket, "adam_step on a TensorBucket; False if a grad is None");
   m.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, "Fused RMSprop step over a list of CPU tensors");
+  m.def("rmsprop_step_bucket", &fusedopt::cpu::rmsprop_step_bucket,
+        "rmsprop_step on a TensorBucket; False if a grad is None");
   m.def("sgd_step", &fusedopt::cpu::sgd_step, "Fused SGD step over a list of CPU tensors");
   m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CPU tensors of one dtype, in double");
