@@ -19,6 +19,7 @@ _spec = importlib.util.spec_from_file_location("_fusedopt_build", ROOT / "fusedo
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 build.set_default_cuda_home()
+build.write_all_kernels_inc()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

@@ -1,8 +1,10 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, clip_grad_norm_, and clip + Adam, against torch's
-for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam.
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, clip_grad_norm_, and clip + Adam, against
+torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion, which torch lacks: against a
+plain torch foreach implementation of the paper, ForeachLion).
 
 Byte model (per parameter, element size e): Adam reads p, g, m, v and writes p, m, v (7e: 28 B fp32, 14 B bf16);
-RMSprop (no momentum, not centered) and SGD with momentum read p, g, one buffer and write p and it (5e);
+RMSprop (no momentum, not centered), SGD with momentum, Adagrad and Lion read p, g, one buffer and write p and it
+(5e);
 clip_grad_norm_ reads g for the norm, then reads and writes g to scale it (3e); clip + Adam is counted at what a
 fused step needs: one read of g for the norm plus Adam's 7e (8e), whatever an implementation actually moves.
 """
@@ -88,6 +90,25 @@ def _compile_peer(name: str, env: Env, build, many_tensors: bool) -> Impl:
     return Impl(name, "peer", None if note else build, note)
 
 
+class ForeachLion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) written with torch's foreach ops: the peer a user without fusedopt would write."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            ms = [self.state[p].setdefault("exp_avg", torch.zeros_like(p)) for p in params]
+            beta1, beta2 = group["betas"]
+            update = torch._foreach_sign(torch._foreach_lerp(ms, grads, 1 - beta1))
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+            torch._foreach_lerp_(ms, grads, 1 - beta2)
+
+
 def optimizer_case(tag, title, fused_cls, torch_cls, shapes, dtype, env, kwargs, peers, targets, bytes_per_elt,
                    byte_model, many=False) -> Case:  # fmt: skip
     """A Case for a fusedopt optimizer vs torch's implementations of the same class. `peers`: a subset of
@@ -103,6 +124,8 @@ def optimizer_case(tag, title, fused_cls, torch_cls, shapes, dtype, env, kwargs,
         impls.append(Impl("torch for-loop", "peer", build(torch_cls, foreach=False)))
     if "foreach" in peers:
         impls.append(Impl("torch foreach", "peer", build(torch_cls, foreach=True)))
+    if "paper-foreach" in peers:
+        impls.append(Impl("torch foreach (paper)", "peer", build(torch_cls)))
     if "fused" in peers:
         impls.append(Impl("torch fused", "peer", build(torch_cls, fused=True)))
     if "compile" in peers:
@@ -224,5 +247,12 @@ def cases(env: Env) -> list[Case]:
     out.append(optimizer_case("sgd", "SGD momentum=0.9", "SGD", torch.optim.SGD, model, f32, env,
                               {"lr": 1e-3, "momentum": 0.9}, ("for-loop", "foreach", "fused"),
                               [Target("vs", 1.05 if gpu else 1.0, "torch fused")], 5, FIVE_BYTES))  # fmt: skip
+    # torch's fused Adagrad runs on the CPU only.
+    out.append(optimizer_case("adagrad", "Adagrad", "Adagrad", torch.optim.Adagrad, model, f32, env, {"lr": 1e-2},
+                              ("foreach",) if gpu else ("foreach", "fused"),
+                              [Target("vs", 1.0, "torch foreach" if gpu else "torch fused")], 5, FIVE_BYTES))
+    out.append(optimizer_case("lion", "Lion", "Lion", ForeachLion, model, f32, env,
+                              {"lr": 1e-4, "weight_decay": 0.01}, ("paper-foreach",),
+                              [Target("vs", 1.0, "torch foreach (paper)")], 5, FIVE_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
     return out

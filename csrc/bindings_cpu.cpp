@@ -7,30 +7,10 @@
 #include "common/tensor_lists.h"
 #include "cpu/grad_buffer.h"
 #include "cpu/kernels.h"
+#include "cpu/select.h"
 
 namespace fusedopt::cpu {
 namespace {
-
-ScalarKind scalar_kind(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return ScalarKind::Float;
-    case at::kDouble: return ScalarKind::Double;
-    case at::kBFloat16: return ScalarKind::BFloat16;
-    case at::kHalf: return ScalarKind::Half;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float64, bfloat16, float16 are)");
-  }
-}
-
-// The per-ISA copy of a kernel for this CPU.
-template <typename Fn>
-Fn for_this_cpu(Fn default_fn, Fn avx2_fn, Fn avx512_fn) {
-  switch (capability()) {
-    case Capability::AVX512: return avx512_fn;
-    case Capability::AVX2: return avx2_fn;
-    default: return default_fn;
-  }
-}
-#define FUSEDOPT_CPU_KERNEL(name) for_this_cpu(DEFAULT::name, AVX2::name, AVX512::name)
 
 void check_cpu_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
@@ -412,8 +392,24 @@ bool adam_step_bucket(TensorBucket& b, double lr, double beta1, double beta2, do
   return true;
 }
 
+// rmsprop_step on a TensorBucket [params, square_avgs, grad_avgs, momentum_buffers, steps]; false if a grad is None.
+bool rmsprop_step_bucket(TensorBucket& b, double lr, double alpha, double eps, double weight_decay, double momentum,
+                         bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+                         const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  rmsprop_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, alpha, eps, weight_decay, momentum,
+               centered, maximize, grad_divisor, found_inf, write_back_grads);
+  b.release_grads();
+  return true;
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
+
+namespace fusedopt::cpu {
+void bind_optimizers(pybind11::module_& m);  // bindings_cpu_optim.cpp
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CPU kernels (SIMD + threads)";
@@ -421,6 +417,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fusedopt::bind_tensor_bucket(m);
   m.def("adam_step_bucket", &fusedopt::cpu::adam_step_bucket, "adam_step on a TensorBucket; False if a grad is None");
   m.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, "Fused RMSprop step over a list of CPU tensors");
+  m.def("rmsprop_step_bucket", &fusedopt::cpu::rmsprop_step_bucket,
+        "rmsprop_step on a TensorBucket; False if a grad is None");
   m.def("sgd_step", &fusedopt::cpu::sgd_step, "Fused SGD step over a list of CPU tensors");
   m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CPU tensors of one dtype, in double");
@@ -435,5 +433,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Scales a saved cross-entropy gradient in place by grad_output (rows whose factor is 1 are skipped)");
   m.def("empty_grad_buffer", &fusedopt::cpu::empty_grad_buffer,
         "Uninitialised tensor like the argument; large ones pre-faulted on huge pages and reused after they die");
+  fusedopt::cpu::bind_optimizers(m);
   m.def("cpu_capability", &fusedopt::cpu::capability_name, "ISA the CPU kernels run with");
 }

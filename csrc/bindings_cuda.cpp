@@ -296,10 +296,27 @@ bool adam_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor
   return true;
 }
 
+// rmsprop_step on a TensorBucket [params, square_avgs, grad_avgs, momentum_buffers, steps]; false if a grad is None.
+bool rmsprop_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double alpha,
+                         double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                         const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+                         bool write_back_grads) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  rmsprop_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, lr_tensor, alpha, eps, weight_decay,
+               momentum, centered, maximize, grad_divisor, found_inf, write_back_grads);
+  b.release_grads();
+  return true;
+}
+
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
 }  // namespace fusedopt::cuda::bind
+
+namespace fusedopt::cuda::bind {
+void bind_optimizers(pybind11::module_& m);  // bindings_cuda_optim.cpp
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
@@ -308,6 +325,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_step_bucket", &fusedopt::cuda::bind::adam_step_bucket,
         "adam_step on a TensorBucket; False if a grad is None");
   m.def("rmsprop_step", &fusedopt::cuda::bind::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
+  m.def("rmsprop_step_bucket", &fusedopt::cuda::bind::rmsprop_step_bucket,
+        "rmsprop_step on a TensorBucket; False if a grad is None");
   m.def("sgd_step", &fusedopt::cuda::bind::sgd_step, "Fused SGD step over a list of CUDA tensors");
   m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CUDA tensors of one dtype, as a device scalar");
@@ -320,5 +339,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-row cross-entropy loss and logsumexp of CUDA logits, with the gradient written in the same pass");
   m.def("cross_entropy_scale_grad", &fusedopt::cuda::bind::cross_entropy_scale_grad,
         "Scales a saved cross-entropy gradient in place by grad_output (a factor of 1 touches nothing)");
+  fusedopt::cuda::bind::bind_optimizers(m);
   m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

@@ -4,18 +4,20 @@ and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Ad
 from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
 from fusedopt.nn import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, MSELoss
-from fusedopt.optim import SGD, Adam, AdamW, RMSprop
+from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Lion, RMSprop
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "SGD",
+    "Adagrad",
     "Adam",
     "AdamW",
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "Lion",
     "MSELoss",
     "RMSprop",
     "nn",

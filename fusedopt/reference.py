@@ -374,3 +374,51 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, gra
 def cross_entropy_scale_grad(grad: Tensor, scale: Tensor) -> None:
     """grad (M, C) *= scale, one value per row (M,) or one for all (1,): the fused cross-entropy's backward."""
     grad.mul_(scale.reshape(-1, 1))
+
+
+# ---- Optimizers through the shared engines: every backend's <op>_step takes these arguments (optim/_spec.py) ----
+def _engine_step_begin(op: str, params, grads, states, state_names, steps, found_inf):
+    """The boundary checks, and found_inf as a device bool (or None). No host sync."""
+    lists = {"grads": grads, **dict(zip(state_names, states))}
+    _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {"steps": steps} if steps else None)
+    return None if found_inf is None else found_inf.reshape(()) != 0
+
+
+def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads):  # fmt: skip
+    """torch.optim.Adagrad's update (single-tensor form): clr = lr / (1 + (step - 1) * lr_decay),
+    sum += g^2, p -= clr * g / (sqrt(sum) + eps)."""
+    (sums,) = states
+    skip = _engine_step_begin("adagrad", params, grads, states, ["state_sums"], steps, found_inf)
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        clr = (_lr_value(lr, param.device) / (1 + (steps[i].to(torch.float64) - 1) * hyper["lr_decay"])).to(ot)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if hyper["weight_decay"] != 0:
+            g = g + hyper["weight_decay"] * p
+        s = sums[i].to(ot) + g * g
+        _commit(param, p - clr * (g / (s.sqrt() + hyper["eps"])), skip)
+        _commit(sums[i], s, skip)
+
+
+def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads):  # fmt: skip
+    """Lion (Chen et al. 2023, Algorithm 2): update = sign(lerp(m, g, 1 - beta1)); p = p * (1 - lr * wd) - lr * update;
+    m = lerp(m, g, 1 - beta2). sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze
+    the element silently behind a NaN momentum; here it makes the param NaN, as in every other optimizer)."""
+    (exp_avgs,) = states
+    skip = _engine_step_begin("lion", params, grads, states, ["exp_avgs"], [], found_inf)
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, weight_decay = hyper["beta1"], hyper["beta2"], hyper["weight_decay"]
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        m = exp_avgs[i].to(ot)
+        c = m.lerp(g, 1 - beta1)
+        update = torch.where(c.isnan(), c, c.sign())
+        _commit(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip)
+        _commit(exp_avgs[i], m.lerp(g, 1 - beta2), skip)

@@ -65,8 +65,9 @@ def _layout(t, layout):
     return t
 
 
-def _run_optimizer(case, use_fused, exact=False):
-    """exact: torch in float64 on the same (rounded) values, results rounded back to the dtype."""
+def _run_optimizer(case, use_fused, exact=False, torch_fused=False):
+    """exact: torch in float64 on the same (rounded) values, results rounded back to the dtype. torch_fused: torch's
+    fused=True kernel (float32 math for 16-bit, like fusedopt's)."""
     dtype = DTYPES[case["dtype"]]
     widen = (lambda t: t.double()) if exact else (lambda t: t)
     gen = torch.Generator().manual_seed(case["seed"])
@@ -80,6 +81,8 @@ def _run_optimizer(case, use_fused, exact=False):
     cls = getattr(fusedopt if use_fused else torch.optim, case["optimizer"])
     if use_fused:
         kw["backend"] = case["backend"]
+    elif torch_fused:
+        kw["fused"] = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = cls(params, lr=case["lr"], **kw)
@@ -135,8 +138,16 @@ def check_optimizer(case):
         if dtype not in (torch.bfloat16, torch.float16):
             raise
         # torch's 16-bit update rounds every intermediate; fusedopt's rounds once from float32, as the exact one.
-        _same_optimizer_result(ours, _run_optimizer(case, False, exact=True), dtype)
-        return "same_as_exact", ""
+        try:
+            _same_optimizer_result(ours, _run_optimizer(case, False, exact=True), dtype)
+            return "same_as_exact", ""
+        except AssertionError:
+            if case["optimizer"] != "Adagrad":
+                raise
+        # Adagrad's sum = g^2 overflows float16 storage where torch's float16 loop overflows earlier (inside the
+        # step) and the exact run never: fusedopt then matches torch's own fused kernel, float32 math and all.
+        _same_optimizer_result(ours, _run_optimizer(case, False, torch_fused=True), dtype)
+        return "same_as_torch_fused", ""
     return "same", ""
 
 

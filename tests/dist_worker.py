@@ -12,6 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 from conftest import assert_close
+from optim_db import OPTIM_DB
 
 import fusedopt
 
@@ -19,13 +20,8 @@ WORLD = 2
 STEPS = 4
 MAX_NORM = 0.3
 
-# name -> (fusedopt class, torch class, kwargs)
-OPTIMIZERS = {
-    "Adam": (fusedopt.Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),
-    "AdamW": (fusedopt.AdamW, torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True}),
-    "RMSprop": (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5, "centered": True}),
-    "SGD": (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
-}
+# name -> (fusedopt class, reference class, kwargs): every optimizer of the registry (tests/optim_db.py)
+OPTIMIZERS = {i.name: (i.fused, i.reference, i.cases_for("distributed")[0]) for i in OPTIM_DB}
 
 
 # name -> (fusedopt's loss, torch's loss, target kind): each optimizer scenario trains with one of them.
@@ -34,7 +30,7 @@ LOSSES = {
     "bce_logits": (fusedopt.nn.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), "probs"),
     "mse": (fusedopt.nn.MSELoss(), torch.nn.MSELoss(), "probs"),
 }
-LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce"}
+LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce", "Adagrad": "bce_logits", "Lion": "mse"}
 
 
 def _losses(name):
@@ -120,8 +116,7 @@ def scenario_parity(kind, name, folded, rank, mesh):
         assert_close(got, _full(ref_norm), dtype, f"step {s} global grad norm", reduction=True)
         _compare_models(ours, theirs, dtype, f"step {s}")
     if kind == "fsdp2":
-        assert type(opt.state[next(iter(ours.parameters()))]["exp_avg" if "Adam" in name else "momentum_buffer"
-                                                           if name == "SGD" else "square_avg"]).__name__ == "DTensor"
+        assert type(opt.state[next(iter(ours.parameters()))][opt.STATE_KEYS[0]]).__name__ == "DTensor"
 
 
 def scenario_global_norm(rank, mesh):
@@ -193,7 +188,7 @@ def scenarios(ckpt_dir):
             folded = lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, True, rank, mesh)
             out.append((f"{kind}-{name}-folded", folded))
     out.append(("fsdp2-global-norm", scenario_global_norm))
-    for name in ("AdamW", "SGD"):
+    for name in ("AdamW", "SGD", "Adagrad", "Lion"):
         out.append((f"fsdp2-dcp-{name}", lambda rank, mesh, n=name: scenario_dcp_roundtrip(n, rank, mesh, ckpt_dir)))
     return out
 

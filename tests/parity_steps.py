@@ -1,4 +1,5 @@
-"""Fused-vs-torch optimizer parity, shared by test_rmsprop.py, test_sgd.py and test_clip_grad_norm.py.
+"""Fused-vs-reference optimizer parity: the one harness of every optimizer test (test_adam.py, test_rmsprop.py,
+test_sgd.py, test_optim_registry.py, ...). run_parity takes classes and kwargs, run_parity_with two factories.
 
 The reference is the torch.optim class in float64. fp32/fp64 runs compare the whole trajectory (>= 20 steps);
 16-bit runs compare one step at a time from identical inputs: the fused optimizer's params and state are copied
@@ -7,6 +8,8 @@ into the float64 reference before each step, so each comparison measures one ste
 float32 trajectories use conftest's float32 tolerance, widened only where torch's own float32 optimizer, run on the
 same grads, is already further than that from float64 (momentum RMSprop accumulates grad / sqrt(avg), which
 amplifies rounding): then the fused result may be at most twice as far as torch's own float32 run.
+
+On CUDA every fused step runs under torch's sync debug mode "error": a host sync inside step() fails the test.
 """
 
 from __future__ import annotations
@@ -69,9 +72,12 @@ def compare(opt_f, opt_r, fused, ref, dtype, msg, widen=1.0, skipped_first=False
             continue
         assert set(st_f) == set(st_r), f"{msg}: param {i} state keys {sorted(st_f)} vs torch {sorted(st_r)}"
         for k, v in st_r.items():
-            if k == "step":
+            if not isinstance(v, torch.Tensor):
+                assert st_f[k] == v, f"{msg}: param {i} state {k}: {st_f[k]} vs {v}"
+            elif k == "step":
                 assert float(st_f[k]) == float(v), f"{msg}: param {i} step {float(st_f[k])} vs {float(v)}"
             else:
+                assert st_f[k].dtype == f.dtype, f"{msg}: param {i} state {k} is {st_f[k].dtype}, param {f.dtype}"
                 _assert_close(st_f[k], v, dtype, f"{msg}: param {i} state {k}", widen)
 
 
@@ -81,7 +87,10 @@ def sync_into_reference(opt_f, opt_r, fused, ref):
         for f, r in zip(fused, ref):
             r.copy_(f.double())
             for k, v in opt_f.state.get(f, {}).items():
-                if k == "step":
+                have = opt_r.state[r].get(k)
+                if isinstance(have, torch.Tensor) and have.shape == v.shape:
+                    have.copy_(v)  # in place: a reference that caches its state tensors (a fusedopt one) sees it
+                elif k == "step":
                     opt_r.state[r][k] = v.detach().clone().cpu()
                 else:
                     opt_r.state[r][k] = v.detach().double().clone()
@@ -100,15 +109,22 @@ def _step_without_sync(opt, device):
 
 def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0, device="cpu"):
     """Runs `steps` steps of both optimizers on the same grads and asserts params and every state tensor match."""
-    fused, ref = make_params(shapes, dtype, seed, device)
     kw_f = {**kwargs, "lr": _lr_like(kwargs.get("lr"), device)} if "lr" in kwargs else kwargs
-    opt_f = fused_cls(fused, backend=backend, **kw_f)
-    opt_r = torch_cls(ref, **kwargs)
+    return run_parity_with(lambda ps: fused_cls(ps, backend=backend, **kw_f), lambda ps: torch_cls(ps, **kwargs),
+                           dtype, steps, shapes, seed, device)  # fmt: skip
+
+
+def run_parity_with(make_fused, make_ref, dtype, steps=20, shapes=SHAPES, seed=0, device="cpu"):
+    """run_parity with factories: make_fused(params) and make_ref(params) build the optimizers (make_ref also the
+    float32 twin that measures float32's own drift). Returns (fused opt, reference opt, fused params, ref params)."""
+    fused, ref = make_params(shapes, dtype, seed, device)
+    opt_f = make_fused(fused)
+    opt_r = make_ref(ref)
     gen = torch.Generator().manual_seed(seed + 1)
     one_step = dtype in (torch.bfloat16, torch.float16)
     # float32: torch's own float32 optimizer on the same grads, to measure how far float32 itself drifts.
     t32 = [torch.nn.Parameter(f.detach().clone()) for f in fused] if dtype == torch.float32 else None
-    opt_t32 = torch_cls(t32, **kwargs) if t32 is not None else None
+    opt_t32 = make_ref(t32) if t32 is not None else None
     for s in range(steps):
         set_grads(fused, ref, gen, s)
         if t32 is not None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ALL_DTYPES, assert_close, cpu_backends
-from optim_parity import SHAPES, SMALL_SHAPES, compare_state, run_parity
+from parity_steps import SHAPES, SHAPES_GPU, SMALL_SHAPES, compare, run_parity_with
 
 import fusedopt
 
@@ -36,7 +36,7 @@ def _lr(kind: str):
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 def test_adam_parity_grid(backend, dtype, cls, opts, lr_kind):
     _, fused_cls, torch_cls, extra = cls
-    run_parity(
+    run_parity_with(
         lambda ps: fused_cls(ps, lr=_lr(lr_kind), backend=backend, **opts, **extra),
         lambda ps: torch_cls(ps, lr=_lr(lr_kind), foreach=False, **opts, **extra),
         dtype,
@@ -50,7 +50,7 @@ def test_adam_parity_grid(backend, dtype, cls, opts, lr_kind):
 def test_adam_parity_triton(dtype, cls, opts):
     _, fused_cls, torch_cls, _ = cls
     lr = torch.tensor(0.01, dtype=torch.float64) if opts["amsgrad"] else 0.02
-    run_parity(
+    run_parity_with(
         lambda ps: fused_cls(ps, lr=lr, backend="triton", **opts),
         lambda ps: torch_cls(ps, lr=lr, foreach=False, **opts),
         dtype,
@@ -62,7 +62,7 @@ def test_adam_parity_triton(dtype, cls, opts):
 @pytest.mark.parametrize("betas,eps", [((0.5, 0.9), 1e-3), ((0.0, 0.5), 1e-6), ((0.99, 0.9999), 0.0)])
 def test_adam_betas_eps(backend, betas, eps):
     shapes = SMALL_SHAPES if backend == "triton" else SHAPES
-    run_parity(
+    run_parity_with(
         lambda ps: fusedopt.Adam(ps, lr=0.01, betas=betas, eps=eps, backend=backend),
         lambda ps: torch.optim.Adam(ps, lr=0.01, betas=betas, eps=eps, foreach=False),
         torch.float32,
@@ -78,8 +78,8 @@ def test_param_groups_and_add_param_group(backend):
         opt.add_param_group({"params": ps[4:], "betas": (0.8, 0.95), "maximize": True})
         return opt
 
-    run_parity(lambda ps: build(fusedopt.Adam, ps, backend=backend),
-               lambda ps: build(torch.optim.Adam, ps, foreach=False), torch.float32)  # fmt: skip
+    run_parity_with(lambda ps: build(fusedopt.Adam, ps, backend=backend),
+                    lambda ps: build(torch.optim.Adam, ps, foreach=False), torch.float32)  # fmt: skip
 
 
 @pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
@@ -103,7 +103,7 @@ def test_state_dict_round_trip_mid_run(direction, cls):
             p.grad, q.grad = g.clone(), g.clone()
         opt_a.step()
         ref.step()
-    compare_state(opt_a, ref, params, twin, torch.float64, direction)
+    compare(opt_a, ref, params, twin, torch.float64, direction)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -155,7 +155,7 @@ def test_non_contiguous_param_and_grad():
         p.grad, q.grad = g.clone(), g.clone()
         fused.step()
         ref.step()
-    compare_state(fused, ref, [p], [q], torch.float64, "non-contiguous")
+    compare(fused, ref, [p], [q], torch.float64, "non-contiguous")
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
@@ -163,11 +163,12 @@ def test_each_cpu_isa_path(capability):
     """The per-ISA kernel copies: force a lower ISA in a subprocess and check parity there too."""
     script = (
         "import torch, fusedopt, sys; sys.path.insert(0, 'tests');\n"
-        "from optim_parity import run_parity\n"
+        "from parity_steps import run_parity_with\n"
         "assert fusedopt._backend.cpu_extension()[0].cpu_capability() == sys.argv[1]\n"
         "for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
-        "    run_parity(lambda ps: fusedopt.Adam(ps, lr=0.02, amsgrad=True, weight_decay=0.1, backend='cpu'),\n"
-        "               lambda ps: torch.optim.Adam(ps, lr=0.02, amsgrad=True, weight_decay=0.1, foreach=False), dt)\n"
+        "    run_parity_with(lambda ps: fusedopt.Adam(ps, lr=0.02, amsgrad=True, weight_decay=0.1, backend='cpu'),\n"
+        "                    lambda ps: torch.optim.Adam(ps, lr=0.02, amsgrad=True, weight_decay=0.1, foreach=False),\n"
+        "                    dt)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, FUSEDOPT_CPU_CAPABILITY=capability)
@@ -240,29 +241,11 @@ def test_kernel_rejects_mismatched_lists():
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_adam_parity_gpu(backend, dtype, opts):
-    shapes = [*SHAPES, (70001,), (3, 65537)]
-
-    def to_cuda(ps):
-        return [p.detach().cuda().requires_grad_() for p in ps]
-
-    gen = torch.Generator().manual_seed(0)
-    cpu_params = [torch.randn(s, dtype=torch.float64, generator=gen).to(dtype) for s in shapes]
-    fused_params = to_cuda(cpu_params)
-    ref_params = [p.detach().double().cuda().requires_grad_() for p in cpu_params]  # .cuda() copies
-    fused = fusedopt.Adam(fused_params, lr=torch.tensor(0.01, device="cuda"), backend=backend, **opts)
-    ref = torch.optim.Adam(ref_params, lr=0.01, foreach=False, **opts)
-    from optim_parity import LOW_PRECISION, _sync_reference, random_grads
-
-    for step in range(20):
-        for p, q, g in zip(fused_params, ref_params, random_grads(shapes, step, gen)):
-            p.grad = None if g is None else g.to(dtype).cuda()
-            q.grad = None if g is None else p.grad.double().clone()
-        if dtype in LOW_PRECISION:
-            _sync_reference(fused, ref, fused_params, ref_params)
-        torch.cuda.set_sync_debug_mode("error")  # a host sync inside step() fails the test
-        try:
-            fused.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        ref.step()
-        compare_state(fused, ref, fused_params, ref_params, dtype, f"{backend} step {step + 1}")
+    """The parity harness on CUDA: several chunks, unaligned tails, a device lr tensor, no host sync in step()."""
+    run_parity_with(
+        lambda ps: fusedopt.Adam(ps, lr=torch.tensor(0.01, device="cuda"), backend=backend, **opts),
+        lambda ps: torch.optim.Adam(ps, lr=0.01, foreach=False, **opts),
+        dtype,
+        shapes=SHAPES_GPU,
+        device="cuda",
+    )

@@ -86,6 +86,11 @@ OPTIONS = {
         {}, optional={"momentum": st.sampled_from([0.0, 0.9]), "weight_decay": st.sampled_from([0.0, 0.1]),
                       "maximize": st.booleans(), "dampening": st.sampled_from([0.0, 0.5])}
     ),
+    "Adagrad": st.fixed_dictionaries(
+        {}, optional={"lr_decay": st.sampled_from([0.0, 0.1]), "weight_decay": st.sampled_from([0.0, 0.1]),
+                      "initial_accumulator_value": st.sampled_from([0.0, 0.5]), "maximize": st.booleans(),
+                      "eps": st.sampled_from([0.0, 1e-10])}
+    ),
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ torch's losses under the same autocast."""
 
 from __future__ import annotations
 
+import optim_db
 import pytest
 import torch
 from conftest import assert_close, cpu_backends
@@ -11,22 +12,12 @@ from loss_cases import CASES, cast_module, make_inputs
 
 import fusedopt
 
-OPTIMIZERS = [
-    (fusedopt.Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
-    (fusedopt.AdamW, torch.optim.AdamW, {"lr": 1e-2}),
-    (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5, "centered": True}),
-    (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-3}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2}),
-]
+OPTIMIZERS = optim_db.cases("amp")  # every optimizer of the registry (tests/optim_db.py), every case
 STEPS = 10
 BAD_STEPS = {0: float("inf"), 3: float("inf"), 7: float("nan")}  # a skipped FIRST step too (no state yet in torch)
 
 
-def _opt_id(x):
-    if isinstance(x, type):
-        return x.__name__
-    return "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else ""
+_opt_id = optim_db.case_id
 
 
 def _model(device):
@@ -78,7 +69,7 @@ def test_grad_scaler_cpu(cls, ref_cls, kwargs, mode):
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpu"])
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), OPTIMIZERS[::2], ids=_opt_id)
+@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), optim_db.one_case_per_op("amp"), ids=_opt_id)
 def test_grad_scaler_cpu_other_backends(cls, ref_cls, kwargs, backend):
     run_scaled_training(cls, ref_cls, kwargs, "unscale_clip", "cpu", torch.bfloat16, backend)
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from optim_parity import compare_state
+from parity_steps import compare
 
 import fusedopt
 from fusedopt import _backend
@@ -102,6 +102,6 @@ def test_dtensor_params_update_local_shards():
         local = lambda ps: [p.to_local() for p in ps]
         for p, q in zip(local(fused_params), local(ref_params)):
             torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
-        compare_state(fused, ref, fused_params, ref_params, torch.float32, "dtensor")
+        compare(fused, ref, fused_params, ref_params, torch.float32, "dtensor")
     finally:
         dist.destroy_process_group()

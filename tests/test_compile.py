@@ -4,33 +4,20 @@ CUDA graphs: test_cuda_graphs.py.)"""
 
 from __future__ import annotations
 
+import optim_db
 import pytest
 import torch
 from conftest import assert_close
 
 import fusedopt
 
-# (fusedopt class, torch class, kwargs): every optimizer, with the options that change the kernel's path.
-OPTIMIZERS = [
-    (fusedopt.Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),
-    (fusedopt.Adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "maximize": True}),
-    (fusedopt.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
-    (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
-    (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-2}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.5, "dampening": 0.3}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2}),
-]
-OP_OF = {fusedopt.Adam: "adam_step", fusedopt.AdamW: "adam_step", fusedopt.RMSprop: "rmsprop_step",
-         fusedopt.SGD: "sgd_step"}  # fmt: skip
+# (fusedopt class, reference class, kwargs): every optimizer of the registry (tests/optim_db.py), every case.
+OPTIMIZERS = optim_db.cases("compile")
 SHAPES = [(7,), (33, 5), (1100,)]
 STEPS = 6
 
 
-def _opt_id(x):
-    if isinstance(x, type):
-        return x.__name__
-    return "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else ""
+_opt_id = optim_db.case_id
 
 
 @pytest.fixture(autouse=True)
@@ -103,10 +90,10 @@ def test_compiled_step_matches_eager_torch(cls, ref_cls, kwargs, device, backend
         step()
         ref.step()
         _compare(fused, ref, fused_params, ref_params, torch.float32, f"step {s + 1}")
-    assert f"fusedopt.{OP_OF[cls]}.default" in recorder.op_names()
+    assert f"fusedopt.{optim_db.op_of(cls)}.default" in recorder.op_names()
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), [OPTIMIZERS[0], OPTIMIZERS[3], OPTIMIZERS[5]], ids=_opt_id)
+@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), optim_db.one_case_per_op("compile"), ids=_opt_id)
 def test_inductor_step_with_folded_clip(cls, ref_cls, kwargs):
     """Inductor (which re-inplaces the functionalized ops) around a step with max_grad_norm folded in: equal to
     eager torch clip_grad_norm_ + step. The folded clip coefficient is float32, so float32 tolerances."""
@@ -129,7 +116,7 @@ def _mlp(gen):
     return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), OPTIMIZERS[::2], ids=_opt_id)
+@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), optim_db.one_case_per_op("compile"), ids=_opt_id)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiled_train_step_matches_eager_torch(cls, ref_cls, kwargs, compile_backend):
     """torch.compile around a whole train step (forward, loss, backward, clip_grad_norm_, step, zero_grad) with

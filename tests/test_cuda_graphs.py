@@ -6,6 +6,9 @@ kernel launches under capture (csrc/cuda/multi_tensor_apply.cuh); the Triton bac
 
 from __future__ import annotations
 
+import inspect
+
+import optim_db
 import pytest
 import torch
 from conftest import assert_close
@@ -14,13 +17,11 @@ import fusedopt
 
 pytestmark = pytest.mark.gpu
 
-# (fusedopt class, torch class, kwargs). torch.optim.SGD has no `capturable` (its step is capture-safe as is).
+# Every optimizer of the registry (tests/optim_db.py), every case; capturable=True where torch's class has it
+# (torch.optim.SGD and Adagrad have none: their steps are capture-safe as they are).
 OPTIMIZERS = [
-    (fusedopt.Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1, "capturable": True}),
-    (fusedopt.AdamW, torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True, "capturable": True}),
-    (fusedopt.RMSprop, torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.5, "centered": True, "capturable": True}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
-    (fusedopt.SGD, torch.optim.SGD, {"lr": 1e-2}),
+    (cls, ref, {**kw, "capturable": True} if "capturable" in inspect.signature(ref).parameters else kw)
+    for cls, ref, kw in optim_db.cases("cuda_graphs")
 ]
 # Many tensors and one larger than a chunk: the table (addresses, numels, block map) spans several fill launches.
 SHAPES = [(3,), (70000,), (33, 65)] + [(17,)] * 200

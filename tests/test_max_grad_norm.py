@@ -3,6 +3,7 @@ the unscaled grads under GradScaler, with the norm kept on the device as last_gr
 
 from __future__ import annotations
 
+import optim_db
 import pytest
 import torch
 from conftest import ALL_DTYPES, assert_close
@@ -12,12 +13,8 @@ from fusedopt.nn.utils import clip_grad_norm_
 
 # --- clipping folded into the step -----------------------------------------------------------------------------
 
-OPTIMIZERS = [
-    (fusedopt.Adam, {"lr": 1e-2, "weight_decay": 0.01}),
-    (fusedopt.AdamW, {"lr": 1e-2, "amsgrad": True}),
-    (fusedopt.RMSprop, {"lr": 1e-2, "momentum": 0.5, "centered": True}),
-    (fusedopt.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
-]
+# Every optimizer of the registry (tests/optim_db.py), its first case.
+OPTIMIZERS = [(cls, kwargs) for cls, _, kwargs in optim_db.first_cases("max_grad_norm")]
 
 
 def _opt_id(x):

@@ -2,12 +2,7 @@
 // start + w * (end - start) for |w| < 0.5, else end - (end - start) * (1 - w). The second form is exact at w = 1
 // (Adam with beta1 = 0 keeps the grad itself); the first would round a small grad away against a large start.
 #pragma once
-
-#if defined(__CUDACC__)
-#define FUSEDOPT_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDOPT_HOST_DEVICE
-#endif
+#include "common/value_ops.h"
 
 namespace fusedopt {
 

@@ -50,6 +50,22 @@ struct SgdArgs {
   bool write_back_grads = false;
 };
 
+// One step of an engine-driven optimizer (cpu/optim_engine.h): the lists, the step context the engine owns, and
+// the op's hyperparameters (filled by name in common/optim_binding.h).
+template <typename Hyper>
+struct OptimStepArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel;
+  std::vector<void*> param, grad;
+  std::vector<std::vector<void*>> states;  // Op::kStates lists, each empty (unused) or one pointer per param
+  std::vector<float*> step;                // Op::kHasStep: incremented by the engine before the update
+  double lr = 0.0;
+  const float* grad_divisor = nullptr;  // as AdamArgs
+  const float* found_inf = nullptr;
+  bool maximize = false, write_back_grads = false;
+  Hyper hyper{};
+};
+
 enum class NormKind { One, Two, P, Inf };
 
 // The p-norm of all tensors of one dtype group, before the root: sum |x|^p (One, Two, P) or max |x| (Inf).
@@ -131,6 +147,8 @@ struct CrossEntropyScaleArgs {
   PointwiseLossResult bce_with_logits_fwd(const PointwiseLossArgs& args); \
   CrossEntropyStatus cross_entropy_fwd(const CrossEntropyArgs& args);    \
   void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);      \
+  template <typename Op>                                                 \
+  void optim_step(const OptimStepArgs<typename Op::Hyper>& args);        \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

@@ -43,6 +43,23 @@ struct SgdLaunch {
 };
 void sgd_step(const SgdLaunch& args);
 
+// One step of an engine-driven optimizer (cuda/optim_engine.cuh, ops of common/optimizers.h). All tensors
+// contiguous and checked (common/optim_binding.h); hyper filled by name.
+template <typename Hyper>
+struct OptimLaunch {
+  const TensorList *params, *grads;
+  std::vector<const TensorList*> states;  // Op::kStates lists
+  const TensorList *steps, *empty;        // steps: one float32 scalar per param when Op::kHasStep
+  double lr;
+  const float* lr_ptr;        // device float32, or null
+  const float* grad_divisor;  // device float32, or null
+  const float* found_inf;     // device float32, or null
+  bool maximize, write_back_grads;
+  Hyper hyper;
+};
+template <typename Op>
+void optim_step(const OptimLaunch<typename Op::Hyper>& args);
+
 // sum |x|^p (max |x| for p = inf) over contiguous tensors of one dtype, as a device scalar (double for float64,
 // else float). The caller takes the root.
 at::Tensor grad_norm_power_sum(const TensorList& tensors, double p);

@@ -20,6 +20,29 @@ def define_op(schema: str, impl: Callable, fake: Callable) -> Callable:
     return getattr(torch.ops.fusedopt, name).default
 
 
+def _no_outputs(*args) -> None:
+    return None
+
+
+def custom_op(schema: str, fake: Callable = _no_outputs) -> Callable:
+    """Decorator: defines fusedopt::<name> from `schema` with the decorated impl for CPU and CUDA and `fake` (the
+    default fits in-place ops that return nothing). The returned callable runs the impl directly in eager mode (the
+    dispatcher would box every tensor of every list, microseconds each) and the op under torch.compile. The caller
+    resolves the backend (`_backend.resolve`) before the call: the op receives a concrete backend name."""
+
+    def wrap(impl: Callable) -> Callable:
+        op = define_op(schema, impl, fake)
+
+        def call(*args):
+            return (op if torch.compiler.is_compiling() else impl)(*args)
+
+        call.op = op
+        call.impl = impl
+        return call
+
+    return wrap
+
+
 def split_lr(lr, device: torch.device) -> tuple:
     """An optimizer's lr as (float, None), or (0.0, tensor on `device`) for an lr the kernel reads on the device.
     Eager: a CPU lr tensor is read on the host (a CPU scalar costs no sync; a pageable host-to-device copy would).

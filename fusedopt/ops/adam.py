@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op, split_lr
+from fusedopt.ops._library import custom_op, split_lr
 
 SCHEMA = (
     "adam_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -55,7 +55,8 @@ def _fake(*args):
     return None
 
 
-adam_step_op = define_op(SCHEMA, _impl, _fake)
+_call_adam_step = custom_op(SCHEMA, _fake)(_impl)
+adam_step_op = _call_adam_step.op
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
@@ -69,8 +70,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_float, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, bool(write_back_grads),
             backend)  # fmt: skip
-    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
-    (adam_step_op if torch.compiler.is_compiling() else _impl)(*args)
+    _call_adam_step(*args)
 
 
 def cached_bucket(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, backend: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt import _backend
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import custom_op
 
 BCE_SCHEMA = (
     "bce_loss_fwd(Tensor input, Tensor target, Tensor? weight, int weight_period, float scale, int reduction, "
@@ -55,8 +55,10 @@ def _bce_logits_fake(input, target, weight, weight_period, pos_weight, pos_weigh
     return _outputs_like(input, reduction, need_grad, out_dtype)
 
 
-bce_loss_fwd_op = define_op(BCE_SCHEMA, _bce_impl, _bce_fake)
-bce_with_logits_fwd_op = define_op(BCE_LOGITS_SCHEMA, _bce_logits_impl, _bce_logits_fake)
+_call_bce_loss_fwd = custom_op(BCE_SCHEMA, _bce_fake)(_bce_impl)
+bce_loss_fwd_op = _call_bce_loss_fwd.op
+_call_bce_with_logits_fwd = custom_op(BCE_LOGITS_SCHEMA, _bce_logits_fake)(_bce_logits_impl)
+bce_with_logits_fwd_op = _call_bce_with_logits_fwd.op
 
 
 def _resolve(backend, device, op):
@@ -68,7 +70,7 @@ def bce_loss_fwd(input, target, weight=None, weight_period=1, *, scale=1.0, redu
     """Returns (loss, grad, flags); see the module docstring."""
     args = (input, target, weight, int(weight_period), float(scale), int(reduction), bool(need_grad),
             out_dtype or input.dtype, _resolve(backend, input.device, "binary_cross_entropy"))  # fmt: skip
-    return (bce_loss_fwd_op if torch.compiler.is_compiling() else _bce_impl)(*args)
+    return _call_bce_loss_fwd(*args)
 
 
 def bce_with_logits_fwd(input, target, weight=None, weight_period=1, pos_weight=None, pos_weight_period=1, *,
@@ -77,4 +79,4 @@ def bce_with_logits_fwd(input, target, weight=None, weight_period=1, pos_weight=
     args = (input, target, weight, int(weight_period), pos_weight, int(pos_weight_period), float(scale),
             int(reduction), bool(need_grad), out_dtype or input.dtype,
             _resolve(backend, input.device, "binary_cross_entropy_with_logits"))  # fmt: skip
-    return (bce_with_logits_fwd_op if torch.compiler.is_compiling() else _bce_logits_impl)(*args)
+    return _call_bce_with_logits_fwd(*args)

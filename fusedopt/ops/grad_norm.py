@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import custom_op
 
 NORM_SCHEMA = "grad_norm(Tensor[] tensors, float norm_type, str backend) -> Tensor"
 SCALE_SCHEMA = "scale_grads(Tensor(a!)[] tensors, Tensor coef, str backend) -> ()"
@@ -84,8 +84,10 @@ def _scale_fake(tensors, coef, backend):
     return None
 
 
-grad_norm_op = define_op(NORM_SCHEMA, _norm_impl, _norm_fake)
-scale_grads_op = define_op(SCALE_SCHEMA, _scale_impl, _scale_fake)
+_call_grad_norm = custom_op(NORM_SCHEMA, _norm_fake)(_norm_impl)
+grad_norm_op = _call_grad_norm.op
+_call_scale_grads = custom_op(SCALE_SCHEMA, _scale_fake)(_scale_impl)
+scale_grads_op = _call_scale_grads.op
 
 
 def check_norm_type(norm_type: float) -> float:
@@ -103,7 +105,7 @@ def grad_norm(tensors, norm_type: float = 2.0, backend=None) -> Tensor:
         raise ValueError("fusedopt grad_norm: needs at least one tensor")
     norm_type = check_norm_type(norm_type)
     args = (tensors, norm_type, _backend.resolve(backend, tensors[0].device, "grad_norm"))
-    return (grad_norm_op if torch.compiler.is_compiling() else _norm_impl)(*args)  # eager: skip the boxing
+    return _call_grad_norm(*args)
 
 
 def scale_grads(tensors, coef: Tensor, backend=None) -> None:
@@ -114,7 +116,7 @@ def scale_grads(tensors, coef: Tensor, backend=None) -> None:
     if coef.device != tensors[0].device:
         raise ValueError(f"fusedopt scale_grads: coef is on {coef.device}, tensors on {tensors[0].device}")
     args = (tensors, coef, _backend.resolve(backend, tensors[0].device, "scale_grads"))
-    (scale_grads_op if torch.compiler.is_compiling() else _scale_impl)(*args)  # eager: skip the boxing
+    _call_scale_grads(*args)
 
 
 def dtensor_power_sum(tensors, norm_type: float) -> Tensor:

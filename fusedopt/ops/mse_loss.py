@@ -9,10 +9,8 @@ the mean's 1/N (or 1/sum(weight)) is folded in on the device. For reduction none
 
 from __future__ import annotations
 
-import torch
-
 from fusedopt import _backend
-from fusedopt.ops._library import define_op
+from fusedopt.ops._library import custom_op
 
 SCHEMA = (
     "mse_loss_fwd(Tensor input, Tensor target, Tensor? weight, int weight_period, float scale, Tensor? scale_tensor, "
@@ -31,7 +29,8 @@ def _fake(input, target, weight, weight_period, scale, scale_tensor, reduction, 
     return loss, input.new_empty(n if need_grad else 0)
 
 
-mse_loss_fwd_op = define_op(SCHEMA, _impl, _fake)
+_call_mse_loss_fwd = custom_op(SCHEMA, _fake)(_impl)
+mse_loss_fwd_op = _call_mse_loss_fwd.op
 
 
 def mse_loss_fwd(input, target, weight=None, weight_period=1, *, scale=1.0, scale_tensor=None, reduction=1,
@@ -40,5 +39,4 @@ def mse_loss_fwd(input, target, weight=None, weight_period=1, *, scale=1.0, scal
     backend = _backend.resolve(backend, input.device, "mse_loss") if backend == "auto" else backend
     args = (input, target, weight, int(weight_period), float(scale), scale_tensor, int(reduction), bool(need_grad),
             out_dtype or input.dtype, backend)  # fmt: skip
-    # Eager calls skip the dispatcher; traced code must see the op.
-    return (mse_loss_fwd_op if torch.compiler.is_compiling() else _impl)(*args)
+    return _call_mse_loss_fwd(*args)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op, split_lr
+from fusedopt.ops._library import custom_op, split_lr
 
 SCHEMA = (
     "rmsprop_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
@@ -53,7 +51,8 @@ def _fake(*args):
     return None
 
 
-rmsprop_step_op = define_op(SCHEMA, _impl, _fake)
+_call_rmsprop_step = custom_op(SCHEMA, _fake)(_impl)
+rmsprop_step_op = _call_rmsprop_step.op
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
@@ -70,5 +69,27 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         lr_float, lr_tensor, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
         bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend,
     )
-    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
-    (rmsprop_step_op if torch.compiler.is_compiling() else _impl)(*args)
+    _call_rmsprop_step(*args)
+
+
+def cached_bucket(params, square_avgs, grad_avgs, momentum_buffers, steps, *, backend: str):
+    """The bucket's lists held in C++ across steps (cpu and cuda backends, plain tensors), or None where the list
+    path must be used. grad_avgs / momentum_buffers are [] when unused, as for rmsprop_step."""
+    if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
+        return None
+    ext = _backend.kernels(backend, "rmsprop")
+    lists = [params, square_avgs, grad_avgs, momentum_buffers, steps]
+    return backend, ext, ext.TensorBucket(lists), params[0].device
+
+
+def rmsprop_step_cached(cached, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_divisor=None,
+                        found_inf=None, write_back_grads=False) -> bool:  # fmt: skip
+    """One step on a cached_bucket, the grads read in C++. False (nothing done) if a param has no grad."""
+    backend, ext, bucket, device = cached
+    lr_float, lr_tensor = split_lr(lr, device)
+    hyper = (float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered), bool(maximize),
+             grad_divisor, found_inf, bool(write_back_grads))  # fmt: skip
+    if backend == "cpu":
+        lr_float = float(lr_tensor) if lr_tensor is not None else lr_float  # a CPU scalar: no device sync
+        return ext.rmsprop_step_bucket(bucket, lr_float, *hyper)
+    return ext.rmsprop_step_bucket(bucket, lr_float, lr_tensor, *hyper)

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from fusedopt import _backend, reference
-from fusedopt.ops._library import define_op, split_lr
+from fusedopt.ops._library import custom_op, split_lr
 
 # first_flags: [] or one float32 scalar per param; nonzero makes that momentum buffer a copy of the grad this step
 # (torch's first step). The step clears them, unless found_inf skips it: the flag then waits for the next step.
@@ -54,7 +52,8 @@ def _fake(*args):
     return None
 
 
-sgd_step_op = define_op(SCHEMA, _impl, _fake)
+_call_sgd_step = custom_op(SCHEMA, _fake)(_impl)
+sgd_step_op = _call_sgd_step.op
 
 
 def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -70,5 +69,4 @@ def sgd_step(params, grads, momentum_buffers, first_flags, *, lr, momentum, damp
         float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), grad_divisor,
         found_inf, bool(write_back_grads), backend,
     )
-    # Eager calls skip the dispatcher's boxing of every list (microseconds per tensor); traced code must see the op.
-    (sgd_step_op if torch.compiler.is_compiling() else _impl)(*args)
+    _call_sgd_step(*args)

@@ -1,7 +1,9 @@
 """Drop-in replacements for torch.optim: change `torch.optim.X` to `fusedopt.optim.X`."""
 
+from fusedopt.optim.adagrad import Adagrad
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.lion import Lion
 from fusedopt.optim.rmsprop import RMSprop
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]

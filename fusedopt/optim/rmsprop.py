@@ -45,22 +45,24 @@ class RMSprop(FusedOptimizerMixin, torch.optim.RMSprop):
 
     def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         momentum, centered = group["momentum"], group["centered"]
-        rmsprop_op.rmsprop_step(
+        lists = (
             bucket.local_params,
-            grads,
             bucket.state_lists["square_avg"],
             self._ensure_state(bucket, "grad_avg") if centered else [],
             self._ensure_state(bucket, "momentum_buffer") if momentum > 0 else [],
             bucket.steps,
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=momentum,
-            centered=centered,
-            maximize=group["maximize"],
-            grad_divisor=grad_divisor,
-            found_inf=found_inf,
-            write_back_grads=write_back_grads,
-            backend=bucket.backend,
         )
+        hyper = dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     momentum=momentum, centered=centered, maximize=group["maximize"], grad_divisor=grad_divisor,
+                     found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
+        # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
+        if not torch.compiler.is_compiling():
+            key = ("rmsprop_cpp", bool(centered), momentum > 0)
+            if key not in bucket.extra:
+                bucket.extra[key] = rmsprop_op.cached_bucket(*lists, backend=bucket.backend)
+            cached = bucket.extra[key]
+            if cached is not None and rmsprop_op.rmsprop_step_cached(cached, **hyper):
+                return
+        params, square_avgs, grad_avgs, momentum_buffers, steps = lists
+        rmsprop_op.rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+                                backend=bucket.backend, **hyper)  # fmt: skip

@@ -16,5 +16,6 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/value_ops.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"

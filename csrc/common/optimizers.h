@@ -1,0 +1,9 @@
+// Every optimizer that runs through the shared engines (common/optim_op.h). Adding one: include its math header
+// and add it to the list; the CPU and CUDA engines are instantiated and the bindings registered from the list.
+#pragma once
+#include "common/adagrad_math.h"
+#include "common/lion_math.h"
+
+#define FUSEDOPT_FOR_EACH_OPTIMIZER(X) \
+  X(::fusedopt::Adagrad)               \
+  X(::fusedopt::Lion)

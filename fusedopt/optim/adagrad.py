@@ -1,0 +1,33 @@
+"""fusedopt.optim.Adagrad: torch.optim.Adagrad with the step done by one fused kernel per bucket."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt.optim._spec import OptimizerSpec, SpecOptimizerMixin, StateSpec
+
+SPEC = OptimizerSpec(
+    op="adagrad",
+    hyper=("lr_decay", "eps", "weight_decay"),
+    states=(StateSpec("sum", "state_sums", fill="initial_accumulator_value"),),
+    has_step=True,
+)
+
+
+class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
+    """Drop-in for torch.optim.Adagrad. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
+
+    SPEC = SPEC
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None,
+                 max_grad_norm=None):  # fmt: skip
+        self._fusedopt_setup(backend, differentiable, max_grad_norm)
+        super().__init__(
+            params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        self._step_supports_amp_scaling = True
+        self._after_load_state_dict()  # torch made each 'step' on the CPU: the kernels read it on the param's device

@@ -1,0 +1,46 @@
+"""Adagrad in Triton through the optimizer engine (optim_engine.py); the math of csrc/common/adagrad_math.h."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedopt.triton_kernels.multi_tensor import program_block
+from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+
+HYPER = ("lr_decay", "eps", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
+ROW_SUM, ROW_STEP = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
+
+
+@triton.jit
+def adagrad_kernel(
+    addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
+    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+):  # fmt: skip
+    t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
+    s_ptr = list_ptr(addrs_ptr, ROW_SUM, n_tensors, t, DTYPE)
+    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+    state_sum = tl.load(s_ptr + offs, mask=mask).to(OPMATH)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
+                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
+
+    # --- Adagrad's update: clr = lr / (1 + (step - 1) * lr_decay) in float64, as torch ---
+    step = tl.load(list_ptr(addrs_ptr, ROW_STEP, n_tensors, t, tl.float32)).to(tl.float64)
+    neg_clr = (-tl.load(hp_ptr) / (1.0 + (step - 1.0) * tl.load(hp_ptr + 1))).to(OPMATH)
+    eps = tl.load(hp_ptr + 2).to(OPMATH)
+    if HAS_WEIGHT_DECAY:
+        grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
+    state_sum = state_sum + grad * grad
+    param = param + neg_clr * (grad / (tl.sqrt(state_sum) + eps))
+
+    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    tl.store(s_ptr + offs, state_sum.to(DTYPE), mask=mask)
+
+
+def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads):  # fmt: skip
+    launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, True), params, grads, states, steps, lr, lr_tensor,
+           hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip
