@@ -10,81 +10,48 @@
 namespace fusedopt::cpu {
 namespace {
 
-template <typename Op>
-void run_step(const TensorList& params, const TensorList& grads,
-              const std::array<const TensorList*, Op::kStates>& states, const TensorList& steps, double lr,
-              const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
-              const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-              bool write_back_grads) {
-  const std::string op = std::string("fusedopt ") + Op::kName + "_step (cpu)";
-  if (params.empty()) return;
-  ContiguousScope scope;  // copies back on exit, after the kernel ran
-  const auto in = check_optim_step<Op>(op, at::kCPU, scope, params, grads, states, steps, hyper, maximize,
-                                       grad_divisor, found_inf, write_back_grads);
-  OptimStepArgs<typename Op::Hyper> a;
-  a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
-  a.hyper = in.hyper;
-  if (lr_tensor.has_value() && lr_tensor->defined()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(), op, ": lr must be one CPU element");
-    lr = lr_tensor->item<double>();  // a CPU scalar: no device sync
-  }
-  a.lr = lr;
-  a.maximize = in.maximize;
-  a.write_back_grads = in.write_back_grads;
-  a.grad_divisor = float_ptr(in.grad_divisor);
-  a.found_inf = float_ptr(in.found_inf);
-  a.states.resize(Op::kStates);
-  for (size_t i = 0; i < in.params.size(); ++i) {
-    a.numel.push_back(in.params[i].numel());
-    a.param.push_back(in.params[i].data_ptr());
-    a.grad.push_back(in.grads[i].data_ptr());
-    for (int k = 0; k < Op::kStates; ++k) a.states[k].push_back(in.states[k][i].data_ptr());
-    if (Op::kHasStep) a.step.push_back(in.steps[i].template data_ptr<float>());
-  }
-  FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
-}
+// How this backend checks and launches one engine-driven step (optim_binding.h does the Python entries).
+struct CpuOptimBackend {
+  static constexpr const char* kDevice = "cpu";
 
-// <name>_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back)
-template <typename Op>
-void step(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& states,
-          const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper,
-          bool maximize, const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-          bool write_back_grads) {
-  TORCH_CHECK(states.size() == Op::kStates, "fusedopt ", Op::kName, "_step (cpu): ", states.size(),
-              " state lists, the op has ", Op::kStates);
-  std::array<const TensorList*, Op::kStates> lists{};
-  for (int k = 0; k < Op::kStates; ++k) lists[k] = &states[k];
-  run_step<Op>(params, grads, lists, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-               write_back_grads);
-}
+  template <typename Op>
+  static void run(const TensorList& params, const TensorList& grads,
+                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& steps, double lr,
+                  const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
+                  const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+                  bool write_back_grads) {
+    const std::string op = std::string("fusedopt ") + Op::kName + "_step (cpu)";
+    if (params.empty()) return;
+    ContiguousScope scope;  // copies back on exit, after the kernel ran
+    const auto in = check_optim_step<Op>(op, at::kCPU, scope, params, grads, states, steps, hyper, maximize,
+                                         grad_divisor, found_inf, write_back_grads);
+    OptimStepArgs<typename Op::Hyper> a;
+    a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
+    a.hyper = in.hyper;
+    if (lr_tensor.has_value() && lr_tensor->defined()) {
+      TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(), op, ": lr must be one CPU element");
+      lr = lr_tensor->item<double>();  // a CPU scalar: no device sync
+    }
+    a.lr = lr;
+    a.maximize = in.maximize;
+    a.write_back_grads = in.write_back_grads;
+    a.grad_divisor = float_ptr(in.grad_divisor);
+    a.found_inf = float_ptr(in.found_inf);
+    a.states.resize(Op::kStates);
+    for (size_t i = 0; i < in.params.size(); ++i) {
+      a.numel.push_back(in.params[i].numel());
+      a.param.push_back(in.params[i].data_ptr());
+      a.grad.push_back(in.grads[i].data_ptr());
+      for (int k = 0; k < Op::kStates; ++k) a.states[k].push_back(in.states[k][i].data_ptr());
+      if (Op::kHasStep) a.step.push_back(in.steps[i].template data_ptr<float>());
+    }
+    FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+  }
 
-// The same on a TensorBucket [params, states..., steps]; false (nothing done) if a param has no grad.
-template <typename Op>
-bool step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper,
-                 bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                 const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  const TensorList* grads = b.grads();
-  if (grads == nullptr) return false;
-  std::array<const TensorList*, Op::kStates> lists{};
-  for (int k = 0; k < Op::kStates; ++k) lists[k] = &b.list(1 + k);
-  run_step<Op>(b.list(0), *grads, lists, b.list(1 + Op::kStates), lr, lr_tensor, hyper, maximize, grad_divisor,
-               found_inf, write_back_grads);
-  b.release_grads();
-  return true;
-}
+};
 
 }  // namespace
 
-void bind_optimizers(pybind11::module_& m) {
-  pybind11::dict info;
-#define FUSEDOPT_BIND(Op)                                                                                    \
-  m.def((std::string(Op::kName) + "_step").c_str(), &step<Op>, "Engine-driven optimizer step (CPU lists)");  \
-  m.def((std::string(Op::kName) + "_step_bucket").c_str(), &step_bucket<Op>,                               \
-        "The step on a TensorBucket; False if a grad is None");                                             \
-  info[Op::kName] = pybind11::make_tuple(hyper_names<Op>(), state_names<Op>(), Op::kHasStep);
-  FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND)
-#undef FUSEDOPT_BIND
-  m.attr("optimizer_info") = info;  // name -> (hyperparameter names, state list names, has step)
-}
+void bind_optimizers(pybind11::module_& m) { bind_optimizer_steps<CpuOptimBackend>(m); }
 
 }  // namespace fusedopt::cpu

@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "common/optim_op.h"
+#include "common/optimizers.h"
+#include "common/tensor_bucket.h"
 #include "common/tensor_lists.h"
 
 namespace fusedopt {
@@ -91,5 +93,52 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
 }
 
 inline const float* float_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// The Python entries of every engine-driven optimizer for one backend: Backend::run<Op>(params, grads, state list
+// pointers, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads) checks and launches.
+// <name>_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back)
+template <typename Backend, typename Op>
+void optim_step_entry(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& states,
+                      const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                      const HyperValues& hyper, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+                      const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+  TORCH_CHECK(states.size() == Op::kStates, "fusedopt ", Op::kName, "_step (", Backend::kDevice, "): ",
+              states.size(), " state lists, the op has ", Op::kStates);
+  std::array<const TensorList*, Op::kStates> lists{};
+  for (int k = 0; k < Op::kStates; ++k) lists[k] = &states[k];
+  Backend::template run<Op>(params, grads, lists, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                            write_back_grads);
+}
+
+// The same on a TensorBucket [params, states..., steps]; false (nothing done) if a param has no grad.
+template <typename Backend, typename Op>
+bool optim_step_bucket_entry(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor,
+                             const HyperValues& hyper, bool maximize, const std::optional<at::Tensor>& grad_divisor,
+                             const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  std::array<const TensorList*, Op::kStates> lists{};
+  for (int k = 0; k < Op::kStates; ++k) lists[k] = &b.list(1 + k);
+  Backend::template run<Op>(b.list(0), *grads, lists, b.list(1 + Op::kStates), lr, lr_tensor, hyper, maximize,
+                            grad_divisor, found_inf, write_back_grads);
+  b.release_grads();
+  return true;
+}
+
+// Registers <name>_step and <name>_step_bucket for every optimizer of the list, and `optimizer_info`:
+// name -> (hyperparameter names, state list names, has step), which the contract test compares with the specs.
+template <typename Backend>
+void bind_optimizer_steps(pybind11::module_& m) {
+  pybind11::dict info;
+#define FUSEDOPT_BIND(Op)                                                                                   \
+  m.def((std::string(Op::kName) + "_step").c_str(), &optim_step_entry<Backend, Op>,                        \
+        "Engine-driven optimizer step over a list of tensors");                                            \
+  m.def((std::string(Op::kName) + "_step_bucket").c_str(), &optim_step_bucket_entry<Backend, Op>,          \
+        "The step on a TensorBucket; False if a grad is None");                                            \
+  info[Op::kName] = pybind11::make_tuple(hyper_names<Op>(), state_names<Op>(), Op::kHasStep);
+  FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND)
+#undef FUSEDOPT_BIND
+  m.attr("optimizer_info") = info;
+}
 
 }  // namespace fusedopt
