@@ -16,15 +16,6 @@ void check_cpu_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
 }
 
-const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
-
-bool divisor_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// A grad the kernel reads, or also writes (the unscaled grad under GradScaler): a writable copy when not contiguous.
-void* grad_ptr(ContiguousScope& scope, const at::Tensor& grad, bool written) {
-  return written ? scope.write(grad).data_ptr() : scope.read(grad).data_ptr();
-}
-
 void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
@@ -51,7 +42,7 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   a.amsgrad = amsgrad;
   a.maximize = maximize;
   a.decoupled_weight_decay = decoupled_weight_decay;
-  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
   a.grad_divisor = divisor ? divisor->data_ptr<float>() : nullptr;
@@ -63,7 +54,7 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   for (size_t i = 0; i < n; ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
+    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
     a.exp_avg.push_back(scope.write(exp_avgs[i]).data_ptr());
     a.exp_avg_sq.push_back(scope.write(exp_avg_sqs[i]).data_ptr());
     if (amsgrad) a.max_exp_avg_sq.push_back(scope.write(max_exp_avg_sqs[i]).data_ptr());
@@ -189,17 +180,17 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   a.momentum = momentum;
   a.centered = centered;
   a.maximize = maximize;
-  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
-  a.grad_divisor = opt_ptr(divisor);
-  a.found_inf = opt_ptr(inf);
+  a.grad_divisor = float_ptr(divisor);
+  a.found_inf = float_ptr(inf);
 
   ContiguousScope scope;  // copies back on exit, after the kernel ran
   for (size_t i = 0; i < params.size(); ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
+    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
     a.square_avg.push_back(scope.write(square_avgs[i]).data_ptr());
     if (centered) a.grad_avg.push_back(scope.write(grad_avgs[i]).data_ptr());
     if (momentum > 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
@@ -229,17 +220,17 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   a.weight_decay = weight_decay;
   a.nesterov = nesterov;
   a.maximize = maximize;
-  a.write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
   const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
   const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
-  a.grad_divisor = opt_ptr(divisor);
-  a.found_inf = opt_ptr(inf);
+  a.grad_divisor = float_ptr(divisor);
+  a.found_inf = float_ptr(inf);
 
   ContiguousScope scope;
   for (size_t i = 0; i < params.size(); ++i) {
     a.numel.push_back(params[i].numel());
     a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(grad_ptr(scope, grads[i], a.write_back_grads));
+    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
     if (momentum != 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
     if (momentum != 0 && !first_flags.empty()) a.first_flag.push_back(first_flags[i].data_ptr<float>());
   }

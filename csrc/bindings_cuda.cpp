@@ -21,13 +21,6 @@ void check_cuda_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].is_cuda(), op, ": params must be CUDA tensors, got ", params[0].device());
 }
 
-bool divisor_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// A grad the kernel reads, or also writes (the unscaled grad under GradScaler): a writable copy when not contiguous.
-at::Tensor grad_arg(ContiguousScope& scope, const at::Tensor& grad, bool written) {
-  return written ? scope.write(grad) : scope.read(grad);
-}
-
 void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
                const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
@@ -43,12 +36,12 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
   check_scalars(steps, params, "steps", op);
   check_cuda_group(params, op);
-  write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  write_back_grads = write_back_grads && tensor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, m, v, vmax;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(grad_arg(scope, grads[i], write_back_grads));
+    g.push_back(scope.grad(grads[i], write_back_grads));
     m.push_back(scope.write(exp_avgs[i]));
     v.push_back(scope.write(exp_avg_sqs[i]));
     if (amsgrad) vmax.push_back(scope.write(max_exp_avg_sqs[i]));
@@ -123,7 +116,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, 
                         weight, weight_period, pos_weight, pos_weight_period, scale, std::nullopt, reduction,
                         need_grad, out_dtype);
 }
-const float* opt_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
                   const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
@@ -139,12 +131,12 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   if (momentum > 0) check_list(momentum_buffers, params, "momentum_buffers", op);
   check_scalars(steps, params, "steps", op);
   check_cuda_group(params, op);
-  write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  write_back_grads = write_back_grads && tensor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, s, ga, mb;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(grad_arg(scope, grads[i], write_back_grads));
+    g.push_back(scope.grad(grads[i], write_back_grads));
     s.push_back(scope.write(square_avgs[i]));
     if (centered) ga.push_back(scope.write(grad_avgs[i]));
     if (momentum > 0) mb.push_back(scope.write(momentum_buffers[i]));
@@ -154,8 +146,8 @@ void rmsprop_step(const TensorList& params, const TensorList& grads, const Tenso
   const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
   const TensorList empty;
   RmspropLaunch a{&p,  &g,        &s,      &ga,          &mb,      &steps,        &empty,
-                  lr,  alpha,     eps,     weight_decay, momentum, opt_ptr(lr_dev), opt_ptr(divisor),
-                  opt_ptr(inf), centered, maximize, write_back_grads};
+                  lr,  alpha,     eps,     weight_decay, momentum, float_ptr(lr_dev), float_ptr(divisor),
+                  float_ptr(inf), centered, maximize, write_back_grads};
   fusedopt::cuda::rmsprop_step(a);
 }
 
@@ -171,12 +163,12 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   if (momentum != 0) check_list(momentum_buffers, params, "momentum_buffers", op);
   if (momentum != 0 && !first_flags.empty()) check_scalars(first_flags, params, "first_flags", op);
   check_cuda_group(params, op);
-  write_back_grads = write_back_grads && divisor_given(grad_divisor);
+  write_back_grads = write_back_grads && tensor_given(grad_divisor);
   ContiguousScope scope;
   TensorList p, g, mb;
   for (size_t i = 0; i < params.size(); ++i) {
     p.push_back(scope.write(params[i]));
-    g.push_back(grad_arg(scope, grads[i], write_back_grads));
+    g.push_back(scope.grad(grads[i], write_back_grads));
     if (momentum != 0) mb.push_back(scope.write(momentum_buffers[i]));
   }
   const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
@@ -184,7 +176,7 @@ void sgd_step(const TensorList& params, const TensorList& grads, const TensorLis
   const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
   const TensorList empty;
   SgdLaunch a{&p,           &g,        &mb,       &first_flags,    &empty,           lr,           momentum,
-              dampening,    weight_decay, opt_ptr(lr_dev), opt_ptr(divisor), opt_ptr(inf), nesterov, maximize, write_back_grads};
+              dampening,    weight_decay, float_ptr(lr_dev), float_ptr(divisor), float_ptr(inf), nesterov, maximize, write_back_grads};
   fusedopt::cuda::sgd_step(a);
 }
 

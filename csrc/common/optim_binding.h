@@ -84,15 +84,13 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
   in.grads.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     in.params.push_back(scope.write(params[i]));
-    in.grads.push_back(in.write_back_grads ? scope.write(grads[i]) : scope.read(grads[i]));
+    in.grads.push_back(scope.grad(grads[i], in.write_back_grads));
   }
   for (int k = 0; k < Op::kStates; ++k)
     for (const auto& t : *states[k]) in.states[k].push_back(scope.write(t));
   if (Op::kHasStep) in.steps = steps;
   return in;
 }
-
-inline const float* float_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 // The Python entries of every engine-driven optimizer for one backend: Backend::run<Op>(params, grads, state list
 // pointers, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads) checks and launches.

@@ -96,6 +96,8 @@ class ContiguousScope {
     keepalive_.push_back(t.contiguous());
     return keepalive_.back();
   }
+  // A grad the kernel reads, or also writes (the unscaled grad stored back under GradScaler).
+  at::Tensor grad(const at::Tensor& t, bool written) { return written ? write(t) : read(t); }
   at::Tensor write(const at::Tensor& t) {
     if (t.is_contiguous()) return t;
     at::Tensor copy = t.contiguous();
@@ -110,6 +112,11 @@ class ContiguousScope {
   std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;
   std::vector<at::Tensor> keepalive_;
 };
+
+inline const float* float_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// Whether an optional scalar argument (grad_divisor, found_inf) was given.
+inline bool tensor_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 inline std::optional<at::Tensor> scalar_tensor_arg(const std::optional<at::Tensor>& t, const at::Tensor& param,
                                                    const char* name, const char* op) {
