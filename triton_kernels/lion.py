@@ -39,5 +39,5 @@ def lion_kernel(
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
               write_back_grads):  # fmt: skip
-    launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, False), params, grads, states, steps, lr, lr_tensor, hyper,
+    launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
            maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip

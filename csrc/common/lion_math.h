@@ -20,7 +20,7 @@ struct Lion {
   static constexpr const char* kName = "lion";
   static constexpr int kStates = 1;
   static constexpr const char* kStateNames[kStates] = {"exp_avgs"};
-  static constexpr bool kHasStep = false;
+  static constexpr TensorScalar kScalar = TensorScalar::kNone;
   using Hyper = LionHyper;
 
   template <typename S>
@@ -29,7 +29,7 @@ struct Lion {
   };
 
   template <typename V>
-  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double lr, double /*step*/) {
+  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double lr, double /*scalar*/) {
     using S = scalar_of<V>;
     return {S(lr), S(1.0 - lr * h.weight_decay), S(1.0 - h.beta1), S(1.0 - h.beta2)};
   }
