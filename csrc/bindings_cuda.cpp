@@ -11,12 +11,6 @@
 namespace fusedopt::cuda::bind {
 namespace {
 
-// Device float32 copy of an optional scalar tensor (an async device op, no sync).
-std::optional<at::Tensor> device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& param, const char* name,
-                                        const char* op) {
-  return scalar_tensor_arg(t, param, name, op);
-}
-
 void check_cuda_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].is_cuda(), op, ": params must be CUDA tensors, got ", params[0].device());
 }

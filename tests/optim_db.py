@@ -3,8 +3,8 @@ options. The parity, compile, AMP, CUDA-graph, max_grad_norm, distributed and IS
 here, so a new optimizer is tested everywhere by adding one entry (test_optim_registry.py's contract test fails
 when an optimizer of fusedopt.optim has none).
 
-`grid` is the parity grid of the engine-driven optimizers (test_optim_registry.py; Adam, RMSprop and SGD keep
-their grids in their own files); `cases` are the few configurations every cross-cutting family runs.
+`grid` is every optimizer's parity grid (test_optim_registry.py runs it on every backend); `cases` are the few
+configurations every cross-cutting family runs.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ def _grid(keys_values: dict, cycle: list) -> tuple:
     return tuple({**dict(zip(keys_values, c)), **v} for c, v in zip(combos, itertools.cycle(cycle)))
 
 
+# Adam's betas and eps, varied along its option grid.
+ADAM_CYCLE = [{"lr": 0.02}, {"lr": 0.01, "betas": (0.5, 0.9), "eps": 1e-3},
+              {"lr": 0.003, "betas": (0.0, 0.5), "eps": 1e-6}]  # fmt: skip
+
+# (momentum, dampening, nesterov) that torch's SGD accepts.
+SGD_MOMENTA = [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.3, False), (0.8, 0.0, True)]
+
 OPTIM_DB = (
     # Adam, AdamW, RMSprop and SGD: each family keeps the configurations it ran before the registry (others found
     # float32 tolerance failures to look into: AdamW amsgrad and RMSprop centered with weight decay under AMP with
@@ -80,18 +87,29 @@ OPTIM_DB = (
               family_cases={"amp": ({"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True},),
                             "max_grad_norm": ({"lr": 1e-2, "weight_decay": 0.01},),
                             "cuda_graphs": ({"lr": 1e-2, "weight_decay": 0.1},),
-                            "distributed": ({"lr": 1e-2, "weight_decay": 0.1},)}),
+                            "distributed": ({"lr": 1e-2, "weight_decay": 0.1},)},
+              grid=_grid({"weight_decay": [0.0, 0.1], "amsgrad": [False, True], "maximize": [False, True],
+                          "decoupled_weight_decay": [False, True]}, ADAM_CYCLE)),
     OptimInfo("AdamW", fusedopt.AdamW, torch.optim.AdamW, "adam_step",
               cases=({"lr": 1e-2, "amsgrad": True},),
-              family_cases={"compile": ({"lr": 1e-2, "weight_decay": 0.05},), "amp": ({"lr": 1e-2},)}),
+              family_cases={"compile": ({"lr": 1e-2, "weight_decay": 0.05},), "amp": ({"lr": 1e-2},)},
+              grid=_grid({"weight_decay": [0.0, 0.1], "amsgrad": [False, True], "maximize": [False, True]},
+                         ADAM_CYCLE)),
     OptimInfo("RMSprop", fusedopt.RMSprop, torch.optim.RMSprop, "rmsprop_step",
               cases=({"lr": 1e-2, "momentum": 0.5, "centered": True},),
+              grid=_grid({"momentum": [0.0, 0.9], "centered": [False, True], "weight_decay": [0.0, 0.05],
+                          "maximize": [False, True]},
+                         [{"lr": 1e-2, "alpha": 0.99, "eps": 1e-8}, {"lr": 3e-3, "alpha": 0.9, "eps": 1e-6},
+                          {"lr": 2e-2, "alpha": 0.95, "eps": 1e-3}]),
               family_cases={"compile": ({"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
                                         {"lr": 1e-2}),
                             "amp": ({"lr": 1e-3, "momentum": 0.5, "centered": True}, {"lr": 1e-3}),
                             "distributed": ({"lr": 1e-3, "momentum": 0.5, "centered": True},)}),
     OptimInfo("SGD", fusedopt.SGD, torch.optim.SGD, "sgd_step",
               cases=({"lr": 1e-2, "momentum": 0.9, "nesterov": True},),
+              grid=tuple({"momentum": m, "dampening": d, "nesterov": n, "weight_decay": wd, "maximize": mx, "lr": lr}
+                         for ((m, d, n), wd, mx), lr in zip(itertools.product(SGD_MOMENTA, [0.0, 0.05], [False, True]),
+                                                            itertools.cycle([0.01, 0.003]))),
               family_cases={"compile": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
                                         {"lr": 1e-2, "momentum": 0.5, "dampening": 0.3}, {"lr": 1e-2}),
                             "amp": ({"lr": 1e-2, "momentum": 0.9, "nesterov": True}, {"lr": 1e-2}),

@@ -1,7 +1,9 @@
 """The Triton optimizer engine for the spec-driven optimizers (fusedopt/optim/_spec.py): the checks, contiguous
 copies, the table [params, grads, states..., scalars], the step prologue or the first-step flags' epilogue, the
-hyperparameter tensor (lr first, then the op module's HYPER names, filled by name; a bool as 0/1) and the launch. In the kernel, `load_grad` does the engine's part of the
-grad (divisor, write-back, maximize); the op's kernel holds only its loads, math and stores.
+hyperparameter tensor (lr first, then the op module's HYPER names, filled by name; a bool as 0/1) and the launch.
+In the kernel, `load_grad` does the engine's part of the grad (divisor, write-back, maximize); the op's kernel holds
+only its loads, math and stores. An op module turns its bool options into constexprs and tells the engine which
+state lists they use (Adam's max_exp_avg_sqs only with AMSGRAD).
 
 Every op kernel takes the ENGINE arguments first, in this order: addrs_ptr, numel_ptr, block_tensor_ptr,
 block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, and the constexprs DTYPE, OPMATH, MAXIMIZE,
