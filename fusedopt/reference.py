@@ -301,9 +301,10 @@ def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
               write_back_grads):  # fmt: skip
-    """Lion (Chen et al. 2023, Algorithm 2): update = sign(lerp(m, g, 1 - beta1)); p = p * (1 - lr * wd) - lr * update;
-    m = lerp(m, g, 1 - beta2). sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze
-    the element silently behind a NaN momentum; here it makes the param NaN, as in every other optimizer)."""
+    """Lion (Chen et al. 2023, Algorithm 2): update = sign(beta1 m + (1 - beta1) g); p = p * (1 - lr * wd) - lr * update;
+    m = beta2 m + (1 - beta2) g (the paper's form: torch's lerp would turn an infinite momentum into NaN).
+    sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze the element silently behind a
+    NaN momentum; here it makes the param NaN, as in every other optimizer)."""
     (exp_avgs,) = states
     skip = _engine_step_begin("lion", params, grads, states, ["exp_avgs"], [], found_inf)
     lr = lr_tensor if lr_tensor is not None else lr
@@ -313,10 +314,10 @@ def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
         lr_t = _lr_value(lr, param.device)
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         m = exp_avgs[i].to(ot)
-        c = m.lerp(g, 1 - beta1)
+        c = m * beta1 + g * (1 - beta1)
         update = torch.where(c.isnan(), c, c.sign())
         _commit(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip)
-        _commit(exp_avgs[i], m.lerp(g, 1 - beta2), skip)
+        _commit(exp_avgs[i], m * beta2 + g * (1 - beta2), skip)
 
 
 def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
