@@ -18,12 +18,12 @@ struct CudaOptimBackend {
                   const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                  bool write_back_grads) {
+                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the launch was queued (stream order)
     const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, scalars, hyper, maximize,
-                                         grad_divisor, found_inf, write_back_grads);
+                                         grad_divisor, found_inf, write_back_grads, stochastic_round);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     const TensorList empty;
     OptimLaunch<typename Op::Hyper> a{};
@@ -36,6 +36,7 @@ struct CudaOptimBackend {
     a.lr_ptr = float_ptr(lr_dev);
     a.grad_divisor = float_ptr(in.grad_divisor);
     a.found_inf = float_ptr(in.found_inf);
+    a.stochastic_round = in.stochastic_round ? in.stochastic_round->template data_ptr<int64_t>() : nullptr;
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;

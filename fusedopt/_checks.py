@@ -69,6 +69,16 @@ def check_scalars(tensors: list, params: list, name: str, op: str) -> None:
             raise RuntimeError(f"{op}: {name}[{i}] must be a one-element torch.float32 tensor on its param's device")
 
 
+def check_stochastic_round(op: str, params: list, state: torch.Tensor) -> None:
+    """bf16 params, and an int64 [seed, counter] tensor on their device (csrc/common/optim_binding.h's check)."""
+    if params[0].dtype != torch.bfloat16:
+        raise RuntimeError(f"{op}: stochastic rounding applies to bfloat16 params, got {params[0].dtype}")
+    if not (state.dtype == torch.int64 and state.numel() == 2 and state.is_contiguous()
+            and state.device == params[0].device):  # fmt: skip
+        raise RuntimeError(f"{op}: stochastic_round must be a contiguous int64 tensor [seed, counter] on the params' "
+                           "device")  # fmt: skip
+
+
 def check_step(op: str, params: list, lists: dict, scalars: dict | None = None) -> None:
     """check_params, then check_list for each (name -> list) of `lists`, then check_scalars for `scalars`."""
     check_params(params, op)

@@ -153,7 +153,8 @@ OPTIM_DB = (
         ),
         # 16-bit inputs make exact ties likely when beta1 / (1 - beta1) is a short binary number: with beta1 = 0.9,
         # g = -9 m is exact in bf16 and beta1 m + (1 - beta1) g is exactly 0, so the sign is decided by how
-        # 1 - beta1 and the interpolation round (float32 vs float64, fma or not): +-lr either way, a legitimate difference.
+        # 1 - beta1 and the interpolation round (float32 vs float64, fma or not): +-lr either way, a legitimate
+        # difference.
         # beta1 = 0.93 keeps every tie at least ~1e-5 relative away from 0, far above float32's rounding.
         grid_16bit=_grid(
             {"weight_decay": [0.0, 0.1], "maximize": [False, True], "betas": [(0.93, 0.99), (0.0, 0.5), (1.0, 0.9)]},

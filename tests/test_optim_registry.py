@@ -19,7 +19,7 @@ from optim_db import ENGINE_DRIVEN, OPTIM_DB, case_id
 from parity_steps import SHAPES, SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
-from fusedopt import _backend, reference
+from fusedopt import _backend, reference, reference_optim
 from fusedopt.ops import optim_step
 
 BACKENDS = cpu_backends()
@@ -256,7 +256,8 @@ def test_every_engine_optimizer_has_every_backend(info):
     triton_module = importlib.import_module(f"fusedopt.triton_kernels.{spec.op}")
     assert spec.hyper == triton_module.HYPER, "the Triton kernel's hyperparameter order differs from the spec"
     assert callable(getattr(triton_module, f"{spec.op}_step"))
-    assert f"def {spec.op}_step(" in inspect.getsource(reference), "no reference in fusedopt/reference.py"
+    assert f"def {spec.op}_step(" in inspect.getsource(reference_optim), "no reference in fusedopt/reference_optim.py"
+    assert getattr(reference, f"{spec.op}_step") is getattr(reference_optim, f"{spec.op}_step"), "not re-exported"
     assert (ROOT / "csrc" / "common" / f"{spec.op}_math.h").exists()
     assert info.grid and info.cases, "registry entry without a grid or cases"
 

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
 
 HYPER = ("lr_decay", "eps", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
 ROW_SUM, ROW_STEP = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
@@ -15,8 +15,9 @@ ROW_SUM, ROW_STEP = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
 @triton.jit
 def adagrad_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -35,12 +36,13 @@ def adagrad_kernel(
     state_sum = state_sum + grad * grad
     param = param + neg_clr * (grad / (tl.sqrt(state_sum) + eps))
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
     tl.store(s_ptr + offs, state_sum.to(DTYPE), mask=mask)
 
 
 def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads):  # fmt: skip
+                 write_back_grads, stochastic_round=None):  # fmt: skip
     launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, "step"), params, grads, states, steps, lr, lr_tensor,
            hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip

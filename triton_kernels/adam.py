@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import lerp, pow_by_squaring, program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
 
 HYPER = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")  # hp_ptr[1:], after lr
 ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_STEP = (ROW_FIRST_STATE + k for k in range(4))
@@ -15,9 +15,9 @@ ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_STEP = (ROW_FIRST_STATE + k
 @triton.jit
 def adam_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, AMSGRAD: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -54,15 +54,16 @@ def adam_kernel(
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt + tl.load(hp_ptr + 3).to(OPMATH)
     param = param - step_size * exp_avg / denom
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
     tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
     tl.store(v_ptr + offs, exp_avg_sq.to(DTYPE), mask=mask)
 
 
 def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads):  # fmt: skip
+              write_back_grads, stochastic_round=None):  # fmt: skip
     amsgrad = bool(hyper["amsgrad"])
     launch(adam_kernel, ("adam", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), HYPER, "step"), params, grads,
            states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round,
            used=(True, True, amsgrad), AMSGRAD=amsgrad, DECOUPLED=bool(hyper["decoupled_weight_decay"]),
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip

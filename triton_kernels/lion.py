@@ -6,7 +6,15 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, sign
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    sign,
+    store_param,
+)
 
 HYPER = ("beta1", "beta2", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
 ROW_EXP_AVG = ROW_FIRST_STATE
@@ -15,8 +23,9 @@ ROW_EXP_AVG = ROW_FIRST_STATE
 @triton.jit
 def lion_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -34,11 +43,12 @@ def lion_kernel(
     param = param * decay - lr.to(OPMATH) * direction
     exp_avg = exp_avg * beta2.to(OPMATH) + grad * (1.0 - beta2).to(OPMATH)
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
     tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
 
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads):  # fmt: skip
+              write_back_grads, stochastic_round=None):  # fmt: skip
     launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
-           maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip
+           maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round)  # fmt: skip

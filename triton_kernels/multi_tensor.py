@@ -100,9 +100,10 @@ class ContiguousCopies:
 
 @triton.jit
 def lerp(start, end, weight):
-    """torch's lerp (see csrc/common/lerp.h): the `end - diff * (1 - w)` form for |w| >= 0.5 is exact at w = 1."""
+    """torch's lerp (see csrc/common/lerp.h), each form one fused multiply-add: the `end + (w - 1) * diff` form for
+    |w| >= 0.5 is exact at w = 1."""
     diff = end - start
-    return tl.where(tl.abs(weight) < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+    return tl.where(tl.abs(weight) < 0.5, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
 
 
 @triton.jit

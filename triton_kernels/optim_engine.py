@@ -6,8 +6,9 @@ only its loads, math and stores. An op module turns its bool options into conste
 state lists they use (Adam's max_exp_avg_sqs only with AMSGRAD).
 
 Every op kernel takes the ENGINE arguments first, in this order: addrs_ptr, numel_ptr, block_tensor_ptr,
-block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, and the constexprs DTYPE, OPMATH, MAXIMIZE,
-HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, then its own constexprs."""
+block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, sr_ptr, and the constexprs DTYPE, OPMATH,
+MAXIMIZE, HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, STOCHASTIC_ROUND, then its own constexprs; it stores
+the param with `store_param` (bf16 stochastic rounding when asked)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,35 @@ def load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE: tl.c
 
 
 @triton.jit
+def _mix32(x):
+    """csrc/common/stochastic_round.h's mix32, on int64 holding uint32 values (products wrap; masks keep 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr):
+    """The updated param, rounded to DTYPE; with STOCHASTIC_ROUND (bf16 params) rounded stochastically, the bits of
+    csrc/common/stochastic_round.h: sr_ptr holds int64 [seed, counter], t is the tensor's position in the call."""
+    if STOCHASTIC_ROUND:
+        seed = tl.load(sr_ptr)
+        counter = tl.load(sr_ptr + 1)
+        seed_mix = (seed & 0xFFFFFFFF) ^ _mix32((seed >> 32) & 0xFFFFFFFF)
+        key = _mix32(seed_mix ^ _mix32((counter + 0x9E3779B9 * (t.to(tl.int64) + 1)) & 0xFFFFFFFF))
+        x = param.to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        r = _mix32(key ^ (offs & 0xFFFFFFFF) ^ _mix32(offs >> 32))
+        rounded = ((bits + (r & 0xFFFF)) >> 16) & 0xFFFF
+        rounded = tl.where(x != x, ((bits >> 16) | 0x40) & 0xFFFF, rounded)  # NaN stays NaN
+        tl.store(p_ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+
+
+@triton.jit
 def clear_flags_kernel(addrs_ptr, n, flag_row, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     """After the update: tensor program_id(0)'s first step is done, unless GradScaler skipped the step."""
     t = tl.program_id(0).to(tl.int64)
@@ -69,7 +99,8 @@ def sign(x):
 
 
 def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_tensor, hyper: dict, maximize,
-           grad_divisor, found_inf, write_back_grads, used: tuple | None = None, **constexprs) -> None:  # fmt: skip
+           grad_divisor, found_inf, write_back_grads, stochastic_round=None, used: tuple | None = None,
+           **constexprs) -> None:  # fmt: skip
     """spec_names = (op, state list names, HYPER names, scalar: "step", "first_flag" or None) of the op module.
     `used`: which state lists the kernel reads (default all; the op module derives it from the constexprs it
     passes); an unused list is not checked, and its table row holds null addresses."""
@@ -81,6 +112,8 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
     _checks.check_step(f"fusedopt {op}_step (triton)", params, lists,
                        {SCALAR_LISTS[scalar]: scalars} if has_scalars else None)  # fmt: skip
+    if stochastic_round is not None:
+        _checks.check_stochastic_round(f"fusedopt {op}_step (triton)", params, stochastic_round)
     dtype, device = params[0].dtype, params[0].device
     write_back_grads = write_back_grads and grad_divisor is not None
     copies = ContiguousCopies()
@@ -98,8 +131,10 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     kernel[(table.blocks,)](
         table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp,
         grad_divisor.float() if grad_divisor is not None else hp, found,
+        stochastic_round if stochastic_round is not None else table.numel,
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), MAXIMIZE=maximize, HAS_DIVISOR=grad_divisor is not None,
-        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK, **constexprs,
+        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
+        STOCHASTIC_ROUND=stochastic_round is not None, **constexprs,
     )  # fmt: skip
     copies.finish()
     if scalar == "first_flag" and has_scalars:

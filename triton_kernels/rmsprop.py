@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import lerp, program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
 
 HYPER = ("alpha", "eps", "weight_decay", "momentum", "centered")  # hp_ptr[1:], after lr; the spec's order
 ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF = (ROW_FIRST_STATE + k for k in range(3))
@@ -15,9 +15,9 @@ ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF = (ROW_FIRST_STATE + k for k in r
 @triton.jit
 def rmsprop_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, CENTERED: tl.constexpr,
-    MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -49,14 +49,15 @@ def rmsprop_kernel(
     else:
         param = param - lr * (grad / avg)
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
     tl.store(s_ptr + offs, square_avg.to(DTYPE), mask=mask)
 
 
 def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads):  # fmt: skip
+                 write_back_grads, stochastic_round=None):  # fmt: skip
     centered, momentum = bool(hyper["centered"]), hyper["momentum"] > 0
     launch(rmsprop_kernel, ("rmsprop", ("square_avgs", "grad_avgs", "momentum_buffers"), HYPER, "step"), params,
            grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round,
            used=(True, centered, momentum), CENTERED=centered, MOMENTUM=momentum,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
 
 HYPER = ("momentum", "dampening", "weight_decay", "nesterov")  # hp_ptr[1:], after lr; the spec's order
 ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
@@ -16,9 +16,10 @@ ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
 @triton.jit
 def sgd_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, MOMENTUM: tl.constexpr, HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -41,13 +42,14 @@ def sgd_kernel(
         else:
             grad = buf
     param = param - tl.load(hp_ptr).to(OPMATH) * grad
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
 
 
 def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-             write_back_grads):  # fmt: skip
+             write_back_grads, stochastic_round=None):  # fmt: skip
     momentum = hyper["momentum"] != 0
     launch(sgd_kernel, ("sgd", ("momentum_buffers",), HYPER, "first_flag"), params, grads, states,
            first_flags if momentum else [], lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-           write_back_grads, used=(momentum,), MOMENTUM=momentum, HAS_FLAGS=momentum and bool(first_flags),
-           NESTEROV=bool(hyper["nesterov"]), HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip
+           write_back_grads, stochastic_round=stochastic_round, used=(momentum,), MOMENTUM=momentum,
+           HAS_FLAGS=momentum and bool(first_flags), NESTEROV=bool(hyper["nesterov"]),
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip

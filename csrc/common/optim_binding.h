@@ -61,6 +61,7 @@ struct OptimStepInputs {
   std::array<TensorList, Op::kStates> states;  // an unused state list (Op::uses_state) is empty
   typename Op::Hyper hyper{};
   std::optional<at::Tensor> grad_divisor, found_inf;  // float32, on the params' device
+  std::optional<at::Tensor> stochastic_round;          // int64 [seed, counter], bf16 params only
   bool maximize = false, write_back_grads = false;
 };
 
@@ -70,7 +71,8 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
                                      const std::array<const TensorList*, Op::kStates>& states,
                                      const TensorList& scalars, const HyperValues& hyper, bool maximize,
                                      const std::optional<at::Tensor>& grad_divisor,
-                                     const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+                                     const std::optional<at::Tensor>& found_inf, bool write_back_grads,
+                                     const std::optional<at::Tensor>& stochastic_round) {
   const char* name = op.c_str();
   OptimStepInputs<Op> in;
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
@@ -95,6 +97,15 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
   in.grad_divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", name);
   in.found_inf = scalar_tensor_arg(found_inf, params[0], "found_inf", name);
   in.write_back_grads = write_back_grads && in.grad_divisor.has_value();
+  if (stochastic_round.has_value() && stochastic_round->defined()) {
+    const at::Tensor& sr = *stochastic_round;
+    TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, op, ": stochastic rounding applies to bfloat16 params, got ",
+                dtype_name(params[0].scalar_type()));
+    TORCH_CHECK(sr.scalar_type() == at::kLong && sr.numel() == 2 && sr.is_contiguous() &&
+                    sr.device() == params[0].device(),
+                op, ": stochastic_round must be a contiguous int64 tensor [seed, counter] on the params' device");
+    in.stochastic_round = sr;
+  }
   const size_t n = params.size();
   in.params.reserve(n);
   in.grads.reserve(n);
@@ -110,32 +121,36 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
 }
 
 // The Python entries of every engine-driven optimizer for one backend: Backend::run<Op>(params, grads, state list
-// pointers, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads) checks and launches.
-// <name>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back)
+// pointers, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round)
+// checks and launches.
+// <name>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back,
+//             stochastic_round)
 template <typename Backend, typename Op>
 void optim_step_entry(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& states,
                       const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                       const HyperValues& hyper, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                      const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+                      const std::optional<at::Tensor>& found_inf, bool write_back_grads,
+                      const std::optional<at::Tensor>& stochastic_round) {
   TORCH_CHECK(states.size() == Op::kStates, "fusedopt ", Op::kName, "_step (", Backend::kDevice, "): ",
               states.size(), " state lists, the op has ", Op::kStates);
   std::array<const TensorList*, Op::kStates> lists{};
   for (int k = 0; k < Op::kStates; ++k) lists[k] = &states[k];
   Backend::template run<Op>(params, grads, lists, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                            write_back_grads);
+                            write_back_grads, stochastic_round);
 }
 
 // The same on a TensorBucket [params, states..., scalars]; false (nothing done) if a param has no grad.
 template <typename Backend, typename Op>
 bool optim_step_bucket_entry(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor,
                              const HyperValues& hyper, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                             const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+                             const std::optional<at::Tensor>& found_inf, bool write_back_grads,
+                             const std::optional<at::Tensor>& stochastic_round) {
   const TensorList* grads = b.grads();
   if (grads == nullptr) return false;
   std::array<const TensorList*, Op::kStates> lists{};
   for (int k = 0; k < Op::kStates; ++k) lists[k] = &b.list(1 + k);
   Backend::template run<Op>(b.list(0), *grads, lists, b.list(1 + Op::kStates), lr, lr_tensor, hyper, maximize,
-                            grad_divisor, found_inf, write_back_grads);
+                            grad_divisor, found_inf, write_back_grads, stochastic_round);
   b.release_grads();
   return true;
 }

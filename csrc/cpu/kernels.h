@@ -23,6 +23,7 @@ struct OptimStepArgs {
   // write_back_grads: the divided (unscaled) grad is stored back to grad, as torch's fused optimizers do.
   const float* grad_divisor = nullptr;
   const float* found_inf = nullptr;
+  const int64_t* stochastic_round = nullptr;  // [seed, counter]: bf16 params stored by stochastic rounding
   bool maximize = false, write_back_grads = false;
   Hyper hyper{};
 };

@@ -5,7 +5,9 @@
 // Included only from a capability translation unit (cpu/optimizers.cpp via all_kernels.inc).
 #pragma once
 #include <array>
+#include <cstring>
 
+#include "common/stochastic_round.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/vec_io.h"
@@ -15,6 +17,19 @@
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
+
+// A block of bf16 params stored by stochastic rounding (common/stochastic_round.h); `first` is the index of
+// dst[0] in its tensor.
+template <typename B>
+void store_stochastic_bf16(const B& block, c10::BFloat16* dst, int64_t count, uint32_t key, int64_t first) {
+  float values[B::kSize];
+  for (int l = 0; l < B::kLanes; ++l) block.lane[l].store(values + l * B::Vec::size());
+  for (int64_t j = 0; j < count; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &values[j], sizeof(bits));
+    dst[j] = c10::BFloat16(stochastic_round_bf16_bits(bits, key, first + j), c10::BFloat16::from_bits());
+  }
+}
 
 template <typename Op, typename T>
 void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
@@ -28,6 +43,8 @@ void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t be
   auto* grad = static_cast<T*>(a.grad[t]);
   std::array<T*, kSlots> state{};
   for (int k = 0; k < kStates; ++k) state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]);
+  const int64_t* sr = a.stochastic_round;
+  const uint32_t sr_key = sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
   for (int64_t i = begin; i < end; i += B::kSize) {
     const int64_t n = std::min<int64_t>(B::kSize, end - i);
     B p = B::load(param + i, n), g = B::load(grad + i, n);
@@ -42,7 +59,15 @@ void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t be
       Op::template update<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data());
       for (int k = 0; k < kStates; ++k) st[k].lane[l] = s[k];
     }
-    p.store(param + i, n);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (sr != nullptr) {
+        store_stochastic_bf16(p, param + i, n, sr_key, i);
+      } else {
+        p.store(param + i, n);
+      }
+    } else {
+      p.store(param + i, n);
+    }
     for (int k = 0; k < kStates; ++k)
       if (state[k]) st[k].store(state[k] + i, n);
   }

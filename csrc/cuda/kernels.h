@@ -21,6 +21,7 @@ struct OptimLaunch {
   const float* lr_ptr;        // device float32, or null
   const float* grad_divisor;  // device float32, or null
   const float* found_inf;     // device float32, or null
+  const int64_t* stochastic_round;  // device int64 [seed, counter] (bf16 params only), or null
   bool maximize, write_back_grads;
   Hyper hyper;
 };

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include "common/optimizers.h"
+#include "common/stochastic_round.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -26,15 +27,23 @@ struct OptimFunctor {
   const float* lr_ptr;        // overrides lr when set (a tensor lr, read on the device)
   const float* grad_divisor;  // GradScaler scale (/ clip coefficient), or null
   const float* found_inf;     // nonzero: skip
+  const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
 
-  // One element: grad (storage) is divided, maybe written back, maybe negated; then the op's update.
+  // One element: grad (storage) is divided, maybe written back, maybe negated; then the op's update. `index` (in
+  // the tensor) and `sr_key` feed stochastic rounding.
   __device__ __forceinline__ void element(const typename Op::template Coefs<S>& c, S grad_factor, T& param, T& grad,
-                                          S* state) const {
+                                          S* state, int64_t index, uint32_t sr_key) const {
     S p = param;
     S g = unscaled_grad<T>(grad, grad_factor, write_back_grads);
     if (maximize) g = -g;
     Op::template update<S>(c, p, g, state);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (stochastic_round != nullptr) {
+        param = at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(p), sr_key, index), at::BFloat16::from_bits());
+        return;
+      }
+    }
     param = T(p);
   }
 
@@ -44,6 +53,8 @@ struct OptimFunctor {
     const float* scalar = tab.template ptr<float>(kScalarList, t);  // null: the op has none, or no flag is set
     const auto c = Op::template coefs<S>(hyper, lr_value, scalar != nullptr ? static_cast<double>(*scalar) : 0.0);
     const S grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
+    const uint32_t sr_key =
+        stochastic_round != nullptr ? stochastic_round_key(stochastic_round[0], stochastic_round[1], t) : 0;
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     T* state[kSlots];
@@ -63,7 +74,7 @@ struct OptimFunctor {
         for (int e = 0; e < kVec; ++e) {
           S s[kSlots];
           for (int k = 0; k < kStates; ++k) s[k] = state[k] != nullptr ? S(sv[k].v[e]) : S(0);
-          element(c, grad_factor, pv.v[e], gv.v[e], s);
+          element(c, grad_factor, pv.v[e], gv.v[e], s, i + e, sr_key);
           for (int k = 0; k < kStates; ++k) sv[k].v[e] = T(s[k]);
         }
         *reinterpret_cast<Vec16<T>*>(param + i) = pv;
@@ -75,7 +86,7 @@ struct OptimFunctor {
     for (int64_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {  // the tail and unaligned tensors
       S s[kSlots];
       for (int k = 0; k < kStates; ++k) s[k] = state[k] != nullptr ? S(state[k][i]) : S(0);
-      element(c, grad_factor, param[i], grad[i], s);
+      element(c, grad_factor, param[i], grad[i], s, i, sr_key);
       for (int k = 0; k < kStates; ++k)
         if (state[k] != nullptr) state[k][i] = T(s[k]);
     }
@@ -98,8 +109,8 @@ void optim_step(const OptimLaunch<typename Op::Hyper>& a) {
   const bool has_scalars = !a.scalars->empty();
   if (Op::kScalar == TensorScalar::kStep && has_scalars) increment_steps(table, kScalarList, a.found_inf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_cuda", [&] {
-    OptimFunctor<Op, scalar_t> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize,
-                                  a.write_back_grads};
+    OptimFunctor<Op, scalar_t> fn{a.hyper,     a.lr,        a.lr_ptr,   a.grad_divisor,    a.found_inf,
+                                  a.stochastic_round, a.maximize, a.write_back_grads};
     launch(table, fn);
   });
   if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars) clear_flags(table, kScalarList, a.found_inf);

@@ -1,8 +1,8 @@
 """fusedopt::<op>_step for every optimizer described by an OptimizerSpec (fusedopt/optim/_spec.py): the schema
 comes from the spec, and every backend's kernel takes the same arguments, found by one rule:
 `_backend.kernels(backend, op).<op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize,
-grad_divisor, found_inf, write_back_grads)`, `states` the spec's lists (an unused one empty) and `scalars` its steps
-or first-step flags (or empty)."""
+grad_divisor, found_inf, write_back_grads, stochastic_round)`, `states` the spec's lists (an unused one empty),
+`scalars` its steps or first-step flags (or empty), `stochastic_round` None or int64 [seed, counter]."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ def _register(spec) -> object:
         states, rest = list(rest[:n_states]), rest[n_states:]
         scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
-        maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
+        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, backend = rest[n_hyper:]
         if not params:
             return
         kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step")
         kernel(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-               write_back_grads)  # fmt: skip
+               write_back_grads, stochastic_round)  # fmt: skip
 
     return custom_op(spec.schema())(impl)
 
@@ -42,14 +42,14 @@ def _hyper_args(spec, hyper: dict) -> list:
 
 
 def step(spec, params, grads, states, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-         write_back_grads=False, backend="auto"):  # fmt: skip
+         write_back_grads=False, stochastic_round=None, backend="auto"):  # fmt: skip
     """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: value}."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, spec.op)
     lr_float, lr_tensor = split_lr(lr, params[0].device)
     op_for(spec)(params, grads, *states, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper), bool(maximize),
-                 grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip
+                 grad_divisor, found_inf, bool(write_back_grads), stochastic_round, backend)  # fmt: skip
 
 
 def cached_bucket(spec, params, states, scalars, *, backend: str):
@@ -63,11 +63,11 @@ def cached_bucket(spec, params, states, scalars, *, backend: str):
 
 
 def step_cached(spec, cached, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-                write_back_grads=False) -> bool:  # fmt: skip
+                write_back_grads=False, stochastic_round=None) -> bool:  # fmt: skip
     """One step on a cached_bucket, the grads read in C++. False (nothing done) if a param has no grad."""
     kernel, bucket, device = cached
     lr_float, lr_tensor = split_lr(lr, device)
     if lr_tensor is not None and device.type == "cpu":
         lr_float, lr_tensor = float(lr_tensor), None
     return kernel(bucket, lr_float, lr_tensor, {name: float(hyper[name]) for name in spec.hyper}, bool(maximize),
-                  grad_divisor, found_inf, bool(write_back_grads))  # fmt: skip
+                  grad_divisor, found_inf, bool(write_back_grads), stochastic_round)  # fmt: skip

@@ -3,10 +3,11 @@ spec come the op's schema (fusedopt/ops/optim_step.py), the state creation and t
 (SpecOptimizerMixin below); the kernels of every backend take the same arguments:
 
     <op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads)
+              write_back_grads, stochastic_round)
 
 with `states` the spec's lists in order (an unused one empty), `scalars` the steps or first-step flags, and `hyper`
-a {name: float or bool} dict the C++ bindings fill their struct from by name (csrc/common/optim_binding.h).
+a {name: float or bool} dict the C++ bindings fill their struct from by name (csrc/common/optim_binding.h), and
+`stochastic_round` None or an int64 [seed, counter] tensor (bf16 params stored by stochastic rounding).
 docs/ADDING_AN_OP.md is the recipe.
 """
 
@@ -67,7 +68,8 @@ class OptimizerSpec:
         args = [f"Tensor({alias[i]}!)[] {name}" for i, name in enumerate(lists)]
         args += ["float lr", "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
-        args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads", "str backend"]
+        args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads",
+                 "Tensor? stochastic_round", "str backend"]
         return f"{self.op}_step({', '.join(args)}) -> ()"
 
 
@@ -133,7 +135,8 @@ class SpecOptimizerMixin(FusedOptimizerMixin):
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
         args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
-                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
+                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
+                    stochastic_round=self._stochastic_round_state(bucket))  # fmt: skip
         # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
         # First-step flags live for one step: those steps take the list path.
         if not torch.compiler.is_compiling() and (self.SPEC.scalar != "first_flag" or not scalars):

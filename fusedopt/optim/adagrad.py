@@ -15,15 +15,17 @@ SPEC = OptimizerSpec(
 
 
 class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
-    """Drop-in for torch.optim.Adagrad. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
+    """Drop-in for torch.optim.Adagrad. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), and
+    bf16_stochastic_round (bf16 params stored by stochastic rounding, reproducible from stochastic_round_seed)."""
 
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None,
-                 max_grad_norm=None):  # fmt: skip
-        self._fusedopt_setup(backend, differentiable, max_grad_norm)
+                 max_grad_norm=None,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+        self._fusedopt_setup(backend, differentiable, max_grad_norm, bf16_stochastic_round, stochastic_round_seed)
         super().__init__(
             params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach, maximize=maximize,

@@ -1,0 +1,224 @@
+"""Plain-PyTorch optimizer steps: the "torch" backend of every spec-driven optimizer (fusedopt/optim/_spec.py) and
+the formulas the tests compare the kernels against. One tensor at a time, in opmath (float32 for 16-bit dtypes,
+float64 for float64); no host syncs: GradScaler's found_inf, tensor learning rates and the stochastic-rounding
+counter stay on the device. Every function takes the engines' arguments:
+
+    <op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads, stochastic_round=None)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedopt import _checks
+from fusedopt._dtypes import opmath_dtype
+
+
+def _effective_grad(grad: Tensor, dtype: torch.dtype, grad_divisor: Tensor | None, maximize: bool,
+                    write_back: bool = False, skip: Tensor | None = None) -> Tensor:  # fmt: skip
+    g = grad.to(dtype)
+    if grad_divisor is not None:
+        g = g / grad_divisor.to(dtype)
+        if write_back:  # GradScaler: .grad holds the unscaled grad afterwards, as torch's fused optimizers leave it
+            _commit(grad, g, skip)
+    return -g if maximize else g
+
+
+def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
+    """dst <- new, or dst unchanged where keep (found_inf) is set. No host sync."""
+    if keep is not None:
+        new = torch.where(keep, dst.to(new.dtype), new)
+    dst.copy_(new)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """csrc/common/stochastic_round.h's mix32 on int64 tensors holding uint32 values."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def stochastic_round_bf16(x: Tensor, state: Tensor, tensor_index: int) -> Tensor:
+    """float32 x rounded to bfloat16 stochastically, the bits of csrc/common/stochastic_round.h (state: int64
+    [seed, counter] on x's device). No host sync."""
+    m = 0xFFFFFFFF
+    seed, counter = state[0], state[1]
+    seed_mix = (seed & m) ^ _mix32((seed >> 32) & m)
+    key = _mix32(seed_mix ^ _mix32((counter + 0x9E3779B9 * (tensor_index + 1)) & m))
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & m
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    r = _mix32(key ^ (index & m) ^ _mix32(index >> 32))
+    rounded = ((bits + (r & 0xFFFF)) >> 16) & 0xFFFF
+    rounded = torch.where(x.isnan(), ((bits >> 16) | 0x40) & 0xFFFF, rounded)
+    return (rounded - ((rounded >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # as a signed 16-bit pattern
+
+
+def _commit_param(param: Tensor, new: Tensor, keep: Tensor | None, stochastic_round: Tensor | None, i: int) -> None:
+    """_commit for a param: stored by stochastic rounding when asked (bf16 params)."""
+    if stochastic_round is not None:  # checked by _engine_step_begin
+        new = stochastic_round_bf16(new.float(), stochastic_round, i)
+    _commit(param, new, keep)
+
+
+def _lr_value(lr, device):
+    return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
+
+
+def _engine_step_begin(op: str, params, grads, states, state_names, scalars, found_inf, used=None,
+                       scalar_name="steps", stochastic_round=None):  # fmt: skip
+    """The boundary checks (an unused state list is not checked), and found_inf as a device bool (or None)."""
+    used = used if used is not None else (True,) * len(states)
+    lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
+    _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {scalar_name: scalars} if scalars else None)
+    if stochastic_round is not None:
+        _checks.check_stochastic_round(f"fusedopt {op}_step (torch)", params, stochastic_round)
+    return None if found_inf is None else found_inf.reshape(()) != 0
+
+
+def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.Adagrad's update (single-tensor form): clr = lr / (1 + (step - 1) * lr_decay),
+    sum += g^2, p -= clr * g / (sqrt(sum) + eps)."""
+    (sums,) = states
+    skip = _engine_step_begin("adagrad", params, grads, states, ["state_sums"], steps, found_inf,
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        clr = (_lr_value(lr, param.device) / (1 + (steps[i].to(torch.float64) - 1) * hyper["lr_decay"])).to(ot)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if hyper["weight_decay"] != 0:
+            g = g + hyper["weight_decay"] * p
+        s = sums[i].to(ot) + g * g
+        _commit_param(param, p - clr * (g / (s.sqrt() + hyper["eps"])), skip, stochastic_round, i)
+        _commit(sums[i], s, skip)
+
+
+def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads, stochastic_round=None):  # fmt: skip
+    """Lion (Chen et al. 2023, Algorithm 2): update = sign(beta1 m + (1 - beta1) g);
+    p = p * (1 - lr * wd) - lr * update; m = beta2 m + (1 - beta2) g (the paper's form: torch's lerp would turn an
+    infinite momentum into NaN).
+    sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze the element silently behind a
+    NaN momentum; here it makes the param NaN, as in every other optimizer)."""
+    (exp_avgs,) = states
+    skip = _engine_step_begin("lion", params, grads, states, ["exp_avgs"], [], found_inf,
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, weight_decay = hyper["beta1"], hyper["beta2"], hyper["weight_decay"]
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        m = exp_avgs[i].to(ot)
+        c = m * beta1 + g * (1 - beta1)
+        update = torch.where(c.isnan(), c, c.sign())
+        _commit_param(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip, stochastic_round, i)
+        _commit(exp_avgs[i], m * beta2 + g * (1 - beta2), skip)
+
+
+def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.Adam/AdamW's update (single-tensor form); max_exp_avg_sqs only with amsgrad."""
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = states
+    amsgrad = bool(hyper["amsgrad"])
+    skip = _engine_step_begin("adam", params, grads, states, ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"], steps,
+                              found_inf, used=(True, True, amsgrad), stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, eps, weight_decay = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"]
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        t = steps[i].to(torch.float64)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            if hyper["decoupled_weight_decay"]:
+                p = p * (1 - lr_t * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = exp_avgs[i].to(ot).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
+        second = v
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i].to(ot), v)
+            _commit(max_exp_avg_sqs[i], second, skip)
+        step_size = (lr_t / (1 - beta1**t)).to(ot)
+        denom = second.sqrt() / (1 - beta2**t).sqrt().to(ot) + eps
+        _commit_param(param, p - step_size * m / denom, skip, stochastic_round, i)
+        _commit(exp_avgs[i], m, skip)
+        _commit(exp_avg_sqs[i], v, skip)
+
+
+def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.RMSprop's update (single-tensor form); grad_avgs only when centered, momentum_buffers only with
+    momentum > 0."""
+    square_avgs, grad_avgs, momentum_buffers = states
+    alpha, eps, weight_decay, momentum = hyper["alpha"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
+    centered = bool(hyper["centered"])
+    skip = _engine_step_begin("rmsprop", params, grads, states, ["square_avgs", "grad_avgs", "momentum_buffers"],
+                              steps, found_inf, used=(True, centered, momentum > 0),
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
+        if centered:
+            ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
+            avg = sq.addcmul(ga, ga, value=-1).sqrt() + eps  # torch's form: one rounding (fma)
+            _commit(grad_avgs[i], ga, skip)
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(ot) * momentum + g / avg
+            _commit(momentum_buffers[i], buf, skip)
+            new_p = p - lr_t * buf
+        else:
+            new_p = p - lr_t * (g / avg)
+        _commit_param(param, new_p, skip, stochastic_round, i)
+        _commit(square_avgs[i], sq, skip)
+
+
+def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+             write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.SGD's update (single-tensor form). A nonzero first_flags[i] makes momentum_buffers[i] a copy of
+    the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
+    (momentum_buffers,) = states
+    momentum, dampening, weight_decay = hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+    first_flags = first_flags if momentum != 0 else []
+    skip = _engine_step_begin("sgd", params, grads, states, ["momentum_buffers"], first_flags, found_inf,
+                              used=(momentum != 0,), scalar_name="first_flags",
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buf = momentum_buffers[i].to(ot) * momentum + (1 - dampening) * g
+            if first_flags:
+                buf = torch.where(first_flags[i].reshape(()) != 0, g, buf)
+            _commit(momentum_buffers[i], buf, skip)
+            g = g + momentum * buf if hyper["nesterov"] else buf
+        _commit_param(param, p - lr_t * g, skip, stochastic_round, i)
+    if first_flags:
+        keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
+        torch._foreach_mul_(first_flags, keep)
