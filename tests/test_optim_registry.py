@@ -210,7 +210,8 @@ def test_op_passes_opcheck(info):
     states = [[torch.rand(n, generator=gen) for n in (5, 300)] for _ in spec.states]
     scalars = [torch.zeros(()) for _ in range(2)] if spec.scalar == "step" else [torch.ones(()) for _ in range(2)]
     hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # every optional state list in use
-    args = (ps(), ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, "cpu")
+    args = (ps(), ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, None,
+            "cpu")  # fmt: skip
     result = torch.library.opcheck(getattr(torch.ops.fusedopt, f"{spec.op}_step").default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 

@@ -2,10 +2,10 @@
 
 The random bits are a hash of (seed, step counter, tensor position, element index) written once per backend
 (csrc/common/stochastic_round.h, triton_kernels/optim_engine.py, fusedopt/reference_optim.py), so the cpu and torch
-backends agree bit for bit; Triton under the interpreter rounds the bf16 *state* to nearest differently from the CPU,
-so it is compared after one step and held to one bf16 rounding. The rounding itself is checked for unbiasedness, and the reason the mode exists
-is shown: with updates below half a bf16 ulp, plain bf16 AdamW never moves while stochastic rounding tracks the
-float32 run.
+backends agree bit for bit; Triton under the interpreter converts the bf16 *state* by truncation, not to nearest,
+so it is compared after one step and held to one bf16 rounding. The rounding itself is checked for unbiasedness,
+and the reason the mode exists is shown: with updates below half a bf16 ulp, plain bf16 AdamW never moves while
+stochastic rounding tracks the float32 run.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_triton_within_one_rounding(info):
     _, ps_c = _run(info, "cpu", shapes=shapes, steps=1)  # one step: the states have not rounded apart yet
     _, ps_r = _run(info, "triton", shapes=shapes, steps=1)
     for i, (a, b) in enumerate(zip(ps_c, ps_r)):
-        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
 
 
 def test_reproducible_and_seeded():
