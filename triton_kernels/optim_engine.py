@@ -20,9 +20,9 @@ from fusedopt.triton_kernels.multi_tensor import (
     TRITON_DTYPES,
     ContiguousCopies,
     TensorTable,
-    increment_steps,
     opmath,
     scalars_tensor,
+    update_scalars,
 )
 
 BLOCK = 1024
@@ -82,17 +82,6 @@ def store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE: tl.constexpr, STOCHA
 
 
 @triton.jit
-def clear_flags_kernel(addrs_ptr, n, flag_row, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """After the update: tensor program_id(0)'s first step is done, unless GradScaler skipped the step."""
-    t = tl.program_id(0).to(tl.int64)
-    flag_ptr = tl.load(addrs_ptr + flag_row * n + t).to(tl.pointer_type(tl.float32))
-    keep = 0.0
-    if HAS_FOUND_INF:
-        keep = tl.where(tl.load(found_inf_ptr) == 0, 0.0, 1.0)
-    tl.store(flag_ptr, tl.load(flag_ptr) * keep)
-
-
-@triton.jit
 def sign(x):
     """-1, 0 or 1; NaN stays NaN (see csrc/common/value_ops.h)."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
@@ -123,7 +112,7 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     table = TensorTable([params, grads, *states, scalars if has_scalars else []], BLOCK)
     scalar_row = ROW_FIRST_STATE + len(states)
     if scalar == "step":
-        increment_steps(table, scalar_row, found_inf)
+        update_scalars(table, scalar_row, found_inf, 1.0, 1.0)
     if table.blocks == 0:
         return
     hp = scalars_tensor([lr, *(float(hyper[name]) for name in hyper_names)], device, lr_tensor)
@@ -138,4 +127,4 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     )  # fmt: skip
     copies.finish()
     if scalar == "first_flag" and has_scalars:
-        clear_flags_kernel[(table.n,)](table.addrs, table.n, scalar_row, found, HAS_FOUND_INF=found_inf is not None)
+        update_scalars(table, scalar_row, found_inf, 0.0, 0.0)  # the first step is done
