@@ -36,32 +36,29 @@ TABLE: dict[str, Row] = {
     "rmsprop": Row("RMSprop", "RMSprop", lr=0.3, wd=0),
     "adagrad": Row("Adagrad", "Adagrad", lr=10, wd=0),
     # Lion: lr 3-10x below AdamW's and wd as much above it (the paper's advice), so lr * wd stays AdamW's.
-    "lion": Row(
-        "Lion", None, lr=1 / 3, wd=3, kwargs={"betas": (0.9, 0.99)}, sign_based=True,
-        note="no torch.optim.Lion: plain run is fusedopt.optim.Lion(backend='torch')",
-    ),
+    "lion": Row("Lion", None, lr=1 / 3, wd=3, kwargs={"betas": (0.9, 0.99)}, sign_based=True),
     # Muon on the 2-D hidden weights, AdamW on embeddings, head, norms and biases; "match_rms_adamw" scales Muon's
     # update to AdamW's RMS so both halves take the AdamW learning rate.
     "muon": Row(
         "MuonWithAdamW", "Muon", lr=1, wd=1, kwargs={"adjust_lr_fn": "match_rms_adamw"},
-        note="2-D hidden weights in torch.optim.Muon, the rest in torch.optim.AdamW, stepped together",
+        note="torch.optim.Muon on the 2-D hidden weights and torch.optim.AdamW on the rest, stepped together "
+             "(fusedopt.optim.MuonWithAdamW in the fusedopt run)",
     ),
     # Adafactor's step is relative to the param's RMS (torch's default lr is 1e-2); decoupled decay, lr * wd as AdamW.
     "adafactor": Row("Adafactor", "Adafactor", lr=10, wd=0.1),
     # LAMB: per-tensor trust ratio, so lr is a relative step; apex's default decay 0.01 (added to the update).
-    "lamb": Row(
-        "LAMB", None, lr=5, wd=0.1,
-        note="no torch.optim.LAMB: plain run is fusedopt.optim.LAMB(backend='torch')",
-    ),
+    "lamb": Row("LAMB", None, lr=5, wd=0.1),
 }
 # fmt: on
 NAMES = tuple(TABLE)
 
 
 def help_text() -> str:
-    notes = "; ".join(f"{n}: {r.note}" for n, r in TABLE.items() if r.note)
-    return (f"one of {', '.join(NAMES)}. The plain run uses torch.optim's class of the same name where torch has one; "
-            f"{notes}")  # fmt: skip
+    own = [n for n, r in TABLE.items() if r.plain is None]
+    notes = "; ".join(f"{n}: {r.note}" for n, r in TABLE.items() if r.note and r.plain is not None)
+    return (f"one of {', '.join(NAMES)}. The plain run uses torch.optim's class of the same name; torch has no "
+            f"{' and no '.join(own)}: their plain run is the same fusedopt class with backend='torch' (fusedopt's "
+            f"plain-PyTorch reference backend); {notes}")  # fmt: skip
 
 
 def _fusedopt_optim():
