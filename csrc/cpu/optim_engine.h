@@ -16,37 +16,70 @@
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
 
+template <typename Op>
+constexpr int kSlots = Op::kStates > 0 ? Op::kStates : 1;
+
 template <typename Op, typename T>
-void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
-               opmath_t<T> grad_factor) {
+auto chunk_coefs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
+  using V = typename Block<T>::Vec;
+  return Op::template coefs<V>(a.hyper, a.lr, a.scalar.empty() ? 0.0 : static_cast<double>(*a.scalar[t]));
+}
+
+// n elements from param, grad and the states (each null: unused). S is the state storage: T, or opmath_t<T> for
+// the dequantized block of a low-bit state (cpu/optim_engine_q8.h); only the state loads and stores depend on it.
+template <typename Op, typename T, typename S, typename C>
+void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param, T* grad,
+               const std::array<S*, kSlots<Op>>& state, int64_t n, opmath_t<T> grad_factor) {
   using B = Block<T>;
   using V = typename B::Vec;
   constexpr int kStates = Op::kStates;
-  constexpr int kSlots = kStates > 0 ? kStates : 1;
-  const auto c = Op::template coefs<V>(a.hyper, a.lr, a.scalar.empty() ? 0.0 : static_cast<double>(*a.scalar[t]));
-  auto* param = static_cast<T*>(a.param[t]);
-  auto* grad = static_cast<T*>(a.grad[t]);
-  std::array<T*, kSlots> state{};
-  for (int k = 0; k < kStates; ++k) state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]);
-  for (int64_t i = begin; i < end; i += B::kSize) {
-    const int64_t n = std::min<int64_t>(B::kSize, end - i);
-    B p = B::load(param + i, n), g = B::load(grad + i, n);
-    std::array<B, kSlots> st;
-    for (int k = 0; k < kStates; ++k)
-      if (state[k]) st[k] = B::load(state[k] + i, n);
+  for (int64_t i = 0; i < n; i += B::kSize) {
+    const int64_t m = std::min<int64_t>(B::kSize, n - i);
+    B p = B::load(param + i, m), g = B::load(grad + i, m);
+    std::array<B, kSlots<Op>> st;
+    for (int k = 0; k < kStates; ++k) {
+      if (!state[k]) continue;
+      if constexpr (std::is_same_v<S, T>)
+        st[k] = B::load(state[k] + i, m);
+      else
+        st[k] = B::load_opmath(state[k] + i, m);
+    }
     for (int l = 0; l < B::kLanes; ++l) g.lane[l] = g.lane[l] * V(grad_factor);
-    if (a.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
+    if (a.write_back_grads) g.store(grad + i, m);  // GradScaler: .grad holds the unscaled grad
     for (int l = 0; l < B::kLanes; ++l) {
-      std::array<V, kSlots> s;
+      std::array<V, kSlots<Op>> s;
       for (int k = 0; k < kStates; ++k) s[k] = st[k].lane[l];
       Op::template update<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data());
       for (int k = 0; k < kStates; ++k) st[k].lane[l] = s[k];
     }
-    p.store(param + i, n);
-    for (int k = 0; k < kStates; ++k)
-      if (state[k]) st[k].store(state[k] + i, n);
+    p.store(param + i, m);
+    for (int k = 0; k < kStates; ++k) {
+      if (!state[k]) continue;
+      if constexpr (std::is_same_v<S, T>)
+        st[k].store(state[k] + i, m);
+      else
+        st[k].store_opmath(state[k] + i, m);
+    }
   }
 }
+
+template <typename Op, typename T>
+void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+               opmath_t<T> grad_factor) {
+  std::array<T*, kSlots<Op>> state{};
+  for (int k = 0; k < Op::kStates; ++k)
+    state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]) + begin;
+  run_range<Op, T, T>(a, chunk_coefs<Op, T>(a, t), static_cast<T*>(a.param[t]) + begin,
+                      static_cast<T*>(a.grad[t]) + begin, state, end - begin, grad_factor);
+}
+
+}  // namespace optim_engine
+}  // namespace fusedopt::cpu::CPU_CAPABILITY
+
+#include "cpu/optim_engine_q8.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+namespace optim_engine {
 
 template <typename Op, typename T>
 void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
@@ -55,6 +88,9 @@ void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
     for (float* step : a.scalar) *step += 1.0f;
   const double grad_factor = a.grad_divisor != nullptr ? 1.0 / static_cast<double>(*a.grad_divisor) : 1.0;
   for_each_chunk(a.numel, [&](int64_t t, int64_t begin, int64_t end) {
+    if constexpr (!std::is_same_v<T, double>) {
+      if (!a.absmax.empty()) return run_chunk_q8<Op, T>(a, t, begin, end, opmath_t<T>(grad_factor));
+    }
     run_chunk<Op, T>(a, t, begin, end, opmath_t<T>(grad_factor));
   });
   if constexpr (Op::kScalar == TensorScalar::kFirstFlag)
