@@ -24,7 +24,10 @@ from fusedopt import _checks
 QUANT_BLOCK = 256  # values per absmax
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 STATE_DTYPES = (None, "int8")
-MAP_SIZE = 512  # the table every kernel reads: 256 code values, then 255 midpoints and +inf
+# The table every kernel reads (float32): 256 code values, 255 midpoints and a NaN (never passed: the binary search
+# never reads it, the lookup compares with it), then the 65536-byte lookup table of the CPU kernel.
+MAP_SIZE = 512 + 65536 // 4
+LUT_SHIFT = 16  # lut[float32 bits >> 16]
 
 
 def check_state_dtype(state_dtype) -> str | None:
@@ -47,11 +50,36 @@ def dynamic_map(signed: bool) -> list:
     return sorted(values)
 
 
+def _search(scaled: Tensor, mid: Tensor) -> Tensor:
+    """#{j < 255 : scaled >= mid[j]} by the kernels' branchless binary search, step for step (int64); NaN gives 0."""
+    code = torch.zeros(scaled.shape, dtype=torch.int64, device=scaled.device)
+    for s in (128, 64, 32, 16, 8, 4, 2, 1):
+        code += torch.where(scaled >= mid[code + (s - 1)], s, 0)
+    return code
+
+
+def _lookup_table(mid: Tensor) -> Tensor:
+    """lut[b] = the code of the lowest float32 whose bits >> 16 are b (for a negative b, the most negative), so
+    code(x) = lut[b] + (x >= mid[lut[b]]) for every non-NaN x of bucket b: each bucket holds at most one midpoint
+    (checked here)."""
+    b = torch.arange(2 ** (32 - LUT_SHIFT), dtype=torch.int64)
+    low = (1 << LUT_SHIFT) - 1
+    neg = b >= 2 ** (31 - LUT_SHIFT)
+    lo_bits = torch.where(neg, (b << LUT_SHIFT) | low, b << LUT_SHIFT)
+    hi_bits = torch.where(neg, b << LUT_SHIFT, (b << LUT_SHIFT) | low)
+    as_float = lambda bits: bits.to(torch.int32).view(torch.float32)
+    lo, hi = as_float(lo_bits - (1 << 32) * (lo_bits >= 2**31)), as_float(hi_bits - (1 << 32) * (hi_bits >= 2**31))
+    lut = _search(lo, mid)
+    finite = ~(lo.isnan() | hi.isnan())
+    assert int((_search(hi, mid) - lut)[finite].max()) <= 1, "a lookup bucket holds two midpoints"
+    return lut.to(torch.uint8)
+
+
 @functools.cache
 def _table_cpu(signed: bool) -> Tensor:
     values = torch.tensor(dynamic_map(signed), dtype=torch.float64).to(torch.float32)
-    mid = (values[:-1] + values[1:]) * 0.5  # float32, as every kernel reads it
-    return torch.cat([values, mid, torch.tensor([float("inf")])])
+    mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
+    return torch.cat([values, mid, _lookup_table(mid).view(torch.float32)])
 
 
 _TABLES: dict = {}
@@ -81,10 +109,7 @@ def quantize(x: Tensor, table: Tensor) -> tuple:
     blocks = _blocks(x)
     absmax = blocks.abs().amax(dim=1)  # NaN-propagating
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
-    mid = table[QUANT_BLOCK:]
-    code = torch.zeros(blocks.shape, dtype=torch.int64, device=x.device)
-    for s in (128, 64, 32, 16, 8, 4, 2, 1):  # the kernels' branchless binary search, step for step
-        code += torch.where(scaled >= mid[code + (s - 1)], s, 0)
+    code = _search(scaled, table[QUANT_BLOCK : 2 * QUANT_BLOCK])
     return code.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape), absmax
 
 
@@ -106,7 +131,7 @@ def absmax_key(key: str) -> str:
 
 
 # --- the torch backend of <op>_step_q8 ----------------------------------------------------------------------------
-def _check_q8(op: str, params, codes, absmaxes, qmaps, state_names) -> None:
+def check_q8(op: str, params, codes, absmaxes, qmaps, state_names) -> None:
     _checks.check_params(params, op)
     if params[0].dtype == torch.float64:
         raise RuntimeError(f"{op}: quantized (int8) states need float32, bfloat16 or float16 params, got torch.float64")
@@ -133,7 +158,7 @@ def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps
             maximize, grad_divisor, found_inf, write_back_grads) -> None:  # fmt: skip
     """The plain-torch q8 step: dequantize each used state to float32, run the op's full-precision reference on it,
     quantize back (unless found_inf skipped the step: requantizing is not the identity)."""
-    _check_q8(f"fusedopt {op}_step_q8 (torch)", params, codes, absmaxes, qmaps, state_names)
+    check_q8(f"fusedopt {op}_step_q8 (torch)", params, codes, absmaxes, qmaps, state_names)
     states = [[dequantize(c, a, t) for c, a in zip(cs, ams)] for cs, ams, t in zip(codes, absmaxes, qmaps)]
     with _checks.states_in_opmath():
         fp_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,

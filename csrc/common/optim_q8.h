@@ -2,9 +2,11 @@
 // checks of a quantized step's lists and the Python entries <name>_step_q8.
 //
 // A quantized state k is two tensors per param: codes (uint8, the param's shape, contiguous) and absmax (float32,
-// ceil(numel / 256), one per block of 256 consecutive elements), and its map (float32, 512: the 256 sorted code
-// values, then the 255 midpoints between neighbours and +inf). value = map[code] * absmax; a new value x of a block
-// whose largest |x| is a gets the code #{j : x / a >= mid[j]} (ties round up), found by an 8-step binary search.
+// ceil(numel / 256), one per block of 256 consecutive elements), and its map table (float32, kQuantMapSize: the 256
+// sorted code values, the 255 midpoints between neighbours and a NaN, then 65536 bytes of lookup table, see
+// fusedopt/lowbit.py). value = map[code] * absmax; a new value x of a block whose largest |x| is a gets the code
+// #{j : x / a >= mid[j]} (ties round up): an 8-step binary search over the midpoints (CUDA, Triton, the torch
+// backend) or the lookup table and one comparison (CPU), the same codes.
 // The engines dequantize a block, run the op's update on it and requantize it in the same pass (one read and one
 // write of the codes, no full-precision copy of the state).
 #pragma once
@@ -19,7 +21,7 @@
 namespace fusedopt {
 
 constexpr int64_t kQuantBlock = 256;  // values per absmax
-constexpr int64_t kQuantMapSize = 512;  // 256 code values + 256 midpoints (the last +inf)
+constexpr int64_t kQuantMapSize = 512 + 65536 / 4;  // code values, midpoints, lookup table (as floats)
 
 inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
 

@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/vec_io.h"
@@ -24,11 +25,12 @@ inline void dequantize_block(const uint8_t* codes, float absmax, const float* ma
 }
 
 // The block's absmax (max |v|, NaN if a value is NaN), then codes[i] = #{j : v[i] / d >= mid[j]} with d the absmax
-// (1 when it is 0 or NaN), by a branchless binary search over the 256 midpoints (the last +inf, never read): 8
-// gathers per SIMD vector. A NaN value gets code 0; its block reads back NaN through the NaN absmax.
-inline float quantize_block(const float* v, int64_t n, const float* mid, uint8_t* codes) {
+// (1 when it is 0 or NaN): what lowbit.quantize's 8-step binary search gives, found here with the map's lookup table
+// (common/optim_q8.h): lut[bits(x) >> 16] is the code of the lowest x of those 2^16 floats, which hold at most one
+// midpoint, so one comparison finishes it (mid[255] is NaN: never passed). A NaN gets code 0; its block reads back
+// NaN through its NaN absmax. `v` is overwritten (x = v / d).
+inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
   using V = at::vec::Vectorized<float>;
-  using VI = at::vec::Vectorized<int32_t>;
   constexpr int64_t kW = V::size();
   V acc(0.0f);
   for (int64_t i = 0; i < n; i += kW)
@@ -43,18 +45,17 @@ inline float quantize_block(const float* v, int64_t n, const float* mid, uint8_t
   }
   if (nan) absmax = std::numeric_limits<float>::quiet_NaN();
   const V d(absmax > 0.0f ? absmax : 1.0f);
-  alignas(64) std::array<int32_t, kQBlock> idx;
   for (int64_t i = 0; i < n; i += kW) {
     const int64_t m = std::min<int64_t>(kW, n - i);
-    const V x = V::loadu(v + i, m) / d;
-    VI code(0);
-    for (int32_t s = 128; s >= 1; s >>= 1) {
-      const V t = at::vec::gather<sizeof(float)>(mid + (s - 1), code);  // mid[code + s - 1]
-      code = code + (at::vec::cast<int32_t>(x >= t) & VI(s));
-    }
-    code.store(idx.data() + i, m);
+    (V::loadu(v + i, m) / d).store(v + i, m);
   }
-  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(idx[i]);
+  for (int64_t i = 0; i < n; ++i) {  // independent lookups: the loads of neighbouring elements overlap
+    const float x = v[i];
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const uint8_t c = lut[bits >> 16];
+    codes[i] = x == x ? static_cast<uint8_t>(c + (x >= mid[c] ? 1 : 0)) : uint8_t(0);
+  }
   return absmax;
 }
 
@@ -84,7 +85,9 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
     }
     run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor);
     for (int k = 0; k < kStates; ++k)
-      if (codes[k]) absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock, codes[k] + b);
+      if (codes[k])
+        absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
+                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
   }
 }
 
