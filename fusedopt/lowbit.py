@@ -25,8 +25,9 @@ QUANT_BLOCK = 256  # values per absmax
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 STATE_DTYPES = (None, "int8")
 # The table every kernel reads (float32): 256 code values, 255 midpoints and a NaN (never passed: the binary search
-# never reads it, the lookup compares with it), then the 65536-byte lookup table of the CPU kernel.
-MAP_SIZE = 512 + 65536 // 4
+# never reads it, the lookup compares with it), then the 65536-byte lookup table of the CPU kernel and 4 bytes of
+# padding (its vector path reads 4 bytes at each byte index).
+MAP_SIZE = 512 + 65536 // 4 + 1
 LUT_SHIFT = 16  # lut[float32 bits >> 16]
 
 
@@ -79,7 +80,7 @@ def _lookup_table(mid: Tensor) -> Tensor:
 def _table_cpu(signed: bool) -> Tensor:
     values = torch.tensor(dynamic_map(signed), dtype=torch.float64).to(torch.float32)
     mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
-    return torch.cat([values, mid, _lookup_table(mid).view(torch.float32)])
+    return torch.cat([values, mid, _lookup_table(mid).view(torch.float32), torch.zeros(1)])
 
 
 _TABLES: dict = {}

@@ -3,7 +3,7 @@
 //
 // A quantized state k is two tensors per param: codes (uint8, the param's shape, contiguous) and absmax (float32,
 // ceil(numel / 256), one per block of 256 consecutive elements), and its map table (float32, kQuantMapSize: the 256
-// sorted code values, the 255 midpoints between neighbours and a NaN, then 65536 bytes of lookup table, see
+// sorted code values, the 255 midpoints between neighbours and a NaN, then 65536 bytes of lookup table and 4 of padding, see
 // fusedopt/lowbit.py). value = map[code] * absmax; a new value x of a block whose largest |x| is a gets the code
 // #{j : x / a >= mid[j]} (ties round up): an 8-step binary search over the midpoints (CUDA, Triton, the torch
 // backend) or the lookup table and one comparison (CPU), the same codes.
@@ -21,7 +21,7 @@
 namespace fusedopt {
 
 constexpr int64_t kQuantBlock = 256;  // values per absmax
-constexpr int64_t kQuantMapSize = 512 + 65536 / 4;  // code values, midpoints, lookup table (as floats)
+constexpr int64_t kQuantMapSize = 512 + 65536 / 4 + 1;  // code values, midpoints, lookup table, padding
 
 inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
 

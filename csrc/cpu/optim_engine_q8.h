@@ -19,9 +19,26 @@ namespace optim_engine {
 
 constexpr int64_t kQBlock = 256;
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kHasGather = true;  // at::vec::gather is one instruction (and honours a byte scale)
+#else
+constexpr bool kHasGather = false;
+#endif
+
 // out[i] = map[codes[i]] * absmax.
 inline void dequantize_block(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = map[codes[i]] * absmax;
+  using V = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  constexpr int64_t kW = V::size();
+  int64_t i = 0;
+  if constexpr (kHasGather) {
+    alignas(64) int32_t idx[kW];
+    for (; i + kW <= n; i += kW) {
+      for (int64_t j = 0; j < kW; ++j) idx[j] = codes[i + j];
+      (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
+    }
+  }
+  for (; i < n; ++i) out[i] = map[codes[i]] * absmax;
 }
 
 // The block's absmax (max |v|, NaN if a value is NaN), then codes[i] = #{j : v[i] / d >= mid[j]} with d the absmax
@@ -49,7 +66,23 @@ inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t
     const int64_t m = std::min<int64_t>(kW, n - i);
     (V::loadu(v + i, m) / d).store(v + i, m);
   }
-  for (int64_t i = 0; i < n; ++i) {  // independent lookups: the loads of neighbouring elements overlap
+  int64_t i = 0;
+  if constexpr (kHasGather) {  // the same lookup, a vector at a time: lut bytes by a byte-scaled gather
+    using VI = at::vec::Vectorized<int32_t>;
+    alignas(64) int32_t c[kW];
+    for (; i + kW <= n; i += kW) {
+      const V x = V::loadu(v + i);
+      const VI index = at::vec::cast<int32_t>(x) >> VI(16);  // arithmetic shift: mask the sign's copies off
+      const auto* lut4 = reinterpret_cast<const float*>(lut);  // 4 bytes at each byte index: the low one is ours
+      const VI code = at::vec::cast<int32_t>(at::vec::gather<1>(lut4, index & VI(0xffff))) & VI(0xff);
+      const V t = at::vec::gather<sizeof(float)>(mid, code);
+      const VI up = at::vec::cast<int32_t>(x >= t) & VI(1);  // NaN compares false
+      const VI keep = at::vec::cast<int32_t>(x == x);        // NaN: code 0
+      ((code + up) & keep).store(c);
+      for (int64_t j = 0; j < kW; ++j) codes[i + j] = static_cast<uint8_t>(c[j]);
+    }
+  }
+  for (; i < n; ++i) {  // independent lookups: the loads of neighbouring elements overlap
     const float x = v[i];
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));

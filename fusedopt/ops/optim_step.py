@@ -88,7 +88,7 @@ def _q8_kernel(spec, backend: str):
     kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step_q8", None)
     if kernel is None:
         raise NotImplementedError(f"fusedopt {spec.op}_step_q8: 8-bit states are not implemented on the {backend!r} "
-                                  "backend (cpu, triton and torch have them; cuda is compile-checked only)")  # fmt: skip
+                                  "backend (cpu, triton and torch have them)")  # fmt: skip
     return kernel
 
 
