@@ -255,4 +255,7 @@ def cases(env: Env) -> list[Case]:
                               {"lr": 1e-4, "weight_decay": 0.01}, ("paper-foreach",),
                               [Target("vs", 1.0, "torch foreach (paper)")], 5, FIVE_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
+    from bench import optim_lowbit  # 8-bit states: AdamW int8 against the float32 steps and 8-bit peers
+
+    out += optim_lowbit.cases(env)
     return out

@@ -6,10 +6,20 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import lerp, pow_by_squaring, program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
+)
 
 HYPER = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")  # hp_ptr[1:], after lr
 ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_STEP = (ROW_FIRST_STATE + k for k in range(4))
+N_STATES = 3
 
 
 @triton.jit
@@ -17,15 +27,14 @@ def adam_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, AMSGRAD: tl.constexpr,
+    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    m_ptr = list_ptr(addrs_ptr, ROW_EXP_AVG, n_tensors, t, DTYPE)
-    v_ptr = list_ptr(addrs_ptr, ROW_EXP_AVG_SQ, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg = tl.load(m_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg_sq = tl.load(v_ptr + offs, mask=mask).to(OPMATH)
+    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+    exp_avg_sq = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -45,25 +54,32 @@ def adam_kernel(
     exp_avg_sq = exp_avg_sq * beta2.to(OPMATH) + grad * grad * (1.0 - beta2).to(OPMATH)
     second_moment = exp_avg_sq
     if AMSGRAD:
-        x_ptr = list_ptr(addrs_ptr, ROW_MAX_EXP_AVG_SQ, n_tensors, t, DTYPE)
         max_exp_avg_sq = tl.maximum(  # NaN stays NaN, as with torch.maximum
-            tl.load(x_ptr + offs, mask=mask).to(OPMATH), exp_avg_sq, propagate_nan=tl.PropagateNan.ALL
+            load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT),
+            exp_avg_sq,
+            propagate_nan=tl.PropagateNan.ALL,
         )
-        tl.store(x_ptr + offs, max_exp_avg_sq.to(DTYPE), mask=mask)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, DTYPE, BLOCK,
+                    QUANT)  # fmt: skip
         second_moment = max_exp_avg_sq
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt + tl.load(hp_ptr + 3).to(OPMATH)
     param = param - step_size * exp_avg / denom
 
     store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, exp_avg_sq.to(DTYPE), mask=mask)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, DTYPE, BLOCK, QUANT)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, exp_avg_sq, DTYPE, BLOCK, QUANT)
 
 
 def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round=None):  # fmt: skip
+              write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
     amsgrad = bool(hyper["amsgrad"])
     launch(adam_kernel, ("adam", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), HYPER, "step"), params, grads,
            states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
            stochastic_round=stochastic_round,
            used=(True, True, amsgrad), AMSGRAD=amsgrad, DECOUPLED=bool(hyper["decoupled_weight_decay"]),
-           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+
+
+def adam_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    adam_step(params, grads, codes, steps, *args, q8=(absmax, maps))

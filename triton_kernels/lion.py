@@ -12,12 +12,15 @@ from fusedopt.triton_kernels.optim_engine import (
     launch,
     list_ptr,
     load_grad,
+    load_state,
     sign,
     store_param,
+    store_state,
 )
 
 HYPER = ("beta1", "beta2", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
 ROW_EXP_AVG = ROW_FIRST_STATE
+N_STATES = 1
 
 
 @triton.jit
@@ -25,13 +28,12 @@ def lion_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    m_ptr = list_ptr(addrs_ptr, ROW_EXP_AVG, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg = tl.load(m_ptr + offs, mask=mask).to(OPMATH)
+    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -44,11 +46,15 @@ def lion_kernel(
     exp_avg = exp_avg * beta2.to(OPMATH) + grad * (1.0 - beta2).to(OPMATH)
 
     store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, DTYPE, BLOCK, QUANT)
 
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round=None):  # fmt: skip
+              write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
     launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
-           maximize, grad_divisor, found_inf, write_back_grads,
-           stochastic_round=stochastic_round)  # fmt: skip
+           maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, q8=q8)  # fmt: skip
+
+
+def lion_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    lion_step(params, grads, codes, steps, *args, q8=(absmax, maps))

@@ -6,10 +6,20 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import lerp, program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, store_param
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
+)
 
 HYPER = ("alpha", "eps", "weight_decay", "momentum", "centered")  # hp_ptr[1:], after lr; the spec's order
 ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF = (ROW_FIRST_STATE + k for k in range(3))
+N_STATES = 3
 
 
 @triton.jit
@@ -17,13 +27,13 @@ def rmsprop_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, CENTERED: tl.constexpr,
+    MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    s_ptr = list_ptr(addrs_ptr, ROW_SQUARE_AVG, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    square_avg = tl.load(s_ptr + offs, mask=mask).to(OPMATH)
+    square_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -35,29 +45,33 @@ def rmsprop_kernel(
         grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
     square_avg = square_avg * tl.load(hp_ptr + 1).to(OPMATH) + grad * grad * one_minus_alpha
     if CENTERED:
-        a_ptr = list_ptr(addrs_ptr, ROW_GRAD_AVG, n_tensors, t, DTYPE)
-        grad_avg = lerp(tl.load(a_ptr + offs, mask=mask).to(OPMATH), grad, one_minus_alpha)
-        tl.store(a_ptr + offs, grad_avg.to(DTYPE), mask=mask)
+        grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+        grad_avg = lerp(grad_avg, grad, one_minus_alpha)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, grad_avg, DTYPE, BLOCK, QUANT)
         avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps  # one rounding, as torch's addcmul
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:
-        b_ptr = list_ptr(addrs_ptr, ROW_MOMENTUM_BUF, n_tensors, t, DTYPE)
-        buf = tl.load(b_ptr + offs, mask=mask).to(OPMATH) * tl.load(hp_ptr + 4).to(OPMATH) + grad / avg
-        tl.store(b_ptr + offs, buf.to(DTYPE), mask=mask)
+        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, DTYPE, OPMATH, QUANT)
+        buf = buf * tl.load(hp_ptr + 4).to(OPMATH) + grad / avg
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, DTYPE, BLOCK, QUANT)
         param = param - lr * buf
     else:
         param = param - lr * (grad / avg)
 
     store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    tl.store(s_ptr + offs, square_avg.to(DTYPE), mask=mask)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, square_avg, DTYPE, BLOCK, QUANT)
 
 
 def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads, stochastic_round=None):  # fmt: skip
+                 write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
     centered, momentum = bool(hyper["centered"]), hyper["momentum"] > 0
     launch(rmsprop_kernel, ("rmsprop", ("square_avgs", "grad_avgs", "momentum_buffers"), HYPER, "step"), params,
            grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
            stochastic_round=stochastic_round,
            used=(True, centered, momentum), CENTERED=centered, MOMENTUM=momentum,
-           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+
+def rmsprop_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    rmsprop_step(params, grads, codes, steps, *args, q8=(absmax, maps))

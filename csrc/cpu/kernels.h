@@ -26,6 +26,10 @@ struct OptimStepArgs {
   const int64_t* stochastic_round = nullptr;  // [seed, counter]: bf16 params stored by stochastic rounding
   bool maximize = false, write_back_grads = false;
   Hyper hyper{};
+  // 8-bit block-wise states (common/optim_q8.h, cpu/optim_engine_q8.h): when `absmax` is not empty, states[k]
+  // point at uint8 codes, absmax[k] at one float per 256 elements and qmap[k] at the state's 512-float map.
+  std::vector<std::vector<float*>> absmax;
+  std::vector<const float*> qmap;
 };
 
 enum class NormKind { One, Two, P, Inf };

@@ -28,6 +28,24 @@ struct OptimLaunch {
 template <typename Op>
 void optim_step(const OptimLaunch<typename Op::Hyper>& args);
 
+// The step with 8-bit block-wise states (common/optim_q8.h, cuda/optim_engine_q8.cuh): codes[k] (uint8) and
+// absmax[k] (float32, one per 256 elements) per state, an unused state's lists empty; qmap[k] the state's map.
+template <typename Hyper>
+struct OptimQ8Launch {
+  const TensorList *params, *grads;
+  std::vector<const TensorList*> codes, absmax;
+  std::vector<const float*> qmap;
+  const TensorList* scalars;
+  double lr;
+  const float* lr_ptr;
+  const float* grad_divisor;
+  const float* found_inf;
+  bool maximize, write_back_grads;
+  Hyper hyper;
+};
+template <typename Op>
+void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& args);
+
 // sum |x|^p (max |x| for p = inf) over contiguous tensors of one dtype, as a device scalar (double for float64,
 // else float). The caller takes the root.
 at::Tensor grad_norm_power_sum(const TensorList& tensors, double p);

@@ -42,6 +42,7 @@ class Bucket:
     pass_index: int = 0  # > 0: the repeated entries of a param listed more than once in its group (see _passes)
     repeated: bool = False  # pass 0 of a (device, dtype) kind that has later passes
     group_index: int = 0
+    quantized: bool = False  # 8-bit block-wise states (state_dtype="int8", fusedopt/optim/_lowbit.py)
 
 
 def _passes(params: list, idx: list) -> list:
@@ -71,7 +72,8 @@ class FusedOptimizerMixin:
     _step_supports_amp_scaling = True
 
     def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None,
-                        bf16_stochastic_round: bool = False, stochastic_round_seed: int = 0) -> None:  # fmt: skip
+                        state_dtype: str | None = None, bf16_stochastic_round: bool = False,
+                        stochastic_round_seed: int = 0) -> None:  # fmt: skip
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (expected a number >= 0, or None)")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -85,6 +87,13 @@ class FusedOptimizerMixin:
             )
         _backend.requested_backend(backend)  # validates the name early
         self._fusedopt_extra_defaults = {"backend": backend}
+        if state_dtype is not None:
+            from fusedopt import lowbit
+
+            self._fusedopt_extra_defaults["state_dtype"] = lowbit.check_state_dtype(state_dtype)
+            if bf16_stochastic_round:
+                raise ValueError("bf16_stochastic_round with state_dtype='int8' is not supported yet: the 8-bit "
+                                 "kernels store params by round-to-nearest")  # fmt: skip
         self._bucket_cache: dict = {}
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self._stochastic_round_seed = int(stochastic_round_seed)
@@ -129,6 +138,10 @@ class FusedOptimizerMixin:
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
         raise NotImplementedError
 
+    def _quantized_state(self, group: dict, p: Tensor) -> bool:
+        """Whether p's state is 8-bit (fusedopt/optim/_lowbit.py); a bucket holds one kind."""
+        return False
+
     # --- buckets --------------------------------------------------------------------------------------------
     def _buckets(self, gi: int, group: dict, with_grad: list) -> list:
         """Buckets for the params of `group` that have a grad; cached until that set changes."""
@@ -144,10 +157,10 @@ class FusedOptimizerMixin:
             if p.is_complex():
                 raise RuntimeError(f"fusedopt.optim.{type(self).__name__} does not support complex params yet")
             lp = local_tensor(p)
-            by_kind.setdefault((lp.device, lp.dtype), []).append(i)
+            by_kind.setdefault((lp.device, lp.dtype, self._quantized_state(group, p)), []).append(i)
         buckets = [
-            self._make_bucket(gi, group, device, dtype, idx, pass_index)
-            for (device, dtype), idx_all in by_kind.items()
+            self._make_bucket(gi, group, device, dtype, idx, pass_index, quantized)
+            for (device, dtype, quantized), idx_all in by_kind.items()
             for pass_index, idx in enumerate(_passes(group["params"], idx_all))
         ]
         for b, after in itertools.pairwise(buckets):
@@ -155,10 +168,11 @@ class FusedOptimizerMixin:
         self._bucket_cache[key] = (group["params"], buckets)
         return buckets
 
-    def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int) -> Bucket:
+    def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int,
+                     quantized: bool = False) -> Bucket:  # fmt: skip
         params = [group["params"][i] for i in idx]
         b = Bucket(device, dtype, params, [local_tensor(p) for p in params], index=idx, pass_index=pass_index,
-                   group_index=gi)  # fmt: skip
+                   group_index=gi, quantized=quantized)  # fmt: skip
         if not self.LAZY_STATE:
             for p in params:
                 if not self.state.get(p):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
+from fusedopt.optim._base import Bucket, local_tensor
+from fusedopt.optim._lowbit import LowBitStateMixin
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class StateSpec:
     # hyper -> whether the state exists (Adam's max_exp_avg_sq: amsgrad); None: always. The C++ twin is
     # Op::uses_state; an unused list is passed empty and never read.
     when: Callable[[dict], bool] | None = None
+    # The 8-bit map of the state (state_dtype="int8", docs/LOW_BIT_STATES.md): signed for first moments (exp_avg,
+    # momentum_buffer, grad_avg), unsigned for second moments (exp_avg_sq, max_exp_avg_sq, square_avg, sum).
+    signed: bool = True
 
 
 SCALAR_LISTS = {"step": "steps", "first_flag": "first_flags"}
@@ -72,8 +76,19 @@ class OptimizerSpec:
                  "Tensor? stochastic_round", "str backend"]
         return f"{self.op}_step({', '.join(args)}) -> ()"
 
+    def schema_q8(self) -> str:
+        """<op>_step_q8: the state lists become codes and absmax lists (docs/LOW_BIT_STATES.md), plus one map per
+        state."""
+        lists = ["params", "grads", *(f"{s.list_name}_codes" for s in self.states),
+                 *(f"{s.list_name}_absmax" for s in self.states)]  # fmt: skip
+        args = [f"Tensor(m{i}!)[] {name}" for i, name in enumerate(lists)]
+        args += ["Tensor[] qmaps", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr", "Tensor? lr_tensor"]
+        args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
+        args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads", "str backend"]
+        return f"{self.op}_step_q8({', '.join(args)}) -> ()"
 
-class SpecOptimizerMixin(FusedOptimizerMixin):
+
+class SpecOptimizerMixin(LowBitStateMixin):
     """The step of an optimizer described by SPEC: state made from the spec (also for a key missing from a loaded
     state_dict), one fused op call per bucket, the bucket's lists held in C++ on the cpu/cuda backends."""
 
@@ -105,8 +120,11 @@ class SpecOptimizerMixin(FusedOptimizerMixin):
     def _init_state(self, group, p, state):
         if self.SPEC.has_step:
             state["step"] = self._new_step_tensor(p)
+        quantized = self._quantized_state(group, p)
         for s, used in zip(self.SPEC.states, self.SPEC.used_states(self.SPEC.hyper_values(group))):
-            if used:
+            if used and quantized:
+                self._new_q8_state(group, p, s, state)
+            elif used:
                 state[s.key] = self._new_state_buffer(group, p, s)
 
     def _state_lists(self, group, bucket: Bucket, used: tuple) -> list:
@@ -132,11 +150,17 @@ class SpecOptimizerMixin(FusedOptimizerMixin):
 
         hyper = self.SPEC.hyper_values(group)
         used = self.SPEC.used_states(hyper)
+        args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
+                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
+        if bucket.quantized:  # 8-bit states (fusedopt/optim/_lowbit.py): the list path
+            codes, absmax = self._q8_lists(group, bucket, used)
+            scalars = self._scalars(group, bucket)
+            optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, backend=bucket.backend,
+                               **args)  # fmt: skip
+            return
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
-        args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
-                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
-                    stochastic_round=self._stochastic_round_state(bucket))  # fmt: skip
+        args["stochastic_round"] = self._stochastic_round_state(bucket)
         # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
         # First-step flags live for one step: those steps take the list path.
         if not torch.compiler.is_compiling() and (self.SPEC.scalar != "first_flag" or not scalars):

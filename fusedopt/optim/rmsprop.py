@@ -12,7 +12,7 @@ SPEC = OptimizerSpec(
     hyper=("alpha", "eps", "weight_decay", "momentum", "centered"),
     flags=("centered",),
     states=(
-        StateSpec("square_avg", "square_avgs"),
+        StateSpec("square_avg", "square_avgs", signed=False),
         StateSpec("grad_avg", "grad_avgs", when=lambda h: h["centered"]),
         StateSpec("momentum_buffer", "momentum_buffers", when=lambda h: h["momentum"] > 0),
     ),
@@ -22,16 +22,18 @@ SPEC = OptimizerSpec(
 
 class RMSprop(SpecOptimizerMixin, torch.optim.RMSprop):
     """Drop-in for torch.optim.RMSprop. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), and
-    bf16_stochastic_round (bf16 params stored by stochastic rounding, reproducible from stochastic_round_seed)."""
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8"
+    (8-bit block-wise states, docs/LOW_BIT_STATES.md), and bf16_stochastic_round (bf16 params stored by stochastic
+    rounding, reproducible from stochastic_round_seed)."""
 
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,
-                 max_grad_norm=None,
+                 max_grad_norm=None, state_dtype=None,
                  bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
-        self._fusedopt_setup(backend, differentiable, max_grad_norm, bf16_stochastic_round, stochastic_round_seed)
+        self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
+                             stochastic_round_seed)
         super().__init__(
             params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
