@@ -246,6 +246,8 @@ def bce_with_logits_fwd(x, t, weight, weight_period, pos_weight, pos_weight_peri
     if w is not None:
         loss, grad = loss * w, grad * w
     return _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cross-entropy. Per row with logits z (after the optional softcap), lse = logsumexp(z) and per-class target weights q:
 #   class index t: q_c = (1 - ls) * w_t * [c == t] + ls / C * w_c     (w = 1 without a weight)
@@ -422,3 +424,32 @@ def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
         update = torch.where(c.isnan(), c, c.sign())
         _commit(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip)
         _commit(exp_avgs[i], m.lerp(g, 1 - beta2), skip)
+
+
+def muon_momentum_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                       write_back_grads):  # fmt: skip
+    """torch.optim.Muon's momentum: buf = lerp(buf, g, 1 - momentum); out = lerp(g, buf, momentum) under nesterov,
+    else buf. `params` are the outputs (the matrices the Newton-Schulz iteration orthogonalizes next)."""
+    (bufs,) = states
+    skip = _engine_step_begin("muon_momentum", params, grads, states, ["momentum_buffers"], [], found_inf)
+    momentum, nesterov = hyper["momentum"], hyper["nesterov"] != 0
+    for i, out in enumerate(params):
+        ot = opmath_dtype(out.dtype)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        buf = bufs[i].to(ot).lerp(g, 1 - momentum)
+        _commit(out, g.lerp(buf, momentum) if nesterov else buf, skip)
+        _commit(bufs[i], buf, skip)
+
+
+def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                     write_back_grads):  # fmt: skip
+    """torch.optim.Muon's param update: p = p * (1 - lr * weight_decay) - lr * lr_ratio * O, with O (the
+    orthogonalized momentum) in `grads`."""
+    skip = _engine_step_begin("muon_update", params, grads, states, [], [], found_inf)
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        o = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot) * (1 - lr_t * hyper["weight_decay"])
+        _commit(param, p + o * (-(lr_t * hyper["lr_ratio"])), skip)

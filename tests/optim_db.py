@@ -56,13 +56,46 @@ class OptimInfo:
     family_cases: dict = field(default_factory=dict)
     grid: tuple = field(default=())  # full parity grid (engine-driven optimizers)
     grid_16bit: tuple | None = None  # the bf16/fp16 one-step grid; None: every 5th of `grid`
+    matrices_only: bool = False  # takes 2-D params only (Muon): the registry tests use MATRIX_SHAPES
+    # family -> why the family cannot run this optimizer (and where its check runs instead); cases_for gives ()
+    not_applicable: dict = field(default_factory=dict)
 
     def cases_for(self, family: str | None) -> tuple:
+        if family in self.not_applicable:
+            return ()
         return self.family_cases.get(family, self.cases)
+
+    def shapes(self, default: list, small: bool = False) -> list:
+        """The param shapes of a parity run: `default`, or the matrices of a 2-D-only optimizer."""
+        if not self.matrices_only:
+            return default
+        return MATRIX_SMALL_SHAPES if small else MATRIX_SHAPES
 
     def grid_for(self, dtype: torch.dtype) -> tuple:
         low = dtype in (torch.bfloat16, torch.float16)
         return (self.grid_16bit if self.grid_16bit is not None else self.grid[::5]) if low else self.grid
+
+
+# 2-D params for the matrices-only optimizers: tall, wide, square, repeated shapes (one Newton-Schulz batch), empty.
+MATRIX_SHAPES = [(33, 17), (17, 33), (8, 8), (8, 8), (0, 5), (1, 40), (40, 1), (8, 8)]
+MATRIX_SMALL_SHAPES = [(9, 7), (7, 9), (9, 7), (0, 3)]  # for the Triton interpreter
+
+# Why a family cannot take Muon's registry cases: its model or params include 1-D tensors (biases, vectors), which
+# torch.optim.Muon rejects. tests/test_muon.py runs the family's check for Muon on 2-D params.
+_MUON_1D = (
+    "the family's params include 1-D tensors (biases), which torch.optim.Muon rejects; tests/test_muon.py runs this "
+    "family's check for Muon on 2-D params"
+)
+
+# Why float16 Muon is not compared one step against float64 torch.optim.Muon: the Newton-Schulz input is rounded to
+# bfloat16 (torch's numerics); a float16 param's momentum output is rounded to float16 first (as torch.optim.Muon
+# does in float16), the float64 reference rounds once, and where the two bfloat16 inputs differ by one rounding the
+# iteration spreads it to ~1e-3 of the update: above float16's one-rounding tolerance, a legitimate difference.
+# tests/test_muon.py compares float16 against torch.optim.Muon run in float16 instead.
+_MUON_FP16 = (
+    "float16: the bfloat16 Newton-Schulz input is rounded twice (float16, then bfloat16) as in torch's float16 Muon, "
+    "once in the float64 reference; tests/test_muon.py compares with torch's float16 run"
+)
 
 
 def _grid(keys_values: dict, cycle: list) -> tuple:
@@ -138,6 +171,20 @@ OPTIM_DB = (
             [{"lr": 1e-3}, {"lr": 3e-2}],
         )[::2],
     ),
+    OptimInfo(
+        "Muon", fusedopt.Muon, torch.optim.Muon, "muon_momentum_step",
+        cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 2e-2, "momentum": 0.5, "nesterov": False,
+                                                   "adjust_lr_fn": "match_rms_adamw"}),
+        grid=_grid(
+            {"nesterov": [True, False], "weight_decay": [0.0, 0.1],
+             "adjust_lr_fn": [None, "original", "match_rms_adamw", "spectral_unclamped"]},
+            [{"lr": 1e-2}, {"lr": 3e-2, "momentum": 0.5, "ns_steps": 3},
+             {"lr": 1e-3, "momentum": 0.0, "ns_coefficients": (2.0, -1.5, 0.5), "eps": 1e-4}],
+        ),
+        matrices_only=True,
+        not_applicable={"float16": _MUON_FP16, "compile": _MUON_1D, "amp": _MUON_1D, "max_grad_norm": _MUON_1D,
+                        "cuda_graphs": _MUON_1D},
+    ),
 )  # fmt: skip
 
 BY_NAME = {info.name: info for info in OPTIM_DB}
@@ -151,14 +198,14 @@ def cases(family: str | None = None) -> list:
 
 def first_cases(family: str | None = None) -> list:
     """One (fused class, reference class, kwargs) per optimizer: its first case in `family`."""
-    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB]
+    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB if i.cases_for(family)]
 
 
 def one_case_per_op(family: str | None = None) -> list:
     """The first case of one optimizer per op (AdamW shares Adam's op): for the slow families (inductor)."""
     seen, out = set(), []
     for i in OPTIM_DB:
-        if i.op not in seen:
+        if i.op not in seen and i.cases_for(family):
             seen.add(i.op)
             out.append((i.fused, i.reference, i.cases_for(family)[0]))
     return out

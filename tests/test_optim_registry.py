@@ -31,35 +31,44 @@ INFOS = [pytest.param(i, id=i.name) for i in ENGINE_DRIVEN]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _skip_if_not_applicable(info, dtype) -> None:
+    """The registry says why (tests/optim_db.py) when a dtype's one-step float64 comparison cannot apply."""
+    if str(dtype).removeprefix("torch.") in info.not_applicable:
+        pytest.skip(info.not_applicable[str(dtype).removeprefix("torch.")])
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize(("info", "kwargs"), GRID_CASES)
 def test_grid_float64_float32(info, kwargs, backend):
     for dtype in (torch.float64, torch.float32):
-        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20)
+        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES))
 
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_grid_16bit_one_step(info, kwargs, dtype, backend):
-    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20)
+    _skip_if_not_applicable(info, dtype)
+    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES))
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("info", INFOS)
 def test_triton_small(info, dtype):
+    _skip_if_not_applicable(info, dtype)
     if "triton" not in BACKENDS:
         pytest.skip("triton is not usable on CPU tensors here")
     grid = info.grid_for(dtype)
     for kwargs in (grid[0], grid[-1]):
-        run_parity(info.fused, info.reference, kwargs, dtype, "triton", steps=20, shapes=SMALL_SHAPES)
+        run_parity(info.fused, info.reference, kwargs, dtype, "triton", steps=20,
+                   shapes=info.shapes(SMALL_SHAPES, small=True))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", INFOS)
 def test_tensor_lr(info, backend):
     kwargs = {**info.cases[0], "lr": torch.tensor(info.cases[0]["lr"], dtype=torch.float64)}
-    shapes = SMALL_SHAPES if backend == "triton" else SHAPES
+    shapes = info.shapes(SMALL_SHAPES, small=True) if backend == "triton" else info.shapes(SHAPES)
     run_parity(info.fused, info.reference, kwargs, torch.float64, backend, steps=20, shapes=shapes)
 
 
@@ -68,7 +77,8 @@ def test_tensor_lr(info, backend):
 @pytest.mark.parametrize("info", INFOS)
 def test_state_dict_round_trip(info, direction, backend):
     kwargs = info.cases[0]
-    opt_f, opt_r, fused, ref = run_parity(info.fused, info.reference, kwargs, torch.float64, backend, 10)
+    opt_f, opt_r, fused, ref = run_parity(info.fused, info.reference, kwargs, torch.float64, backend, 10,
+                                          shapes=info.shapes(SHAPES))  # fmt: skip
     if direction == "fused_to_reference":
         new_r = info.reference(ref, **kwargs)
         new_r.load_state_dict(copy.deepcopy(opt_f.state_dict()))
@@ -90,7 +100,7 @@ def test_grad_scaler_inf_skip(info, backend):
     """GradScaler: unscale and inf-skip in the kernel match the reference's unscale_ + skipped step, and .grad is
     left unscaled as torch's fused optimizers leave it."""
     kwargs = info.cases[0]
-    fused, ref = make_params([(5,), (300,)], torch.float64)
+    fused, ref = make_params(info.shapes([(5,), (300,)], small=True), torch.float64)
     opt_f = info.fused(fused, backend=backend, **kwargs)
     opt_r = info.reference(ref, **kwargs)
     sc_f, sc_r = (torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3) for _ in range(2))
@@ -100,8 +110,8 @@ def test_grad_scaler_inf_skip(info, backend):
         for r, f in zip(ref, fused):
             r.grad = f.grad.detach().clone()
         if s in (0, 4, 5):  # the first step too: no state may move, 'step' included
-            fused[1].grad[7] = float("inf") if s != 5 else float("nan")
-            ref[1].grad[7] = fused[1].grad[7]
+            fused[1].grad.view(-1)[7] = float("inf") if s != 5 else float("nan")
+            ref[1].grad.view(-1)[7] = fused[1].grad.view(-1)[7]
         for sc in (sc_f, sc_r):
             sc.scale(torch.ones(()))
         sc_f.step(opt_f)
@@ -121,7 +131,7 @@ def test_non_contiguous_and_repeated_params(info, backend):
     """A strided view param and a param listed twice in its group (stepped twice, as torch's loop does)."""
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(6, 10, generator=gen, dtype=torch.float64)
-    other = torch.randn(37, generator=gen, dtype=torch.float64)
+    other = torch.randn((5, 7) if info.matrices_only else (37,), generator=gen, dtype=torch.float64)
     fused = [torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(other.clone())]
     ref = [torch.nn.Parameter(base.clone().t().contiguous()), torch.nn.Parameter(other.clone())]
     with pytest.warns(UserWarning, match="duplicate"):
@@ -184,7 +194,8 @@ def test_boundary_errors_same_on_every_backend(info):
     params = [torch.randn(4, 2), torch.randn(3)]
     grads = [torch.randn_like(p) for p in params]
     steps = [torch.zeros(()) for _ in params] if spec.has_step else []
-    hyper = spec.hyper_values({**info.fused([torch.nn.Parameter(torch.ones(1))], backend="torch").defaults})
+    one = torch.nn.Parameter(torch.ones(1, 1) if info.matrices_only else torch.ones(1))
+    hyper = spec.hyper_values({**info.fused([one], backend="torch").defaults})
     bad_lists = {
         "has shape [4], its param [4, 2]": [torch.zeros(4), torch.zeros(3)],
         "has 1 tensors, params has 2": [torch.zeros(4, 2)],
@@ -219,13 +230,13 @@ def test_lower_isa_parity(capability):
     code = (
         "import sys, torch; sys.path.insert(0, 'tests')\n"
         "from optim_db import ENGINE_DRIVEN\n"
-        "from parity_steps import run_parity\n"
+        "from parity_steps import SHAPES, run_parity\n"
         "from fusedopt import _backend\n"
         f"assert _backend.cpu_extension()[0].cpu_capability() == {capability!r}\n"
         "for info in ENGINE_DRIVEN:\n"
         "    for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
         "        for kw in info.grid_for(dtype)[::3]:\n"
-        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20)\n"
+        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20, shapes=info.shapes(SHAPES))\n"
     )
     env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -240,9 +251,14 @@ def test_every_optimizer_has_a_registry_entry():
         assert getattr(fusedopt, name) is getattr(fusedopt.optim, name), f"fusedopt.{name} is not exported"
 
 
-@pytest.mark.parametrize("info", INFOS)
-def test_every_engine_optimizer_has_every_backend(info):
-    spec = info.fused.SPEC
+def _specs(info) -> list:
+    return [
+        pytest.param(info, spec, id=f"{info.name}-{spec.op}") for spec in (info.fused.SPEC, *info.fused.EXTRA_SPECS)
+    ]
+
+
+@pytest.mark.parametrize(("info", "spec"), [p for i in ENGINE_DRIVEN for p in _specs(i)])
+def test_every_engine_optimizer_has_every_backend(info, spec):
     assert hasattr(torch.ops.fusedopt, f"{spec.op}_step"), "op not registered"
     ext = _backend.cpu_extension()[0]
     assert ext.optimizer_info[spec.op] == (list(spec.hyper), [s.list_name for s in spec.states], spec.has_step), (
@@ -254,7 +270,8 @@ def test_every_engine_optimizer_has_every_backend(info):
     assert callable(getattr(triton_module, f"{spec.op}_step"))
     assert f"def {spec.op}_step(" in inspect.getsource(reference), "no reference in fusedopt/reference.py"
     registry = (ROOT / "csrc" / "common" / "optimizers.h").read_text()
-    assert f"X(::fusedopt::{info.name})" in registry, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (CPU and CUDA engines)"
+    struct = "".join(w.capitalize() for w in spec.op.split("_"))  # muon_momentum -> MuonMomentum
+    assert f"X(::fusedopt::{struct})" in registry, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (CPU and CUDA engines)"
     assert (ROOT / "csrc" / "common" / f"{spec.op}_math.h").exists()
     assert info.grid and info.cases, "registry entry without a grid or cases"
 
@@ -271,4 +288,5 @@ def test_all_kernels_inc_is_generated_from_the_glob():
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_parity_gpu(info, kwargs, dtype, backend):
-    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=SHAPES_GPU, device="cuda")
+    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES_GPU),
+               device="cuda")  # fmt: skip

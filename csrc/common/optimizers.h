@@ -3,7 +3,11 @@
 #pragma once
 #include "common/adagrad_math.h"
 #include "common/lion_math.h"
+#include "common/muon_momentum_math.h"
+#include "common/muon_update_math.h"
 
 #define FUSEDOPT_FOR_EACH_OPTIMIZER(X) \
   X(::fusedopt::Adagrad)               \
-  X(::fusedopt::Lion)
+  X(::fusedopt::Lion)                  \
+  X(::fusedopt::MuonMomentum)          \
+  X(::fusedopt::MuonUpdate)
