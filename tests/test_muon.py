@@ -11,7 +11,6 @@ from conftest import assert_close, cpu_backends
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import fusedopt
-from fusedopt.nn.utils import clip_grad_norm_
 from fusedopt.optim import _newton_schulz
 
 BACKENDS = cpu_backends()
@@ -99,7 +98,7 @@ def test_nan_grad_and_empty_matrices_as_torch(backend):
         opt_r.step()
         for i, (f, r) in enumerate(zip(fused, ref)):
             torch.testing.assert_close(f.detach(), r.detach(), rtol=1e-10, atol=1e-12, equal_nan=True,
-                                       msg=lambda m, i=i: f"step {s} param {i}: {m}")  # fmt: skip
+                                       msg=lambda m, i=i, s=s: f"step {s} param {i}: {m}")  # fmt: skip
     assert fused[0].isnan().all() and not fused[2].isnan().any()
 
 
@@ -127,7 +126,7 @@ def test_float16_against_torchs_float16_run(backend):
         for i, (f, r) in enumerate(zip(fused, ref)):
             atol = 2e-5 + lr * max(1.0, f.shape[0] / f.shape[1]) ** 0.5 * NS_INPUT_ROUNDING_SENSITIVITY
             torch.testing.assert_close(f.double(), r.double(), rtol=2e-3, atol=atol,
-                                       msg=lambda m, i=i: f"step {s} param {i}: {m}")  # fmt: skip
+                                       msg=lambda m, i=i, s=s: f"step {s} param {i}: {m}")  # fmt: skip
             buf_f, buf_r = opt_f.state[f]["momentum_buffer"], opt_r.state[r]["momentum_buffer"]
             assert_close(buf_f, buf_r, torch.float16, f"step {s} buf {i}")
         with torch.no_grad():
