@@ -80,11 +80,11 @@ class OptimInfo:
 MATRIX_SHAPES = [(33, 17), (17, 33), (8, 8), (8, 8), (0, 5), (1, 40), (40, 1), (8, 8)]
 MATRIX_SMALL_SHAPES = [(9, 7), (7, 9), (9, 7), (0, 3)]  # for the Triton interpreter
 
-# Why a family cannot take Muon's registry cases: its model or params include 1-D tensors (biases, vectors), which
-# torch.optim.Muon rejects. tests/test_muon.py runs the family's check for Muon on 2-D params.
+# Why a family cannot take Muon's registry cases (see _MUON_1D).
 _MUON_1D = (
-    "the family's params include 1-D tensors (biases), which torch.optim.Muon rejects; tests/test_muon.py runs this "
-    "family's check for Muon on 2-D params"
+    "the family's params include 1-D tensors (biases), which torch.optim.Muon rejects, and it builds torch's class "
+    "with foreach=False, which torch.optim.Muon does not take; tests/test_muon.py runs this family's check for Muon "
+    "on 2-D params"
 )
 
 # Why float16 Muon is not compared one step against float64 torch.optim.Muon: the Newton-Schulz input is rounded to

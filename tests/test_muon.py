@@ -240,3 +240,45 @@ def test_zero_column_matrix_raises_as_torch():
         p.grad = torch.ones(4, 0)
         with pytest.raises(ZeroDivisionError):
             cls([p]).step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_captured_step_replays_like_eager_torch(backend):
+    """opt.step() captured in a CUDA graph (the momentum kernel, the batched products, the update kernel) and replayed
+    with new grads copied into the static grads: each replay equals an eager torch.optim.Muon step, within the
+    bfloat16 noise of the Newton-Schulz iteration (cuBLAS's batched kernels may round differently from its
+    per-matrix ones)."""
+    if backend == "triton":
+        pytest.skip("the Triton launcher refuses capture (test_cuda_graphs.py)")
+    lr = 0.02
+    shapes = [(64, 32), (32, 64), (64, 32), (48, 48)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = [torch.randn(s, device="cuda", dtype=torch.float64, generator=gen) for s in shapes]
+    params = [torch.nn.Parameter(b.float()) for b in base]
+    ref_params = [torch.nn.Parameter(b.clone()) for b in base]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fused, ref = fusedopt.Muon(params, lr=lr, backend=backend), torch.optim.Muon(ref_params, lr=lr)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused.step()  # warm-up builds the state and the cached stacks outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.no_grad():
+        for p, q in zip(params, ref_params):
+            p.copy_(q)
+            fused.state[p]["momentum_buffer"].zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.step()
+    for s in range(5):
+        for p, q in zip(params, ref_params):
+            g = torch.randn(p.shape, device="cuda", dtype=torch.float64, generator=gen)
+            p.grad.copy_(g)
+            q.grad = g.float().double()
+        graph.replay()
+        ref.step()
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            atol = 2e-6 + lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * NS_INPUT_ROUNDING_SENSITIVITY * (s + 1)
+            torch.testing.assert_close(p.double(), q, rtol=2e-5, atol=atol, msg=lambda m, i=i: f"param {i}: {m}")

@@ -288,5 +288,6 @@ def test_all_kernels_inc_is_generated_from_the_glob():
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_parity_gpu(info, kwargs, dtype, backend):
+    _skip_if_not_applicable(info, dtype)
     run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES_GPU),
                device="cuda")  # fmt: skip
