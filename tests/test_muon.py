@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, cpu_backends
+from optim_db import NS_INPUT_ROUNDING_SENSITIVITY
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import fusedopt
@@ -102,16 +103,10 @@ def test_nan_grad_and_empty_matrices_as_torch(backend):
     assert fused[0].isnan().all() and not fused[2].isnan().any()
 
 
-# How far torch's own Newton-Schulz output moves when one element of its bfloat16 input moves by one bfloat16
-# rounding: up to ~0.035 on these shapes (the quintic's slope ~3.4 at zero, over 5 iterations, amplifies the small
-# singular directions). A float16 param's update can differ from torch's float16 run by lr * ratio times that.
-NS_INPUT_ROUNDING_SENSITIVITY = 2.0**-4
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_float16_against_torchs_float16_run(backend):
-    """float16 params against torch.optim.Muon run in float16 itself (the registry's float64 one-step comparison
-    does not apply, see tests/optim_db.py), one step at a time from the same params and state: the momentum within
+    """float16 params against torch.optim.Muon run in float16 itself (the registry compares with float64), one step
+    at a time from the same params and state: the momentum within
     float16's tolerance; the params within it plus lr * ratio * NS_INPUT_ROUNDING_SENSITIVITY (torch computes the
     Nesterov update from the float16-rounded buffer, fusedopt from the float32 one: the bfloat16 inputs of the
     iteration may differ by one rounding)."""

@@ -31,37 +31,31 @@ INFOS = [pytest.param(i, id=i.name) for i in ENGINE_DRIVEN]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _skip_if_not_applicable(info, dtype) -> None:
-    """The registry says why (tests/optim_db.py) when a dtype's one-step float64 comparison cannot apply."""
-    if str(dtype).removeprefix("torch.") in info.not_applicable:
-        pytest.skip(info.not_applicable[str(dtype).removeprefix("torch.")])
-
-
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize(("info", "kwargs"), GRID_CASES)
 def test_grid_float64_float32(info, kwargs, backend):
     for dtype in (torch.float64, torch.float32):
-        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES))
+        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES),
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_grid_16bit_one_step(info, kwargs, dtype, backend):
-    _skip_if_not_applicable(info, dtype)
-    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES))
+    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES),
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("info", INFOS)
 def test_triton_small(info, dtype):
-    _skip_if_not_applicable(info, dtype)
     if "triton" not in BACKENDS:
         pytest.skip("triton is not usable on CPU tensors here")
     grid = info.grid_for(dtype)
     for kwargs in (grid[0], grid[-1]):
         run_parity(info.fused, info.reference, kwargs, dtype, "triton", steps=20,
-                   shapes=info.shapes(SMALL_SHAPES, small=True))  # fmt: skip
+                   shapes=info.shapes(SMALL_SHAPES, small=True), update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,7 +63,8 @@ def test_triton_small(info, dtype):
 def test_tensor_lr(info, backend):
     kwargs = {**info.cases[0], "lr": torch.tensor(info.cases[0]["lr"], dtype=torch.float64)}
     shapes = info.shapes(SMALL_SHAPES, small=True) if backend == "triton" else info.shapes(SHAPES)
-    run_parity(info.fused, info.reference, kwargs, torch.float64, backend, steps=20, shapes=shapes)
+    run_parity(info.fused, info.reference, kwargs, torch.float64, backend, steps=20, shapes=shapes,
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -78,7 +73,7 @@ def test_tensor_lr(info, backend):
 def test_state_dict_round_trip(info, direction, backend):
     kwargs = info.cases[0]
     opt_f, opt_r, fused, ref = run_parity(info.fused, info.reference, kwargs, torch.float64, backend, 10,
-                                          shapes=info.shapes(SHAPES))  # fmt: skip
+                                          shapes=info.shapes(SHAPES), update_noise=info.update_noise)  # fmt: skip
     if direction == "fused_to_reference":
         new_r = info.reference(ref, **kwargs)
         new_r.load_state_dict(copy.deepcopy(opt_f.state_dict()))
@@ -236,7 +231,8 @@ def test_lower_isa_parity(capability):
         "for info in ENGINE_DRIVEN:\n"
         "    for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
         "        for kw in info.grid_for(dtype)[::3]:\n"
-        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20, shapes=info.shapes(SHAPES))\n"
+        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20, shapes=info.shapes(SHAPES),\n"
+        "                       update_noise=info.update_noise)\n"
     )
     env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -288,6 +284,5 @@ def test_all_kernels_inc_is_generated_from_the_glob():
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_parity_gpu(info, kwargs, dtype, backend):
-    _skip_if_not_applicable(info, dtype)
     run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES_GPU),
-               device="cuda")  # fmt: skip
+               device="cuda", update_noise=info.update_noise)  # fmt: skip
