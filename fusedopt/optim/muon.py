@@ -63,42 +63,41 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
                          adjust_lr_fn=adjust_lr_fn)  # fmt: skip
         self._step_supports_amp_scaling = True
 
-    def _shape_groups(self, bucket: Bucket) -> list:
-        """Per shape: (bucket positions, output stack [B, *local shape], the outputs as views), cached."""
-        groups = bucket.extra.get("muon_groups")
-        if groups is None:
+    def _shape_groups(self, bucket: Bucket) -> tuple:
+        """Cached per bucket: the momentum outputs in bucket order, and per shape (first param, its local params,
+        the stack [B, *local shape] those outputs are views of, and the views). After the iteration the stack holds
+        the orthogonalized update (the update kernel's input): no further buffer, and fixed addresses for CUDA
+        graphs."""
+        cached = bucket.extra.get("muon_groups")
+        if cached is None:
             by_shape: dict = {}
             for i, (p, lp) in enumerate(zip(bucket.params, bucket.local_params)):
                 if p.ndim != 2:
                     raise ValueError("Param gradient must be a 2D matrix")
                 by_shape.setdefault((tuple(p.shape), tuple(lp.shape)), []).append(i)
+            outs: list = [None] * len(bucket.params)
             groups = []
             for (_, local_shape), idx in by_shape.items():
-                out = torch.zeros((len(idx), *local_shape), dtype=bucket.dtype, device=bucket.device)
-                groups.append((idx, out, list(out.unbind(0))))
-            bucket.extra["muon_groups"] = groups
-        return groups
+                stack = torch.zeros((len(idx), *local_shape), dtype=bucket.dtype, device=bucket.device)
+                views = list(stack.unbind(0))
+                for i, v in zip(idx, views):
+                    outs[i] = v
+                groups.append((bucket.params[idx[0]], [bucket.local_params[i] for i in idx], stack, views))
+            cached = bucket.extra["muon_groups"] = (outs, groups)
+        return cached
 
     def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         ns.check_ns_arguments(group["ns_coefficients"], group["ns_steps"])
-        groups = self._shape_groups(bucket)
-        outs = [None] * len(bucket.params)
-        for idx, _, views in groups:
-            for i, v in zip(idx, views):
-                outs[i] = v
+        outs, groups = self._shape_groups(bucket)
         optim_step.step(SPEC, outs, grads, self._state_lists(group, bucket), [], lr=group["lr"],
                         hyper=SPEC.hyper_values(group), maximize=False, grad_divisor=grad_divisor,
                         found_inf=found_inf, write_back_grads=write_back_grads, backend=bucket.backend)  # fmt: skip
         distributed = hasattr(bucket.params[0], "_local_tensor")
-        for idx, out, _ in groups:
-            first = bucket.params[idx[0]]
-            stack = ns.gather_full(out, first) if distributed else out
-            ortho = ns.orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            if distributed:
-                ortho = ns.local_rows(ortho, first)
-            ortho = ortho.to(bucket.dtype, memory_format=torch.contiguous_format)
+        for first, params, stack, views in groups:
+            whole = ns.gather_full(stack, first) if distributed else stack
+            ortho = ns.orthogonalize(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            stack.copy_(ns.local_rows(ortho, first) if distributed else ortho)  # cast and un-transpose in one pass
             hyper = {"weight_decay": float(group["weight_decay"]),
                      "lr_ratio": adjusted_lr_ratio(group["adjust_lr_fn"], first.shape)}  # fmt: skip
-            optim_step.step(UPDATE_SPEC, [bucket.local_params[i] for i in idx], list(ortho.unbind(0)), [], [],
-                            lr=group["lr"], hyper=hyper, maximize=False, found_inf=found_inf,
-                            backend=bucket.backend)  # fmt: skip
+            optim_step.step(UPDATE_SPEC, params, views, [], [], lr=group["lr"], hyper=hyper, maximize=False,
+                            found_inf=found_inf, backend=bucket.backend)  # fmt: skip
