@@ -33,7 +33,7 @@ def orthogonalize(stack: Tensor, ns_coefficients, ns_steps: int, eps: float) -> 
     x = stack.bfloat16()
     tall = stack.size(1) > stack.size(2)
     if tall:
-        x = x.transpose(1, 2)
+        x = x.transpose(1, 2).contiguous()  # one copy here, not one inside every baddbmm (it copies its input)
     if x.numel() > 0:
         # One norm per matrix, each as torch computes it (Tensor.norm of that matrix); the division in bfloat16.
         norms = torch.stack(torch._foreach_norm(list(x.unbind(0)))).clamp(min=eps)
