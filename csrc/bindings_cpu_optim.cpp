@@ -16,14 +16,14 @@ struct CpuOptimBackend {
 
   template <typename Op>
   static void run(const TensorList& params, const TensorList& grads,
-                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& steps, double lr,
+                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
                   bool write_back_grads) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cpu)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the kernel ran
-    const auto in = check_optim_step<Op>(op, at::kCPU, scope, params, grads, states, steps, hyper, maximize,
+    const auto in = check_optim_step<Op>(op, at::kCPU, scope, params, grads, states, scalars, hyper, maximize,
                                          grad_divisor, found_inf, write_back_grads);
     OptimStepArgs<typename Op::Hyper> a;
     a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
@@ -42,8 +42,9 @@ struct CpuOptimBackend {
       a.numel.push_back(in.params[i].numel());
       a.param.push_back(in.params[i].data_ptr());
       a.grad.push_back(in.grads[i].data_ptr());
-      for (int k = 0; k < Op::kStates; ++k) a.states[k].push_back(in.states[k][i].data_ptr());
-      if (Op::kHasStep) a.step.push_back(in.steps[i].template data_ptr<float>());
+      for (int k = 0; k < Op::kStates; ++k)
+        if (!in.states[k].empty()) a.states[k].push_back(in.states[k][i].data_ptr());
+      if (!in.scalars.empty()) a.scalar.push_back(in.scalars[i].template data_ptr<float>());
     }
     FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
   }

@@ -15,14 +15,14 @@ struct CudaOptimBackend {
 
   template <typename Op>
   static void run(const TensorList& params, const TensorList& grads,
-                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& steps, double lr,
+                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
                   bool write_back_grads) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the launch was queued (stream order)
-    const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, steps, hyper, maximize,
+    const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, scalars, hyper, maximize,
                                          grad_divisor, found_inf, write_back_grads);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     const TensorList empty;
@@ -30,7 +30,7 @@ struct CudaOptimBackend {
     a.params = &in.params;
     a.grads = &in.grads;
     for (int k = 0; k < Op::kStates; ++k) a.states.push_back(&in.states[k]);
-    a.steps = &in.steps;
+    a.scalars = &in.scalars;
     a.empty = &empty;
     a.lr = lr;
     a.lr_ptr = float_ptr(lr_dev);

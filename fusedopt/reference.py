@@ -33,115 +33,8 @@ def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
     dst.copy_(new)
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-               amsgrad, maximize, decoupled_weight_decay, grad_divisor=None, found_inf=None,
-               write_back_grads=False):  # fmt: skip
-    """torch.optim.Adam/AdamW's update (single-tensor form), with GradScaler's unscale and inf-skip folded in."""
-    if not params:
-        return
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    if amsgrad:
-        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _checks.check_step("fusedopt adam_step (torch)", params, lists, {"steps": steps})
-    skip = None if found_inf is None else found_inf.reshape(()) != 0
-    for i, param in enumerate(params):
-        ot = opmath_dtype(param.dtype)
-        step = steps[i]
-        step.add_(1.0 if skip is None else (~skip).to(step.dtype))
-        t = step.to(torch.float64)
-        lr_t = lr.to(param.device, torch.float64) if isinstance(lr, Tensor) else lr
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
-        p = param.to(ot)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p = p * (1 - lr_t * weight_decay)
-            else:
-                g = g + weight_decay * p
-        m = exp_avgs[i].to(ot).lerp(g, 1 - beta1)
-        v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
-        second = v
-        if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(ot), v)
-            _commit(max_exp_avg_sqs[i], vmax, skip)
-            second = vmax
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        step_size = (lr_t / bias_correction1).to(ot)
-        denom = second.sqrt() / bias_correction2_sqrt.to(ot) + eps
-        _commit(param, p - step_size * m / denom, skip)
-        _commit(exp_avgs[i], m, skip)
-        _commit(exp_avg_sqs[i], v, skip)
-
-
 def _lr_value(lr, device):
     return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
-
-
-def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, *, lr, alpha, eps, weight_decay,
-                  momentum, centered, maximize, grad_divisor=None, found_inf=None,
-                  write_back_grads=False):  # fmt: skip
-    """torch.optim.RMSprop's update (single-tensor form), with GradScaler's unscale and inf-skip folded in."""
-    if not params:
-        return
-    lists = {"grads": grads, "square_avgs": square_avgs}
-    if centered:
-        lists["grad_avgs"] = grad_avgs
-    if momentum > 0:
-        lists["momentum_buffers"] = momentum_buffers
-    _checks.check_step("fusedopt rmsprop_step (torch)", params, lists, {"steps": steps})
-    skip = None if found_inf is None else found_inf.reshape(()) != 0
-    for i, param in enumerate(params):
-        ot = opmath_dtype(param.dtype)
-        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
-        lr_t = _lr_value(lr, param.device)
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
-        p = param.to(ot)
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
-        if centered:
-            ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
-            avg = sq.addcmul(ga, ga, value=-1).sqrt() + eps  # torch's form: one rounding (fma)
-            _commit(grad_avgs[i], ga, skip)
-        else:
-            avg = sq.sqrt() + eps
-        if momentum > 0:
-            buf = momentum_buffers[i].to(ot) * momentum + g / avg
-            _commit(momentum_buffers[i], buf, skip)
-            new_p = p - lr_t * buf
-        else:
-            new_p = p - lr_t * (g / avg)
-        _commit(param, new_p, skip)
-        _commit(square_avgs[i], sq, skip)
-
-
-def sgd_step_(params, grads, momentum_buffers, first_flags, *, lr, momentum, dampening, weight_decay, nesterov,
-              maximize, grad_divisor=None, found_inf=None, write_back_grads=False):  # fmt: skip
-    """torch.optim.SGD's update (single-tensor form). A nonzero first_flags[i] makes momentum_buffers[i] a copy of
-    the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
-    if not params:
-        return
-    lists = {"grads": grads, "momentum_buffers": momentum_buffers} if momentum != 0 else {"grads": grads}
-    flags = {"first_flags": first_flags} if momentum != 0 and first_flags else {}
-    _checks.check_step("fusedopt sgd_step (torch)", params, lists, flags)
-    skip = None if found_inf is None else found_inf.reshape(()) != 0
-    for i, param in enumerate(params):
-        ot = opmath_dtype(param.dtype)
-        lr_t = _lr_value(lr, param.device)
-        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
-        p = param.to(ot)
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        if momentum != 0:
-            buf = momentum_buffers[i].to(ot) * momentum + (1 - dampening) * g
-            if first_flags:
-                buf = torch.where(first_flags[i].reshape(()) != 0, g, buf)
-            _commit(momentum_buffers[i], buf, skip)
-            g = g + momentum * buf if nesterov else buf
-        _commit(param, p - lr_t * g, skip)
-    if first_flags and momentum != 0:
-        keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
-        torch._foreach_mul_(first_flags, keep)
 
 
 def grad_norm_power_sum(tensors, norm_type: float) -> Tensor:
@@ -246,8 +139,6 @@ def bce_with_logits_fwd(x, t, weight, weight_period, pos_weight, pos_weight_peri
     if w is not None:
         loss, grad = loss * w, grad * w
     return _finish(loss, grad, x, scale, None, reduction, need_grad, out_dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Cross-entropy. Per row with logits z (after the optional softcap), lse = logsumexp(z) and per-class target weights q:
 #   class index t: q_c = (1 - ls) * w_t * [c == t] + ls / C * w_c     (w = 1 without a weight)
@@ -379,10 +270,12 @@ def cross_entropy_scale_grad(grad: Tensor, scale: Tensor) -> None:
 
 
 # ---- Optimizers through the shared engines: every backend's <op>_step takes these arguments (optim/_spec.py) ----
-def _engine_step_begin(op: str, params, grads, states, state_names, steps, found_inf):
-    """The boundary checks, and found_inf as a device bool (or None). No host sync."""
-    lists = {"grads": grads, **dict(zip(state_names, states))}
-    _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {"steps": steps} if steps else None)
+def _engine_step_begin(op: str, params, grads, states, state_names, scalars, found_inf, used=None,
+                       scalar_name="steps"):  # fmt: skip
+    """The boundary checks (an unused state list is not checked), and found_inf as a device bool (or None)."""
+    used = used if used is not None else (True,) * len(states)
+    lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
+    _checks.check_step(f"fusedopt {op}_step (torch)", params, lists, {scalar_name: scalars} if scalars else None)
     return None if found_inf is None else found_inf.reshape(()) != 0
 
 
@@ -408,9 +301,10 @@ def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
               write_back_grads):  # fmt: skip
-    """Lion (Chen et al. 2023, Algorithm 2): update = sign(lerp(m, g, 1 - beta1)); p = p * (1 - lr * wd) - lr * update;
-    m = lerp(m, g, 1 - beta2). sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze
-    the element silently behind a NaN momentum; here it makes the param NaN, as in every other optimizer)."""
+    """Lion (Chen et al. 2023, Algorithm 2): update = sign(beta1 m + (1 - beta1) g); p = p * (1 - lr * wd) - lr * update;
+    m = beta2 m + (1 - beta2) g (the paper's form: torch's lerp would turn an infinite momentum into NaN).
+    sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there: a NaN grad would freeze the element silently behind a
+    NaN momentum; here it makes the param NaN, as in every other optimizer)."""
     (exp_avgs,) = states
     skip = _engine_step_begin("lion", params, grads, states, ["exp_avgs"], [], found_inf)
     lr = lr_tensor if lr_tensor is not None else lr
@@ -420,10 +314,108 @@ def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
         lr_t = _lr_value(lr, param.device)
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         m = exp_avgs[i].to(ot)
-        c = m.lerp(g, 1 - beta1)
+        c = m * beta1 + g * (1 - beta1)
         update = torch.where(c.isnan(), c, c.sign())
         _commit(param, param.to(ot) * (1 - lr_t * weight_decay) - lr_t * update, skip)
-        _commit(exp_avgs[i], m.lerp(g, 1 - beta2), skip)
+        _commit(exp_avgs[i], m * beta2 + g * (1 - beta2), skip)
+
+
+def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads):  # fmt: skip
+    """torch.optim.Adam/AdamW's update (single-tensor form); max_exp_avg_sqs only with amsgrad."""
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = states
+    amsgrad = bool(hyper["amsgrad"])
+    skip = _engine_step_begin("adam", params, grads, states, ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"], steps,
+                              found_inf, used=(True, True, amsgrad))  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, eps, weight_decay = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"]
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        t = steps[i].to(torch.float64)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            if hyper["decoupled_weight_decay"]:
+                p = p * (1 - lr_t * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = exp_avgs[i].to(ot).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
+        second = v
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i].to(ot), v)
+            _commit(max_exp_avg_sqs[i], second, skip)
+        step_size = (lr_t / (1 - beta1**t)).to(ot)
+        denom = second.sqrt() / (1 - beta2**t).sqrt().to(ot) + eps
+        _commit(param, p - step_size * m / denom, skip)
+        _commit(exp_avgs[i], m, skip)
+        _commit(exp_avg_sqs[i], v, skip)
+
+
+def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads):  # fmt: skip
+    """torch.optim.RMSprop's update (single-tensor form); grad_avgs only when centered, momentum_buffers only with
+    momentum > 0."""
+    square_avgs, grad_avgs, momentum_buffers = states
+    alpha, eps, weight_decay, momentum = hyper["alpha"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
+    centered = bool(hyper["centered"])
+    skip = _engine_step_begin("rmsprop", params, grads, states, ["square_avgs", "grad_avgs", "momentum_buffers"],
+                              steps, found_inf, used=(True, centered, momentum > 0))  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
+        if centered:
+            ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
+            avg = sq.addcmul(ga, ga, value=-1).sqrt() + eps  # torch's form: one rounding (fma)
+            _commit(grad_avgs[i], ga, skip)
+        else:
+            avg = sq.sqrt() + eps
+        if momentum > 0:
+            buf = momentum_buffers[i].to(ot) * momentum + g / avg
+            _commit(momentum_buffers[i], buf, skip)
+            new_p = p - lr_t * buf
+        else:
+            new_p = p - lr_t * (g / avg)
+        _commit(param, new_p, skip)
+        _commit(square_avgs[i], sq, skip)
+
+
+def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+             write_back_grads):  # fmt: skip
+    """torch.optim.SGD's update (single-tensor form). A nonzero first_flags[i] makes momentum_buffers[i] a copy of
+    the grad (torch's first step); the flags are cleared unless found_inf skips the step."""
+    (momentum_buffers,) = states
+    momentum, dampening, weight_decay = hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+    first_flags = first_flags if momentum != 0 else []
+    skip = _engine_step_begin("sgd", params, grads, states, ["momentum_buffers"], first_flags, found_inf,
+                              used=(momentum != 0,), scalar_name="first_flags")  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buf = momentum_buffers[i].to(ot) * momentum + (1 - dampening) * g
+            if first_flags:
+                buf = torch.where(first_flags[i].reshape(()) != 0, g, buf)
+            _commit(momentum_buffers[i], buf, skip)
+            g = g + momentum * buf if hyper["nesterov"] else buf
+        _commit(param, p - lr_t * g, skip)
+    if first_flags:
+        keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
+        torch._foreach_mul_(first_flags, keep)
 
 
 def muon_momentum_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,

@@ -201,9 +201,10 @@ def test_custom_op_matches_eager_path(name):
     """torch.ops.fusedopt.<name> (what torch.compile sees) and the eager fast path give the same results."""
     import fusedopt.ops as ops
 
+    rmsprop, sgd = ops.optim_step.op_for(fusedopt.RMSprop.SPEC), ops.optim_step.op_for(fusedopt.SGD.SPEC)
     impls = {
-        "rmsprop_step": (ops.rmsprop.rmsprop_step_op, ops.rmsprop._impl),
-        "sgd_step": (ops.sgd.sgd_step_op, ops.sgd._impl),
+        "rmsprop_step": (rmsprop.op, rmsprop.impl),
+        "sgd_step": (sgd.op, sgd.impl),
         "grad_norm": (ops.grad_norm.grad_norm_op, ops.grad_norm._norm_impl),
         "scale_grads": (ops.grad_norm.scale_grads_op, ops.grad_norm._scale_impl),
     }[name]

@@ -188,9 +188,10 @@ def test_boundary_errors_same_on_every_backend(info):
     spec = info.fused.SPEC
     params = [torch.randn(4, 2), torch.randn(3)]
     grads = [torch.randn_like(p) for p in params]
-    steps = [torch.zeros(()) for _ in params] if spec.has_step else []
+    steps = [torch.zeros(()) for _ in params] if spec.scalar == "step" else []
     one = torch.nn.Parameter(torch.ones(1, 1) if info.matrices_only else torch.ones(1))
-    hyper = spec.hyper_values({**info.fused([one], backend="torch").defaults})
+    defaults = info.fused([one], backend="torch").defaults
+    hyper = spec.hyper_values({**defaults, **info.cases[0]})  # cases[0] uses the first state list
     bad_lists = {
         "has shape [4], its param [4, 2]": [torch.zeros(4), torch.zeros(3)],
         "has 1 tensors, params has 2": [torch.zeros(4, 2)],
@@ -201,7 +202,8 @@ def test_boundary_errors_same_on_every_backend(info):
             message = f"fusedopt {spec.op}_step ({backend}): {name}"
             message += "[0] " + match if "shape" in match else " " + match
             with pytest.raises(RuntimeError) as err:
-                optim_step.step(spec, params, grads, [bad], steps, lr=0.1, hyper=hyper, maximize=False,
+                others = [[torch.zeros_like(p) for p in params] for _ in spec.states[1:]]
+                optim_step.step(spec, params, grads, [bad, *others], steps, lr=0.1, hyper=hyper, maximize=False,
                                 backend=backend)  # fmt: skip
             assert message in str(err.value), f"{backend}: {err.value}"
 
@@ -212,9 +214,9 @@ def test_op_passes_opcheck(info):
     gen = torch.Generator().manual_seed(21)
     ps = lambda: [torch.randn(n, generator=gen) for n in (5, 300)]
     states = [[torch.rand(n, generator=gen) for n in (5, 300)] for _ in spec.states]
-    steps = [torch.zeros(()) for _ in range(2)] if spec.has_step else []
-    hyper = [0.1] * len(spec.hyper)
-    args = (ps(), ps(), *states, steps, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, "cpu")
+    scalars = [torch.zeros(()) for _ in range(2)] if spec.scalar == "step" else [torch.ones(()) for _ in range(2)]
+    hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # every optional state list in use
+    args = (ps(), ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, "cpu")
     result = torch.library.opcheck(getattr(torch.ops.fusedopt, f"{spec.op}_step").default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -257,17 +259,16 @@ def _specs(info) -> list:
 def test_every_engine_optimizer_has_every_backend(info, spec):
     assert hasattr(torch.ops.fusedopt, f"{spec.op}_step"), "op not registered"
     ext = _backend.cpu_extension()[0]
-    assert ext.optimizer_info[spec.op] == (list(spec.hyper), [s.list_name for s in spec.states], spec.has_step), (
-        "csrc/common/<op>_math.h (Hyper::fields, kStateNames, kHasStep) disagrees with the spec"
+    assert spec.op in ext.optimizer_info, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (csrc/common/optimizers.h)"
+    hyper = [f"{h}:bool" if h in spec.flags else h for h in spec.hyper]
+    assert ext.optimizer_info[spec.op] == (hyper, [s.list_name for s in spec.states], spec.scalar_list), (
+        "csrc/common/<op>_math.h (Hyper::fields, kStateNames, kScalar) disagrees with the spec"
     )
     assert callable(getattr(ext, f"{spec.op}_step")) and callable(getattr(ext, f"{spec.op}_step_bucket"))
     triton_module = importlib.import_module(f"fusedopt.triton_kernels.{spec.op}")
     assert spec.hyper == triton_module.HYPER, "the Triton kernel's hyperparameter order differs from the spec"
     assert callable(getattr(triton_module, f"{spec.op}_step"))
     assert f"def {spec.op}_step(" in inspect.getsource(reference), "no reference in fusedopt/reference.py"
-    registry = (ROOT / "csrc" / "common" / "optimizers.h").read_text()
-    struct = "".join(w.capitalize() for w in spec.op.split("_"))  # muon_momentum -> MuonMomentum
-    assert f"X(::fusedopt::{struct})" in registry, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (CPU and CUDA engines)"
     assert (ROOT / "csrc" / "common" / f"{spec.op}_math.h").exists()
     assert info.grid and info.cases, "registry entry without a grid or cases"
 

@@ -41,6 +41,6 @@ def adagrad_kernel(
 
 def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                  write_back_grads):  # fmt: skip
-    launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, True), params, grads, states, steps, lr, lr_tensor,
+    launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, "step"), params, grads, states, steps, lr, lr_tensor,
            hyper, maximize, grad_divisor, found_inf, write_back_grads,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedopt.triton_kernels.multi_tensor import lerp, program_block
+from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad, sign
 
 HYPER = ("beta1", "beta2", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
@@ -29,9 +29,10 @@ def lion_kernel(
     # --- Lion's update (Chen et al. 2023, Algorithm 2) ---
     lr = tl.load(hp_ptr)
     decay = (1.0 - lr * tl.load(hp_ptr + 3)).to(OPMATH)
-    direction = sign(lerp(exp_avg, grad, (1.0 - tl.load(hp_ptr + 1)).to(OPMATH)))
+    beta1, beta2 = tl.load(hp_ptr + 1), tl.load(hp_ptr + 2)
+    direction = sign(exp_avg * beta1.to(OPMATH) + grad * (1.0 - beta1).to(OPMATH))  # the paper's form, not lerp
     param = param * decay - lr.to(OPMATH) * direction
-    exp_avg = lerp(exp_avg, grad, (1.0 - tl.load(hp_ptr + 2)).to(OPMATH))
+    exp_avg = exp_avg * beta2.to(OPMATH) + grad * (1.0 - beta2).to(OPMATH)
 
     tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
     tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
@@ -39,5 +40,5 @@ def lion_kernel(
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
               write_back_grads):  # fmt: skip
-    launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, False), params, grads, states, steps, lr, lr_tensor, hyper,
+    launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
            maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip

@@ -39,5 +39,5 @@ def muon_momentum_kernel(
 
 def muon_momentum_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                        write_back_grads):  # fmt: skip
-    launch(muon_momentum_kernel, ("muon_momentum", ("momentum_buffers",), HYPER, False), params, grads, states, steps,
+    launch(muon_momentum_kernel, ("muon_momentum", ("momentum_buffers",), HYPER, None), params, grads, states, steps,
            lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip

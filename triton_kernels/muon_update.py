@@ -36,5 +36,5 @@ def muon_update_kernel(
 
 def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                      write_back_grads):  # fmt: skip
-    launch(muon_update_kernel, ("muon_update", (), HYPER, False), params, grads, states, steps, lr, lr_tensor, hyper,
+    launch(muon_update_kernel, ("muon_update", (), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
            maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip

@@ -9,7 +9,8 @@
 namespace fusedopt {
 
 struct MuonMomentumHyper {
-  double momentum = 0.95, nesterov = 1.0;  // nesterov: 1 or 0
+  double momentum = 0.95;
+  bool nesterov = true;
   static constexpr std::array<HyperField<MuonMomentumHyper>, 2> fields() {
     return {{{"momentum", &MuonMomentumHyper::momentum}, {"nesterov", &MuonMomentumHyper::nesterov}}};
   }
@@ -19,7 +20,7 @@ struct MuonMomentum {
   static constexpr const char* kName = "muon_momentum";
   static constexpr int kStates = 1;
   static constexpr const char* kStateNames[kStates] = {"momentum_buffers"};
-  static constexpr bool kHasStep = false;
+  static constexpr TensorScalar kScalar = TensorScalar::kNone;
   using Hyper = MuonMomentumHyper;
 
   template <typename S>
@@ -29,9 +30,9 @@ struct MuonMomentum {
   };
 
   template <typename V>
-  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double /*lr*/, double /*step*/) {
+  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double /*lr*/, double /*scalar*/) {
     using S = scalar_of<V>;
-    return {S(h.momentum), S(1.0 - h.momentum), h.nesterov != 0.0};
+    return {S(h.momentum), S(1.0 - h.momentum), h.nesterov};
   }
 
   template <typename V>

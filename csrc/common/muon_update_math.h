@@ -18,7 +18,7 @@ struct MuonUpdate {
   static constexpr const char* kName = "muon_update";
   static constexpr int kStates = 0;
   static constexpr const char* kStateNames[1] = {""};  // no state lists (a zero-length array is not C++)
-  static constexpr bool kHasStep = false;
+  static constexpr TensorScalar kScalar = TensorScalar::kNone;
   using Hyper = MuonUpdateHyper;
 
   template <typename S>
@@ -28,7 +28,7 @@ struct MuonUpdate {
 
   // torch: param.mul_(1 - lr * wd); param.add_(O, alpha=-(lr * ratio)); both factors in double, rounded once.
   template <typename V>
-  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double lr, double /*step*/) {
+  FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double lr, double /*scalar*/) {
     using S = scalar_of<V>;
     return {S(1.0 - lr * h.weight_decay), S(-(lr * h.lr_ratio))};
   }

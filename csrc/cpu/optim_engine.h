@@ -1,6 +1,6 @@
 // The CPU optimizer engine: everything of a step but the math. One dtype switch, the found_inf skip and step
-// increment, then one parallel pass over 32K-element chunks of every tensor; per chunk the op's coefficients
-// (they may depend on the tensor's step), per SIMD block the loads, the grad divisor, write_back_grads, maximize,
+// increment, then one parallel pass over 32K-element chunks of every tensor (first-step flags cleared after it); per
+// chunk the op's coefficients (they may depend on the tensor's step or flag), per SIMD block the loads, the grad divisor, write_back_grads, maximize,
 // the op's update (common/<op>_math.h) and the stores. Body and tail run the same code (Block takes a count).
 // Included only from a capability translation unit (cpu/optimizers.cpp via all_kernels.inc).
 #pragma once
@@ -23,7 +23,7 @@ void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t be
   using V = typename B::Vec;
   constexpr int kStates = Op::kStates;
   constexpr int kSlots = kStates > 0 ? kStates : 1;
-  const auto c = Op::template coefs<V>(a.hyper, a.lr, Op::kHasStep ? static_cast<double>(*a.step[t]) : 0.0);
+  const auto c = Op::template coefs<V>(a.hyper, a.lr, a.scalar.empty() ? 0.0 : static_cast<double>(*a.scalar[t]));
   auto* param = static_cast<T*>(a.param[t]);
   auto* grad = static_cast<T*>(a.grad[t]);
   std::array<T*, kSlots> state{};
@@ -51,12 +51,14 @@ void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t be
 template <typename Op, typename T>
 void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip, steps too
-  if constexpr (Op::kHasStep)
-    for (float* step : a.step) *step += 1.0f;
+  if constexpr (Op::kScalar == TensorScalar::kStep)
+    for (float* step : a.scalar) *step += 1.0f;
   const double grad_factor = a.grad_divisor != nullptr ? 1.0 / static_cast<double>(*a.grad_divisor) : 1.0;
   for_each_chunk(a.numel, [&](int64_t t, int64_t begin, int64_t end) {
     run_chunk<Op, T>(a, t, begin, end, opmath_t<T>(grad_factor));
   });
+  if constexpr (Op::kScalar == TensorScalar::kFirstFlag)
+    for (float* flag : a.scalar) *flag = 0.0f;  // after every chunk has read it
 }
 
 }  // namespace optim_engine

@@ -10,46 +10,13 @@ namespace fusedopt::cuda {
 
 using TensorList = std::vector<at::Tensor>;
 
-struct AdamLaunch {
-  const TensorList *params, *grads, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps, *empty;
-  double lr, beta1, beta2, eps, weight_decay;
-  const float* lr_ptr;        // device float32, or null
-  const float* grad_divisor;  // device float32, or null
-  const float* found_inf;     // device float32, or null
-  bool amsgrad, maximize, decoupled_weight_decay;
-  bool write_back_grads;  // GradScaler: the divided (unscaled) grad is stored back, as torch's fused optimizers do
-};
-void adam_step(const AdamLaunch& args);
-
-struct RmspropLaunch {
-  const TensorList *params, *grads, *square_avgs, *grad_avgs, *momentum_buffers, *steps, *empty;
-  double lr, alpha, eps, weight_decay, momentum;
-  const float* lr_ptr;        // device float32, or null
-  const float* grad_divisor;  // device float32, or null
-  const float* found_inf;     // device float32, or null
-  bool centered, maximize;
-  bool write_back_grads;  // as AdamLaunch
-};
-void rmsprop_step(const RmspropLaunch& args);
-
-struct SgdLaunch {
-  const TensorList *params, *grads, *momentum_buffers, *first_flags, *empty;  // first_flags: float32 scalars or {}
-  double lr, momentum, dampening, weight_decay;
-  const float* lr_ptr;
-  const float* grad_divisor;
-  const float* found_inf;
-  bool nesterov, maximize;
-  bool write_back_grads;  // as AdamLaunch
-};
-void sgd_step(const SgdLaunch& args);
-
 // One step of an engine-driven optimizer (cuda/optim_engine.cuh, ops of common/optimizers.h). All tensors
 // contiguous and checked (common/optim_binding.h); hyper filled by name.
 template <typename Hyper>
 struct OptimLaunch {
   const TensorList *params, *grads;
   std::vector<const TensorList*> states;  // Op::kStates lists
-  const TensorList *steps, *empty;        // steps: one float32 scalar per param when Op::kHasStep
+  const TensorList *scalars, *empty;      // Op::kScalar's list (steps, first-step flags), or empty
   double lr;
   const float* lr_ptr;        // device float32, or null
   const float* grad_divisor;  // device float32, or null

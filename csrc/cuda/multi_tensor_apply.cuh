@@ -50,6 +50,15 @@ __global__ void increment_steps_kernel(TensorTable<kLists> table, int step_list,
   *table.template ptr<float>(step_list, t) += 1.0f;
 }
 
+// Per-tensor epilogue, stream-ordered after the update: first-step flag = 0 unless GradScaler found an inf.
+template <int kLists>
+__global__ void clear_flags_kernel(TensorTable<kLists> table, int flag_list, const float* found_inf) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= table.n) return;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  *table.template ptr<float>(flag_list, t) = 0.0f;
+}
+
 // Owns the device copy of a table for the duration of the launches on the current stream.
 template <int kLists>
 struct DeviceTable {
@@ -136,6 +145,14 @@ void increment_steps(const DeviceTable<kLists>& table, int step_list, const floa
   if (table.view.n == 0) return;
   const unsigned grid = static_cast<unsigned>((table.view.n + 255) / 256);
   increment_steps_kernel<kLists><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.view, step_list, found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int kLists>
+void clear_flags(const DeviceTable<kLists>& table, int flag_list, const float* found_inf) {
+  if (table.view.n == 0) return;
+  const unsigned grid = static_cast<unsigned>((table.view.n + 255) / 256);
+  clear_flags_kernel<kLists><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.view, flag_list, found_inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

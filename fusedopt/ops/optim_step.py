@@ -1,7 +1,8 @@
 """fusedopt::<op>_step for every optimizer described by an OptimizerSpec (fusedopt/optim/_spec.py): the schema
 comes from the spec, and every backend's kernel takes the same arguments, found by one rule:
-`_backend.kernels(backend, op).<op>_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize,
-grad_divisor, found_inf, write_back_grads)`."""
+`_backend.kernels(backend, op).<op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize,
+grad_divisor, found_inf, write_back_grads)`, `states` the spec's lists (an unused one empty) and `scalars` its steps
+or first-step flags (or empty)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ def _register(spec) -> object:
 
     def impl(params, grads, *rest):
         states, rest = list(rest[:n_states]), rest[n_states:]
-        steps, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
+        scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
         maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
         if not params:
             return
         kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step")
-        kernel(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+        kernel(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                write_back_grads)  # fmt: skip
 
     return custom_op(spec.schema())(impl)
@@ -36,25 +37,28 @@ def op_for(spec):
     return call
 
 
-def step(spec, params, grads, states, steps, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
+def _hyper_args(spec, hyper: dict) -> list:
+    return [bool(hyper[name]) if name in spec.flags else float(hyper[name]) for name in spec.hyper]
+
+
+def step(spec, params, grads, states, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
          write_back_grads=False, backend="auto"):  # fmt: skip
-    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: float}."""
+    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: value}."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, spec.op)
     lr_float, lr_tensor = split_lr(lr, params[0].device)
-    hyper_args = [float(hyper[name]) for name in spec.hyper]
-    op_for(spec)(params, grads, *states, steps if spec.has_step else [], lr_float, lr_tensor, *hyper_args,
-                 bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip
+    op_for(spec)(params, grads, *states, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper), bool(maximize),
+                 grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip
 
 
-def cached_bucket(spec, params, states, steps, *, backend: str):
-    """The bucket's lists [params, states..., steps] held in C++ across steps (cpu and cuda backends, plain
+def cached_bucket(spec, params, states, scalars, *, backend: str):
+    """The bucket's lists [params, states..., scalars] held in C++ across steps (cpu and cuda backends, plain
     tensors), or None where the list path must be used."""
     if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
         return None
     ext = _backend.kernels(backend, spec.op)
-    bucket = ext.TensorBucket([params, *states, steps if spec.has_step else []])
+    bucket = ext.TensorBucket([params, *states, scalars])
     return getattr(ext, f"{spec.op}_step_bucket"), bucket, params[0].device
 
 

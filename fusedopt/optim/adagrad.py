@@ -10,7 +10,7 @@ SPEC = OptimizerSpec(
     op="adagrad",
     hyper=("lr_decay", "eps", "weight_decay"),
     states=(StateSpec("sum", "state_sums", fill="initial_accumulator_value"),),
-    has_step=True,
+    scalar="step",
 )
 
 

@@ -12,7 +12,7 @@ SPEC = OptimizerSpec(
     op="lion",
     hyper=("beta1", "beta2", "weight_decay"),
     states=(StateSpec("exp_avg", "exp_avgs"),),
-    has_step=False,
+    scalar=None,
     hyper_of=lambda g: {
         "beta1": float(g["betas"][0]),
         "beta2": float(g["betas"][1]),

@@ -29,10 +29,11 @@ SPEC = OptimizerSpec(
     op="muon_momentum",
     hyper=("momentum", "nesterov"),
     states=(StateSpec("momentum_buffer", "momentum_buffers"),),
-    has_step=False,
-    hyper_of=lambda g: {"momentum": float(g["momentum"]), "nesterov": 1.0 if g["nesterov"] else 0.0},
+    scalar=None,
+    flags=("nesterov",),
+    hyper_of=lambda g: {"momentum": float(g["momentum"]), "nesterov": bool(g["nesterov"])},
 )
-UPDATE_SPEC = OptimizerSpec(op="muon_update", hyper=("weight_decay", "lr_ratio"), states=(), has_step=False)
+UPDATE_SPEC = OptimizerSpec(op="muon_update", hyper=("weight_decay", "lr_ratio"), states=(), scalar=None)
 
 
 def adjusted_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
@@ -89,9 +90,11 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
     def _step_bucket(self, group, bucket: Bucket, grads, grad_divisor, found_inf, *, write_back_grads):
         ns.check_ns_arguments(group["ns_coefficients"], group["ns_steps"])
         outs, groups = self._shape_groups(bucket)
-        optim_step.step(SPEC, outs, grads, self._state_lists(group, bucket), [], lr=group["lr"],
-                        hyper=SPEC.hyper_values(group), maximize=False, grad_divisor=grad_divisor,
-                        found_inf=found_inf, write_back_grads=write_back_grads, backend=bucket.backend)  # fmt: skip
+        hyper = SPEC.hyper_values(group)
+        states = self._state_lists(group, bucket, SPEC.used_states(hyper))
+        optim_step.step(SPEC, outs, grads, states, [], lr=group["lr"], hyper=hyper, maximize=False,
+                        grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
+                        backend=bucket.backend)  # fmt: skip
         distributed = hasattr(bucket.params[0], "_local_tensor")
         for first, params, stack, views in groups:
             whole = ns.gather_full(stack, first) if distributed else stack
