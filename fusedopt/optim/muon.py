@@ -97,9 +97,12 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
                         backend=bucket.backend)  # fmt: skip
         distributed = hasattr(bucket.params[0], "_local_tensor")
         for first, params, stack, views in groups:
-            whole = ns.gather_full(stack, first) if distributed else stack
-            ortho = ns.orthogonalize(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            stack.copy_(ns.local_rows(ortho, first) if distributed else ortho)  # cast and un-transpose in one pass
+            coefs, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+            if distributed:
+                ortho = ns.orthogonalize(ns.gather_full(stack, first), coefs, steps, eps)
+                stack.copy_(ns.local_rows(ortho, first))
+            else:
+                ns.orthogonalize(stack, coefs, steps, eps, out=stack)  # cast and un-transposed into the stack
             hyper = {"weight_decay": float(group["weight_decay"]),
                      "lr_ratio": adjusted_lr_ratio(group["adjust_lr_fn"], first.shape)}  # fmt: skip
             optim_step.step(UPDATE_SPEC, params, views, [], [], lr=group["lr"], hyper=hyper, maximize=False,
