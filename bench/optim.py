@@ -1,4 +1,4 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, clip_grad_norm_, and clip + Adam, against
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, Muon, clip_grad_norm_, and clip + Adam, against
 torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion, which torch lacks: against a
 plain torch foreach implementation of the paper, ForeachLion).
 
@@ -47,14 +47,21 @@ def numel(shapes) -> int:
     return total
 
 
+def muon_shapes(d: int, layers: int) -> list[tuple]:
+    """Muon's matrices of a Llama-style decoder: per layer 4 x [d, d] attention projections and a [4d, d] / [d, 4d]
+    MLP pair (embeddings, head and norms go to AdamW)."""
+    return [(d, d)] * 4 * layers + [(4 * d, d), (d, 4 * d)] * layers
+
+
 def sizes(env: Env) -> dict:
     """Shapes per device. GPU: TARGETS.md's (TinyLlama-1.1B's shapes, 10000 x 4096). CPU: small enough that the
     whole suite, torch's slow for-loop peers included, finishes in under 10 minutes on 2 cores."""
     if env.is_cuda:
         model = llama_shapes(1024, 2816, 8, 32000, 128) if env.quick else llama_shapes(2048, 5632, 22, 32000, 256)
-        return {"model": model, "many": [(4096,)] * 10000}
+        return {"model": model, "many": [(4096,)] * 10000, "muon": muon_shapes(1024 if env.quick else 2048, 4)}
     model = llama_shapes(256, 704, 4, 8000, 64) if env.quick else llama_shapes(512, 1408, 6, 16000, 128)
-    return {"model": model, "many": [(4096,)] * (500 if env.quick else 2000)}
+    muon = muon_shapes(128 if env.quick else 384, 4)
+    return {"model": model, "many": [(4096,)] * (500 if env.quick else 2000), "muon": muon}
 
 
 def make_params(shapes, dtype, device) -> list:
@@ -124,6 +131,8 @@ def optimizer_case(tag, title, fused_cls, torch_cls, shapes, dtype, env, kwargs,
         impls.append(Impl("torch for-loop", "peer", build(torch_cls, foreach=False)))
     if "foreach" in peers:
         impls.append(Impl("torch foreach", "peer", build(torch_cls, foreach=True)))
+    if "default" in peers:  # torch's class as constructed by default (Muon: a for-loop, no foreach/fused options)
+        impls.append(Impl("torch", "peer", build(torch_cls)))
     if "paper-foreach" in peers:
         impls.append(Impl("torch foreach (paper)", "peer", build(torch_cls)))
     if "fused" in peers:
@@ -218,6 +227,8 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
 
 ADAM_BYTES = "7 x elt-size per param: read p, g, m, v; write p, m, v (28 B fp32, 14 B bf16)"
 FIVE_BYTES = "5 x elt-size per param: read p, g, buf; write p, buf (20 B fp32)"
+MUON_BYTES = ("5 x elt-size per param: read p, g, buf; write p, buf (the elementwise traffic; the Newton-Schulz "
+              "bfloat16 matmuls, ~30 m^2 n flops per m x n matrix, dominate)")  # fmt: skip
 
 
 def cases(env: Env) -> list[Case]:
@@ -254,6 +265,11 @@ def cases(env: Env) -> list[Case]:
     out.append(optimizer_case("lion", "Lion", "Lion", ForeachLion, model, f32, env,
                               {"lr": 1e-4, "weight_decay": 0.01}, ("paper-foreach",),
                               [Target("vs", 1.0, "torch foreach (paper)")], 5, FIVE_BYTES))  # fmt: skip
+    # Muon: the elementwise parts fused (momentum + Nesterov, scaled update + decay), the Newton-Schulz products
+    # batched per shape; the products dominate (5 x 3 bfloat16 matmuls per matrix), so the byte count is the fused
+    # elementwise traffic only.
+    out.append(optimizer_case("muon", "Muon", "Muon", torch.optim.Muon, sz["muon"], f32, env, {"lr": 0.02},
+                              ("default",), [Target("vs", 2.0, "torch")], 5, MUON_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
     from bench import optim_lowbit  # 8-bit states: AdamW int8 against the float32 steps and 8-bit peers
 

@@ -249,10 +249,12 @@ from fusedopt.reference_optim import (  # noqa: E402
     adagrad_step,
     adam_step,
     lion_step,
+    muon_momentum_step,
+    muon_update_step,
     rmsprop_step,
     sgd_step,
     stochastic_round_bf16,
 )
 
-__all__ = ["adagrad_step", "adam_step", "lion_step", "opmath_dtype", "rmsprop_step", "sgd_step",
-           "stochastic_round_bf16"]  # fmt: skip
+__all__ = ["adagrad_step", "adam_step", "lion_step", "muon_momentum_step", "muon_update_step", "opmath_dtype",
+           "rmsprop_step", "sgd_step", "stochastic_round_bf16"]  # fmt: skip

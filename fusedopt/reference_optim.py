@@ -222,3 +222,34 @@ def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize,
     if first_flags:
         keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
         torch._foreach_mul_(first_flags, keep)
+
+
+def muon_momentum_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                       write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.Muon's momentum: buf = lerp(buf, g, 1 - momentum); out = lerp(g, buf, momentum) under nesterov,
+    else buf. `params` are the outputs (the matrices the Newton-Schulz iteration orthogonalizes next), so
+    stochastic rounding (a param store) does not apply."""
+    (bufs,) = states
+    skip = _engine_step_begin("muon_momentum", params, grads, states, ["momentum_buffers"], [], found_inf)
+    momentum, nesterov = hyper["momentum"], hyper["nesterov"] != 0
+    for i, out in enumerate(params):
+        ot = opmath_dtype(out.dtype)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        buf = bufs[i].to(ot).lerp(g, 1 - momentum)
+        _commit(out, g.lerp(buf, momentum) if nesterov else buf, skip)
+        _commit(bufs[i], buf, skip)
+
+
+def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                     write_back_grads, stochastic_round=None):  # fmt: skip
+    """torch.optim.Muon's param update: p = p * (1 - lr * weight_decay) - lr * lr_ratio * O, with O (the
+    orthogonalized momentum) in `grads`."""
+    skip = _engine_step_begin("muon_update", params, grads, states, [], [], found_inf,
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        lr_t = _lr_value(lr, param.device)
+        o = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot) * (1 - lr_t * hyper["weight_decay"])
+        _commit_param(param, p + o * (-(lr_t * hyper["lr_ratio"])), skip, stochastic_round, i)

@@ -5,6 +5,7 @@ torch's, and compares; each rank writes {scenario: "ok" | traceback} to <out>/<r
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import traceback
@@ -22,6 +23,9 @@ MAX_NORM = 0.3
 
 # name -> (fusedopt class, reference class, kwargs): every optimizer of the registry (tests/optim_db.py)
 OPTIMIZERS = {i.name: (i.fused, i.reference, i.cases_for("distributed")[0]) for i in OPTIM_DB}
+# 2-D-only optimizers (Muon): a bias-free model, and under FSDP2 the reference is the unsharded (DDP) run with
+# torch's class: the step orthogonalizes whole matrices, so the sharded step must equal the unsharded one.
+MATRICES_ONLY = {i.name for i in OPTIM_DB if i.matrices_only}
 
 
 # name -> (fusedopt's loss, torch's loss, target kind): each optimizer scenario trains with one of them.
@@ -30,7 +34,8 @@ LOSSES = {
     "bce_logits": (fusedopt.nn.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), "probs"),
     "mse": (fusedopt.nn.MSELoss(), torch.nn.MSELoss(), "probs"),
 }
-LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce", "Adagrad": "bce_logits", "Lion": "mse"}
+LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce", "Adagrad": "bce_logits", "Lion": "mse",
+           "Muon": "mse"}  # fmt: skip
 
 
 def _losses(name):
@@ -39,8 +44,12 @@ def _losses(name):
     return ours, theirs
 
 
-def _model(seed=0):
+def _model(seed=0, name="AdamW"):
     torch.manual_seed(seed)
+    if name in MATRICES_ONLY:  # weights only: [24, 10] and [5, 24] shard unevenly, two [24, 24] share a shape
+        dims = (10, 24, 24, 24, 5)
+        layers = [m for a, b in itertools.pairwise(dims) for m in (torch.nn.Linear(a, b, bias=False), torch.nn.Tanh())]
+        return torch.nn.Sequential(*layers[:-1]).double()
     return torch.nn.Sequential(torch.nn.Linear(10, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5)).double()
 
 
@@ -96,10 +105,12 @@ def scenario_parity(kind, name, folded, rank, mesh):
     """DDP / FSDP2 with fusedopt's optimizer, loss and clipping (clip_grad_norm_, or max_grad_norm folded into
     the step) against torch's optimizer, loss and clip_grad_norm_."""
     cls, ref_cls, kwargs = OPTIMIZERS[name]
-    ours, theirs = _wrap(kind, _model(), mesh), _wrap(kind, _model(), mesh)
+    matrices = name in MATRICES_ONLY
+    ours = _wrap(kind, _model(name=name), mesh)
+    theirs = _wrap("ddp" if matrices else kind, _model(name=name), mesh)  # Muon: the unsharded result
     fused_loss, torch_loss = _losses(name)
     opt = cls(ours.parameters(), max_grad_norm=MAX_NORM if folded else None, **kwargs)
-    ref = ref_cls(theirs.parameters(), foreach=False, **kwargs)
+    ref = ref_cls(theirs.parameters(), **({} if matrices else {"foreach": False}), **kwargs)
     for s in range(STEPS):
         x, y = _batch(rank, s, name)
         for model, o, loss_fn in ((ours, opt, fused_loss), (theirs, ref, torch_loss)):
@@ -184,7 +195,7 @@ def scenarios(ckpt_dir):
     for kind in ("ddp", "fsdp2"):
         for name in OPTIMIZERS:
             out.append((f"{kind}-{name}", lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, False, rank, mesh)))
-        for name in ("AdamW", "SGD"):
+        for name in ("AdamW", "SGD", "Muon"):
             folded = lambda rank, mesh, k=kind, n=name: scenario_parity(k, n, True, rank, mesh)
             out.append((f"{kind}-{name}-folded", folded))
     out.append(("fsdp2-global-norm", scenario_global_norm))

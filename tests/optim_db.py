@@ -10,6 +10,7 @@ configurations every cross-cutting family runs.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,13 +57,54 @@ class OptimInfo:
     family_cases: dict = field(default_factory=dict)
     grid: tuple = field(default=())  # full parity grid (engine-driven optimizers)
     grid_16bit: tuple | None = None  # the bf16/fp16 one-step grid; None: every 5th of `grid`
+    matrices_only: bool = False  # takes 2-D params only (Muon): the registry tests use MATRIX_SHAPES
+    # (kwargs, shape) -> the absolute precision of one step's update of such a param, where the update is computed
+    # in lower precision than the param (Muon); see parity_steps.run_parity
+    update_noise: Callable | None = None
+    # family -> why the family cannot run this optimizer (and where its check runs instead); cases_for gives ()
+    not_applicable: dict = field(default_factory=dict)
 
     def cases_for(self, family: str | None) -> tuple:
+        if family in self.not_applicable:
+            return ()
         return self.family_cases.get(family, self.cases)
+
+    def shapes(self, default: list, small: bool = False) -> list:
+        """The param shapes of a parity run: `default`, or the matrices of a 2-D-only optimizer."""
+        if not self.matrices_only:
+            return default
+        return MATRIX_SMALL_SHAPES if small else MATRIX_SHAPES
 
     def grid_for(self, dtype: torch.dtype) -> tuple:
         low = dtype in (torch.bfloat16, torch.float16)
         return (self.grid_16bit if self.grid_16bit is not None else self.grid[::5]) if low else self.grid
+
+
+# 2-D params for the matrices-only optimizers: tall, wide, square, repeated shapes (one Newton-Schulz batch), empty.
+MATRIX_SHAPES = [(33, 17), (17, 33), (8, 8), (8, 8), (0, 5), (1, 40), (40, 1), (8, 8)]
+MATRIX_SMALL_SHAPES = [(9, 7), (7, 9), (9, 7), (0, 3)]  # for the Triton interpreter
+
+# Why a family cannot take Muon's registry cases (see _MUON_1D).
+_MUON_1D = (
+    "the family's params include 1-D tensors (biases), which torch.optim.Muon rejects, and it builds torch's class "
+    "with foreach=False, which torch.optim.Muon does not take; tests/test_muon.py runs this family's check for Muon "
+    "on 2-D params"
+)
+
+# How far torch's own Newton-Schulz output (entries up to ~1) moves when one element of its bfloat16 input moves by
+# one bfloat16 rounding: up to ~0.035 on these shapes (the quintic's slope ~3.4 at zero, over 5 iterations,
+# amplifies the small singular directions). Wherever float32 or float16 rounding of the momentum moves an input
+# element across a bfloat16 rounding boundary (a few elements per 20-step run; torch's own float32 run too), the
+# update moves by lr * ratio times that: the precision of Muon's update below float64.
+NS_INPUT_ROUNDING_SENSITIVITY = 2.0**-4
+
+
+def muon_update_noise(kwargs: dict, shape) -> float:
+    lr = float(kwargs.get("lr", 1e-3))
+    if not shape[0] or not shape[1]:
+        return 0.0
+    ratio = fusedopt.optim.muon.adjusted_lr_ratio(kwargs.get("adjust_lr_fn"), shape)
+    return lr * abs(ratio) * NS_INPUT_ROUNDING_SENSITIVITY
 
 
 def _grid(keys_values: dict, cycle: list) -> tuple:
@@ -161,6 +203,21 @@ OPTIM_DB = (
             [{"lr": 1e-3}, {"lr": 3e-2}],
         )[::2],
     ),
+    OptimInfo(
+        "Muon", fusedopt.Muon, torch.optim.Muon, "muon_momentum_step",
+        cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 2e-2, "momentum": 0.5, "nesterov": False,
+                                                   "adjust_lr_fn": "match_rms_adamw"}),
+        grid=_grid(
+            {"nesterov": [True, False], "weight_decay": [0.0, 0.1],
+             "adjust_lr_fn": [None, "original", "match_rms_adamw", "spectral_unclamped"]},
+            [{"lr": 1e-2}, {"lr": 3e-2, "momentum": 0.5, "ns_steps": 3},
+             {"lr": 1e-3, "momentum": 0.0, "ns_coefficients": (2.0, -1.5, 0.5), "eps": 1e-4}],
+        ),
+        matrices_only=True,
+        update_noise=muon_update_noise,
+        not_applicable={"compile": _MUON_1D, "amp": _MUON_1D, "max_grad_norm": _MUON_1D,
+                        "cuda_graphs": _MUON_1D},
+    ),
 )  # fmt: skip
 
 BY_NAME = {info.name: info for info in OPTIM_DB}
@@ -174,14 +231,14 @@ def cases(family: str | None = None) -> list:
 
 def first_cases(family: str | None = None) -> list:
     """One (fused class, reference class, kwargs) per optimizer: its first case in `family`."""
-    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB]
+    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB if i.cases_for(family)]
 
 
 def one_case_per_op(family: str | None = None) -> list:
     """The first case of one optimizer per op (AdamW shares Adam's op): for the slow families (inductor)."""
     seen, out = set(), []
     for i in OPTIM_DB:
-        if i.op not in seen:
+        if i.op not in seen and i.cases_for(family):
             seen.add(i.op)
             out.append((i.fused, i.reference, i.cases_for(family)[0]))
     return out

@@ -5,6 +5,9 @@ The reference is the torch.optim class in float64. fp32/fp64 runs compare the wh
 16-bit runs compare one step at a time from identical inputs: the fused optimizer's params and state are copied
 into the float64 reference before each step, so each comparison measures one step's rounding.
 
+An optimizer whose update has its own, lower precision (Muon's bfloat16 Newton-Schulz) passes `update_noise`: its
+float32 runs also compare one step at a time, with that precision added to the params' tolerance (run_parity).
+
 float32 trajectories use conftest's float32 tolerance, widened only where torch's own float32 optimizer, run on the
 same grads, is already further than that from float64 (momentum RMSprop accumulates grad / sqrt(avg), which
 amplifies rounding): then the fused result may be at most twice as far as torch's own float32 run.
@@ -41,8 +44,8 @@ def set_grads(fused, ref, gen, step, none_every=4, scale=1.0):
         r.grad = f.grad.detach().double().clone()
 
 
-def _assert_close(actual, expected, dtype, msg, widen=1.0):
-    rtol, atol = tol(dtype)["rtol"] * widen, tol(dtype)["atol"] * widen
+def _assert_close(actual, expected, dtype, msg, widen=1.0, extra_atol=0.0):
+    rtol, atol = tol(dtype)["rtol"] * widen, tol(dtype)["atol"] * widen + extra_atol
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
@@ -60,11 +63,13 @@ def excess(opt_a, opt_r, params_a, ref, dtype) -> float:
     return worst
 
 
-def compare(opt_f, opt_r, fused, ref, dtype, msg, widen=1.0, skipped_first=False):
+def compare(opt_f, opt_r, fused, ref, dtype, msg, widen=1.0, skipped_first=False, param_atol=None):
     """Params and every state tensor. skipped_first: a GradScaler-skipped first step, where torch made no state
-    and the fused optimizer (which cannot know on the host) made zero state that must be untouched."""
+    and the fused optimizer (which cannot know on the host) made zero state that must be untouched. param_atol:
+    per param, an absolute tolerance added for the param only (an update with its own precision: Muon's)."""
     for i, (f, r) in enumerate(zip(fused, ref)):
-        _assert_close(f.detach(), r.detach(), dtype, f"{msg}: param {i}", widen)
+        extra = param_atol[i] if param_atol else 0.0
+        _assert_close(f.detach(), r.detach(), dtype, f"{msg}: param {i}", widen, extra)
         st_f, st_r = opt_f.state.get(f, {}), opt_r.state.get(r, {})
         if skipped_first and not st_r:
             for k, v in st_f.items():
@@ -107,23 +112,33 @@ def _step_without_sync(opt, device):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0, device="cpu"):
-    """Runs `steps` steps of both optimizers on the same grads and asserts params and every state tensor match."""
+def run_parity(fused_cls, torch_cls, kwargs, dtype, backend, steps=20, shapes=SHAPES, seed=0, device="cpu",
+               update_noise=None):  # fmt: skip
+    """Runs `steps` steps of both optimizers on the same grads and asserts params and every state tensor match.
+    update_noise(kwargs, shape): the absolute precision of one step's update of a param of that shape, for an
+    optimizer whose update is computed in lower precision than the param (Muon: bfloat16 Newton-Schulz); then
+    float32 runs also compare one step at a time, and each step's param tolerance grows by that much (float64 runs
+    keep whole trajectories: their bfloat16 inputs round as the reference's)."""
     kw_f = {**kwargs, "lr": _lr_like(kwargs.get("lr"), device)} if "lr" in kwargs else kwargs
+    noise = None
+    if update_noise is not None and dtype != torch.float64:
+        noise = [update_noise(kwargs, s) for s in shapes]
     return run_parity_with(lambda ps: fused_cls(ps, backend=backend, **kw_f), lambda ps: torch_cls(ps, **kwargs),
-                           dtype, steps, shapes, seed, device)  # fmt: skip
+                           dtype, steps, shapes, seed, device, param_atol=noise)  # fmt: skip
 
 
-def run_parity_with(make_fused, make_ref, dtype, steps=20, shapes=SHAPES, seed=0, device="cpu"):
+def run_parity_with(make_fused, make_ref, dtype, steps=20, shapes=SHAPES, seed=0, device="cpu", param_atol=None):
     """run_parity with factories: make_fused(params) and make_ref(params) build the optimizers (make_ref also the
-    float32 twin that measures float32's own drift). Returns (fused opt, reference opt, fused params, ref params)."""
+    float32 twin that measures float32's own drift). param_atol: per param, the update's own precision (see
+    run_parity); set, every dtype but float64 compares one step at a time. Returns (fused opt, reference opt,
+    fused params, ref params)."""
     fused, ref = make_params(shapes, dtype, seed, device)
     opt_f = make_fused(fused)
     opt_r = make_ref(ref)
     gen = torch.Generator().manual_seed(seed + 1)
-    one_step = dtype in (torch.bfloat16, torch.float16)
+    one_step = dtype in (torch.bfloat16, torch.float16) or param_atol is not None
     # float32: torch's own float32 optimizer on the same grads, to measure how far float32 itself drifts.
-    t32 = [torch.nn.Parameter(f.detach().clone()) for f in fused] if dtype == torch.float32 else None
+    t32 = [torch.nn.Parameter(f.detach().clone()) for f in fused] if dtype == torch.float32 and not one_step else None
     opt_t32 = make_ref(t32) if t32 is not None else None
     for s in range(steps):
         set_grads(fused, ref, gen, s)
@@ -136,9 +151,10 @@ def run_parity_with(make_fused, make_ref, dtype, steps=20, shapes=SHAPES, seed=0
         _step_without_sync(opt_f, device)
         opt_r.step()
         if one_step:
-            compare(opt_f, opt_r, fused, ref, dtype, f"step {s}")
+            compare(opt_f, opt_r, fused, ref, dtype, f"step {s}", param_atol=param_atol)
     widen = 1.0 if t32 is None else max(1.0, 2.0 * excess(opt_t32, opt_r, t32, ref, dtype))
-    compare(opt_f, opt_r, fused, ref, dtype, f"after {steps} steps (tolerance x{widen:.2f})", widen)
+    compare(opt_f, opt_r, fused, ref, dtype, f"after {steps} steps (tolerance x{widen:.2f})", widen,
+            param_atol=param_atol)  # fmt: skip
     return opt_f, opt_r, fused, ref
 
 

@@ -5,6 +5,7 @@ conversions both ways, the small-tensor threshold, quality on a tiny model, and 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ def _cases(info):
     return list(info.cases) + list(info.grid[1::4])
 
 
-CASES = [(info, kw) for info in ENGINE_DRIVEN for kw in _cases(info)]
+# The optimizers with the keyword (Muon's states go through its own Newton-Schulz path: not yet).
+LOW_BIT = [i for i in ENGINE_DRIVEN if "state_dtype" in inspect.signature(i.fused.__init__).parameters]
+CASES = [(info, kw) for info in LOW_BIT for kw in _cases(info)]
 IDS = [f"{info.name}-{case_id(kw)}" for info, kw in CASES]
 
 
@@ -252,7 +255,7 @@ def test_non_contiguous_params(backend):
     assert torch.equal(opts[0].state[a]["exp_avg_codes"], opts[1].state[b]["exp_avg_codes"])
 
 
-@pytest.mark.parametrize(("info", "kw"), [(i, i.cases[0]) for i in ENGINE_DRIVEN], ids=[i.name for i in ENGINE_DRIVEN])
+@pytest.mark.parametrize(("info", "kw"), [(i, i.cases[0]) for i in LOW_BIT], ids=[i.name for i in LOW_BIT])
 def test_state_dict_round_trips(info, kw):
     """int8 -> int8 resumes bit-exactly; int8 -> full precision (torch.optim's class where torch has it) via
     to_full_precision_state_dict; full precision -> int8 quantizes on load."""

@@ -35,14 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(("info", "kwargs"), GRID_CASES)
 def test_grid_float64_float32(info, kwargs, backend):
     for dtype in (torch.float64, torch.float32):
-        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20)
+        run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES),
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_grid_16bit_one_step(info, kwargs, dtype, backend):
-    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20)
+    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES),
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -52,15 +54,17 @@ def test_triton_small(info, dtype):
         pytest.skip("triton is not usable on CPU tensors here")
     grid = info.grid_for(dtype)
     for kwargs in (grid[0], grid[-1]):
-        run_parity(info.fused, info.reference, kwargs, dtype, "triton", steps=20, shapes=SMALL_SHAPES)
+        run_parity(info.fused, info.reference, kwargs, dtype, "triton", steps=20,
+                   shapes=info.shapes(SMALL_SHAPES, small=True), update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", INFOS)
 def test_tensor_lr(info, backend):
     kwargs = {**info.cases[0], "lr": torch.tensor(info.cases[0]["lr"], dtype=torch.float64)}
-    shapes = SMALL_SHAPES if backend == "triton" else SHAPES
-    run_parity(info.fused, info.reference, kwargs, torch.float64, backend, steps=20, shapes=shapes)
+    shapes = info.shapes(SMALL_SHAPES, small=True) if backend == "triton" else info.shapes(SHAPES)
+    run_parity(info.fused, info.reference, kwargs, torch.float64, backend, steps=20, shapes=shapes,
+               update_noise=info.update_noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -68,7 +72,8 @@ def test_tensor_lr(info, backend):
 @pytest.mark.parametrize("info", INFOS)
 def test_state_dict_round_trip(info, direction, backend):
     kwargs = info.cases[0]
-    opt_f, opt_r, fused, ref = run_parity(info.fused, info.reference, kwargs, torch.float64, backend, 10)
+    opt_f, opt_r, fused, ref = run_parity(info.fused, info.reference, kwargs, torch.float64, backend, 10,
+                                          shapes=info.shapes(SHAPES), update_noise=info.update_noise)  # fmt: skip
     if direction == "fused_to_reference":
         new_r = info.reference(ref, **kwargs)
         new_r.load_state_dict(copy.deepcopy(opt_f.state_dict()))
@@ -90,7 +95,7 @@ def test_grad_scaler_inf_skip(info, backend):
     """GradScaler: unscale and inf-skip in the kernel match the reference's unscale_ + skipped step, and .grad is
     left unscaled as torch's fused optimizers leave it."""
     kwargs = info.cases[0]
-    fused, ref = make_params([(5,), (300,)], torch.float64)
+    fused, ref = make_params(info.shapes([(5,), (300,)], small=True), torch.float64)
     opt_f = info.fused(fused, backend=backend, **kwargs)
     opt_r = info.reference(ref, **kwargs)
     sc_f, sc_r = (torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3) for _ in range(2))
@@ -100,8 +105,8 @@ def test_grad_scaler_inf_skip(info, backend):
         for r, f in zip(ref, fused):
             r.grad = f.grad.detach().clone()
         if s in (0, 4, 5):  # the first step too: no state may move, 'step' included
-            fused[1].grad[7] = float("inf") if s != 5 else float("nan")
-            ref[1].grad[7] = fused[1].grad[7]
+            fused[1].grad.view(-1)[7] = float("inf") if s != 5 else float("nan")
+            ref[1].grad.view(-1)[7] = fused[1].grad.view(-1)[7]
         for sc in (sc_f, sc_r):
             sc.scale(torch.ones(()))
         sc_f.step(opt_f)
@@ -121,7 +126,7 @@ def test_non_contiguous_and_repeated_params(info, backend):
     """A strided view param and a param listed twice in its group (stepped twice, as torch's loop does)."""
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(6, 10, generator=gen, dtype=torch.float64)
-    other = torch.randn(37, generator=gen, dtype=torch.float64)
+    other = torch.randn((5, 7) if info.matrices_only else (37,), generator=gen, dtype=torch.float64)
     fused = [torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(other.clone())]
     ref = [torch.nn.Parameter(base.clone().t().contiguous()), torch.nn.Parameter(other.clone())]
     with pytest.warns(UserWarning, match="duplicate"):
@@ -184,7 +189,8 @@ def test_boundary_errors_same_on_every_backend(info):
     params = [torch.randn(4, 2), torch.randn(3)]
     grads = [torch.randn_like(p) for p in params]
     steps = [torch.zeros(()) for _ in params] if spec.scalar == "step" else []
-    defaults = info.fused([torch.nn.Parameter(torch.ones(1))], backend="torch").defaults
+    one = torch.nn.Parameter(torch.ones(1, 1) if info.matrices_only else torch.ones(1))
+    defaults = info.fused([one], backend="torch").defaults
     hyper = spec.hyper_values({**defaults, **info.cases[0]})  # cases[0] uses the first state list
     bad_lists = {
         "has shape [4], its param [4, 2]": [torch.zeros(4), torch.zeros(3)],
@@ -222,13 +228,14 @@ def test_lower_isa_parity(capability):
     code = (
         "import sys, torch; sys.path.insert(0, 'tests')\n"
         "from optim_db import ENGINE_DRIVEN\n"
-        "from parity_steps import run_parity\n"
+        "from parity_steps import SHAPES, run_parity\n"
         "from fusedopt import _backend\n"
         f"assert _backend.cpu_extension()[0].cpu_capability() == {capability!r}\n"
         "for info in ENGINE_DRIVEN:\n"
         "    for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
         "        for kw in info.grid_for(dtype)[::3]:\n"
-        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20)\n"
+        "            run_parity(info.fused, info.reference, kw, dtype, 'cpu', steps=20, shapes=info.shapes(SHAPES),\n"
+        "                       update_noise=info.update_noise)\n"
     )
     env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -244,9 +251,14 @@ def test_every_optimizer_has_a_registry_entry():
         assert getattr(fusedopt, name) is getattr(fusedopt.optim, name), f"fusedopt.{name} is not exported"
 
 
-@pytest.mark.parametrize("info", INFOS)
-def test_every_engine_optimizer_has_every_backend(info):
-    spec = info.fused.SPEC
+def _specs(info) -> list:
+    return [
+        pytest.param(info, spec, id=f"{info.name}-{spec.op}") for spec in (info.fused.SPEC, *info.fused.EXTRA_SPECS)
+    ]
+
+
+@pytest.mark.parametrize(("info", "spec"), [p for i in ENGINE_DRIVEN for p in _specs(i)])
+def test_every_engine_optimizer_has_every_backend(info, spec):
     assert hasattr(torch.ops.fusedopt, f"{spec.op}_step"), "op not registered"
     ext = _backend.cpu_extension()[0]
     assert spec.op in ext.optimizer_info, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (csrc/common/optimizers.h)"
@@ -276,4 +288,5 @@ def test_all_kernels_inc_is_generated_from_the_glob():
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize(("info", "kwargs"), FEW_CASES)
 def test_parity_gpu(info, kwargs, dtype, backend):
-    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=SHAPES_GPU, device="cuda")
+    run_parity(info.fused, info.reference, kwargs, dtype, backend, steps=20, shapes=info.shapes(SHAPES_GPU),
+               device="cuda", update_noise=info.update_noise)  # fmt: skip

@@ -10,6 +10,8 @@ stochastic rounding tracks the float32 run.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import cpu_backends
@@ -20,7 +22,9 @@ import fusedopt
 from fusedopt.ops import optim_step
 from fusedopt.reference import stochastic_round_bf16
 
-INFOS = [pytest.param(i, id=i.name) for i in OPTIM_DB]
+# The optimizers with the keyword (Muon's Newton-Schulz path stores no bf16 param through the engines alone yet).
+INFOS = [pytest.param(i, id=i.name) for i in OPTIM_DB
+         if "bf16_stochastic_round" in inspect.signature(i.fused.__init__).parameters]  # fmt: skip
 SHAPES = [(), (0,), (3,), (33, 17), (1100,)]
 
 

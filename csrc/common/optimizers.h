@@ -4,6 +4,8 @@
 #include "common/adagrad_math.h"
 #include "common/adam_math.h"
 #include "common/lion_math.h"
+#include "common/muon_momentum_math.h"
+#include "common/muon_update_math.h"
 #include "common/rmsprop_math.h"
 #include "common/sgd_math.h"
 
@@ -11,5 +13,7 @@
   X(::fusedopt::Adagrad)               \
   X(::fusedopt::Adam)                  \
   X(::fusedopt::Lion)                  \
+  X(::fusedopt::MuonMomentum)          \
+  X(::fusedopt::MuonUpdate)            \
   X(::fusedopt::Rmsprop)               \
   X(::fusedopt::Sgd)

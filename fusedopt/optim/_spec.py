@@ -93,12 +93,14 @@ class SpecOptimizerMixin(LowBitStateMixin):
     state_dict), one fused op call per bucket, the bucket's lists held in C++ on the cpu/cuda backends."""
 
     SPEC: OptimizerSpec
+    EXTRA_SPECS: tuple = ()  # further engine ops the step calls (Muon's muon_update after muon_momentum)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         from fusedopt.ops import optim_step
 
-        optim_step.op_for(cls.SPEC)  # fusedopt::<op>_step exists once the class does (opcheck, torch.compile)
+        for spec in (cls.SPEC, *cls.EXTRA_SPECS):  # fusedopt::<op>_step exists once the class does (opcheck, compile)
+            optim_step.op_for(spec)
 
     @property
     def STATE_KEYS(self) -> tuple:
