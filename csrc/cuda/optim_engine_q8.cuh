@@ -125,7 +125,7 @@ void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
   lists[kScalarList] = a.scalars;
   auto table = build_table<kLists>(lists);
   const bool has_scalars = !a.scalars->empty();
-  if (Op::kScalar == TensorScalar::kStep && has_scalars) increment_steps(table, kScalarList, a.found_inf);
+  if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_q8", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       OptimQ8Functor<Op, scalar_t> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize,
@@ -136,7 +136,8 @@ void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
       TORCH_CHECK(false, "fusedopt ", Op::kName, "_step_q8 (cuda): float64 params have no 8-bit states");
     }
   });
-  if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars) clear_flags(table, kScalarList, a.found_inf);
+  if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars)
+    update_scalars(table, kScalarList, a.found_inf, 0.0f, 0.0f);  // the first step is done
 }
 
 }  // namespace fusedopt::cuda
