@@ -45,7 +45,11 @@ struct CpuOptimBackend {
       for (int k = 0; k < Op::kStates; ++k) a.states[k].push_back(in.states[k][i].data_ptr());
       if (Op::kHasStep) a.step.push_back(in.steps[i].template data_ptr<float>());
     }
-    FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+    if constexpr (is_norm_optimizer<Op>::value) {
+      FUSEDOPT_CPU_KERNEL(norm_optim_step<Op>)(a);
+    } else {
+      FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+    }
   }
 
 };

@@ -123,7 +123,7 @@ bool optim_step_bucket_entry(TensorBucket& b, double lr, const std::optional<at:
   return true;
 }
 
-// Registers <name>_step and <name>_step_bucket for every optimizer of the list, and `optimizer_info`:
+// Registers <name>_step and <name>_step_bucket for every optimizer of both lists (elementwise and two-pass), and `optimizer_info`:
 // name -> (hyperparameter names, state list names, has step), which the contract test compares with the specs.
 template <typename Backend>
 void bind_optimizer_steps(pybind11::module_& m) {
@@ -135,6 +135,7 @@ void bind_optimizer_steps(pybind11::module_& m) {
         "The step on a TensorBucket; False if a grad is None");                                            \
   info[Op::kName] = pybind11::make_tuple(hyper_names<Op>(), state_names<Op>(), Op::kHasStep);
   FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND)
+  FUSEDOPT_FOR_EACH_NORM_OPTIMIZER(FUSEDOPT_BIND)
 #undef FUSEDOPT_BIND
   m.attr("optimizer_info") = info;
 }

@@ -149,6 +149,8 @@ struct CrossEntropyScaleArgs {
   void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);      \
   template <typename Op>                                                 \
   void optim_step(const OptimStepArgs<typename Op::Hyper>& args);        \
+  template <typename Op>                                                 \
+  void norm_optim_step(const OptimStepArgs<typename Op::Hyper>& args);   \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

@@ -59,6 +59,9 @@ struct OptimLaunch {
 };
 template <typename Op>
 void optim_step(const OptimLaunch<typename Op::Hyper>& args);
+// The two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER): stage 1 with per-tensor sums, stage 2 (norm_engine.cuh).
+template <typename Op>
+void norm_optim_step(const OptimLaunch<typename Op::Hyper>& args);
 
 // sum |x|^p (max |x| for p = inf) over contiguous tensors of one dtype, as a device scalar (double for float64,
 // else float). The caller takes the root.

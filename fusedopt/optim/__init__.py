@@ -2,8 +2,9 @@
 
 from fusedopt.optim.adagrad import Adagrad
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.lamb import LAMB
 from fusedopt.optim.lion import Lion
 from fusedopt.optim.rmsprop import RMSprop
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
+__all__ = ["LAMB", "SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]

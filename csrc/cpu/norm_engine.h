@@ -1,0 +1,144 @@
+// The CPU engine of the two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER, e.g. LAMB): everything of a step but
+// the math, as cpu/optim_engine.h does for the elementwise ones. One dtype switch, the found_inf skip and step
+// increment, then
+//   pass 1: one parallel region over the 32K-element chunks of every tensor: loads, the grad divisor,
+//           write_back_grads, maximize, Op::stage1 (states updated, Op::kNorms sums per element), stores of the
+//           states; each chunk's sums folded into doubles (per 1024 elements) and kept per chunk;
+//   between: each tensor's sums added in chunk order (deterministic, whatever the thread count), and
+//           Op::step_size(hyper, lr, sums) per tensor, in double;
+//   pass 2: one parallel region: Op::stage2 with the tensor's step size, stores of the params.
+// Included only from a capability translation unit (cpu/norm_optimizers.cpp via all_kernels.inc).
+#pragma once
+#include <array>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/multi_tensor.h"
+#include "cpu/vec_io.h"
+#include "cpu/vec_ops.h"
+// Math headers after vec_ops.h: their unqualified vsqrt/vsign/... calls must see the Vectorized overloads.
+#include "common/optimizers.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+namespace norm_engine {
+
+constexpr int64_t kSubBlock = 1024;  // opmath vectors accumulate this many elements before a fold into double
+
+template <typename Op>
+using Sums = std::array<double, Op::kNorms>;
+
+template <typename Op, typename T>
+std::array<T*, Op::kStates> state_ptrs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
+  std::array<T*, Op::kStates> s{};
+  for (int k = 0; k < Op::kStates; ++k) s[k] = static_cast<T*>(a.states[k][t]);
+  return s;
+}
+
+template <typename Op, typename T>
+Sums<Op> stage1_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+                      opmath_t<T> grad_factor) {
+  using B = Block<T>;
+  using V = typename B::Vec;
+  using S = opmath_t<T>;
+  const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.step[t]));
+  auto* param = static_cast<T*>(a.param[t]);
+  auto* grad = static_cast<T*>(a.grad[t]);
+  const auto state = state_ptrs<Op, T>(a, t);
+  Sums<Op> total{};
+  for (int64_t sub = begin; sub < end; sub += kSubBlock) {
+    const int64_t sub_end = std::min(end, sub + kSubBlock);
+    std::array<V, Op::kNorms> acc;
+    acc.fill(V(S(0)));
+    for (int64_t i = sub; i < sub_end; i += B::kSize) {
+      const int64_t n = std::min<int64_t>(B::kSize, sub_end - i);
+      B p = B::load(param + i, n), g = B::load(grad + i, n);
+      std::array<B, Op::kStates> st;
+      for (int k = 0; k < Op::kStates; ++k) st[k] = B::load(state[k] + i, n);
+      for (int l = 0; l < B::kLanes; ++l) g.lane[l] = g.lane[l] * V(grad_factor);
+      if (a.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
+      for (int l = 0; l < B::kLanes; ++l) {
+        std::array<V, Op::kStates> s;
+        for (int k = 0; k < Op::kStates; ++k) s[k] = st[k].lane[l];
+        std::array<V, Op::kNorms> part;
+        part.fill(V(S(0)));
+        Op::template stage1<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data(), part.data());
+        // Lanes past the tensor's end (zero-filled loads) add nothing, whatever the math made of them.
+        const int64_t valid = std::clamp<int64_t>(n - int64_t(l) * V::size(), 0, V::size());
+        for (int k = 0; k < Op::kNorms; ++k) acc[k] = acc[k] + V::set(V(S(0)), part[k], valid);
+        for (int k = 0; k < Op::kStates; ++k) st[k].lane[l] = s[k];
+      }
+      for (int k = 0; k < Op::kStates; ++k) st[k].store(state[k] + i, n);
+    }
+    for (int k = 0; k < Op::kNorms; ++k) {
+      S lanes[V::size()];
+      acc[k].store(lanes);
+      for (int l = 0; l < V::size(); ++l) total[k] += static_cast<double>(lanes[l]);
+    }
+  }
+  return total;
+}
+
+template <typename Op, typename T>
+void stage2_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end, double step) {
+  using B = Block<T>;
+  using V = typename B::Vec;
+  using S = opmath_t<T>;
+  const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.step[t]));
+  auto* param = static_cast<T*>(a.param[t]);
+  const auto state = state_ptrs<Op, T>(a, t);
+  for (int64_t i = begin; i < end; i += B::kSize) {
+    const int64_t n = std::min<int64_t>(B::kSize, end - i);
+    B p = B::load(param + i, n);
+    std::array<B, Op::kStates> st;
+    for (int k = 0; k < Op::kStates; ++k) st[k] = B::load(state[k] + i, n);
+    for (int l = 0; l < B::kLanes; ++l) {
+      std::array<V, Op::kStates> s;
+      for (int k = 0; k < Op::kStates; ++k) s[k] = st[k].lane[l];
+      Op::template stage2<V>(c, S(step), p.lane[l], s.data());
+    }
+    p.store(param + i, n);
+  }
+}
+
+template <typename Op, typename T>
+void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
+  using V = typename Block<T>::Vec;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip, steps too
+  if constexpr (Op::kHasStep)
+    for (float* step : a.step) *step += 1.0f;
+  const double grad_factor = a.grad_divisor != nullptr ? 1.0 / static_cast<double>(*a.grad_divisor) : 1.0;
+  const std::vector<Chunk> chunks = split_into_chunks(a.numel);
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<Sums<Op>> partial(chunks.size());
+  at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      partial[i] = stage1_chunk<Op, T>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, opmath_t<T>(grad_factor));
+  });
+  // The chunks of a tensor are consecutive: its sums in chunk order, then its step size.
+  std::vector<double> step(a.numel.size(), 0.0);
+  for (int64_t i = 0; i < n_chunks;) {
+    const int64_t t = chunks[i].tensor;
+    Sums<Op> sums{};
+    for (; i < n_chunks && chunks[i].tensor == t; ++i)
+      for (int k = 0; k < Op::kNorms; ++k) sums[k] += partial[i][k];
+    step[t] = Op::template step_size<V>(a.hyper, a.lr, sums.data());
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      stage2_chunk<Op, T>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, step[chunks[i].tensor]);
+  });
+}
+
+}  // namespace norm_engine
+
+template <typename Op>
+void norm_optim_step(const OptimStepArgs<typename Op::Hyper>& a) {
+  switch (a.kind) {
+    case ScalarKind::Float: return norm_engine::run_typed<Op, float>(a);
+    case ScalarKind::Double: return norm_engine::run_typed<Op, double>(a);
+    case ScalarKind::BFloat16: return norm_engine::run_typed<Op, c10::BFloat16>(a);
+    case ScalarKind::Half: return norm_engine::run_typed<Op, c10::Half>(a);
+  }
+}
+
+}  // namespace fusedopt::cpu::CPU_CAPABILITY
