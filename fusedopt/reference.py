@@ -428,40 +428,32 @@ def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
               write_back_grads):  # fmt: skip
     """LAMB (You et al. 2019) with apex FusedLAMB's options (csrc/common/lamb_math.h): Adam's moments (beta3 = 1 -
     beta1 with grad_averaging, L2 or decoupled weight decay), the direction u, and p -= lr * ratio * u with
-    ratio = ||p|| / ||u|| (1 when either is 0; only with weight decay or use_nvlamb, as apex). The norm is of u
-    from the unrounded moments; the update uses the stored (rounded, for 16-bit states) moments, as the kernels'
-    second pass does."""
+    ratio = ||p|| / ||u|| (1 when either is 0; only with weight decay or use_nvlamb, as apex)."""
     exp_avgs, exp_avg_sqs = states
     skip = _engine_step_begin("lamb", params, grads, states, ["exp_avgs", "exp_avg_sqs"], steps, found_inf)
     lr = lr_tensor if lr_tensor is not None else lr
     beta1, beta2, eps, wd = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"]
-    decoupled = hyper["adam_w_mode"] != 0
+    decoupled, bias = hyper["adam_w_mode"] != 0, hyper["bias_correction"] != 0
     beta3 = 1.0 - beta1 if hyper["grad_averaging"] != 0 else 1.0
-    adaptive = wd != 0 or hyper["use_nvlamb"] != 0
     for i, param in enumerate(params):
         ot = opmath_dtype(param.dtype)
         steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
         t = steps[i].to(torch.float64)
-        bias = hyper["bias_correction"] != 0
         bc1 = (1 - beta1**t if bias else torch.ones_like(t)).to(ot)
         bc2 = (1 - beta2**t if bias else torch.ones_like(t)).to(ot)
-
-        def direction(p, m, v, bc1=bc1, bc2=bc2):
-            u = (m / bc1) / ((v / bc2).sqrt() + eps)
-            return u + wd * p if decoupled and wd != 0 else u
-
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if not decoupled and wd != 0:
             g = g + wd * p
         m = exp_avgs[i].to(ot) * beta1 + beta3 * g
         v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
+        u = (m / bc1) / ((v / bc2).sqrt() + eps)
+        if decoupled and wd != 0:
+            u = u + wd * p
         step_size = torch.as_tensor(_lr_value(lr, param.device), dtype=torch.float64, device=param.device)
-        if adaptive:
-            p_norm = p.double().square().sum().sqrt()
-            u_norm = direction(p, m, v).double().square().sum().sqrt()
+        if wd != 0 or hyper["use_nvlamb"] != 0:
+            p_norm, u_norm = p.double().square().sum().sqrt(), u.double().square().sum().sqrt()
             step_size = step_size * torch.where((p_norm != 0) & (u_norm != 0), p_norm / u_norm, 1.0)
+        _commit(param, p - step_size.to(ot) * u, skip)
         _commit(exp_avgs[i], m, skip)
         _commit(exp_avg_sqs[i], v, skip)
-        m, v = exp_avgs[i].to(ot), exp_avg_sqs[i].to(ot)  # the stored moments, as the second pass reads them
-        _commit(param, p - step_size.to(ot) * direction(p, m, v), skip)

@@ -44,6 +44,65 @@ class PaperLion(torch.optim.Optimizer):
                 m.copy_(beta2 * m + (1 - beta2) * g)
 
 
+class PaperLAMB(torch.optim.Optimizer):
+    """LAMB as the paper writes it (You et al. 2019, Algorithm 2, phi = identity), with apex FusedLAMB's options,
+    plainly, for float64 references; written independently of fusedopt.reference.lamb_step:
+      g = clip(g);  g += wd * x (adam_w_mode=False);  m = beta1 m + beta3 g;  v = beta2 v + (1 - beta2) g^2;
+      r = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) (+ wd * x with adam_w_mode);
+      x -= lr * (||x|| / ||r||) * r, the ratio 1 when a norm is 0, and 1 without weight decay unless use_nvlamb.
+    The clip is the global 2-norm of every grad: fusedopt's folded max_grad_norm, clip_grad_norm_'s coefficient
+    min(max / (norm + 1e-6), 1), applied as a float32 divisor 1 / coef as the fused kernels carry it."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 amsgrad=False, adam_w_mode=True, grad_averaging=True, set_grad_none=True, max_grad_norm=1.0,
+                 use_nvlamb=False, *, maximize=False, foreach=None):  # fmt: skip
+        defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
+                    "weight_decay": weight_decay, "adam_w_mode": adam_w_mode, "grad_averaging": grad_averaging,
+                    "use_nvlamb": use_nvlamb, "maximize": maximize}  # fmt: skip
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = {id(p): p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+        divisor = None
+        if self.max_grad_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads.values()]))
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            divisor = coef.reciprocal().float().double()
+            for g in grads.values():  # in place, as clip_grad_norm_ (and under GradScaler fusedopt's write-back)
+                g.div_(divisor)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            for x in group["params"]:
+                if x.grad is None:
+                    continue
+                g = -x.grad if group["maximize"] else x.grad
+                state = self.state[x]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(x)
+                    state["exp_avg_sq"] = torch.zeros_like(x)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if not group["adam_w_mode"]:
+                    g = g + wd * x
+                m.copy_(beta1 * m + beta3 * g)
+                v.copy_(beta2 * v + (1 - beta2) * g * g)
+                c1, c2 = (1 - beta1**t, 1 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
+                r = (m / c1) / ((v / c2).sqrt() + eps)
+                if group["adam_w_mode"]:
+                    r = r + wd * x
+                ratio = 1.0
+                if wd != 0 or group["use_nvlamb"]:
+                    x_norm, r_norm = x.norm(), r.norm()
+                    ratio = torch.where((x_norm != 0) & (r_norm != 0), x_norm / r_norm, 1.0)
+                x.sub_(lr * ratio * r)
+
+
 @dataclass(frozen=True)
 class OptimInfo:
     name: str
@@ -56,6 +115,9 @@ class OptimInfo:
     family_cases: dict = field(default_factory=dict)
     grid: tuple = field(default=())  # full parity grid (engine-driven optimizers)
     grid_16bit: tuple | None = None  # the bf16/fp16 one-step grid; None: every 5th of `grid`
+    # test family or scenario -> why it cannot apply; the family then runs the check named in the reason instead of
+    # the case (e.g. "fsdp2": LAMB refuses DTensor params)
+    not_applicable: dict = field(default_factory=dict)
 
     def cases_for(self, family: str | None) -> tuple:
         return self.family_cases.get(family, self.cases)
@@ -137,6 +199,24 @@ OPTIM_DB = (
             {"weight_decay": [0.0, 0.1], "maximize": [False, True], "betas": [(0.93, 0.99), (0.0, 0.5), (1.0, 0.9)]},
             [{"lr": 1e-3}, {"lr": 3e-2}],
         )[::2],
+    ),
+    OptimInfo(
+        "LAMB", fusedopt.LAMB, PaperLAMB, "lamb_step",
+        # max_grad_norm=1.0 (apex's default, folded) is on in every case: the reference clips the same way.
+        cases=(
+            {"lr": 1e-2, "weight_decay": 0.1},
+            {"lr": 3e-3, "betas": (0.8, 0.99), "adam_w_mode": False, "weight_decay": 0.05, "maximize": True},
+        ),
+        grid=_grid(
+            {"weight_decay": [0.0, 0.1], "adam_w_mode": [True, False], "maximize": [False, True]},
+            [{"lr": 1e-2},
+             {"lr": 3e-2, "bias_correction": False, "use_nvlamb": True, "eps": 1e-8, "max_grad_norm": None},
+             {"lr": 1e-3, "grad_averaging": False, "betas": (0.8, 0.99), "max_grad_norm": 5.0},
+             {"lr": 2e-2, "betas": (0.0, 0.5), "eps": 1e-3, "use_nvlamb": True}],
+        ),
+        # FSDP2: the trust ratio needs each param's global norm, and the kernels see local shards.
+        not_applicable={"fsdp2": "LAMB's trust ratio needs each param's global norm and fusedopt's kernels see "
+                                 "FSDP2's local shards: LAMB raises NotImplementedError on DTensor params (checked)"},
     ),
 )  # fmt: skip
 

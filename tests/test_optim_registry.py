@@ -195,7 +195,8 @@ def test_boundary_errors_same_on_every_backend(info):
             message = f"fusedopt {spec.op}_step ({backend}): {name}"
             message += "[0] " + match if "shape" in match else " " + match
             with pytest.raises(RuntimeError) as err:
-                optim_step.step(spec, params, grads, [bad], steps, lr=0.1, hyper=hyper, maximize=False,
+                others = [[torch.zeros_like(p) for p in params] for _ in spec.states[1:]]
+                optim_step.step(spec, params, grads, [bad, *others], steps, lr=0.1, hyper=hyper, maximize=False,
                                 backend=backend)  # fmt: skip
             assert message in str(err.value), f"{backend}: {err.value}"
 

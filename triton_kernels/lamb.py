@@ -1,8 +1,9 @@
 """LAMB in Triton: the two-pass form of csrc/cpu/norm_engine.h and csrc/cuda/norm_engine.cuh, with the math of
 csrc/common/lamb_math.h (Triton cannot share the C++; the order of operations is the same). Two launches per
-bucket besides the step prologue: stage 1 updates the moments and writes each program's partial sums of p^2 and
-u^2; stage 2 adds the partials of its tensor's programs (consecutive in the table's block map) in a fixed order,
-forms lr * trust ratio in float64 and applies p -= step * u, u recomputed from the new moments."""
+bucket besides the step prologue: stage 1 reads p, g and the moments and writes each program's partial sums of p^2
+and u^2 (nothing else); stage 2 adds the partials of its tensor's programs (consecutive in the table's block map) in
+a fixed order, forms lr * trust ratio in float64, computes the moments and u again from the same inputs and stores
+the moments and p -= step * u (and the unscaled grad under GradScaler)."""
 
 from __future__ import annotations
 
@@ -42,16 +43,20 @@ def _coefs(addrs_ptr, n_tensors, t, hp_ptr, OPMATH: tl.constexpr):
 
 
 @triton.jit
-def _direction(param, m, v, bc1, bc2, eps, wd, decoupled):
+def _moments(param, grad, m, v, beta1, beta3, beta2, one_minus_beta2, bc1, bc2, eps, wd, decoupled):
+    """The new moments and the direction u (lamb_math.h's moments): both stages compute them from the same inputs."""
+    grad = tl.where((decoupled == 0) & (wd != 0), grad + wd * param, grad)
+    m = m * beta1 + beta3 * grad
+    v = v * beta2 + one_minus_beta2 * grad * grad
     u = (m / bc1) / (tl.sqrt(v / bc2) + eps)
-    return tl.where(decoupled & (wd != 0), u + wd * param, u)
+    return m, v, tl.where(decoupled & (wd != 0), u + wd * param, u)
 
 
 @triton.jit
 def lamb_stage1_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     partials_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -60,19 +65,10 @@ def lamb_stage1_kernel(
     param = tl.load(p_ptr + offs, mask=mask, other=0).to(OPMATH)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(OPMATH)
     v = tl.load(v_ptr + offs, mask=mask, other=0).to(OPMATH)
-    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
-                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
-    beta1, beta3, beta2, one_minus_beta2, bc1, bc2, eps, wd, decoupled = _coefs(addrs_ptr, n_tensors, t, hp_ptr,
-                                                                                OPMATH)  # fmt: skip
-
-    # --- LAMB stage 1 (lamb_math.h) ---
-    grad = tl.where((decoupled == 0) & (wd != 0), grad + wd * param, grad)
-    m = m * beta1 + beta3 * grad
-    v = v * beta2 + one_minus_beta2 * grad * grad
-    u = _direction(param, m, v, bc1, bc2, eps, wd, decoupled)
-
-    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR, False,
+                     MAXIMIZE)  # fmt: skip
+    b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled = _coefs(addrs_ptr, n_tensors, t, hp_ptr, OPMATH)
+    _, _, u = _moments(param, grad, m, v, b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled)  # nothing stored
     pid = tl.program_id(0)
     tl.store(partials_ptr + 2 * pid, tl.sum(tl.where(mask, param * param, 0.0)).to(tl.float64))
     tl.store(partials_ptr + 2 * pid + 1, tl.sum(tl.where(mask, u * u, 0.0)).to(tl.float64))
@@ -80,8 +76,9 @@ def lamb_stage1_kernel(
 
 @triton.jit
 def lamb_stage2_kernel(
-    addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, found_inf_ptr, partials_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
+    partials_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     # This tensor's programs: (this program - its block index within the tensor), one per BLOCK elements.
@@ -106,9 +103,13 @@ def lamb_stage2_kernel(
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
     m = tl.load(m_ptr + offs, mask=mask).to(OPMATH)
     v = tl.load(v_ptr + offs, mask=mask).to(OPMATH)
-    _, _, _, _, bc1, bc2, eps, wd, decoupled = _coefs(addrs_ptr, n_tensors, t, hp_ptr, OPMATH)
-    param = param - step * _direction(param, m, v, bc1, bc2, eps, wd, decoupled)
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
+                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
+    b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled = _coefs(addrs_ptr, n_tensors, t, hp_ptr, OPMATH)
+    m, v, u = _moments(param, grad, m, v, b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled)
+    tl.store(p_ptr + offs, (param - step * u).to(DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
 
 
 def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
@@ -132,9 +133,8 @@ def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
     found = found_inf.float() if found_inf is not None else hp
     common = (table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp)
     flags = dict(DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
-    lamb_stage1_kernel[(table.blocks,)](
-        *common, grad_divisor.float() if grad_divisor is not None else hp, found, partials, MAXIMIZE=maximize,
-        HAS_DIVISOR=grad_divisor is not None, WRITE_BACK_GRADS=write_back_grads, **flags,
-    )  # fmt: skip
-    lamb_stage2_kernel[(table.blocks,)](*common, found, partials, **flags)
+    common = (*common, grad_divisor.float() if grad_divisor is not None else hp, found, partials)
+    flags.update(MAXIMIZE=maximize, HAS_DIVISOR=grad_divisor is not None)
+    lamb_stage1_kernel[(table.blocks,)](*common, **flags)
+    lamb_stage2_kernel[(table.blocks,)](*common, WRITE_BACK_GRADS=write_back_grads, **flags)
     copies.finish()

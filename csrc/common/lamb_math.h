@@ -8,8 +8,10 @@
 //     u += wd * p                                   (adam_w_mode = 1: decoupled)
 //     sums: ||p||^2 and ||u||^2 of the tensor
 //   per tensor: ratio = ||p|| / ||u||, 1 when either norm is 0; only when wd != 0 or use_nvlamb (apex), else 1
-//   stage 2 (per element): p -= lr * ratio * u, u recomputed from the new m, v and the unchanged p (apex stores u in
-//   the grad; recomputing keeps .grad untouched and u unrounded for 16-bit params).
+//   stage 2 (per element): m, v and u computed again from the same inputs, m and v stored, p -= lr * ratio * u.
+// Stage 1 only reads (p, g, m, v); stage 2 reads them again and writes p, m, v. apex instead stores u over the grad
+// in stage 1; recomputing keeps .grad untouched (as every fusedopt optimizer) and u unrounded for 16-bit params:
+// a u recomputed from stored 16-bit moments would see v underflow to 0 in float16 and step by m / eps.
 // The grad reaches stage 1 divided (GradScaler, the folded global clip of max_grad_norm) and negated under maximize.
 #pragma once
 #include "common/optim_op.h"
@@ -57,22 +59,23 @@ struct LAMB {
             S(bc2),     S(h.eps),   S(h.weight_decay), h.adam_w_mode != 0};
   }
 
-  // The update direction u from the (new) moments and the param.
+  // The moments (state updated in place) and the update direction u. Both stages call it on the same inputs, so
+  // they see the same u, from unrounded moments.
   template <typename V>
-  FUSEDOPT_HOST_DEVICE static V direction(const Coefs<scalar_of<V>>& c, const V& param, const V* state) {
+  FUSEDOPT_HOST_DEVICE static V moments(const Coefs<scalar_of<V>>& c, const V& param, V grad, V* state) {
+    if (!c.decoupled && c.weight_decay != 0) grad = grad + V(c.weight_decay) * param;
+    state[0] = state[0] * V(c.beta1) + V(c.beta3) * grad;
+    state[1] = state[1] * V(c.beta2) + V(c.one_minus_beta2) * grad * grad;
     V u = (state[0] / V(c.bc1)) / (vsqrt(state[1] / V(c.bc2)) + V(c.eps));
     if (c.decoupled && c.weight_decay != 0) u = u + V(c.weight_decay) * param;
     return u;
   }
 
-  // Stage 1: the moments, and this element's contributions to the tensor's sums.
+  // Stage 1 (reads only; the engine drops the updated state): this element's contributions to the tensor's sums.
   template <typename V>
   FUSEDOPT_HOST_DEVICE static void stage1(const Coefs<scalar_of<V>>& c, const V& param, V grad, V* state,
                                           V* sums) {
-    if (!c.decoupled && c.weight_decay != 0) grad = grad + V(c.weight_decay) * param;
-    state[0] = state[0] * V(c.beta1) + V(c.beta3) * grad;
-    state[1] = state[1] * V(c.beta2) + V(c.one_minus_beta2) * grad * grad;
-    const V u = direction<V>(c, param, state);
+    const V u = moments<V>(c, param, grad, state);
     sums[0] = sums[0] + param * param;
     sums[1] = sums[1] + u * u;
   }
@@ -85,11 +88,11 @@ struct LAMB {
     return (param_norm != 0 && update_norm != 0) ? lr * (param_norm / update_norm) : lr;
   }
 
-  // Stage 2: p -= step_size * u.
+  // Stage 2: the moments again (stored this time) and p -= step_size * u.
   template <typename V>
-  FUSEDOPT_HOST_DEVICE static void stage2(const Coefs<scalar_of<V>>& c, scalar_of<V> step, V& param,
-                                          const V* state) {
-    param = param - V(step) * direction<V>(c, param, state);
+  FUSEDOPT_HOST_DEVICE static void stage2(const Coefs<scalar_of<V>>& c, scalar_of<V> step, V& param, V grad,
+                                          V* state) {
+    param = param - V(step) * moments<V>(c, param, grad, state);
   }
 };
 

@@ -1,12 +1,13 @@
 // The CPU engine of the two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER, e.g. LAMB): everything of a step but
 // the math, as cpu/optim_engine.h does for the elementwise ones. One dtype switch, the found_inf skip and step
 // increment, then
-//   pass 1: one parallel region over the 32K-element chunks of every tensor: loads, the grad divisor,
-//           write_back_grads, maximize, Op::stage1 (states updated, Op::kNorms sums per element), stores of the
-//           states; each chunk's sums folded into doubles (per 1024 elements) and kept per chunk;
+//   pass 1: one parallel region over the 32K-element chunks of every tensor: loads of p, g and the states, the grad
+//           divisor, maximize, Op::stage1 (Op::kNorms sums per element; nothing stored); each chunk's sums folded
+//           into doubles (per 1024 elements) and kept per chunk;
 //   between: each tensor's sums added in chunk order (deterministic, whatever the thread count), and
 //           Op::step_size(hyper, lr, sums) per tensor, in double;
-//   pass 2: one parallel region: Op::stage2 with the tensor's step size, stores of the params.
+//   pass 2: one parallel region: the same loads, write_back_grads, Op::stage2 with the tensor's step size, stores
+//           of p and the states.
 // Included only from a capability translation unit (cpu/norm_optimizers.cpp via all_kernels.inc).
 #pragma once
 #include <array>
@@ -27,23 +28,19 @@ constexpr int64_t kSubBlock = 1024;  // opmath vectors accumulate this many elem
 template <typename Op>
 using Sums = std::array<double, Op::kNorms>;
 
-template <typename Op, typename T>
-std::array<T*, Op::kStates> state_ptrs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
-  std::array<T*, Op::kStates> s{};
-  for (int k = 0; k < Op::kStates; ++k) s[k] = static_cast<T*>(a.states[k][t]);
-  return s;
-}
-
-template <typename Op, typename T>
-Sums<Op> stage1_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
-                      opmath_t<T> grad_factor) {
+// Stage 1 reads p, g and the states (write_back_grads and the state stores wait for stage 2, which computes the
+// same values again); stage 2 reads them again and stores p, the states and, under GradScaler, the unscaled grad.
+template <typename Op, typename T, int kStage>
+Sums<Op> run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+                   opmath_t<T> grad_factor, double step) {
   using B = Block<T>;
   using V = typename B::Vec;
   using S = opmath_t<T>;
   const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.step[t]));
   auto* param = static_cast<T*>(a.param[t]);
   auto* grad = static_cast<T*>(a.grad[t]);
-  const auto state = state_ptrs<Op, T>(a, t);
+  std::array<T*, Op::kStates> state{};
+  for (int k = 0; k < Op::kStates; ++k) state[k] = static_cast<T*>(a.states[k][t]);
   Sums<Op> total{};
   for (int64_t sub = begin; sub < end; sub += kSubBlock) {
     const int64_t sub_end = std::min(end, sub + kSubBlock);
@@ -55,49 +52,37 @@ Sums<Op> stage1_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int
       std::array<B, Op::kStates> st;
       for (int k = 0; k < Op::kStates; ++k) st[k] = B::load(state[k] + i, n);
       for (int l = 0; l < B::kLanes; ++l) g.lane[l] = g.lane[l] * V(grad_factor);
-      if (a.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
+      if (kStage == 2 && a.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
       for (int l = 0; l < B::kLanes; ++l) {
         std::array<V, Op::kStates> s;
         for (int k = 0; k < Op::kStates; ++k) s[k] = st[k].lane[l];
-        std::array<V, Op::kNorms> part;
-        part.fill(V(S(0)));
-        Op::template stage1<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data(), part.data());
-        // Lanes past the tensor's end (zero-filled loads) add nothing, whatever the math made of them.
-        const int64_t valid = std::clamp<int64_t>(n - int64_t(l) * V::size(), 0, V::size());
-        for (int k = 0; k < Op::kNorms; ++k) acc[k] = acc[k] + V::set(V(S(0)), part[k], valid);
-        for (int k = 0; k < Op::kStates; ++k) st[k].lane[l] = s[k];
+        const V gl = a.maximize ? g.lane[l].neg() : g.lane[l];
+        if constexpr (kStage == 1) {
+          std::array<V, Op::kNorms> part;
+          part.fill(V(S(0)));
+          Op::template stage1<V>(c, p.lane[l], gl, s.data(), part.data());
+          // Lanes past the tensor's end (zero-filled loads) add nothing, whatever the math made of them.
+          const int64_t valid = std::clamp<int64_t>(n - int64_t(l) * V::size(), 0, V::size());
+          for (int k = 0; k < Op::kNorms; ++k) acc[k] = acc[k] + V::set(V(S(0)), part[k], valid);
+        } else {
+          Op::template stage2<V>(c, S(step), p.lane[l], gl, s.data());
+          for (int k = 0; k < Op::kStates; ++k) st[k].lane[l] = s[k];
+        }
       }
-      for (int k = 0; k < Op::kStates; ++k) st[k].store(state[k] + i, n);
+      if constexpr (kStage == 2) {
+        p.store(param + i, n);
+        for (int k = 0; k < Op::kStates; ++k) st[k].store(state[k] + i, n);
+      }
     }
-    for (int k = 0; k < Op::kNorms; ++k) {
-      S lanes[V::size()];
-      acc[k].store(lanes);
-      for (int l = 0; l < V::size(); ++l) total[k] += static_cast<double>(lanes[l]);
+    if constexpr (kStage == 1) {
+      for (int k = 0; k < Op::kNorms; ++k) {
+        S lanes[V::size()];
+        acc[k].store(lanes);
+        for (int l = 0; l < V::size(); ++l) total[k] += static_cast<double>(lanes[l]);
+      }
     }
   }
   return total;
-}
-
-template <typename Op, typename T>
-void stage2_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end, double step) {
-  using B = Block<T>;
-  using V = typename B::Vec;
-  using S = opmath_t<T>;
-  const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.step[t]));
-  auto* param = static_cast<T*>(a.param[t]);
-  const auto state = state_ptrs<Op, T>(a, t);
-  for (int64_t i = begin; i < end; i += B::kSize) {
-    const int64_t n = std::min<int64_t>(B::kSize, end - i);
-    B p = B::load(param + i, n);
-    std::array<B, Op::kStates> st;
-    for (int k = 0; k < Op::kStates; ++k) st[k] = B::load(state[k] + i, n);
-    for (int l = 0; l < B::kLanes; ++l) {
-      std::array<V, Op::kStates> s;
-      for (int k = 0; k < Op::kStates; ++k) s[k] = st[k].lane[l];
-      Op::template stage2<V>(c, S(step), p.lane[l], s.data());
-    }
-    p.store(param + i, n);
-  }
 }
 
 template <typename Op, typename T>
@@ -112,7 +97,8 @@ void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
   std::vector<Sums<Op>> partial(chunks.size());
   at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
-      partial[i] = stage1_chunk<Op, T>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, opmath_t<T>(grad_factor));
+      partial[i] = run_chunk<Op, T, 1>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, opmath_t<T>(grad_factor),
+                                       0.0);
   });
   // The chunks of a tensor are consecutive: its sums in chunk order, then its step size.
   std::vector<double> step(a.numel.size(), 0.0);
@@ -125,7 +111,8 @@ void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
   }
   at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
-      stage2_chunk<Op, T>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, step[chunks[i].tensor]);
+      run_chunk<Op, T, 2>(a, chunks[i].tensor, chunks[i].begin, chunks[i].end, opmath_t<T>(grad_factor),
+                          step[chunks[i].tensor]);
   });
 }
 

@@ -1,10 +1,11 @@
 // The CUDA engine of the two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER, e.g. LAMB): one table
 // [params, grads, states..., steps] per (device, dtype) group (multi_tensor_apply.cuh), the step prologue, then two
 // launches over every chunk of every tensor:
-//   stage 1: per element the grad divisor, write_back_grads, maximize and Op::stage1 (states updated); each block
-//            reduces its Op::kNorms sums (opmath, fixed-order tree) to partials[block][k] in double;
+//   stage 1: per element the grad divisor, maximize and Op::stage1 (reads only); each block reduces its Op::kNorms
+//            sums (opmath, fixed-order tree) to partials[block][k] in double;
 //   stage 2: each block adds the partials of its tensor's blocks (they are consecutive in the block map) in a fixed
-//            order, takes Op::step_size in double, and applies Op::stage2 to its chunk.
+//            order, takes Op::step_size in double, and applies Op::stage2 to its chunk (write_back_grads, the
+//            states and the params stored).
 // Deterministic (no atomics), no host sync; 64-bit offsets. The vectorised/aligned split of optim_engine.cuh is
 // left out: this engine reads elements with a block-stride loop.
 #pragma once
@@ -70,12 +71,11 @@ struct Stage1 : Common<Op, T> {
     for (int k = 0; k < Op::kNorms; ++k) sums[k] = S(0);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       const S p = param[i];
-      S g = unscaled_grad<T>(grad[i], grad_factor, this->write_back_grads);
+      S g = S(grad[i]) * grad_factor;  // written back (GradScaler) by stage 2
       if (this->maximize) g = -g;
       S s[Op::kStates];
       for (int k = 0; k < Op::kStates; ++k) s[k] = S(state[k][i]);
-      Op::template stage1<S>(c, p, g, s, sums);
-      for (int k = 0; k < Op::kStates; ++k) state[k][i] = T(s[k]);
+      Op::template stage1<S>(c, p, g, s, sums);  // nothing stored: stage 2 computes the states again
     }
     for (int k = 0; k < Op::kNorms; ++k) {
       const S total = block_sum(sums[k]);
@@ -104,15 +104,20 @@ struct Stage2 : Common<Op, T> {
     __syncthreads();
     const auto c = this->coefs(tab, t);
     const S step = S(step_size);
+    const S grad_factor = this->grad_divisor != nullptr ? S(1.0 / static_cast<double>(*this->grad_divisor)) : S(1);
     T* param = tab.template ptr<T>(0, t);
+    T* grad = tab.template ptr<T>(1, t);
     T* state[Op::kStates];
     for (int k = 0; k < Op::kStates; ++k) state[k] = tab.template ptr<T>(2 + k, t);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       S p = param[i];
+      S g = unscaled_grad<T>(grad[i], grad_factor, this->write_back_grads);
+      if (this->maximize) g = -g;
       S s[Op::kStates];
       for (int k = 0; k < Op::kStates; ++k) s[k] = S(state[k][i]);
-      Op::template stage2<S>(c, step, p, s);
+      Op::template stage2<S>(c, step, p, g, s);
       param[i] = T(p);
+      for (int k = 0; k < Op::kStates; ++k) state[k][i] = T(s[k]);
     }
   }
 };

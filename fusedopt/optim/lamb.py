@@ -72,3 +72,11 @@ class LAMB(SpecOptimizerMixin, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
+
+    def _step_bucket(self, group, bucket, grads, grad_divisor, found_inf, *, write_back_grads):
+        if hasattr(bucket.params[0], "_local_tensor"):
+            raise NotImplementedError(
+                "fusedopt.optim.LAMB does not support DTensor (FSDP2) params: its trust ratio needs each param's "
+                "global norm, and the kernels see local shards only. Use LAMB with DDP or unsharded params."
+            )
+        super()._step_bucket(group, bucket, grads, grad_divisor, found_inf, write_back_grads=write_back_grads)
