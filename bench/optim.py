@@ -253,8 +253,10 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
 
 ADAM_BYTES = "7 x elt-size per param: read p, g, m, v; write p, m, v (28 B fp32, 14 B bf16)"
 FIVE_BYTES = "5 x elt-size per param: read p, g, buf; write p, buf (20 B fp32)"
-LAMB_BYTES = ("12 x elt-size per param: read g (global norm); read p, g, m, v (per-tensor norms); read p, g, m, v, "
-              "write p, m, v (48 B fp32)")
+LAMB_BYTES = (
+    "12 x elt-size per param: read g (global norm); read p, g, m, v (per-tensor norms); read p, g, m, v, "
+    "write p, m, v (48 B fp32)"
+)
 
 
 def cases(env: Env) -> list[Case]:

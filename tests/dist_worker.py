@@ -32,7 +32,7 @@ LOSSES = {
     "mse": (fusedopt.nn.MSELoss(), torch.nn.MSELoss(), "probs"),
 }
 LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce", "Adagrad": "bce_logits", "Lion": "mse",
-           "LAMB": "mse"}
+           "LAMB": "mse"}  # fmt: skip
 
 
 def _losses(name):

@@ -151,7 +151,7 @@ def test_matches_the_paper_loop_with_two_groups(backend):
     base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((6,), (4, 5), (3,))]
     ours = [torch.nn.Parameter(b.clone()) for b in base]
     ref = [torch.nn.Parameter(b.clone()) for b in base]
-    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.0}, {"params": ps[2:], "lr": 0.05}]  # noqa: E731
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.0}, {"params": ps[2:], "lr": 0.05}]
     opt_a = fusedopt.LAMB(groups(ours), lr=0.01, weight_decay=0.1, backend=backend)
     opt_b = PaperLAMB(groups(ref), lr=0.01, weight_decay=0.1)
     for s in range(20):
