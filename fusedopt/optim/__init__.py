@@ -1,5 +1,6 @@
 """Drop-in replacements for torch.optim: change `torch.optim.X` to `fusedopt.optim.X`."""
 
+from fusedopt.optim.adafactor import Adafactor
 from fusedopt.optim.adagrad import Adagrad
 from fusedopt.optim.adam import Adam, AdamW
 from fusedopt.optim.lamb import LAMB
@@ -7,4 +8,4 @@ from fusedopt.optim.lion import Lion
 from fusedopt.optim.rmsprop import RMSprop
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["LAMB", "SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
+__all__ = ["LAMB", "SGD", "Adafactor", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
