@@ -450,11 +450,12 @@ def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
         u = (m / bc1) / ((v / bc2).sqrt() + eps)
         if decoupled and wd != 0:
             u = u + wd * p
-        step_size = torch.as_tensor(_lr_value(lr, param.device), dtype=torch.float64, device=param.device)
+        step_size = _lr_value(lr, param.device)  # a float or a float64 device tensor: no host-to-device copy
         if wd != 0 or hyper["use_nvlamb"] != 0:
             p_norm, u_norm = p.double().square().sum().sqrt(), u.double().square().sum().sqrt()
             step_size = step_size * torch.where((p_norm != 0) & (u_norm != 0), p_norm / u_norm, 1.0)
-        _commit(param, p - step_size.to(ot) * u, skip)
+        step_size = step_size.to(ot) if isinstance(step_size, Tensor) else step_size
+        _commit(param, p - step_size * u, skip)
         _commit(exp_avgs[i], m, skip)
         _commit(exp_avg_sqs[i], v, skip)
 
@@ -511,11 +512,12 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
         steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
         t = steps[i].to(torch.float64)
         w = (t ** hyper["beta2_decay"]).to(ot)
-        lr_t = torch.as_tensor(_lr_value(lr, param.device), dtype=torch.float64, device=param.device)
-        rho = torch.minimum(lr_t, 1.0 / t.sqrt())
+        lr_t = _lr_value(lr, param.device)  # a float or a float64 device tensor: no host-to-device copy
+        rho = torch.minimum(1.0 / t.sqrt(), lr_t) if isinstance(lr_t, Tensor) else (1.0 / t.sqrt()).clamp(max=lr_t)
         p = param.to(ot)
         root_n = param.numel() ** 0.5
-        alpha = torch.clamp(p.double().square().sum().sqrt() / root_n, min=eps2) * rho
+        rms = p.double().square().sum().sqrt() / root_n
+        alpha = torch.where(rms > eps2, rms, eps2) * rho  # Python's max(eps2, rms), as torch: a NaN rms gives eps2
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         if i < n_f:
             row = row_vars[i].to(ot).lerp(g.square().sum(-1, keepdim=True) / g.shape[-1], w)
@@ -529,5 +531,6 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
             _commit(variances[k], variances[k].to(ot).lerp(g * g, w), skip)
             estimate = variances[k].to(ot)
         update = g / estimate.clamp(min=eps1 * eps1).sqrt()
-        denom = torch.clamp(update.double().square().sum().sqrt() / (root_n * d), min=1.0)
-        _commit(param, p * (1 - lr_t * wd).to(ot) - (alpha / denom).to(ot) * update, skip)
+        ratio = update.double().square().sum().sqrt() / (root_n * d)
+        denom = torch.where(ratio > 1.0, ratio, 1.0)  # Python's max(1.0, ratio), as torch: NaN gives 1
+        _commit(param, p * (1 - lr_t * wd) - (alpha / denom).to(ot) * update, skip)

@@ -21,8 +21,10 @@ STEPS = 4
 MAX_NORM = 0.3
 
 # name -> (fusedopt class, reference class, kwargs): every optimizer of the registry (tests/optim_db.py)
-OPTIMIZERS = {i.name: (i.fused, i.reference, i.cases_for("distributed")[0]) for i in OPTIM_DB}
-NOT_APPLICABLE = {i.name: i.not_applicable for i in OPTIM_DB}  # name -> {kind: reason}
+OPTIMIZERS = {
+    i.name: (i.fused, i.reference, i.cases_for("distributed")[0]) for i in OPTIM_DB if i.cases_for("distributed")
+}
+NOT_APPLICABLE = {i.name: i.not_applicable for i in OPTIM_DB}  # name -> {family or kind: reason}
 
 
 # name -> (fusedopt's loss, torch's loss, target kind): each optimizer scenario trains with one of them.
@@ -32,7 +34,7 @@ LOSSES = {
     "mse": (fusedopt.nn.MSELoss(), torch.nn.MSELoss(), "probs"),
 }
 LOSS_OF = {"Adam": "ce", "AdamW": "bce_logits", "RMSprop": "mse", "SGD": "ce", "Adagrad": "bce_logits", "Lion": "mse",
-           "LAMB": "mse"}  # fmt: skip
+           "LAMB": "mse", "Adafactor": "ce"}  # fmt: skip
 
 
 def _losses(name):

@@ -115,11 +115,14 @@ class OptimInfo:
     family_cases: dict = field(default_factory=dict)
     grid: tuple = field(default=())  # full parity grid (engine-driven optimizers)
     grid_16bit: tuple | None = None  # the bf16/fp16 one-step grid; None: every 5th of `grid`
-    # test family or scenario -> why it cannot apply; the family then runs the check named in the reason instead of
-    # the case (e.g. "fsdp2": LAMB refuses DTensor params)
+    # family ("compile", "amp", "max_grad_norm", "cuda_graphs", "distributed") or distributed kind ("fsdp2") -> why it
+    # cannot apply: the family leaves the optimizer out (cases_for gives nothing) and says so; "fsdp2" runs a check
+    # that the optimizer refuses DTensor params instead (tests/dist_worker.py)
     not_applicable: dict = field(default_factory=dict)
 
     def cases_for(self, family: str | None) -> tuple:
+        if family in self.not_applicable:
+            return ()
         return self.family_cases.get(family, self.cases)
 
     def grid_for(self, dtype: torch.dtype) -> tuple:
@@ -218,6 +221,16 @@ OPTIM_DB = (
         not_applicable={"fsdp2": "LAMB's trust ratio needs each param's global norm and fusedopt's kernels see "
                                  "FSDP2's local shards: LAMB raises NotImplementedError on DTensor params (checked)"},
     ),
+    OptimInfo(
+        "Adafactor", fusedopt.Adafactor, torch.optim.Adafactor, "adafactor_step",
+        # Not on the spec engine (row and column factors, the update's RMS): its grid is in test_adafactor.py.
+        cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-2, "beta2_decay": -0.5, "d": 1.5, "maximize": True}),
+        not_applicable={
+            "cuda_graphs": "no CUDA kernel yet (backend='cuda' is missing; 'auto' runs the plain-torch backend)",
+            "fsdp2": "the row and column factors and the update's RMS need whole matrices, and fusedopt's kernels see "
+                     "FSDP2's local shards: Adafactor raises NotImplementedError on DTensor params (checked)",
+        },
+    ),
 )  # fmt: skip
 
 BY_NAME = {info.name: info for info in OPTIM_DB}
@@ -231,14 +244,14 @@ def cases(family: str | None = None) -> list:
 
 def first_cases(family: str | None = None) -> list:
     """One (fused class, reference class, kwargs) per optimizer: its first case in `family`."""
-    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB]
+    return [(i.fused, i.reference, i.cases_for(family)[0]) for i in OPTIM_DB if i.cases_for(family)]
 
 
 def one_case_per_op(family: str | None = None) -> list:
     """The first case of one optimizer per op (AdamW shares Adam's op): for the slow families (inductor)."""
     seen, out = set(), []
     for i in OPTIM_DB:
-        if i.op not in seen:
+        if i.op not in seen and i.cases_for(family):
             seen.add(i.op)
             out.append((i.fused, i.reference, i.cases_for(family)[0]))
     return out

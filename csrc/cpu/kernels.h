@@ -66,6 +66,20 @@ struct OptimStepArgs {
   Hyper hyper{};
 };
 
+// One Adafactor step (torch.optim.Adafactor) over a bucket: the first `factored` tensors are matrices viewed as
+// (batch, rows, cols) with row_var (batch * rows) and col_var (batch * cols); the others have a full variance.
+struct AdafactorArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel, rows, cols;  // rows/cols of the last two dims (matrices only)
+  std::vector<void*> param, grad, row_var, col_var, variance;  // row/col_var: matrices; variance: the others
+  std::vector<float*> step;                                     // incremented by the kernel
+  int64_t factored = 0;
+  double lr = 1e-2, beta2_decay = -0.8, eps1 = 1e-7, eps2 = 1e-3, d = 1.0, weight_decay = 0.0;
+  const float* grad_divisor = nullptr;  // as AdamArgs
+  const float* found_inf = nullptr;
+  bool maximize = false, write_back_grads = false;
+};
+
 enum class NormKind { One, Two, P, Inf };
 
 // The p-norm of all tensors of one dtype group, before the root: sum |x|^p (One, Two, P) or max |x| (Inf).
@@ -140,6 +154,7 @@ struct CrossEntropyScaleArgs {
   void adam_step(const AdamArgs& args);                                  \
   void rmsprop_step(const RmspropArgs& args);                            \
   void sgd_step(const SgdArgs& args);                                    \
+  void adafactor_step(const AdafactorArgs& args);                        \
   double grad_norm_power_sum(const GradNormArgs& args);                  \
   void scale_tensors(const ScaleArgs& args);                             \
   PointwiseLossResult mse_loss_fwd(const PointwiseLossArgs& args);      \
