@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ALL_DTYPES, cpu_backends
 from optim_db import _grid
 from parity_steps import compare, make_params, run_parity, set_grads
 
 import fusedopt
-from fusedopt import _backend
 from fusedopt.ops import adafactor as adafactor_op
 
-BACKENDS = [b for b in ("cpu", "torch") if _backend.usable(b, "cpu")]  # no triton/cuda kernel yet
+BACKENDS = cpu_backends()  # cpu, torch, and triton where it runs (interpreted); no CUDA C++ kernel yet
+FAST = [b for b in BACKENDS if b != "triton"]
 SHAPES = [(), (3,), (33, 17), (2, 5, 7), (1100,), (1,), (1, 9), (40, 1)]  # no empty param: torch raises on one
+SMALL_SHAPES = [(), (3,), (9, 7), (2, 3, 5), (130,), (1, 9), (40, 1)]  # for the Triton interpreter
 ROOT = Path(__file__).resolve().parent.parent
 GRID = _grid(
     {"weight_decay": [0.0, 0.1], "maximize": [False, True], "eps": [(None, 1e-3), (1e-30, 1e-2)]},
@@ -35,7 +37,7 @@ IDS = ["-".join(f"{k}={v}" for k, v in kw.items()) for kw in GRID]
 GRID_16BIT = [kw for kw in GRID if kw["lr"] < 0.1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("kwargs", GRID, ids=IDS)
 def test_grid_float64_float32(kwargs, backend):
     for dtype in (torch.float64, torch.float32):
@@ -43,7 +45,7 @@ def test_grid_float64_float32(kwargs, backend):
                    shapes=SHAPES)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kwargs", GRID_16BIT[::2])
 def test_grid_16bit_one_step(kwargs, dtype, backend):
@@ -54,15 +56,27 @@ def test_grid_16bit_one_step(kwargs, dtype, backend):
                20, shapes=SHAPES)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_triton_small(dtype):
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is not usable on CPU tensors here")
+    grid = GRID_16BIT if dtype in (torch.bfloat16, torch.float16) else GRID
+    for kwargs in (grid[0], grid[-1]):
+        eps = (kwargs["eps"][0] or torch.finfo(dtype).eps, kwargs["eps"][1])
+        run_parity(fusedopt.Adafactor, torch.optim.Adafactor, {**kwargs, "eps": eps}, dtype, "triton", 20,
+                   shapes=SMALL_SHAPES)  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_foreach_and_tensor_lr(backend):
+    shapes = SMALL_SHAPES if backend == "triton" else SHAPES
     run_parity(fusedopt.Adafactor, torch.optim.Adafactor, {"lr": 2e-2, "weight_decay": 0.05, "foreach": True},
-               torch.float64, backend, 20, shapes=SHAPES)  # fmt: skip
+               torch.float64, backend, 20, shapes=shapes)  # fmt: skip
     kw = {"lr": torch.tensor(0.02, dtype=torch.float64), "foreach": False}
-    run_parity(fusedopt.Adafactor, torch.optim.Adafactor, kw, torch.float64, backend, 20, shapes=SHAPES)
+    run_parity(fusedopt.Adafactor, torch.optim.Adafactor, kw, torch.float64, backend, 20, shapes=shapes)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
 def test_state_dict_round_trip(direction, backend):
     kwargs = {"lr": 1e-2, "weight_decay": 0.1}

@@ -71,9 +71,9 @@ def matrix_kernel(tab_ptr, n, task_ptr, n_tasks, hp_ptr, div_ptr, found_ptr, row
     t = tl.load(task_ptr + k)
     r0, r1 = tl.load(task_ptr + n_tasks + k), tl.load(task_ptr + 2 * n_tasks + k)
     rows, cols = tl.load(tab_ptr + ROWS * n + t), tl.load(tab_ptr + COLS * n + t)
-    ok = True
-    if HAS_FOUND_INF:
-        ok = tl.load(found_ptr) == 0
+    if HAS_FOUND_INF:  # GradScaler found an inf: no rows
+        r1 = tl.where(tl.load(found_ptr) == 0, r1, r0)
+    ok = r1 > r0
     r = r0 + tl.arange(0, BR).to(tl.int64)
     rmask = (r < r1) & ok
     p_ptr, g_ptr = _ptr(tab_ptr, n, P, t, DTYPE), _ptr(tab_ptr, n, G, t, DTYPE)
@@ -127,9 +127,10 @@ def vector_kernel(tab_ptr, n, vt_ptr, n_vtasks, task_base, hp_ptr, div_ptr, foun
     k = tl.program_id(0)
     t = tl.load(vt_ptr + k)
     offs = tl.load(vt_ptr + n_vtasks + k) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(tab_ptr + NUMEL * n + t)
-    if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_ptr) == 0)
+    numel = tl.load(tab_ptr + NUMEL * n + t)
+    if HAS_FOUND_INF:  # GradScaler found an inf: nothing
+        numel = tl.where(tl.load(found_ptr) == 0, numel, 0)
+    mask = offs < numel
     p_ptr, g_ptr, v_ptr = _ptr(tab_ptr, n, P, t, DTYPE), _ptr(tab_ptr, n, G, t, DTYPE), _ptr(tab_ptr, n, VAR, t, DTYPE)
     eps1 = tl.load(hp_ptr + 2).to(OPMATH)
     g = _grad(g_ptr, offs, mask, div_ptr, OPMATH, HAS_DIVISOR, MAXIMIZE)
@@ -185,9 +186,10 @@ def factor_kernel(tab_ptr, n, mat_ptr, n_mats, hp_ptr, found_ptr, row_sum_ptr, c
     t, b = tl.load(mat_ptr + i), tl.load(mat_ptr + n_mats + i)
     k0, nk = tl.load(mat_ptr + 2 * n_mats + i), tl.load(mat_ptr + 3 * n_mats + i)
     rows, cols = tl.load(tab_ptr + ROWS * n + t), tl.load(tab_ptr + COLS * n + t)
-    ok = True
-    if HAS_FOUND_INF:
-        ok = tl.load(found_ptr) == 0
+    live = rows + 0
+    if HAS_FOUND_INF:  # GradScaler found an inf: nothing stored
+        live = tl.where(tl.load(found_ptr) == 0, rows, 0)
+    ok = live > 0
     weight, _ = _coefs(tab_ptr, n, t, hp_ptr)
     w = weight.to(OPMATH)
     row_ptr = _ptr(tab_ptr, n, ROW, t, DTYPE) + b * rows

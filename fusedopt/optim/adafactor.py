@@ -20,9 +20,8 @@ from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
 
 
 class Adafactor(FusedOptimizerMixin, torch.optim.Adafactor):
-    """Drop-in for torch.optim.Adafactor. Extra keywords: backend="auto"|"cpu"|"torch" (Adafactor has no CUDA or
-    Triton kernel yet: on CUDA tensors "auto" runs the plain-torch backend, with one warning), and max_grad_norm
-    (clip_grad_norm_ folded into the step)."""
+    """Drop-in for torch.optim.Adafactor. Extra keywords: backend="auto"|"triton"|"cpu"|"torch" (no CUDA C++
+    kernel yet: on CUDA tensors "auto" runs Triton), and max_grad_norm (clip_grad_norm_ folded into the step)."""
 
     OP_NAME = "adafactor_step"
     STATE_KEYS = ()  # the state lists differ per param (factored or not): built by _step_bucket
