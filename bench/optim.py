@@ -1,11 +1,12 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, clip_grad_norm_, and clip + Adam, against
-torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion and LAMB, which torch lacks:
-against plain torch foreach implementations of the papers, ForeachLion and ForeachLAMB).
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, LAMB, Adafactor, clip_grad_norm_, and
+clip + Adam, against torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion and
+LAMB, which torch lacks: against plain torch foreach implementations of the papers, ForeachLion and ForeachLAMB).
 
 Byte model (per parameter, element size e): Adam reads p, g, m, v and writes p, m, v (7e: 28 B fp32, 14 B bf16);
 RMSprop (no momentum, not centered), SGD with momentum, Adagrad and Lion read p, g, one buffer and write p and it
 (5e); LAMB with its default global clip reads g for the norm, then p, g, m, v for the per-tensor norms, then p, g,
-m, v again and writes p, m, v (12e: the two passes of the fused step);
+m, v again and writes p, m, v (12e: the two passes of the fused step); Adafactor (matrices) reads p and g, then g,
+then p and g and writes p (6e: its three passes);
 clip_grad_norm_ reads g for the norm, then reads and writes g to scale it (3e); clip + Adam is counted at what a
 fused step needs: one read of g for the norm plus Adam's 7e (8e), whatever an implementation actually moves.
 """
@@ -253,6 +254,10 @@ def clip_cases(shapes, dtype, env, cuda_targets: bool) -> list[Case]:
 
 ADAM_BYTES = "7 x elt-size per param: read p, g, m, v; write p, m, v (28 B fp32, 14 B bf16)"
 FIVE_BYTES = "5 x elt-size per param: read p, g, buf; write p, buf (20 B fp32)"
+ADAFACTOR_BYTES = (
+    "6 x elt-size per param (matrices; their factors are negligible): read p, g (norms, row and column sums); "
+    "read g (the update's RMS); read p, g, write p (24 B fp32)"
+)
 LAMB_BYTES = (
     "12 x elt-size per param: read g (global norm); read p, g, m, v (per-tensor norms); read p, g, m, v, "
     "write p, m, v (48 B fp32)"
@@ -296,5 +301,8 @@ def cases(env: Env) -> list[Case]:
     out.append(optimizer_case("lamb", "LAMB (max_grad_norm=1)", "LAMB", ForeachLAMB, model, f32, env,
                               {"lr": 1e-3, "weight_decay": 0.01}, ("paper-foreach",),
                               [Target("vs", 1.0, "torch foreach (paper)")], 12, LAMB_BYTES))  # fmt: skip
+    out.append(optimizer_case("adafactor", "Adafactor", "Adafactor", torch.optim.Adafactor, model, f32, env,
+                              {"lr": 1e-2}, ("for-loop", "foreach"), [Target("vs", 1.0, "torch foreach")], 6,
+                              ADAFACTOR_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
     return out
