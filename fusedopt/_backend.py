@@ -23,11 +23,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
 }
-AUTO_ORDER_PER_OP: dict[tuple[str, str], tuple[str, ...]] = {
-    ("adafactor_step", "cuda"): ("triton", "torch"),  # no CUDA C++ kernel for Adafactor yet
-}
-# op -> backends that have no kernel for it (asked for by name: an error saying so)
-MISSING_KERNELS: dict[str, tuple[str, ...]] = {"adafactor_step": ("cuda",)}
+AUTO_ORDER_PER_OP: dict[tuple[str, str], tuple[str, ...]] = {}
 
 HOW_TO_BUILD = {
     "cpu": "reinstall with `pip install .` (or `make build` in a checkout); it needs a C++17 compiler",
@@ -172,8 +168,6 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     name = requested_backend(backend)
     dev = device.type
     if name != "auto":
-        if name in MISSING_KERNELS.get(op, ()):
-            raise RuntimeError(f"fusedopt: backend {name!r} has no {op} kernel yet; use backend='triton' or 'torch'")
         if not usable(name, dev):
             st = status(name)
             raise RuntimeError(

@@ -226,8 +226,6 @@ OPTIM_DB = (
         # Not on the spec engine (row and column factors, the update's RMS): its grid is in test_adafactor.py.
         cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-2, "beta2_decay": -0.5, "d": 1.5, "maximize": True}),
         not_applicable={
-            "cuda_graphs": "no CUDA C++ kernel yet, and the Triton backend refuses graph capture (its task tables are "
-                           "copied from host memory on every call)",
             "fsdp2": "the row and column factors and the update's RMS need whole matrices, and fusedopt's kernels see "
                      "FSDP2's local shards: Adafactor raises NotImplementedError on DTensor params (checked)",
             # test_max_grad_norm's one-step 16-bit check (folded clip vs clip_grad_norm_ then step)

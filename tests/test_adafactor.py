@@ -21,7 +21,7 @@ from parity_steps import compare, make_params, run_parity, set_grads
 import fusedopt
 from fusedopt.ops import adafactor as adafactor_op
 
-BACKENDS = cpu_backends()  # cpu, torch, and triton where it runs (interpreted); no CUDA C++ kernel yet
+BACKENDS = cpu_backends()  # cpu, torch, and triton where it runs (interpreted); cuda in test_parity_gpu
 FAST = [b for b in BACKENDS if b != "triton"]
 SHAPES = [(), (3,), (33, 17), (2, 5, 7), (1100,), (1,), (1, 9), (40, 1)]  # no empty param: torch raises on one
 SMALL_SHAPES = [(), (3,), (9, 7), (2, 3, 5), (130,), (1, 9), (40, 1)]  # for the Triton interpreter
@@ -233,3 +233,15 @@ def test_lower_isa_parity(capability):
     env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs", [GRID_16BIT[0], GRID_16BIT[-1]])
+def test_parity_gpu(kwargs, dtype, backend):
+    """Several tasks per matrix, batched matrices, a vector over several chunks; no host sync inside step()."""
+    eps = (kwargs["eps"][0] or torch.finfo(dtype).eps, kwargs["eps"][1])
+    shapes = [(), (3,), (33, 17), (70001,), (3, 65537), (2, 40, 300), (1000, 1)]
+    run_parity(fusedopt.Adafactor, torch.optim.Adafactor, {**kwargs, "eps": eps}, dtype, backend, 20, shapes=shapes,
+               device="cuda")  # fmt: skip

@@ -43,6 +43,18 @@ struct SgdLaunch {
 };
 void sgd_step(const SgdLaunch& args);
 
+// One Adafactor step over a bucket (cuda/adafactor.cu): the first row_vars->size() params are matrices (dim >= 2),
+// the others have a variance. All tensors contiguous and checked (common/adafactor_checks.h).
+struct AdafactorLaunch {
+  const TensorList *params, *grads, *row_vars, *col_vars, *variances, *steps;
+  double lr, beta2_decay, eps1, eps2, d, weight_decay;
+  const float* lr_ptr;        // device float32, or null
+  const float* grad_divisor;  // device float32, or null
+  const float* found_inf;     // device float32, or null
+  bool maximize, write_back_grads;
+};
+void adafactor_step(const AdafactorLaunch& args);
+
 // One step of an engine-driven optimizer (cuda/optim_engine.cuh, ops of common/optimizers.h). All tensors
 // contiguous and checked (common/optim_binding.h); hyper filled by name.
 template <typename Hyper>

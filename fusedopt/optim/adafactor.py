@@ -20,8 +20,8 @@ from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
 
 
 class Adafactor(FusedOptimizerMixin, torch.optim.Adafactor):
-    """Drop-in for torch.optim.Adafactor. Extra keywords: backend="auto"|"triton"|"cpu"|"torch" (no CUDA C++
-    kernel yet: on CUDA tensors "auto" runs Triton), and max_grad_norm (clip_grad_norm_ folded into the step)."""
+    """Drop-in for torch.optim.Adafactor. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
 
     OP_NAME = "adafactor_step"
     STATE_KEYS = ()  # the state lists differ per param (factored or not): built by _step_bucket
