@@ -516,7 +516,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
         rho = torch.minimum(1.0 / t.sqrt(), lr_t) if isinstance(lr_t, Tensor) else (1.0 / t.sqrt()).clamp(max=lr_t)
         p = param.to(ot)
         root_n = param.numel() ** 0.5
-        rms = p.double().square().sum().sqrt() / root_n
+        rms = torch.linalg.vector_norm(p).double() / root_n  # torch's norm in opmath: float32 overflows as torch's
         alpha = torch.where(rms > eps2, rms, eps2) * rho  # Python's max(eps2, rms), as torch: a NaN rms gives eps2
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         if i < n_f:
@@ -531,6 +531,6 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
             _commit(variances[k], variances[k].to(ot).lerp(g * g, w), skip)
             estimate = variances[k].to(ot)
         update = g / estimate.clamp(min=eps1 * eps1).sqrt()
-        ratio = update.double().square().sum().sqrt() / (root_n * d)
+        ratio = torch.linalg.vector_norm(update).double() / (root_n * d)
         denom = torch.where(ratio > 1.0, ratio, 1.0)  # Python's max(1.0, ratio), as torch: NaN gives 1
         _commit(param, p * (1 - lr_t * wd) - (alpha / denom).to(ot) * update, skip)

@@ -76,8 +76,9 @@ def _run_optimizer(case, use_fused, exact=False, torch_fused=False):
     p = torch.nn.Parameter(widen(_layout(base.to(dtype), case["layout"])))
     params = [p, p] if case["duplicate"] else [p]
     kw = dict(case["options"])
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
+    for key in ("betas", "eps"):
+        if isinstance(kw.get(key), list):
+            kw[key] = tuple(kw[key])
     cls = getattr(fusedopt if use_fused else torch.optim, case["optimizer"])
     if use_fused:
         kw["backend"] = case["backend"]
@@ -115,7 +116,9 @@ def check_optimizer(case):
     def run(fused):
         try:
             return _run_optimizer(case, fused), None
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError, AssertionError) as e:
+            # ZeroDivisionError: torch's Adafactor (and fusedopt's) on an empty param; AssertionError: torch's
+            # Adafactor when a param's grad changes rank between steps (its state lacks the other factors)
             return None, e
 
     ours, our_err = run(True)

@@ -79,7 +79,7 @@ def matrix_kernel(tab_ptr, n, task_ptr, n_tasks, hp_ptr, div_ptr, found_ptr, row
     p_ptr, g_ptr = _ptr(tab_ptr, n, P, t, DTYPE), _ptr(tab_ptr, n, G, t, DTYPE)
     eps1 = tl.load(hp_ptr + 2).to(OPMATH)
     row_acc = tl.zeros([BR], dtype=OPMATH)
-    p_acc = tl.zeros([BR], dtype=OPMATH)
+    sq_acc = tl.zeros([BR], dtype=tl.float64)  # ||p||^2 (pass 1), ||u||^2 (pass 2), squared in float64
     if PASS > 1:
         b = r0 // rows
         row = tl.load(_ptr(tab_ptr, n, ROW, t, DTYPE) + r, mask=rmask, other=0).to(OPMATH)
@@ -95,7 +95,8 @@ def matrix_kernel(tab_ptr, n, task_ptr, n_tasks, hp_ptr, div_ptr, found_ptr, row
         if PASS == 1:
             p = tl.load(p_ptr + offs, mask=mask, other=0).to(OPMATH)
             g2 = g * g
-            p_acc += tl.sum(p * p, axis=1)
+            p64 = p.to(tl.float64)
+            sq_acc += tl.sum(p64 * p64, axis=1)
             row_acc += tl.sum(g2, axis=1)
             col_off = tl.load(task_ptr + 3 * n_tasks + k)
             tl.store(col_part_ptr + col_off + c, tl.sum(g2, axis=0), mask=(c < cols) & ok)
@@ -103,7 +104,8 @@ def matrix_kernel(tab_ptr, n, task_ptr, n_tasks, hp_ptr, div_ptr, found_ptr, row
             col = tl.load(col_base + c, mask=c < cols, other=0).to(OPMATH)
             u = _update(g, (row[:, None] * col[None, :]) / mean, eps1 * eps1)
             if PASS == 2:
-                row_acc += tl.sum(tl.where(mask, u * u, 0.0), axis=1)
+                u64 = tl.where(mask, u, 0.0).to(tl.float64)
+                sq_acc += tl.sum(u64 * u64, axis=1)
             else:
                 p = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
                 tl.store(p_ptr + offs, (p * decay - scale * u).to(DTYPE), mask=mask)
@@ -113,9 +115,8 @@ def matrix_kernel(tab_ptr, n, task_ptr, n_tasks, hp_ptr, div_ptr, found_ptr, row
     if PASS == 1:
         row_off = tl.load(task_ptr + 4 * n_tasks + k)
         tl.store(row_sum_ptr + row_off + r, row_acc.to(tl.float64), mask=rmask)
-        tl.store(part_ptr + k, tl.sum(p_acc.to(tl.float64)))
-    if PASS == 2:
-        tl.store(part_ptr + k, tl.sum(row_acc.to(tl.float64)))
+    if PASS < 3:
+        tl.store(part_ptr + k, tl.sum(sq_acc))
 
 
 @triton.jit
@@ -144,8 +145,9 @@ def vector_kernel(tab_ptr, n, vt_ptr, n_vtasks, task_base, hp_ptr, div_ptr, foun
         v = v.to(DTYPE)
         tl.store(v_ptr + offs, v, mask=mask)
         u = _update(g, v.to(OPMATH), eps1 * eps1)  # the stored (rounded) variance, as torch reads it
-        tl.store(p_part_ptr + task_base + k, tl.sum(p * p).to(tl.float64))
-        tl.store(u_part_ptr + task_base + k, tl.sum(tl.where(mask, u * u, 0.0)).to(tl.float64))
+        p64, u64 = p.to(tl.float64), tl.where(mask, u, 0.0).to(tl.float64)  # squared in float64
+        tl.store(p_part_ptr + task_base + k, tl.sum(p64 * p64))
+        tl.store(u_part_ptr + task_base + k, tl.sum(u64 * u64))
     else:
         decay = (1.0 - tl.load(hp_ptr) * tl.load(hp_ptr + 5)).to(OPMATH)
         u = _update(g, v, eps1 * eps1)
@@ -157,7 +159,7 @@ def vector_kernel(tab_ptr, n, vt_ptr, n_vtasks, task_base, hp_ptr, div_ptr, foun
 
 @triton.jit
 def tensor_kernel(tab_ptr, n, range_ptr, hp_ptr, part_ptr, alpha_ptr, scale_ptr, PASS: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+                  FLOAT_NORM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One program per tensor, its task partials in order. PASS 1: alpha = max(eps2, rms(p)) * rho (Python's max:
     a NaN rms gives eps2); PASS 2: scale = alpha / max(1, rms(u) / d) (a NaN gives 1)."""
     t = tl.program_id(0)
@@ -166,7 +168,11 @@ def tensor_kernel(tab_ptr, n, range_ptr, hp_ptr, part_ptr, alpha_ptr, scale_ptr,
     for j in range(k0, k1, BLOCK):
         idx = j + tl.arange(0, BLOCK)
         acc += tl.load(part_ptr + idx, mask=idx < k1, other=0.0)
-    rms = tl.sqrt(tl.sum(acc)) / tl.sqrt(tl.load(tab_ptr + NUMEL * n + t).to(tl.float64))
+    total = tl.sum(acc)
+    numel = tl.load(tab_ptr + NUMEL * n + t)
+    if FLOAT_NORM:  # torch's float32 norm overflows past float's range (a one-element tensor's norm is its |x|)
+        total = tl.where((numel > 1) & (total > 3.4028234663852886e38), float("inf"), total)
+    rms = tl.sqrt(total) / tl.sqrt(numel.to(tl.float64))
     if PASS == 1:
         eps2 = tl.load(hp_ptr + 3)
         _, rho = _coefs(tab_ptr, n, t, hp_ptr)
@@ -305,7 +311,8 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
         matrix_kernel[(n_mt,)](*mat_args, rmean, scale, PASS=1, BR=BR, BC=BC, **flags)
     if n_vt:
         vector_kernel[(n_vt,)](*vec_args, PASS=1, BLOCK=BLOCK, **flags)
-    tensor_kernel[(n,)](tab, n, ranges, hp, p_part, alpha, scale, PASS=1, BLOCK=BLOCK)
+    float_norm = dtype != torch.float64
+    tensor_kernel[(n,)](tab, n, ranges, hp, p_part, alpha, scale, PASS=1, FLOAT_NORM=float_norm, BLOCK=BLOCK)
     if n_mats:
         col_offsets = tasks[3 * n_mt : 4 * n_mt]
         factor_kernel[(n_mats,)](tab, n, mats, n_mats, hp, found, row_sum, col_part, col_offsets, rmean,
@@ -313,7 +320,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
                                  BLOCK=BLOCK)  # fmt: skip
         matrix_kernel[(n_mt,)](tab, n, tasks, n_mt, hp, div, found, row_sum, col_part, u_part, rmean, scale, PASS=2,
                                BR=BR, BC=BC, **flags)  # fmt: skip
-    tensor_kernel[(n,)](tab, n, ranges, hp, u_part, alpha, scale, PASS=2, BLOCK=BLOCK)
+    tensor_kernel[(n,)](tab, n, ranges, hp, u_part, alpha, scale, PASS=2, FLOAT_NORM=float_norm, BLOCK=BLOCK)
     if n_mt:
         matrix_kernel[(n_mt,)](*mat_args, rmean, scale, PASS=3, BR=BR, BC=BC, **flags)
     if n_vt:

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/lerp.h"
@@ -48,6 +49,21 @@ struct Typed {
   // The lanes of a block's opmath vector l that lie inside the first n elements.
   static V masked(const V& x, int64_t n, int l) {
     return V::set(V(S(0)), x, std::clamp<int64_t>(n - int64_t(l) * V::size(), 0, V::size()));
+  }
+  // sum of x^2 over the first `valid` lanes, squared in double (see norm_sum for torch's float32 overflow).
+  static double sum_sq(const V& x, int64_t valid) {
+    S lanes[V::size()];
+    x.store(lanes);
+    double total = 0.0;
+    for (int64_t l = 0; l < valid; ++l) total += static_cast<double>(lanes[l]) * static_cast<double>(lanes[l]);
+    return total;
+  }
+  static int64_t valid_lanes(int64_t n, int l) { return std::clamp<int64_t>(n - int64_t(l) * V::size(), 0, V::size()); }
+  // A tensor's sum of squares as torch's norm sees it: for float opmath, a sum beyond float's range is inf (torch's
+  // float32 norm overflows there), but a one-element tensor's norm is its |x| (torch takes no square there).
+  double norm_sum(double sum, int64_t t) const {
+    const bool overflows = sizeof(S) == 4 && a.numel[t] > 1 && sum > static_cast<double>(std::numeric_limits<float>::max());
+    return overflows ? std::numeric_limits<double>::infinity() : sum;
   }
   static double fold(const V& x) {
     S lanes[V::size()];
@@ -121,20 +137,19 @@ struct Typed {
       const int64_t cols = a.cols[t];
       S* col = col_part.data() + col_offset[k];
       for (int64_t r = task.begin; r < task.end; ++r) {
-        V p_acc(S(0)), row_acc(S(0));
+        V row_acc(S(0));
         for (int64_t c = 0; c < cols; c += B::kSize) {
           const int64_t n = std::min<int64_t>(B::kSize, cols - c);
           const B p = B::load(param + r * cols + c, n), g = B::load(grad + r * cols + c, n);
           for (int l = 0; l < B::kLanes; ++l) {
             const V g2 = grad_lane(g, l) * grad_lane(g, l);
-            p_acc = p_acc + p.lane[l] * p.lane[l];
+            p_total += sum_sq(p.lane[l], valid_lanes(n, l));
             row_acc = row_acc + masked(g2, n, l);
             const int64_t off = c + int64_t(l) * V::size();
             const int64_t cnt = std::clamp<int64_t>(cols - off, 0, V::size());
             if (cnt > 0) (V::loadu(col + off, cnt) + g2).store(col + off, cnt);
           }
         }
-        p_total += fold(p_acc);
         row_sum[row_offset[t] + r] = fold(row_acc);
       }
     } else {
@@ -142,7 +157,6 @@ struct Typed {
       const S w = S(weight[t]);
       for (int64_t i = task.begin; i < task.end; i += kChunkElems / 32) {
         const int64_t sub_end = std::min(task.end, i + kChunkElems / 32);
-        V p_acc(S(0)), u_acc(S(0));
         for (int64_t j = i; j < sub_end; j += B::kSize) {
           const int64_t n = std::min<int64_t>(B::kSize, sub_end - j);
           const B p = B::load(param + j, n), g = B::load(grad + j, n);
@@ -154,13 +168,10 @@ struct Typed {
           v.store(var + j, n);
           v = B::load(var + j, n);  // the stored (rounded) variance, as torch's update reads it
           for (int l = 0; l < B::kLanes; ++l) {
-            p_acc = p_acc + p.lane[l] * p.lane[l];
-            const V u = update(grad_lane(g, l), v.lane[l]);
-            u_acc = u_acc + masked(u * u, n, l);
+            p_total += sum_sq(p.lane[l], valid_lanes(n, l));
+            u_total += sum_sq(update(grad_lane(g, l), v.lane[l]), valid_lanes(n, l));
           }
         }
-        p_total += fold(p_acc);
-        u_total += fold(u_acc);
       }
     }
     p_part[k] = p_total;
@@ -174,7 +185,7 @@ struct Typed {
     std::vector<double> p_sum(n, 0.0), col_sum;
     for (size_t k = 0; k < tasks.size(); ++k) p_sum[tasks[k].tensor] += p_part[k];
     for (int64_t t = 0; t < n; ++t)
-      alpha[t] *= std::max(a.eps2, std::sqrt(p_sum[t]) / std::sqrt(static_cast<double>(a.numel[t])));
+      alpha[t] *= std::max(a.eps2, std::sqrt(norm_sum(p_sum[t], t)) / std::sqrt(static_cast<double>(a.numel[t])));
     size_t k = 0;
     for (int64_t t = 0; t < a.factored; ++t) {
       const int64_t rows = a.rows[t], cols = a.cols[t], batch = a.numel[t] / (rows * cols);
@@ -213,7 +224,6 @@ struct Typed {
     for (int64_t r = task.begin; r < task.end; ++r) {
       const int64_t b = r / rows;
       const S row = S(row_var[r]), mean = rmean[rmean_offset[t] + b];
-      V u_acc(S(0));
       for (int64_t c = 0; c < cols; c += B::kSize) {
         const int64_t n = std::min<int64_t>(B::kSize, cols - c);
         B g = B::load(grad + r * cols + c, n);
@@ -231,12 +241,10 @@ struct Typed {
           }
         } else {
           for (int l = 0; l < B::kLanes; ++l) {
-            const V u = update(grad_lane(g, l), (V(row) * col.lane[l]) / V(mean));
-            u_acc = u_acc + masked(u * u, n, l);
+            u_total += sum_sq(update(grad_lane(g, l), (V(row) * col.lane[l]) / V(mean)), valid_lanes(n, l));
           }
         }
       }
-      u_total += fold(u_acc);
     }
     if constexpr (!kUpdate) u_part[k] = u_total;
   }
@@ -270,7 +278,7 @@ struct Typed {
     for (size_t k = 0; k < tasks.size(); ++k) u_sum[tasks[k].tensor] += u_part[k];
     for (size_t t = 0; t < a.numel.size(); ++t) {
       const double root_n = std::sqrt(static_cast<double>(a.numel[t]));
-      scale[t] = alpha[t] / std::max(1.0, std::sqrt(u_sum[t]) / (root_n * a.d));
+      scale[t] = alpha[t] / std::max(1.0, std::sqrt(norm_sum(u_sum[t], static_cast<int64_t>(t))) / (root_n * a.d));
     }
     parallel_tasks([&](int64_t, const Task& task) {
       if (is_matrix(task.tensor)) {

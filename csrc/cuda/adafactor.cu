@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <vector>
 
+#include <math_constants.h>
+
 #include "common/lerp.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
@@ -41,6 +43,7 @@ struct Params {
   double lr, beta2_decay, eps1, eps2, d, weight_decay;
   const float *lr_ptr, *grad_divisor, *found_inf;
   bool maximize, write_back;
+  bool float_norm;  // opmath is float: sums of squares past float's range are inf, as torch's norm
 };
 
 template <typename S>
@@ -87,7 +90,8 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
   T* grad = at_row<T>(tb, kG, t);
   const S factor = grad_factor<S>(h), sign = h.maximize ? S(-1) : S(1);
   if constexpr (PASS == 1) {
-    S row_acc[kRows], p_acc = S(0);
+    S row_acc[kRows];
+    double p_acc = 0.0;  // squared in double: a |p| of 1e30 keeps a finite rms (as torch's CPU norm)
     for (int i = 0; i < kRows; ++i) row_acc[i] = S(0);
     S* col_part = sc.col_part + tb.tasks[3 * m + k];
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
         const S g = S(grad[r * cols + c]) * factor, p = S(param[r * cols + c]);
         row_acc[r - r0] += g * g;
         col_acc += g * g;
-        p_acc += p * p;
+        p_acc += static_cast<double>(p) * static_cast<double>(p);
       }
       col_part[c] = col_acc;
     }
@@ -105,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
       const S s = norm_engine::block_sum(row_acc[i]);
       if (threadIdx.x == 0 && r0 + i < r1) sc.row_sum[row_off + r0 + i] = static_cast<double>(s);
     }
-    const S ps = norm_engine::block_sum(p_acc);
-    if (threadIdx.x == 0) sc.p_part[k] = static_cast<double>(ps);
+    const double ps = norm_engine::block_sum(p_acc);
+    if (threadIdx.x == 0) sc.p_part[k] = ps;
   } else {
     __shared__ S row_sh[kRows];
     const int64_t b = r0 / rows;
@@ -116,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
     __syncthreads();
     const S mean = sc.rmean[tb.tasks[5 * m + k] + b], eps1_sq = S(h.eps1 * h.eps1);
     const S decay = S(1.0 - lr_of(h) * h.weight_decay), scale = S(sc.scale[t]);
-    S u_acc = S(0);
+    double u_acc = 0.0;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       const S col = S(col_var[c]);
       for (int64_t r = r0; r < r1; ++r) {
@@ -124,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
         const S g = S(grad[i]) * factor;
         const S u = update_of(sign * g, (row_sh[r - r0] * col) / mean, eps1_sq);
         if constexpr (PASS == 2) {
-          u_acc += u * u;
+          u_acc += static_cast<double>(u) * static_cast<double>(u);
         } else {
           param[i] = T(S(param[i]) * decay - scale * u);
           if (h.write_back) grad[i] = T(g);
@@ -132,8 +136,8 @@ __global__ void __launch_bounds__(kThreads) matrix_kernel(Tables tb, Scratch<at:
       }
     }
     if constexpr (PASS == 2) {
-      const S us = norm_engine::block_sum(u_acc);
-      if (threadIdx.x == 0) sc.u_part[k] = static_cast<double>(us);
+      const double us = norm_engine::block_sum(u_acc);
+      if (threadIdx.x == 0) sc.u_part[k] = us;
     }
   }
 }
@@ -151,26 +155,26 @@ __global__ void __launch_bounds__(kThreads) vector_kernel(Tables tb, Scratch<at:
   const S factor = grad_factor<S>(h), sign = h.maximize ? S(-1) : S(1), eps1_sq = S(h.eps1 * h.eps1);
   const S w = S(pow(step_of(tb, t), h.beta2_decay));
   const S decay = S(1.0 - lr_of(h) * h.weight_decay);
-  S p_acc = S(0), u_acc = S(0);
+  double p_acc = 0.0, u_acc = 0.0;  // squared in double, as in matrix_kernel
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const S g = S(grad[i]) * factor, p = S(param[i]);
     if constexpr (PASS == 1) {
       const T v = T(lerp(S(var[i]), g * g, w));
       var[i] = v;
       const S u = update_of(sign * g, S(v), eps1_sq);  // the stored (rounded) variance, as torch reads it
-      p_acc += p * p;
-      u_acc += u * u;
+      p_acc += static_cast<double>(p) * static_cast<double>(p);
+      u_acc += static_cast<double>(u) * static_cast<double>(u);
     } else {
       param[i] = T(p * decay - S(sc.scale[t]) * update_of(sign * g, S(var[i]), eps1_sq));
       if (h.write_back) grad[i] = T(g);
     }
   }
   if constexpr (PASS == 1) {
-    const S ps = norm_engine::block_sum(p_acc);
-    const S us = norm_engine::block_sum(u_acc);
+    const double ps = norm_engine::block_sum(p_acc);
+    const double us = norm_engine::block_sum(u_acc);
     if (threadIdx.x == 0) {
-      sc.p_part[tb.n_mt + k] = static_cast<double>(ps);
-      sc.u_part[tb.n_mt + k] = static_cast<double>(us);
+      sc.p_part[tb.n_mt + k] = ps;
+      sc.u_part[tb.n_mt + k] = us;
     }
   }
 }
@@ -184,9 +188,12 @@ __global__ void __launch_bounds__(kThreads) tensor_kernel(Tables tb, double* par
   const int64_t t = blockIdx.x, k0 = tb.ranges[t], k1 = tb.ranges[tb.n + t];
   double x = 0.0;
   for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) x += part[k];
-  const double total = norm_engine::block_sum(x);
+  double total = norm_engine::block_sum(x);
   if (threadIdx.x != 0) return;
-  const double rms = sqrt(total) / sqrt(static_cast<double>(tb.tab[kNumel * tb.n + t]));
+  const int64_t numel = tb.tab[kNumel * tb.n + t];
+  // torch's float32 norm overflows past float's range (a one-element tensor's norm is its |x|): the same here.
+  if (h.float_norm && numel > 1 && total > 3.4028234663852886e38) total = CUDART_INF;
+  const double rms = sqrt(total) / sqrt(static_cast<double>(numel));
   if constexpr (PASS == 1) {
     const double inv_root = 1.0 / sqrt(step_of(tb, t)), lr = lr_of(h);
     alpha[t] = (rms > h.eps2 ? rms : h.eps2) * (inv_root < lr ? inv_root : lr);
@@ -305,7 +312,7 @@ void adafactor_step(const AdafactorLaunch& a) {
   Tables tb{d, n, d + kTabRows * n, n_mt, d + kTabRows * n + 6 * n_mt, n_vt,
             d + kTabRows * n + 6 * n_mt + 2 * n_vt, n_mats, d + kTabRows * n + 6 * n_mt + 2 * n_vt + 6 * n_mats};
   const Params h{a.lr, a.beta2_decay, a.eps1, a.eps2, a.d, a.weight_decay, a.lr_ptr, a.grad_divisor, a.found_inf,
-                 a.maximize, a.write_back_grads};
+                 a.maximize, a.write_back_grads, params[0].scalar_type() != at::kDouble};
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto f64 = params[0].options().dtype(at::kDouble);
   at::Tensor row_sum = at::empty({std::max<int64_t>(row_off, 1)}, f64);
