@@ -305,4 +305,7 @@ def cases(env: Env) -> list[Case]:
                               {"lr": 1e-2}, ("for-loop", "foreach"), [Target("vs", 1.0, "torch foreach")], 6,
                               ADAFACTOR_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
+    from bench import optim_lowbit  # 8-bit states: AdamW int8 against the float32 steps and 8-bit peers
+
+    out += optim_lowbit.cases(env)
     return out

@@ -16,53 +16,6 @@ void check_cpu_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].device().is_cpu(), op, ": params must be on the CPU, got ", params[0].device());
 }
 
-void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-               const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
-               double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-               bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
-               const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  constexpr const char* op = "fusedopt adam_step (cpu)";
-  if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  check_list(exp_avgs, params, "exp_avgs", op);
-  check_list(exp_avg_sqs, params, "exp_avg_sqs", op);
-  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
-  check_scalars(steps, params, "steps", op);
-  check_cpu_group(params, op);
-
-  AdamArgs a;
-  a.kind = scalar_kind(dtype, op);
-  a.lr = lr;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.amsgrad = amsgrad;
-  a.maximize = maximize;
-  a.decoupled_weight_decay = decoupled_weight_decay;
-  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
-  a.grad_divisor = divisor ? divisor->data_ptr<float>() : nullptr;
-  a.found_inf = inf ? inf->data_ptr<float>() : nullptr;
-
-  ContiguousScope scope;  // copies back on exit, after the kernel ran
-  const size_t n = params.size();
-  a.numel.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    a.numel.push_back(params[i].numel());
-    a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
-    a.exp_avg.push_back(scope.write(exp_avgs[i]).data_ptr());
-    a.exp_avg_sq.push_back(scope.write(exp_avg_sqs[i]).data_ptr());
-    if (amsgrad) a.max_exp_avg_sq.push_back(scope.write(max_exp_avg_sqs[i]).data_ptr());
-    a.step.push_back(steps[i].data_ptr<float>());
-  }
-  FUSEDOPT_CPU_KERNEL(adam_step)(a);
-}
-
 // ---- Pointwise losses: flat contiguous input/target of one dtype; weights flat, applied as w[i % period] ----
 using LossKernel = PointwiseLossResult (*)(const PointwiseLossArgs&);
 
@@ -153,88 +106,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, 
                                             weight_period, pos_weight, pos_weight_period, scale, std::nullopt,
                                             reduction, need_grad, out_dtype);
   return {loss, grad};
-}
-
-void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
-                  const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
-                  double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
-                  const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                  bool write_back_grads) {
-  constexpr const char* op = "fusedopt rmsprop_step (cpu)";
-  if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  check_list(square_avgs, params, "square_avgs", op);
-  if (centered) check_list(grad_avgs, params, "grad_avgs", op);
-  if (momentum > 0) check_list(momentum_buffers, params, "momentum_buffers", op);
-  check_scalars(steps, params, "steps", op);
-  check_cpu_group(params, op);
-
-  RmspropArgs a;
-  a.kind = scalar_kind(dtype, op);
-  a.lr = lr;
-  a.alpha = alpha;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.momentum = momentum;
-  a.centered = centered;
-  a.maximize = maximize;
-  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
-  a.grad_divisor = float_ptr(divisor);
-  a.found_inf = float_ptr(inf);
-
-  ContiguousScope scope;  // copies back on exit, after the kernel ran
-  for (size_t i = 0; i < params.size(); ++i) {
-    a.numel.push_back(params[i].numel());
-    a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
-    a.square_avg.push_back(scope.write(square_avgs[i]).data_ptr());
-    if (centered) a.grad_avg.push_back(scope.write(grad_avgs[i]).data_ptr());
-    if (momentum > 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
-    a.step.push_back(steps[i].data_ptr<float>());
-  }
-  FUSEDOPT_CPU_KERNEL(rmsprop_step)(a);
-}
-
-void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
-              const TensorList& first_flags, double lr, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-              const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  constexpr const char* op = "fusedopt sgd_step (cpu)";
-  if (params.empty()) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  if (momentum != 0) check_list(momentum_buffers, params, "momentum_buffers", op);
-  if (momentum != 0 && !first_flags.empty()) check_scalars(first_flags, params, "first_flags", op);
-  check_cpu_group(params, op);
-
-  SgdArgs a;
-  a.kind = scalar_kind(dtype, op);
-  a.lr = lr;
-  a.momentum = momentum;
-  a.dampening = dampening;
-  a.weight_decay = weight_decay;
-  a.nesterov = nesterov;
-  a.maximize = maximize;
-  a.write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  const auto divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = scalar_tensor_arg(found_inf, params[0], "found_inf", op);
-  a.grad_divisor = float_ptr(divisor);
-  a.found_inf = float_ptr(inf);
-
-  ContiguousScope scope;
-  for (size_t i = 0; i < params.size(); ++i) {
-    a.numel.push_back(params[i].numel());
-    a.param.push_back(scope.write(params[i]).data_ptr());
-    a.grad.push_back(scope.grad(grads[i], a.write_back_grads).data_ptr());
-    if (momentum != 0) a.momentum_buffer.push_back(scope.write(momentum_buffers[i]).data_ptr());
-    if (momentum != 0 && !first_flags.empty()) a.first_flag.push_back(first_flags[i].data_ptr<float>());
-  }
-  FUSEDOPT_CPU_KERNEL(sgd_step)(a);
 }
 
 NormKind norm_kind(double p, const char* op) {
@@ -368,50 +239,13 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 }  // namespace fusedopt::cpu
 
 namespace fusedopt::cpu {
-namespace {
-
-// adam_step on a TensorBucket [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]; false if a grad is None.
-bool adam_step_bucket(TensorBucket& b, double lr, double beta1, double beta2, double eps, double weight_decay,
-                      bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                      bool write_back_grads) {
-  const TensorList* grads = b.grads();
-  if (grads == nullptr) return false;
-  adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, beta1, beta2, eps, weight_decay,
-            amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, write_back_grads);
-  b.release_grads();
-  return true;
-}
-
-// rmsprop_step on a TensorBucket [params, square_avgs, grad_avgs, momentum_buffers, steps]; false if a grad is None.
-bool rmsprop_step_bucket(TensorBucket& b, double lr, double alpha, double eps, double weight_decay, double momentum,
-                         bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                         const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  const TensorList* grads = b.grads();
-  if (grads == nullptr) return false;
-  rmsprop_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, alpha, eps, weight_decay, momentum,
-               centered, maximize, grad_divisor, found_inf, write_back_grads);
-  b.release_grads();
-  return true;
-}
-
-}  // namespace
-}  // namespace fusedopt::cpu
-
-namespace fusedopt::cpu {
 void bind_optimizers(pybind11::module_& m);  // bindings_cpu_optim.cpp
 void bind_adafactor(pybind11::module_& m);   // bindings_cpu_adafactor.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CPU kernels (SIMD + threads)";
-  m.def("adam_step", &fusedopt::cpu::adam_step, "Fused Adam/AdamW step over a list of CPU tensors");
   fusedopt::bind_tensor_bucket(m);
-  m.def("adam_step_bucket", &fusedopt::cpu::adam_step_bucket, "adam_step on a TensorBucket; False if a grad is None");
-  m.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, "Fused RMSprop step over a list of CPU tensors");
-  m.def("rmsprop_step_bucket", &fusedopt::cpu::rmsprop_step_bucket,
-        "rmsprop_step on a TensorBucket; False if a grad is None");
-  m.def("sgd_step", &fusedopt::cpu::sgd_step, "Fused SGD step over a list of CPU tensors");
   m.def("grad_norm_power_sum", &fusedopt::cpu::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CPU tensors of one dtype, in double");
   m.def("scale_tensors", &fusedopt::cpu::scale_tensors, "x *= coef over CPU tensors of one dtype");

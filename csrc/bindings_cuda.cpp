@@ -5,57 +5,14 @@
 #include "common/tensor_lists.h"
 #include "cuda/kernels.h"
 
-// The Python-facing wrappers live in their own namespace: in fusedopt::cuda itself, `&fusedopt::cuda::bind::adam_step`
+// The Python-facing wrappers live in their own namespace: in fusedopt::cuda itself, `&fusedopt::cuda::bind::grad_norm_power_sum`
 // would name the kernel entry of cuda/kernels.h (qualified lookup never reaches an unnamed namespace's members when
 // the namespace declares the name directly), and pybind11 would bind the wrong function.
 namespace fusedopt::cuda::bind {
 namespace {
 
-// Device float32 copy of an optional scalar tensor (an async device op, no sync).
-std::optional<at::Tensor> device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& param, const char* name,
-                                        const char* op) {
-  return scalar_tensor_arg(t, param, name, op);
-}
-
 void check_cuda_group(const TensorList& params, const char* op) {
   TORCH_CHECK(params[0].is_cuda(), op, ": params must be CUDA tensors, got ", params[0].device());
-}
-
-void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-               const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
-               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
-               bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-               bool write_back_grads) {
-  constexpr const char* op = "fusedopt adam_step (cuda)";
-  if (params.empty()) return;
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  check_list(exp_avgs, params, "exp_avgs", op);
-  check_list(exp_avg_sqs, params, "exp_avg_sqs", op);
-  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", op);
-  check_scalars(steps, params, "steps", op);
-  check_cuda_group(params, op);
-  write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  ContiguousScope scope;
-  TensorList p, g, m, v, vmax;
-  for (size_t i = 0; i < params.size(); ++i) {
-    p.push_back(scope.write(params[i]));
-    g.push_back(scope.grad(grads[i], write_back_grads));
-    m.push_back(scope.write(exp_avgs[i]));
-    v.push_back(scope.write(exp_avg_sqs[i]));
-    if (amsgrad) vmax.push_back(scope.write(max_exp_avg_sqs[i]));
-  }
-  const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
-  const auto divisor = device_scalar(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
-  const TensorList empty;
-  AdamLaunch a{&p, &g, &m, &v, &vmax, &steps, &empty, lr, beta1, beta2, eps, weight_decay,
-               lr_dev ? lr_dev->data_ptr<float>() : nullptr,
-               divisor ? divisor->data_ptr<float>() : nullptr,
-               inf ? inf->data_ptr<float>() : nullptr,
-               amsgrad, maximize, decoupled_weight_decay, write_back_grads};
-  fusedopt::cuda::adam_step(a);
 }
 
 // ---- Pointwise losses: flat input/target of one dtype; weights flat, applied as w[i % period] ----
@@ -115,69 +72,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_fwd(const at::Tensor& input, 
   return pointwise_loss(&fusedopt::cuda::bce_with_logits_fwd, "fusedopt bce_with_logits_fwd (cuda)", input, target,
                         weight, weight_period, pos_weight, pos_weight_period, scale, std::nullopt, reduction,
                         need_grad, out_dtype);
-}
-
-void rmsprop_step(const TensorList& params, const TensorList& grads, const TensorList& square_avgs,
-                  const TensorList& grad_avgs, const TensorList& momentum_buffers, const TensorList& steps, double lr,
-                  const std::optional<at::Tensor>& lr_tensor, double alpha, double eps, double weight_decay,
-                  double momentum, bool centered, bool maximize, const std::optional<at::Tensor>& grad_divisor,
-                  const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  constexpr const char* op = "fusedopt rmsprop_step (cuda)";
-  if (params.empty()) return;
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  check_list(square_avgs, params, "square_avgs", op);
-  if (centered) check_list(grad_avgs, params, "grad_avgs", op);
-  if (momentum > 0) check_list(momentum_buffers, params, "momentum_buffers", op);
-  check_scalars(steps, params, "steps", op);
-  check_cuda_group(params, op);
-  write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  ContiguousScope scope;
-  TensorList p, g, s, ga, mb;
-  for (size_t i = 0; i < params.size(); ++i) {
-    p.push_back(scope.write(params[i]));
-    g.push_back(scope.grad(grads[i], write_back_grads));
-    s.push_back(scope.write(square_avgs[i]));
-    if (centered) ga.push_back(scope.write(grad_avgs[i]));
-    if (momentum > 0) mb.push_back(scope.write(momentum_buffers[i]));
-  }
-  const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
-  const auto divisor = device_scalar(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
-  const TensorList empty;
-  RmspropLaunch a{&p,  &g,        &s,      &ga,          &mb,      &steps,        &empty,
-                  lr,  alpha,     eps,     weight_decay, momentum, float_ptr(lr_dev), float_ptr(divisor),
-                  float_ptr(inf), centered, maximize, write_back_grads};
-  fusedopt::cuda::rmsprop_step(a);
-}
-
-void sgd_step(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
-              const TensorList& first_flags, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
-              double dampening, double weight_decay, bool nesterov, bool maximize,
-              const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-              bool write_back_grads) {
-  constexpr const char* op = "fusedopt sgd_step (cuda)";
-  if (params.empty()) return;
-  check_params(params, op);
-  check_list(grads, params, "grads", op);
-  if (momentum != 0) check_list(momentum_buffers, params, "momentum_buffers", op);
-  if (momentum != 0 && !first_flags.empty()) check_scalars(first_flags, params, "first_flags", op);
-  check_cuda_group(params, op);
-  write_back_grads = write_back_grads && tensor_given(grad_divisor);
-  ContiguousScope scope;
-  TensorList p, g, mb;
-  for (size_t i = 0; i < params.size(); ++i) {
-    p.push_back(scope.write(params[i]));
-    g.push_back(scope.grad(grads[i], write_back_grads));
-    if (momentum != 0) mb.push_back(scope.write(momentum_buffers[i]));
-  }
-  const auto lr_dev = device_scalar(lr_tensor, params[0], "lr", op);
-  const auto divisor = device_scalar(grad_divisor, params[0], "grad_divisor", op);
-  const auto inf = device_scalar(found_inf, params[0], "found_inf", op);
-  const TensorList empty;
-  SgdLaunch a{&p,           &g,        &mb,       &first_flags,    &empty,           lr,           momentum,
-              dampening,    weight_decay, float_ptr(lr_dev), float_ptr(divisor), float_ptr(inf), nesterov, maximize, write_back_grads};
-  fusedopt::cuda::sgd_step(a);
 }
 
 at::Tensor grad_norm_power_sum(const TensorList& tensors, double norm_type) {
@@ -275,32 +169,6 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
   launch_cross_entropy_scale_grad(grad, scale);
 }
 
-// adam_step on a TensorBucket [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]; false if a grad is None.
-bool adam_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
-                      double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                      bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_divisor,
-                      const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
-  const TensorList* grads = b.grads();
-  if (grads == nullptr) return false;
-  adam_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf, write_back_grads);
-  b.release_grads();
-  return true;
-}
-
-// rmsprop_step on a TensorBucket [params, square_avgs, grad_avgs, momentum_buffers, steps]; false if a grad is None.
-bool rmsprop_step_bucket(TensorBucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double alpha,
-                         double eps, double weight_decay, double momentum, bool centered, bool maximize,
-                         const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                         bool write_back_grads) {
-  const TensorList* grads = b.grads();
-  if (grads == nullptr) return false;
-  rmsprop_step(b.list(0), *grads, b.list(1), b.list(2), b.list(3), b.list(4), lr, lr_tensor, alpha, eps, weight_decay,
-               momentum, centered, maximize, grad_divisor, found_inf, write_back_grads);
-  b.release_grads();
-  return true;
-}
-
 std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 }  // namespace
@@ -313,14 +181,7 @@ void bind_adafactor(pybind11::module_& m);   // bindings_cuda_adafactor.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt CUDA kernels (multi-tensor apply)";
-  m.def("adam_step", &fusedopt::cuda::bind::adam_step, "Fused Adam/AdamW step over a list of CUDA tensors");
   fusedopt::bind_tensor_bucket(m);
-  m.def("adam_step_bucket", &fusedopt::cuda::bind::adam_step_bucket,
-        "adam_step on a TensorBucket; False if a grad is None");
-  m.def("rmsprop_step", &fusedopt::cuda::bind::rmsprop_step, "Fused RMSprop step over a list of CUDA tensors");
-  m.def("rmsprop_step_bucket", &fusedopt::cuda::bind::rmsprop_step_bucket,
-        "rmsprop_step on a TensorBucket; False if a grad is None");
-  m.def("sgd_step", &fusedopt::cuda::bind::sgd_step, "Fused SGD step over a list of CUDA tensors");
   m.def("grad_norm_power_sum", &fusedopt::cuda::bind::grad_norm_power_sum,
         "sum |x|^p (max |x| for p=inf) over CUDA tensors of one dtype, as a device scalar");
   m.def("scale_tensors", &fusedopt::cuda::bind::scale_tensors, "x *= coef over CUDA tensors of one dtype, coef on device");

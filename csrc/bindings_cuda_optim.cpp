@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common/optim_binding.h"
+#include "common/optim_q8.h"
 #include "common/optimizers.h"
 #include "common/tensor_bucket.h"
 #include "cuda/kernels.h"
@@ -15,27 +16,28 @@ struct CudaOptimBackend {
 
   template <typename Op>
   static void run(const TensorList& params, const TensorList& grads,
-                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& steps, double lr,
+                  const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                  bool write_back_grads) {
+                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the launch was queued (stream order)
-    const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, steps, hyper, maximize,
-                                         grad_divisor, found_inf, write_back_grads);
+    const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, scalars, hyper, maximize,
+                                         grad_divisor, found_inf, write_back_grads, stochastic_round);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     const TensorList empty;
     OptimLaunch<typename Op::Hyper> a{};
     a.params = &in.params;
     a.grads = &in.grads;
     for (int k = 0; k < Op::kStates; ++k) a.states.push_back(&in.states[k]);
-    a.steps = &in.steps;
+    a.scalars = &in.scalars;
     a.empty = &empty;
     a.lr = lr;
     a.lr_ptr = float_ptr(lr_dev);
     a.grad_divisor = float_ptr(in.grad_divisor);
     a.found_inf = float_ptr(in.found_inf);
+    a.stochastic_round = in.stochastic_round ? in.stochastic_round->template data_ptr<int64_t>() : nullptr;
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;
@@ -45,10 +47,45 @@ struct CudaOptimBackend {
       fusedopt::cuda::optim_step<Op>(a);
     }
   }
+
+  // The step with 8-bit block-wise states (common/optim_q8.h).
+  template <typename Op>
+  static void run_q8(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& codes,
+                     const std::vector<TensorList>& absmax, const TensorList& qmaps, const TensorList& scalars,
+                     double lr, const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
+                     const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
+                     bool write_back_grads) {
+    const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
+    if (params.empty()) return;
+    ContiguousScope scope;
+    const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, scalars,
+                                            hyper, maximize, grad_divisor, found_inf, write_back_grads);
+    const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
+    OptimQ8Launch<typename Op::Hyper> a{};
+    a.params = &in.params;
+    a.grads = &in.grads;
+    for (int k = 0; k < Op::kStates; ++k) {
+      a.codes.push_back(&in.codes[k]);
+      a.absmax.push_back(&in.absmax[k]);
+      a.qmap.push_back(in.codes[k].empty() ? nullptr : in.qmap[k].template data_ptr<float>());
+    }
+    a.scalars = &in.scalars;
+    a.lr = lr;
+    a.lr_ptr = float_ptr(lr_dev);
+    a.grad_divisor = float_ptr(in.grad_divisor);
+    a.found_inf = float_ptr(in.found_inf);
+    a.maximize = in.maximize;
+    a.write_back_grads = in.write_back_grads;
+    a.hyper = in.hyper;
+    fusedopt::cuda::optim_step_q8<Op>(a);
+  }
 };
 
 }  // namespace
 
-void bind_optimizers(pybind11::module_& m) { bind_optimizer_steps<CudaOptimBackend>(m); }
+void bind_optimizers(pybind11::module_& m) {
+  bind_optimizer_steps<CudaOptimBackend>(m);
+  bind_optimizer_steps_q8<CudaOptimBackend>(m);
+}
 
 }  // namespace fusedopt::cuda::bind

@@ -1,28 +1,30 @@
 """The seed program, written as a user would: a 2-layer MLP (10 -> 50 -> 2, ReLU), CrossEntropyLoss, Adam(lr=0.001),
-100 epochs on synthetic data. The only change from plain PyTorch is the two fusedopt imports below.
+100 epochs on synthetic data. The only change from plain PyTorch is the fusedopt loss import below and the
+optimizer's class (examples/optimizers.py: fusedopt.optim.X for torch.optim.X).
 
-    python examples/seed_example.py                # fusedopt
-    python examples/seed_example.py --torch        # plain PyTorch, for comparison
+    python examples/seed_example.py                      # fusedopt
+    python examples/seed_example.py --torch              # plain PyTorch, for comparison
+    python examples/seed_example.py --optimizer lion     # another optimizer (examples/optimizers.py)
     python examples/seed_example.py --device cuda
 """
 
 import argparse
 
 import torch
+from optimizers import NAMES, help_text, make
 from torch import nn
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--torch", action="store_true", help="run with torch.optim / torch.nn instead")
+parser.add_argument("--optimizer", default="adam", choices=NAMES, metavar="NAME", help=help_text())
 args = parser.parse_args()
 
 if args.torch:
     from torch.nn import CrossEntropyLoss
-    from torch.optim import Adam
 else:
     from fusedopt.nn import CrossEntropyLoss  # was: from torch.nn import CrossEntropyLoss
-    from fusedopt.optim import Adam  # was: from torch.optim import Adam
 
 torch.manual_seed(0)
 X = torch.randn(1000, 10)
@@ -31,7 +33,8 @@ X, y = X.to(args.device), y.to(args.device)
 
 model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 2)).to(args.device)
 criterion = CrossEntropyLoss()
-optimizer = Adam(model.parameters(), lr=0.001)
+# adam: fusedopt.optim.Adam(model.parameters(), lr=0.001), or torch.optim.Adam with --torch
+optimizer = make(args.optimizer, "torch" if args.torch else "fusedopt", model, lr=0.001, head=model[-1])
 
 for epoch in range(args.epochs):
     optimizer.zero_grad()

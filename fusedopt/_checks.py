@@ -36,8 +36,23 @@ def check_params(params: list, op: str) -> None:
         )
 
 
-def check_list(tensors: list, params: list, name: str, op: str) -> None:
-    """One tensor per param, matching it in device, shape and dtype."""
+_OPMATH_STATES = [False]  # set by states_in_opmath
+
+
+class states_in_opmath:
+    """Within it, check_step expects the state lists in the params' opmath dtype (float32 for 16-bit params): the
+    torch backend of the 8-bit states (fusedopt/lowbit.py) runs the full-precision reference on dequantized
+    float32 states."""
+
+    def __enter__(self):
+        _OPMATH_STATES[0] = True
+
+    def __exit__(self, *exc):
+        _OPMATH_STATES[0] = False
+
+
+def check_list(tensors: list, params: list, name: str, op: str, opmath: bool = False) -> None:
+    """One tensor per param, matching it in device, shape and dtype (its opmath dtype when `opmath`)."""
     if len(tensors) != len(params):
         raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params has {len(params)}")
     for i, (t, p) in enumerate(zip(tensors, params)):
@@ -49,7 +64,8 @@ def check_list(tensors: list, params: list, name: str, op: str) -> None:
             raise RuntimeError(f"{op}: {name}[{i}] is on {t.device}, its param on {p.device}")
         if t.shape != p.shape:
             raise RuntimeError(f"{op}: {name}[{i}] has shape {_shape(t)}, its param {_shape(p)}")
-        if t.dtype != p.dtype:
+        want = (torch.float64 if p.dtype == torch.float64 else torch.float32) if opmath else p.dtype
+        if t.dtype != want:
             raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype}, its param {p.dtype}")
 
 
@@ -69,10 +85,20 @@ def check_scalars(tensors: list, params: list, name: str, op: str) -> None:
             raise RuntimeError(f"{op}: {name}[{i}] must be a one-element torch.float32 tensor on its param's device")
 
 
+def check_stochastic_round(op: str, params: list, state: torch.Tensor) -> None:
+    """bf16 params, and an int64 [seed, counter] tensor on their device (csrc/common/optim_binding.h's check)."""
+    if params[0].dtype != torch.bfloat16:
+        raise RuntimeError(f"{op}: stochastic rounding applies to bfloat16 params, got {params[0].dtype}")
+    if not (state.dtype == torch.int64 and state.numel() == 2 and state.is_contiguous()
+            and state.device == params[0].device):  # fmt: skip
+        raise RuntimeError(f"{op}: stochastic_round must be a contiguous int64 tensor [seed, counter] on the params' "
+                           "device")  # fmt: skip
+
+
 def check_step(op: str, params: list, lists: dict, scalars: dict | None = None) -> None:
     """check_params, then check_list for each (name -> list) of `lists`, then check_scalars for `scalars`."""
     check_params(params, op)
     for name, tensors in lists.items():
-        check_list(tensors, params, name, op)
+        check_list(tensors, params, name, op, opmath=_OPMATH_STATES[0] and name != "grads")
     for name, tensors in (scalars or {}).items():
         check_scalars(tensors, params, name, op)

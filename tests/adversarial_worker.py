@@ -26,6 +26,11 @@ import torch.nn.functional as F
 import fusedopt
 import fusedopt.nn.functional as FF
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from optim_db import PaperLion  # tests/ is on the path from here
+
+REFERENCES = {"Lion": PaperLion}  # optimizers torch has no class for
+
 TOL = {
     torch.float64: (1e-9, 1e-11),
     torch.float32: (1e-4, 1e-5),
@@ -79,7 +84,8 @@ def _run_optimizer(case, use_fused, exact=False, torch_fused=False):
     for key in ("betas", "eps"):
         if isinstance(kw.get(key), list):
             kw[key] = tuple(kw[key])
-    cls = getattr(fusedopt if use_fused else torch.optim, case["optimizer"])
+    name = case["optimizer"]
+    cls = getattr(fusedopt, name) if use_fused else REFERENCES.get(name) or getattr(torch.optim, name)
     if use_fused:
         kw["backend"] = case["backend"]
     elif torch_fused:

@@ -91,6 +91,11 @@ OPTIONS = {
                       "initial_accumulator_value": st.sampled_from([0.0, 0.5]), "maximize": st.booleans(),
                       "eps": st.sampled_from([0.0, 1e-10])}
     ),
+    # no torch class: the worker compares with tests/optim_db.py's PaperLion (a plain loop of the paper)
+    "Lion": st.fixed_dictionaries(
+        {}, optional={"betas": st.sampled_from([(0.9, 0.99), (0.0, 0.5), (1.0, 0.9)]),
+                      "weight_decay": st.sampled_from([0.0, 0.1]), "maximize": st.booleans()}
+    ),
 }  # fmt: skip
 # Drawn by their own test (so the draws of the others stay as they were). LAMB has no torch class to compare with:
 # its edges are in test_lamb.py, against the paper's loop.
@@ -104,8 +109,8 @@ ADAFACTOR_OPTIONS = {
 
 
 @st.composite
-def optimizer_cases(draw, options=OPTIONS):
-    name = draw(st.sampled_from(sorted(options)))
+def optimizer_cases(draw, names=None, options=OPTIONS):
+    name = draw(st.sampled_from(sorted(names or options)))
     shape = draw(SHAPES)
     steps = draw(st.integers(1, 3))
     grads = draw(st.lists(st.sampled_from(["normal", "normal", "nan", "inf", "huge", "none", "float64", "reshaped"]),
@@ -189,6 +194,12 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 @SETTINGS
 @given(case=optimizer_cases())
 def test_optimizers_against_torch(worker, case):
+    _check(worker, case)
+
+
+@settings(SETTINGS, max_examples=30)
+@given(case=optimizer_cases(names=["Lion"]))
+def test_lion_against_the_paper(worker, case):
     _check(worker, case)
 
 

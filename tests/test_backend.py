@@ -61,9 +61,10 @@ def test_custom_op_matches_eager_path():
         ps = [p.clone() for p in params]
         m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         steps = [torch.zeros(()) for _ in ps]
-        args = (ps, grads, m, v, [], steps, 0.1, None, 0.9, 0.99, 1e-8, 0.01, False, False, True, None, None, False,
-                "cpu")
-        (fusedopt.ops.adam.adam_step_op if use_op else fusedopt.ops.adam._impl)(*args)
+        args = (ps, grads, m, v, [], steps, 0.1, None, 0.9, 0.99, 1e-8, 0.01, False, True, False, None, None, False,
+                None, "cpu")
+        op = fusedopt.ops.optim_step.op_for(fusedopt.Adam.SPEC)
+        (op.op if use_op else op.impl)(*args)
         results.append((ps, m, v, steps))
     for a, b in zip(*results):
         for x, y in zip(a, b):

@@ -171,24 +171,14 @@ def test_unusual_norm_types_delegate_to_torch():
 def _op_cases():
     gen = torch.Generator().manual_seed(21)
     ps = lambda: [torch.randn(n, generator=gen) for n in (5, 300)]
-    zeros = lambda: [torch.zeros(n) for n in (5, 300)]
-    steps = lambda: [torch.zeros(()) for _ in range(2)]
-    flags = lambda: [torch.ones(()) for _ in range(2)]
     return {
-        "rmsprop_step": (
-            ps(), ps(), zeros(), zeros(), zeros(), steps(), 0.01, None, 0.9, 1e-8, 0.1, 0.5, True, False,
-            torch.tensor(2.0), torch.tensor(0.0), True, "cpu",
-        ),
-        "sgd_step": (
-            ps(), ps(), zeros(), flags(), 0.01, torch.tensor(0.02), 0.9, 0.1, 0.01, False, True, None, None, False,
-            "cpu",
-        ),
         "grad_norm": (ps(), 2.0, "cpu"),
         "scale_grads": (ps(), torch.tensor(0.5), "cpu"),
     }
 
 
-@pytest.mark.parametrize("name", ["rmsprop_step", "sgd_step", "grad_norm", "scale_grads"])
+# The optimizer ops' opchecks are in test_optim_registry.py and test_compile.py.
+@pytest.mark.parametrize("name", ["grad_norm", "scale_grads"])
 def test_custom_op_schema_and_fake(name):
     """torch.library.opcheck: the schema's mutation annotations, the fake impl and the registration are consistent
     (what torch.compile relies on)."""
@@ -196,14 +186,12 @@ def test_custom_op_schema_and_fake(name):
     torch.library.opcheck(op, _op_cases()[name], test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("name", ["rmsprop_step", "sgd_step", "grad_norm", "scale_grads"])
+@pytest.mark.parametrize("name", ["grad_norm", "scale_grads"])
 def test_custom_op_matches_eager_path(name):
     """torch.ops.fusedopt.<name> (what torch.compile sees) and the eager fast path give the same results."""
     import fusedopt.ops as ops
 
     impls = {
-        "rmsprop_step": (ops.rmsprop.rmsprop_step_op, ops.rmsprop._impl),
-        "sgd_step": (ops.sgd.sgd_step_op, ops.sgd._impl),
         "grad_norm": (ops.grad_norm.grad_norm_op, ops.grad_norm._norm_impl),
         "scale_grads": (ops.grad_norm.scale_grads_op, ops.grad_norm._scale_impl),
     }[name]

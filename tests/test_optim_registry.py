@@ -19,7 +19,7 @@ from optim_db import ENGINE_DRIVEN, OPTIM_DB, case_id
 from parity_steps import SHAPES, SHAPES_GPU, SMALL_SHAPES, compare, make_params, run_parity, set_grads
 
 import fusedopt
-from fusedopt import _backend, reference
+from fusedopt import _backend, reference, reference_optim
 from fusedopt.ops import optim_step
 
 BACKENDS = cpu_backends()
@@ -183,8 +183,9 @@ def test_boundary_errors_same_on_every_backend(info):
     spec = info.fused.SPEC
     params = [torch.randn(4, 2), torch.randn(3)]
     grads = [torch.randn_like(p) for p in params]
-    steps = [torch.zeros(()) for _ in params] if spec.has_step else []
-    hyper = spec.hyper_values({**info.fused([torch.nn.Parameter(torch.ones(1))], backend="torch").defaults})
+    steps = [torch.zeros(()) for _ in params] if spec.scalar == "step" else []
+    defaults = info.fused([torch.nn.Parameter(torch.ones(1))], backend="torch").defaults
+    hyper = spec.hyper_values({**defaults, **info.cases[0]})  # cases[0] uses the first state list
     bad_lists = {
         "has shape [4], its param [4, 2]": [torch.zeros(4), torch.zeros(3)],
         "has 1 tensors, params has 2": [torch.zeros(4, 2)],
@@ -207,9 +208,10 @@ def test_op_passes_opcheck(info):
     gen = torch.Generator().manual_seed(21)
     ps = lambda: [torch.randn(n, generator=gen) for n in (5, 300)]
     states = [[torch.rand(n, generator=gen) for n in (5, 300)] for _ in spec.states]
-    steps = [torch.zeros(()) for _ in range(2)] if spec.has_step else []
-    hyper = [0.1] * len(spec.hyper)
-    args = (ps(), ps(), *states, steps, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, "cpu")
+    scalars = [torch.zeros(()) for _ in range(2)] if spec.scalar == "step" else [torch.ones(()) for _ in range(2)]
+    hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # every optional state list in use
+    args = (ps(), ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, None,
+            "cpu")  # fmt: skip
     result = torch.library.opcheck(getattr(torch.ops.fusedopt, f"{spec.op}_step").default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -235,9 +237,10 @@ def test_lower_isa_parity(capability):
 
 # --- the contract: the registry, the specs and the backends agree ----------------------------------------------
 def test_every_optimizer_has_a_registry_entry():
-    classes = {getattr(fusedopt.optim, n) for n in fusedopt.optim.__all__}
+    names = [n for n in fusedopt.optim.__all__ if isinstance(getattr(fusedopt.optim, n), type)]  # not functions
+    classes = {getattr(fusedopt.optim, n) for n in names}
     assert classes == {i.fused for i in OPTIM_DB}, "add the optimizer to tests/optim_db.py"
-    for name in fusedopt.optim.__all__:
+    for name in names:
         assert getattr(fusedopt, name) is getattr(fusedopt.optim, name), f"fusedopt.{name} is not exported"
 
 
@@ -246,16 +249,17 @@ def test_every_engine_optimizer_has_every_backend(info):
     spec = info.fused.SPEC
     assert hasattr(torch.ops.fusedopt, f"{spec.op}_step"), "op not registered"
     ext = _backend.cpu_extension()[0]
-    assert ext.optimizer_info[spec.op] == (list(spec.hyper), [s.list_name for s in spec.states], spec.has_step), (
-        "csrc/common/<op>_math.h (Hyper::fields, kStateNames, kHasStep) disagrees with the spec"
+    assert spec.op in ext.optimizer_info, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (csrc/common/optimizers.h)"
+    hyper = [f"{h}:bool" if h in spec.flags else h for h in spec.hyper]
+    assert ext.optimizer_info[spec.op] == (hyper, [s.list_name for s in spec.states], spec.scalar_list), (
+        "csrc/common/<op>_math.h (Hyper::fields, kStateNames, kScalar) disagrees with the spec"
     )
     assert callable(getattr(ext, f"{spec.op}_step")) and callable(getattr(ext, f"{spec.op}_step_bucket"))
     triton_module = importlib.import_module(f"fusedopt.triton_kernels.{spec.op}")
     assert spec.hyper == triton_module.HYPER, "the Triton kernel's hyperparameter order differs from the spec"
     assert callable(getattr(triton_module, f"{spec.op}_step"))
-    assert f"def {spec.op}_step(" in inspect.getsource(reference), "no reference in fusedopt/reference.py"
-    registry = (ROOT / "csrc" / "common" / "optimizers.h").read_text()
-    assert f"X(::fusedopt::{info.name})" in registry, "not in FUSEDOPT_FOR_EACH_OPTIMIZER (CPU and CUDA engines)"
+    assert f"def {spec.op}_step(" in inspect.getsource(reference_optim), "no reference in fusedopt/reference_optim.py"
+    assert getattr(reference, f"{spec.op}_step") is getattr(reference_optim, f"{spec.op}_step"), "not re-exported"
     assert (ROOT / "csrc" / "common" / f"{spec.op}_math.h").exists()
     assert info.grid and info.cases, "registry entry without a grid or cases"
 

@@ -12,6 +12,7 @@ from conftest import cpu_backends
 from parity_steps import compare
 
 import fusedopt
+from fusedopt.ops import optim_step
 
 BACKENDS = cpu_backends()
 
@@ -43,7 +44,7 @@ def _params(shapes, dtype=torch.float32, seed=0):
 
 # --- the boundary: every backend raises the same error for the same bad lists ---------------------------------
 def _adam_lists(**replace):
-    """adam_step's lists for two float32 params of shape (4, 2) and (3,), with some replaced."""
+    """fusedopt::adam_step's lists for two float32 params of shape (4, 2) and (3,), with some replaced."""
     params = [torch.randn(4, 2), torch.randn(3)]
     lists = {
         "params": params,
@@ -90,9 +91,12 @@ def test_same_error_on_every_backend(case):
         lists = _adam_lists(**replace)
         before = [t.clone() for t in lists["params"] if t.layout == torch.strided and t.device.type == "cpu"]
         with pytest.raises(RuntimeError) as info:
-            fusedopt.ops.adam.adam_step(
-                *lists.values(), lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True,
-                maximize=False, decoupled_weight_decay=False, backend=backend,
+            optim_step.step(
+                fusedopt.Adam.SPEC, lists["params"], lists["grads"],
+                [lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"]], lists["steps"], lr=0.1,
+                hyper={"beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True,
+                       "decoupled_weight_decay": False},
+                maximize=False, backend=backend,
             )  # fmt: skip
         messages[backend] = str(info.value).replace(f"({backend})", "(BACKEND)")
         after = [t for t in lists["params"] if t.layout == torch.strided and t.device.type == "cpu"]

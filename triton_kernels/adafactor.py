@@ -19,9 +19,9 @@ from fusedopt.triton_kernels.multi_tensor import (
     ContiguousCopies,
     TensorTable,
     _to_device,
-    increment_steps,
     opmath,
     scalars_tensor,
+    update_scalars,
 )
 
 BR, BC, BLOCK = 16, 64, 1024
@@ -287,7 +287,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_t
             [p.numel() for p in params], rows_, cols_]  # fmt: skip
     tab = _to_device(torch.tensor([x for row in host for x in row], dtype=torch.int64), device)
     step_table = TensorTable([params, steps], BLOCK)
-    increment_steps(step_table, 1, found_inf)
+    update_scalars(step_table, 1, found_inf, 1.0, 1.0)  # step += 1 unless found_inf
     tasks, n_mt, vtasks, n_vt, mats, n_mats, ranges, n_col, n_rows, n_rmean = _tables(params, n_f, device)
     hp = scalars_tensor([lr, *(float(hyper[k]) for k in ("beta2_decay", "eps1", "eps2", "d", "weight_decay"))],
                         device, lr_tensor)  # fmt: skip

@@ -6,23 +6,34 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import program_block
-from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
+)
 
 HYPER = ("lr_decay", "eps", "weight_decay")  # hp_ptr[1:], after lr; the spec's order
 ROW_SUM, ROW_STEP = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
+N_STATES = 1
 
 
 @triton.jit
 def adagrad_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    s_ptr = list_ptr(addrs_ptr, ROW_SUM, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    state_sum = tl.load(s_ptr + offs, mask=mask).to(OPMATH)
+    state_sum = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -35,12 +46,17 @@ def adagrad_kernel(
     state_sum = state_sum + grad * grad
     param = param + neg_clr * (grad / (tl.sqrt(state_sum) + eps))
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
-    tl.store(s_ptr + offs, state_sum.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, state_sum, DTYPE, BLOCK, QUANT)
 
 
 def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads):  # fmt: skip
-    launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, True), params, grads, states, steps, lr, lr_tensor,
-           hyper, maximize, grad_divisor, found_inf, write_back_grads,
-           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0)  # fmt: skip
+                 write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+    launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, "step"), params, grads, states, steps, lr, lr_tensor,
+           hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round,
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+
+
+def adagrad_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    adagrad_step(params, grads, codes, steps, *args, q8=(absmax, maps))

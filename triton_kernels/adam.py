@@ -1,116 +1,85 @@
-"""Adam / AdamW in Triton: one launch per (device, dtype) group through the multi-tensor table."""
+"""Adam / AdamW in Triton through the optimizer engine (optim_engine.py); the math of csrc/common/adam_math.h."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fusedopt import _checks
-from fusedopt.triton_kernels.multi_tensor import (
-    TRITON_DTYPES,
-    ContiguousCopies,
-    TensorTable,
-    increment_steps,
-    lerp,
-    opmath,
-    pow_by_squaring,
-    program_block,
-    scalars_tensor,
+from fusedopt.triton_kernels.multi_tensor import lerp, pow_by_squaring, program_block
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
 )
 
-BLOCK = 1024
-ROW_PARAM, ROW_GRAD, ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_STEP = range(6)
+HYPER = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")  # hp_ptr[1:], after lr
+ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_STEP = (ROW_FIRST_STATE + k for k in range(4))
+N_STATES = 3
 
 
 @triton.jit
 def adam_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, AMSGRAD: tl.constexpr,
+    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-
-    # Hyperparameters in float64 (hp_ptr), bias corrections from this tensor's step, then opmath.
-    lr = tl.load(hp_ptr + 0)
-    beta1 = tl.load(hp_ptr + 1)
-    beta2 = tl.load(hp_ptr + 2)
-    eps = tl.load(hp_ptr + 3)
-    weight_decay = tl.load(hp_ptr + 4)
-    step_ptr = tl.load(addrs_ptr + ROW_STEP * n_tensors + t).to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr).to(tl.float64)
-    bias_correction1 = 1.0 - pow_by_squaring(beta1, step)
-    bias_correction2 = 1.0 - pow_by_squaring(beta2, step)
-    step_size = (lr / bias_correction1).to(OPMATH)
-    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(OPMATH)
-
-    p_ptr = tl.load(addrs_ptr + ROW_PARAM * n_tensors + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(addrs_ptr + ROW_GRAD * n_tensors + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(addrs_ptr + ROW_EXP_AVG * n_tensors + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(addrs_ptr + ROW_EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(DTYPE))
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    grad = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg = tl.load(m_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg_sq = tl.load(v_ptr + offs, mask=mask).to(OPMATH)
+    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+    exp_avg_sq = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
+                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
-    # --- the Adam update, written once ---
-    if HAS_DIVISOR:
-        grad = grad * (1.0 / tl.load(grad_divisor_ptr).to(tl.float64)).to(OPMATH)
-    if WRITE_BACK_GRADS:  # GradScaler: .grad holds the unscaled grad afterwards, as torch's fused optimizers leave it
-        tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
-    if MAXIMIZE:
-        grad = -grad
+    # --- Adam's update; the bias corrections in float64 from this tensor's step, as torch ---
+    lr = tl.load(hp_ptr)
+    beta1, beta2 = tl.load(hp_ptr + 1), tl.load(hp_ptr + 2)
+    weight_decay = tl.load(hp_ptr + 4)
+    step = tl.load(list_ptr(addrs_ptr, ROW_STEP, n_tensors, t, tl.float32)).to(tl.float64)
+    step_size = (lr / (1.0 - pow_by_squaring(beta1, step))).to(OPMATH)
+    bias_correction2_sqrt = tl.sqrt(1.0 - pow_by_squaring(beta2, step)).to(OPMATH)
     if HAS_WEIGHT_DECAY:
         if DECOUPLED:
             param = param * (1.0 - lr * weight_decay).to(OPMATH)
         else:
-            grad = grad + weight_decay.to(OPMATH) * param
+            grad = grad + param * weight_decay.to(OPMATH)
     exp_avg = lerp(exp_avg, grad, (1.0 - beta1).to(OPMATH))
-    exp_avg_sq = exp_avg_sq * beta2.to(OPMATH) + (1.0 - beta2).to(OPMATH) * grad * grad
+    exp_avg_sq = exp_avg_sq * beta2.to(OPMATH) + grad * grad * (1.0 - beta2).to(OPMATH)
     second_moment = exp_avg_sq
     if AMSGRAD:
-        x_ptr = tl.load(addrs_ptr + ROW_MAX_EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(DTYPE))
         max_exp_avg_sq = tl.maximum(  # NaN stays NaN, as with torch.maximum
-            tl.load(x_ptr + offs, mask=mask).to(OPMATH), exp_avg_sq, propagate_nan=tl.PropagateNan.ALL
+            load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT),
+            exp_avg_sq,
+            propagate_nan=tl.PropagateNan.ALL,
         )
-        tl.store(x_ptr + offs, max_exp_avg_sq.to(DTYPE), mask=mask)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, DTYPE, BLOCK,
+                    QUANT)  # fmt: skip
         second_moment = max_exp_avg_sq
-    denom = tl.sqrt(second_moment) / bias_correction2_sqrt + eps.to(OPMATH)
+    denom = tl.sqrt(second_moment) / bias_correction2_sqrt + tl.load(hp_ptr + 3).to(OPMATH)
     param = param - step_size * exp_avg / denom
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
-    tl.store(m_ptr + offs, exp_avg.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, exp_avg_sq.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, DTYPE, BLOCK, QUANT)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, exp_avg_sq, DTYPE, BLOCK, QUANT)
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
-              weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_divisor, found_inf,
-              write_back_grads=False):  # fmt: skip
-    if not params:
-        return
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    if amsgrad:
-        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _checks.check_step("fusedopt adam_step (triton)", params, lists, {"steps": steps})
-    dtype = params[0].dtype
-    device = params[0].device
-    write_back_grads = write_back_grads and grad_divisor is not None
-    copies = ContiguousCopies()
-    params, exp_avgs, exp_avg_sqs = copies.write(params), copies.write(exp_avgs), copies.write(exp_avg_sqs)
-    max_exp_avg_sqs = copies.write(max_exp_avg_sqs) if amsgrad else []
-    grads = copies.write(grads) if write_back_grads else copies.read(grads)
-    table = TensorTable([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps], BLOCK)
-    increment_steps(table, ROW_STEP, found_inf)
-    if table.blocks == 0:  # only empty tensors
-        return
-    hp = scalars_tensor([lr, beta1, beta2, eps, weight_decay], device, lr_tensor)
-    dummy = hp
-    adam_kernel[(table.blocks,)](
-        table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp,
-        grad_divisor.float() if grad_divisor is not None else dummy,
-        found_inf.float() if found_inf is not None else dummy,
-        DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        DECOUPLED=decoupled_weight_decay, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_DIVISOR=grad_divisor is not None,
-        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
-    )  # fmt: skip
-    copies.finish()
+def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+    amsgrad = bool(hyper["amsgrad"])
+    launch(adam_kernel, ("adam", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), HYPER, "step"), params, grads,
+           states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round,
+           used=(True, True, amsgrad), AMSGRAD=amsgrad, DECOUPLED=bool(hyper["decoupled_weight_decay"]),
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+
+
+def adam_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    adam_step(params, grads, codes, steps, *args, q8=(absmax, maps))

@@ -3,7 +3,8 @@ csrc/common/lamb_math.h (Triton cannot share the C++; the order of operations is
 bucket besides the step prologue: stage 1 reads p, g and the moments and writes each program's partial sums of p^2
 and u^2 (nothing else); stage 2 adds the partials of its tensor's programs (consecutive in the table's block map) in
 a fixed order, forms lr * trust ratio in float64, computes the moments and u again from the same inputs and stores
-the moments and p -= step * u (and the unscaled grad under GradScaler)."""
+the moments and p -= step * u (bf16 by stochastic rounding when asked: store_param; and the unscaled grad under
+GradScaler)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from fusedopt.triton_kernels.multi_tensor import (
     TRITON_DTYPES,
     ContiguousCopies,
     TensorTable,
-    increment_steps,
     opmath,
     pow_by_squaring,
     program_block,
     scalars_tensor,
+    update_scalars,
 )
-from fusedopt.triton_kernels.optim_engine import BLOCK, ROW_FIRST_STATE, ROW_PARAM, list_ptr, load_grad
+from fusedopt.triton_kernels.optim_engine import BLOCK, ROW_FIRST_STATE, ROW_PARAM, list_ptr, load_grad, store_param
 
 HYPER = ("beta1", "beta2", "eps", "weight_decay", "bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb")
 ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_STEP = ROW_FIRST_STATE, ROW_FIRST_STATE + 1, ROW_FIRST_STATE + 2
@@ -77,8 +78,9 @@ def lamb_stage1_kernel(
 @triton.jit
 def lamb_stage2_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    partials_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    sr_ptr, partials_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     # This tensor's programs: (this program - its block index within the tensor), one per BLOCK elements.
@@ -107,17 +109,19 @@ def lamb_stage2_kernel(
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
     b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled = _coefs(addrs_ptr, n_tensors, t, hp_ptr, OPMATH)
     m, v, u = _moments(param, grad, m, v, b1, b3, b2, omb2, bc1, bc2, eps, wd, decoupled)
-    tl.store(p_ptr + offs, (param - step * u).to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param - step * u, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
     tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
     tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
 
 
 def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads):  # fmt: skip
+              write_back_grads, stochastic_round=None):  # fmt: skip
     if not params:
         return
     _checks.check_step("fusedopt lamb_step (triton)", params, {"grads": grads, "exp_avgs": states[0],
                        "exp_avg_sqs": states[1]}, {"steps": steps})  # fmt: skip
+    if stochastic_round is not None:
+        _checks.check_stochastic_round("fusedopt lamb_step (triton)", params, stochastic_round)
     dtype, device = params[0].dtype, params[0].device
     write_back_grads = write_back_grads and grad_divisor is not None
     copies = ContiguousCopies()
@@ -125,7 +129,7 @@ def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
     states = [copies.write(s) for s in states]
     grads = copies.write(grads) if write_back_grads else copies.read(grads)
     table = TensorTable([params, grads, *states, steps], BLOCK)
-    increment_steps(table, ROW_STEP, found_inf)
+    update_scalars(table, ROW_STEP, found_inf, 1.0, 1.0)  # step += 1 unless found_inf
     if table.blocks == 0:
         return
     hp = scalars_tensor([lr, *(float(hyper[name]) for name in HYPER)], device, lr_tensor)
@@ -133,8 +137,10 @@ def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
     found = found_inf.float() if found_inf is not None else hp
     common = (table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp)
     flags = dict(DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
-    common = (*common, grad_divisor.float() if grad_divisor is not None else hp, found, partials)
+    common = (*common, grad_divisor.float() if grad_divisor is not None else hp, found)
     flags.update(MAXIMIZE=maximize, HAS_DIVISOR=grad_divisor is not None)
-    lamb_stage1_kernel[(table.blocks,)](*common, **flags)
-    lamb_stage2_kernel[(table.blocks,)](*common, WRITE_BACK_GRADS=write_back_grads, **flags)
+    lamb_stage1_kernel[(table.blocks,)](*common, partials, **flags)
+    sr = stochastic_round if stochastic_round is not None else table.numel  # any valid pointer when unused
+    lamb_stage2_kernel[(table.blocks,)](*common, sr, partials, WRITE_BACK_GRADS=write_back_grads,
+                                        STOCHASTIC_ROUND=stochastic_round is not None, **flags)  # fmt: skip
     copies.finish()

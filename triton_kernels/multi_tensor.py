@@ -100,9 +100,10 @@ class ContiguousCopies:
 
 @triton.jit
 def lerp(start, end, weight):
-    """torch's lerp (see csrc/common/lerp.h): the `end - diff * (1 - w)` form for |w| >= 0.5 is exact at w = 1."""
+    """torch's lerp (see csrc/common/lerp.h), each form one fused multiply-add: the `end + (w - 1) * diff` form for
+    |w| >= 0.5 is exact at w = 1."""
     diff = end - start
-    return tl.where(tl.abs(weight) < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+    return tl.where(tl.abs(weight) < 0.5, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
 
 
 @triton.jit
@@ -134,16 +135,18 @@ def program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, H
 
 
 @triton.jit
-def increment_steps_kernel(addrs_ptr, n, step_row, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """step += 1 for tensor program_id(0), unless GradScaler found an inf."""
+def update_scalars_kernel(addrs_ptr, n, row, found_inf_ptr, keep, add, HAS_FOUND_INF: tl.constexpr):
+    """s = s * keep + add for tensor program_id(0)'s float32 scalar in `row`, unless GradScaler found an inf."""
     t = tl.program_id(0).to(tl.int64)
-    step_ptr = tl.load(addrs_ptr + step_row * n + t).to(tl.pointer_type(tl.float32))
-    increment = 1.0
+    s_ptr = tl.load(addrs_ptr + row * n + t).to(tl.pointer_type(tl.float32))
+    new = tl.load(s_ptr) * keep + add
     if HAS_FOUND_INF:
-        increment = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
-    tl.store(step_ptr, tl.load(step_ptr) + increment)
+        new = tl.where(tl.load(found_inf_ptr) == 0, new, tl.load(s_ptr))
+    tl.store(s_ptr, new)
 
 
-def increment_steps(table: TensorTable, step_row: int, found_inf: torch.Tensor | None) -> None:
+def update_scalars(table: TensorTable, row: int, found_inf: torch.Tensor | None, keep: float, add: float) -> None:
+    """The per-tensor scalars of `row`: the step prologue is (keep, add) = (1, 1), the first-step flags' epilogue
+    (0, 0); a step GradScaler skips leaves them."""
     found = found_inf.float() if found_inf is not None else table.addrs  # any valid pointer when unused
-    increment_steps_kernel[(table.n,)](table.addrs, table.n, step_row, found, HAS_FOUND_INF=found_inf is not None)
+    update_scalars_kernel[(table.n,)](table.addrs, table.n, row, found, keep, add, HAS_FOUND_INF=found_inf is not None)

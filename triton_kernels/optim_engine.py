@@ -1,11 +1,19 @@
 """The Triton optimizer engine for the spec-driven optimizers (fusedopt/optim/_spec.py): the checks, contiguous
-copies, the table [params, grads, states..., steps], the step prologue, the hyperparameter tensor (lr first, then the
-op module's HYPER names, filled by name) and the launch. In the kernel, `load_grad` does the engine's part of the
-grad (divisor, write-back, maximize); the op's kernel holds only its loads, math and stores.
+copies, the table [params, grads, states..., scalars], the step prologue or the first-step flags' epilogue, the
+hyperparameter tensor (lr first, then the op module's HYPER names, filled by name; a bool as 0/1) and the launch.
+In the kernel, `load_grad` does the engine's part of the grad (divisor, write-back, maximize); the op's kernel holds
+only its loads, math and stores. An op module turns its bool options into constexprs and tells the engine which
+state lists they use (Adam's max_exp_avg_sqs only with AMSGRAD).
 
 Every op kernel takes the ENGINE arguments first, in this order: addrs_ptr, numel_ptr, block_tensor_ptr,
-block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, and the constexprs DTYPE, OPMATH, MAXIMIZE,
-HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, then its own constexprs."""
+block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, sr_ptr, and the constexprs DTYPE, OPMATH,
+MAXIMIZE, HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, STOCHASTIC_ROUND, then its own constexprs, and
+QUANT: tl.constexpr = False last. It stores the param with `store_param` (bf16 stochastic rounding when asked).
+
+8-bit states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
+`store_state`, which with QUANT dequantize the codes and requantize per 256-element block (tl.max over the block
+reshaped to (BLOCK // 256, 256)). The table then holds [params, grads, codes..., scalars, absmax..., maps...], one
+row each per state (the map's address repeated per tensor): `launch(..., q8=(absmax, maps))` builds it."""
 
 from __future__ import annotations
 
@@ -17,13 +25,15 @@ from fusedopt.triton_kernels.multi_tensor import (
     TRITON_DTYPES,
     ContiguousCopies,
     TensorTable,
-    increment_steps,
     opmath,
     scalars_tensor,
+    update_scalars,
 )
 
-BLOCK = 1024
+BLOCK = 1024  # a multiple of QUANT_BLOCK
+QUANT_BLOCK: tl.constexpr = 256
 ROW_PARAM, ROW_GRAD, ROW_FIRST_STATE = 0, 1, 2
+SCALAR_LISTS = {"step": "steps", "first_flag": "first_flags"}  # as fusedopt/optim/_spec.py
 
 
 @triton.jit
@@ -49,36 +59,132 @@ def load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE: tl.c
 
 
 @triton.jit
+def load_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+               QUANT: tl.constexpr):  # fmt: skip
+    """State row `row` in opmath: loaded, or (QUANT) map[code] * absmax of its 256-element block."""
+    if QUANT:
+        codes = tl.load(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + offs, mask=mask, other=0).to(tl.int32)
+        absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
+        absmax = tl.load(absmax_ptr + offs // QUANT_BLOCK, mask=mask, other=0.0)
+        table = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32)
+        value = (tl.load(table + codes, mask=mask, other=0.0) * absmax).to(OPMATH)
+    else:
+        value = tl.load(list_ptr(addrs_ptr, row, n_tensors, t, DTYPE) + offs, mask=mask).to(OPMATH)
+    return value
+
+
+@triton.jit
+def store_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                QUANT: tl.constexpr):  # fmt: skip
+    """State row `row` <- value: stored, or (QUANT) each 256-element block's absmax (NaN if a value is NaN) and every
+    value's code #{j : value / absmax >= mid[j]} by the 8-step binary search of fusedopt/lowbit.py."""
+    if QUANT:
+        QB: tl.constexpr = BLOCK // QUANT_BLOCK
+        v = tl.reshape(tl.where(mask, value.to(tl.float32), 0.0), (QB, QUANT_BLOCK))
+        has_nan = tl.max(tl.where(v != v, 1, 0), axis=1) > 0
+        absmax = tl.where(has_nan, float("nan"), tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=1))
+        x = v / tl.where(absmax > 0, absmax, 1.0)[:, None]
+        mid = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32) + QUANT_BLOCK
+        code = tl.zeros((QB, QUANT_BLOCK), dtype=tl.int32)
+        for i in tl.static_range(8):
+            code += tl.where(x >= tl.load(mid + code + ((128 >> i) - 1)), 128 >> i, 0)
+        codes_ptr = list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8)
+        tl.store(codes_ptr + offs, tl.reshape(code, (BLOCK,)).to(tl.uint8), mask=mask)
+        block_valid = tl.max(tl.reshape(mask.to(tl.int32), (QB, QUANT_BLOCK)), axis=1) > 0
+        block_index = tl.min(tl.reshape(offs, (QB, QUANT_BLOCK)), axis=1) // QUANT_BLOCK
+        absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
+        tl.store(absmax_ptr + block_index, absmax, mask=block_valid)
+    else:
+        tl.store(list_ptr(addrs_ptr, row, n_tensors, t, DTYPE) + offs, value.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _mix32(x):
+    """csrc/common/stochastic_round.h's mix32, on int64 holding uint32 values (products wrap; masks keep 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr):
+    """The updated param, rounded to DTYPE; with STOCHASTIC_ROUND (bf16 params) rounded stochastically, the bits of
+    csrc/common/stochastic_round.h: sr_ptr holds int64 [seed, counter], t is the tensor's position in the call."""
+    if STOCHASTIC_ROUND:
+        seed = tl.load(sr_ptr)
+        counter = tl.load(sr_ptr + 1)
+        seed_mix = (seed & 0xFFFFFFFF) ^ _mix32((seed >> 32) & 0xFFFFFFFF)
+        key = _mix32(seed_mix ^ _mix32((counter + 0x9E3779B9 * (t.to(tl.int64) + 1)) & 0xFFFFFFFF))
+        x = param.to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        r = _mix32(key ^ (offs & 0xFFFFFFFF) ^ _mix32(offs >> 32))
+        rounded = ((bits + (r & 0xFFFF)) >> 16) & 0xFFFF
+        rounded = tl.where(x != x, ((bits >> 16) | 0x40) & 0xFFFF, rounded)  # NaN stays NaN
+        tl.store(p_ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
+
+
+@triton.jit
 def sign(x):
     """-1, 0 or 1; NaN stays NaN (see csrc/common/value_ops.h)."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
 
 
-def launch(kernel, spec_names: tuple, params, grads, states, steps, lr, lr_tensor, hyper: dict, maximize,
-           grad_divisor, found_inf, write_back_grads, **constexprs) -> None:  # fmt: skip
-    """spec_names = (op, state list names, HYPER names, has_step) of the op module."""
-    op, state_names, hyper_names, has_step = spec_names
+def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_tensor, hyper: dict, maximize,
+           grad_divisor, found_inf, write_back_grads, stochastic_round=None, used: tuple | None = None,
+           q8: tuple | None = None, **constexprs) -> None:  # fmt: skip
+    """spec_names = (op, state list names, HYPER names, scalar: "step", "first_flag" or None) of the op module.
+    `used`: which state lists the kernel reads (default all; the op module derives it from the constexprs it
+    passes); an unused list is not checked, and its table row holds null addresses. `q8` = (absmax lists, maps):
+    `states` are then the codes of 8-bit states (the kernel gets QUANT=True)."""
+    op, state_names, hyper_names, scalar = spec_names
     if not params:
         return
-    lists = {"grads": grads, **dict(zip(state_names, states))}
-    _checks.check_step(f"fusedopt {op}_step (triton)", params, lists, {"steps": steps} if has_step else None)
+    used = used if used is not None else (True,) * len(states)
+    has_scalars = scalar == "step" or (scalar == "first_flag" and bool(scalars))  # flags: none may be set
+    scalar_lists = {SCALAR_LISTS[scalar]: scalars} if has_scalars else None
+    if q8 is None:
+        lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
+        _checks.check_step(f"fusedopt {op}_step (triton)", params, lists, scalar_lists)
+    else:
+        from fusedopt import lowbit
+
+        name = f"fusedopt {op}_step_q8 (triton)"
+        _checks.check_step(name, params, {"grads": grads}, scalar_lists)
+        states = [s if on else [] for s, on in zip(states, used)]
+        lowbit.check_q8(name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1], state_names)
+    if stochastic_round is not None:
+        _checks.check_stochastic_round(f"fusedopt {op}_step (triton)", params, stochastic_round)
     dtype, device = params[0].dtype, params[0].device
     write_back_grads = write_back_grads and grad_divisor is not None
     copies = ContiguousCopies()
     params = copies.write(params)
-    states = [copies.write(s) for s in states]
+    states = [(copies.write(s) if q8 is None else s) if on else [] for s, on in zip(states, used)]
     grads = copies.write(grads) if write_back_grads else copies.read(grads)
-    table = TensorTable([params, grads, *states, steps if has_step else []], BLOCK)
-    if has_step:
-        increment_steps(table, ROW_FIRST_STATE + len(states), found_inf)
+    lists = [params, grads, *states, scalars if has_scalars else []]
+    if q8 is not None:
+        lists += [a if on else [] for a, on in zip(q8[0], used)]
+        lists += [[m] * len(params) if on else [] for m, on in zip(q8[1], used)]
+        constexprs["QUANT"] = True
+    table = TensorTable(lists, BLOCK)
+    scalar_row = ROW_FIRST_STATE + len(states)
+    if scalar == "step":
+        update_scalars(table, scalar_row, found_inf, 1.0, 1.0)
     if table.blocks == 0:
         return
     hp = scalars_tensor([lr, *(float(hyper[name]) for name in hyper_names)], device, lr_tensor)
+    found = found_inf.float() if found_inf is not None else hp
     kernel[(table.blocks,)](
         table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp,
-        grad_divisor.float() if grad_divisor is not None else hp,
-        found_inf.float() if found_inf is not None else hp,
+        grad_divisor.float() if grad_divisor is not None else hp, found,
+        stochastic_round if stochastic_round is not None else table.numel,
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), MAXIMIZE=maximize, HAS_DIVISOR=grad_divisor is not None,
-        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK, **constexprs,
+        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
+        STOCHASTIC_ROUND=stochastic_round is not None, **constexprs,
     )  # fmt: skip
     copies.finish()
+    if scalar == "first_flag" and has_scalars:
+        update_scalars(table, scalar_row, found_inf, 0.0, 0.0)  # the first step is done

@@ -1,109 +1,77 @@
-"""RMSprop in Triton: one launch per (device, dtype) group through the multi-tensor table."""
+"""RMSprop in Triton through the optimizer engine (optim_engine.py); the math of csrc/common/rmsprop_math.h."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fusedopt import _checks
-from fusedopt.triton_kernels.multi_tensor import (
-    TRITON_DTYPES,
-    ContiguousCopies,
-    TensorTable,
-    increment_steps,
-    lerp,
-    opmath,
-    program_block,
-    scalars_tensor,
+from fusedopt.triton_kernels.multi_tensor import lerp, program_block
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
 )
 
-BLOCK = 1024
-ROW_PARAM, ROW_GRAD, ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF, ROW_STEP = range(6)
+HYPER = ("alpha", "eps", "weight_decay", "momentum", "centered")  # hp_ptr[1:], after lr; the spec's order
+ROW_SQUARE_AVG, ROW_GRAD_AVG, ROW_MOMENTUM_BUF = (ROW_FIRST_STATE + k for k in range(3))
+N_STATES = 3
 
 
 @triton.jit
 def rmsprop_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, CENTERED: tl.constexpr,
+    MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-
-    lr = tl.load(hp_ptr + 0).to(OPMATH)
-    alpha = tl.load(hp_ptr + 1)
-    eps = tl.load(hp_ptr + 2).to(OPMATH)
-    weight_decay = tl.load(hp_ptr + 3).to(OPMATH)
-    momentum = tl.load(hp_ptr + 4).to(OPMATH)
-    one_minus_alpha = (1.0 - alpha).to(OPMATH)
-
-    p_ptr = tl.load(addrs_ptr + ROW_PARAM * n_tensors + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(addrs_ptr + ROW_GRAD * n_tensors + t).to(tl.pointer_type(DTYPE))
-    s_ptr = tl.load(addrs_ptr + ROW_SQUARE_AVG * n_tensors + t).to(tl.pointer_type(DTYPE))
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    grad = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
-    square_avg = tl.load(s_ptr + offs, mask=mask).to(OPMATH)
+    square_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
+                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
-    # --- the RMSprop update, written once ---
-    if HAS_DIVISOR:
-        grad = grad * (1.0 / tl.load(grad_divisor_ptr).to(tl.float64)).to(OPMATH)
-    if WRITE_BACK_GRADS:  # GradScaler: .grad holds the unscaled grad afterwards
-        tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
-    if MAXIMIZE:
-        grad = -grad
+    # --- RMSprop's update ---
+    lr = tl.load(hp_ptr).to(OPMATH)
+    one_minus_alpha = (1.0 - tl.load(hp_ptr + 1)).to(OPMATH)
+    eps = tl.load(hp_ptr + 2).to(OPMATH)
     if HAS_WEIGHT_DECAY:
-        grad = grad + weight_decay * param
-    square_avg = square_avg * alpha.to(OPMATH) + one_minus_alpha * grad * grad
+        grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
+    square_avg = square_avg * tl.load(hp_ptr + 1).to(OPMATH) + grad * grad * one_minus_alpha
     if CENTERED:
-        a_ptr = tl.load(addrs_ptr + ROW_GRAD_AVG * n_tensors + t).to(tl.pointer_type(DTYPE))
-        grad_avg = tl.load(a_ptr + offs, mask=mask).to(OPMATH)
+        grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, DTYPE, OPMATH, QUANT)
         grad_avg = lerp(grad_avg, grad, one_minus_alpha)
-        tl.store(a_ptr + offs, grad_avg.to(DTYPE), mask=mask)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, grad_avg, DTYPE, BLOCK, QUANT)
         avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps  # one rounding, as torch's addcmul
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:
-        b_ptr = tl.load(addrs_ptr + ROW_MOMENTUM_BUF * n_tensors + t).to(tl.pointer_type(DTYPE))
-        buf = tl.load(b_ptr + offs, mask=mask).to(OPMATH) * momentum + grad / avg
-        tl.store(b_ptr + offs, buf.to(DTYPE), mask=mask)
+        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, DTYPE, OPMATH, QUANT)
+        buf = buf * tl.load(hp_ptr + 4).to(OPMATH) + grad / avg
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, DTYPE, BLOCK, QUANT)
         param = param - lr * buf
     else:
         param = param - lr * (grad / avg)
 
-    tl.store(p_ptr + offs, param.to(DTYPE), mask=mask)
-    tl.store(s_ptr + offs, square_avg.to(DTYPE), mask=mask)
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, square_avg, DTYPE, BLOCK, QUANT)
 
 
-def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, lr_tensor, alpha, eps,
-                 weight_decay, momentum, centered, maximize, grad_divisor, found_inf,
-                 write_back_grads=False):  # fmt: skip
-    if not params:
-        return
-    use_buf = momentum > 0
-    lists = {"grads": grads, "square_avgs": square_avgs}
-    if centered:
-        lists["grad_avgs"] = grad_avgs
-    if use_buf:
-        lists["momentum_buffers"] = momentum_buffers
-    _checks.check_step("fusedopt rmsprop_step (triton)", params, lists, {"steps": steps})
-    dtype, device = params[0].dtype, params[0].device
-    write_back_grads = write_back_grads and grad_divisor is not None
-    copies = ContiguousCopies()
-    params, square_avgs = copies.write(params), copies.write(square_avgs)
-    grad_avgs = copies.write(grad_avgs) if centered else []
-    momentum_buffers = copies.write(momentum_buffers) if use_buf else []
-    grads = copies.write(grads) if write_back_grads else copies.read(grads)
-    table = TensorTable([params, grads, square_avgs, grad_avgs, momentum_buffers, steps], BLOCK)
-    increment_steps(table, ROW_STEP, found_inf)
-    if table.blocks == 0:
-        return
-    hp = scalars_tensor([lr, alpha, eps, weight_decay, momentum], device, lr_tensor)
-    rmsprop_kernel[(table.blocks,)](
-        table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp,
-        grad_divisor.float() if grad_divisor is not None else hp,
-        found_inf.float() if found_inf is not None else hp,
-        DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), CENTERED=centered, MOMENTUM=use_buf, MAXIMIZE=maximize,
-        HAS_WEIGHT_DECAY=weight_decay != 0, HAS_DIVISOR=grad_divisor is not None,
-        HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
-    )  # fmt: skip
-    copies.finish()
+def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                 write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+    centered, momentum = bool(hyper["centered"]), hyper["momentum"] > 0
+    launch(rmsprop_kernel, ("rmsprop", ("square_avgs", "grad_avgs", "momentum_buffers"), HYPER, "step"), params,
+           grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+           stochastic_round=stochastic_round,
+           used=(True, centered, momentum), CENTERED=centered, MOMENTUM=momentum,
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+
+def rmsprop_step_q8(params, grads, codes, absmax, maps, steps, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    rmsprop_step(params, grads, codes, steps, *args, q8=(absmax, maps))

@@ -1,104 +1,70 @@
-"""SGD (momentum, dampening, Nesterov) in Triton: one launch per (device, dtype) group through the multi-tensor
-table, plus a per-tensor pass that clears the first-step flags after the update."""
+"""SGD (momentum, dampening, Nesterov) in Triton through the optimizer engine (optim_engine.py); the math of
+csrc/common/sgd_math.h. The engine clears the first-step flags after the update."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fusedopt import _checks
-from fusedopt.triton_kernels.multi_tensor import (
-    TRITON_DTYPES,
-    ContiguousCopies,
-    TensorTable,
-    opmath,
-    program_block,
-    scalars_tensor,
+from fusedopt.triton_kernels.multi_tensor import program_block
+from fusedopt.triton_kernels.optim_engine import (
+    ROW_FIRST_STATE,
+    ROW_PARAM,
+    launch,
+    list_ptr,
+    load_grad,
+    load_state,
+    store_param,
+    store_state,
 )
 
-BLOCK = 1024
-ROW_PARAM, ROW_GRAD, ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = range(4)
+HYPER = ("momentum", "dampening", "weight_decay", "nesterov")  # hp_ptr[1:], after lr; the spec's order
+ROW_MOMENTUM_BUF, ROW_FIRST_FLAG = ROW_FIRST_STATE, ROW_FIRST_STATE + 1
+N_STATES = 1
 
 
 @triton.jit
 def sgd_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
-    DTYPE: tl.constexpr, OPMATH: tl.constexpr, MOMENTUM: tl.constexpr, HAS_FLAGS: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-
-    lr = tl.load(hp_ptr + 0).to(OPMATH)
-    momentum = tl.load(hp_ptr + 1).to(OPMATH)
-    one_minus_dampening = (1.0 - tl.load(hp_ptr + 2)).to(OPMATH)
-    weight_decay = tl.load(hp_ptr + 3).to(OPMATH)
-
-    p_ptr = tl.load(addrs_ptr + ROW_PARAM * n_tensors + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(addrs_ptr + ROW_GRAD * n_tensors + t).to(tl.pointer_type(DTYPE))
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
     param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    grad = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
+    grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
+                     WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
-    # --- the SGD update, written once ---
-    if HAS_DIVISOR:
-        grad = grad * (1.0 / tl.load(grad_divisor_ptr).to(tl.float64)).to(OPMATH)
-    if WRITE_BACK_GRADS:  # GradScaler: .grad holds the unscaled grad afterwards
-        tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
-    if MAXIMIZE:
-        grad = -grad
+    # --- SGD's update ---
     if HAS_WEIGHT_DECAY:
-        grad = grad + weight_decay * param
+        grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
     if MOMENTUM:
-        b_ptr = tl.load(addrs_ptr + ROW_MOMENTUM_BUF * n_tensors + t).to(tl.pointer_type(DTYPE))
-        buf = tl.load(b_ptr + offs, mask=mask).to(OPMATH) * momentum + one_minus_dampening * grad
+        momentum = tl.load(hp_ptr + 1).to(OPMATH)
+        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, DTYPE, OPMATH, QUANT)
+        buf = buf * momentum + grad * (1.0 - tl.load(hp_ptr + 2)).to(OPMATH)
         if HAS_FLAGS:  # torch's first step: the buffer starts as a copy of the grad
-            flag_ptr = tl.load(addrs_ptr + ROW_FIRST_FLAG * n_tensors + t).to(tl.pointer_type(tl.float32))
-            buf = tl.where(tl.load(flag_ptr) != 0, grad, buf)
-        tl.store(b_ptr + offs, buf.to(DTYPE), mask=mask)
+            buf = tl.where(tl.load(list_ptr(addrs_ptr, ROW_FIRST_FLAG, n_tensors, t, tl.float32)) != 0, grad, buf)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, DTYPE, BLOCK, QUANT)
         if NESTEROV:
-            grad = grad + momentum * buf
+            grad = grad + buf * momentum
         else:
             grad = buf
-    tl.store(p_ptr + offs, (param - lr * grad).to(DTYPE), mask=mask)
+    param = param - tl.load(hp_ptr).to(OPMATH) * grad
+    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
 
 
-@triton.jit
-def clear_flags_kernel(addrs_ptr, n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """After the update: tensor program_id(0)'s buffer has started, unless GradScaler skipped the step."""
-    t = tl.program_id(0).to(tl.int64)
-    flag_ptr = tl.load(addrs_ptr + ROW_FIRST_FLAG * n + t).to(tl.pointer_type(tl.float32))
-    keep = 0.0
-    if HAS_FOUND_INF:
-        keep = tl.where(tl.load(found_inf_ptr) == 0, 0.0, 1.0)
-    tl.store(flag_ptr, tl.load(flag_ptr) * keep)
+def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+             write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+    momentum = hyper["momentum"] != 0
+    launch(sgd_kernel, ("sgd", ("momentum_buffers",), HYPER, "first_flag"), params, grads, states,
+           first_flags if momentum else [], lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+           write_back_grads, stochastic_round=stochastic_round, used=(momentum,), MOMENTUM=momentum,
+           HAS_FLAGS=momentum and bool(first_flags), NESTEROV=bool(hyper["nesterov"]),
+           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
 
-def sgd_step(params, grads, momentum_buffers, first_flags, lr, lr_tensor, momentum, dampening, weight_decay,
-             nesterov, maximize, grad_divisor, found_inf, write_back_grads=False):  # fmt: skip
-    if not params:
-        return
-    use_buf = momentum != 0
-    has_flags = use_buf and bool(first_flags)
-    lists = {"grads": grads, "momentum_buffers": momentum_buffers} if use_buf else {"grads": grads}
-    _checks.check_step("fusedopt sgd_step (triton)", params, lists, {"first_flags": first_flags} if has_flags else {})
-    dtype, device = params[0].dtype, params[0].device
-    write_back_grads = write_back_grads and grad_divisor is not None
-    copies = ContiguousCopies()
-    params = copies.write(params)
-    momentum_buffers = copies.write(momentum_buffers) if use_buf else []
-    grads = copies.write(grads) if write_back_grads else copies.read(grads)
-    table = TensorTable([params, grads, momentum_buffers, first_flags if has_flags else []], BLOCK)
-    hp = scalars_tensor([lr, momentum, dampening, weight_decay], device, lr_tensor)
-    found = found_inf.float() if found_inf is not None else hp
-    if table.blocks:
-        sgd_kernel[(table.blocks,)](
-            table.addrs, table.numel, table.block_tensor, table.block_start, table.n, hp,
-            grad_divisor.float() if grad_divisor is not None else hp, found,
-            DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), MOMENTUM=use_buf, HAS_FLAGS=has_flags,
-            NESTEROV=nesterov, MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0,
-            HAS_DIVISOR=grad_divisor is not None, HAS_FOUND_INF=found_inf is not None,
-            WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
-        )  # fmt: skip
-    copies.finish()
-    if has_flags:
-        clear_flags_kernel[(table.n,)](table.addrs, table.n, found, HAS_FOUND_INF=found_inf is not None)
+def sgd_step_q8(params, grads, codes, absmax, maps, first_flags, *args):
+    """8-bit states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    sgd_step(params, grads, codes, first_flags, *args, q8=(absmax, maps))

@@ -17,7 +17,7 @@ struct Adagrad {
   static constexpr const char* kName = "adagrad";
   static constexpr int kStates = 1;
   static constexpr const char* kStateNames[kStates] = {"state_sums"};
-  static constexpr bool kHasStep = true;
+  static constexpr TensorScalar kScalar = TensorScalar::kStep;
   using Hyper = AdagradHyper;
 
   template <typename S>

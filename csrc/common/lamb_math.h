@@ -38,7 +38,7 @@ struct LAMB {
   static constexpr const char* kName = "lamb";
   static constexpr int kStates = 2;
   static constexpr const char* kStateNames[kStates] = {"exp_avgs", "exp_avg_sqs"};
-  static constexpr bool kHasStep = true;
+  static constexpr TensorScalar kScalar = TensorScalar::kStep;
   static constexpr int kNorms = 2;  // per-tensor sums of stage 1: ||p||^2, ||u||^2
   using Hyper = LambHyper;
 

@@ -8,12 +8,18 @@
 #include <type_traits>
 
 #include "common/adagrad_math.h"
+#include "common/adam_math.h"
 #include "common/lamb_math.h"
 #include "common/lion_math.h"
+#include "common/rmsprop_math.h"
+#include "common/sgd_math.h"
 
 #define FUSEDOPT_FOR_EACH_OPTIMIZER(X) \
   X(::fusedopt::Adagrad)               \
-  X(::fusedopt::Lion)
+  X(::fusedopt::Adam)                  \
+  X(::fusedopt::Lion)                  \
+  X(::fusedopt::Rmsprop)               \
+  X(::fusedopt::Sgd)
 
 #define FUSEDOPT_FOR_EACH_NORM_OPTIMIZER(X) X(::fusedopt::LAMB)
 

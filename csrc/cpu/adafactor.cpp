@@ -11,11 +11,12 @@
 #include <limits>
 #include <vector>
 
-#include "common/lerp.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/vec_io.h"
 #include "cpu/vec_ops.h"
+// After vec_ops.h: lerp's unqualified vfma must see the Vectorized overloads.
+#include "common/lerp.h"
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace adafactor {

@@ -8,48 +8,6 @@ namespace fusedopt::cpu {
 
 enum class ScalarKind { Float, Double, BFloat16, Half };
 
-// One list entry per tensor of a (device, dtype) group; all tensors contiguous.
-struct AdamArgs {
-  ScalarKind kind = ScalarKind::Float;
-  std::vector<int64_t> numel;
-  std::vector<void*> param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq;  // max_exp_avg_sq empty unless amsgrad
-  std::vector<float*> step;                                             // incremented by the kernel
-  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  bool amsgrad = false, maximize = false, decoupled_weight_decay = false;
-  // Grads are divided by *grad_divisor when set: the GradScaler scale, divided by the clip coefficient when
-  // clipping is folded into the step.
-  const float* grad_divisor = nullptr;
-  const float* found_inf = nullptr;  // nonzero: skip the whole step, steps included (GradScaler semantics)
-  // GradScaler's step: the divided (unscaled) grad is written back to grad, as torch's fused optimizers do.
-  bool write_back_grads = false;
-};
-
-struct RmspropArgs {
-  ScalarKind kind = ScalarKind::Float;
-  std::vector<int64_t> numel;
-  std::vector<void*> param, grad, square_avg, grad_avg, momentum_buffer;  // grad_avg / momentum_buffer may be empty
-  std::vector<float*> step;                                             // incremented by the kernel
-  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0.0, momentum = 0.0;
-  bool centered = false, maximize = false;
-  const float* grad_divisor = nullptr;  // as AdamArgs
-  const float* found_inf = nullptr;
-  bool write_back_grads = false;
-};
-
-struct SgdArgs {
-  ScalarKind kind = ScalarKind::Float;
-  std::vector<int64_t> numel;
-  std::vector<void*> param, grad, momentum_buffer;  // momentum_buffer empty when momentum == 0
-  // Per-tensor float32 flags, or empty: nonzero means the buffer starts this step as a copy of the grad (torch's
-  // first step). The kernel clears them, unless found_inf skipped the step.
-  std::vector<float*> first_flag;
-  double lr = 1e-3, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
-  bool nesterov = false, maximize = false;
-  const float* grad_divisor = nullptr;  // as AdamArgs
-  const float* found_inf = nullptr;
-  bool write_back_grads = false;
-};
-
 // One step of an engine-driven optimizer (cpu/optim_engine.h): the lists, the step context the engine owns, and
 // the op's hyperparameters (filled by name in common/optim_binding.h).
 template <typename Hyper>
@@ -58,12 +16,20 @@ struct OptimStepArgs {
   std::vector<int64_t> numel;
   std::vector<void*> param, grad;
   std::vector<std::vector<void*>> states;  // Op::kStates lists, each empty (unused) or one pointer per param
-  std::vector<float*> step;                // Op::kHasStep: incremented by the engine before the update
+  std::vector<float*> scalar;              // Op::kScalar's list (steps, first-step flags), or empty
   double lr = 0.0;
-  const float* grad_divisor = nullptr;  // as AdamArgs
+  // Grads are divided by *grad_divisor when set: the GradScaler scale, divided by the clip coefficient when
+  // clipping is folded into the step. found_inf nonzero: skip the whole step, steps included (GradScaler).
+  // write_back_grads: the divided (unscaled) grad is stored back to grad, as torch's fused optimizers do.
+  const float* grad_divisor = nullptr;
   const float* found_inf = nullptr;
+  const int64_t* stochastic_round = nullptr;  // [seed, counter]: bf16 params stored by stochastic rounding
   bool maximize = false, write_back_grads = false;
   Hyper hyper{};
+  // 8-bit block-wise states (common/optim_q8.h, cpu/optim_engine_q8.h): when `absmax` is not empty, states[k]
+  // point at uint8 codes, absmax[k] at one float per 256 elements and qmap[k] at the state's 512-float map.
+  std::vector<std::vector<float*>> absmax;
+  std::vector<const float*> qmap;
 };
 
 // One Adafactor step (torch.optim.Adafactor) over a bucket: the first `factored` tensors are matrices viewed as
@@ -151,9 +117,6 @@ struct CrossEntropyScaleArgs {
 // Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
 #define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                                \
   namespace CAP {                                                        \
-  void adam_step(const AdamArgs& args);                                  \
-  void rmsprop_step(const RmspropArgs& args);                            \
-  void sgd_step(const SgdArgs& args);                                    \
   void adafactor_step(const AdafactorArgs& args);                        \
   double grad_norm_power_sum(const GradNormArgs& args);                  \
   void scale_tensors(const ScaleArgs& args);                             \

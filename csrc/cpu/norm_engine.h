@@ -7,7 +7,7 @@
 //   between: each tensor's sums added in chunk order (deterministic, whatever the thread count), and
 //           Op::step_size(hyper, lr, sums) per tensor, in double;
 //   pass 2: one parallel region: the same loads, write_back_grads, Op::stage2 with the tensor's step size, stores
-//           of p and the states.
+//           of p (bf16 by stochastic rounding when a.stochastic_round is set) and the states.
 // Included only from a capability translation unit (cpu/norm_optimizers.cpp via all_kernels.inc).
 #pragma once
 #include <array>
@@ -15,6 +15,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/optim_engine.h"  // store_stochastic_bf16, param_round_key
 #include "cpu/vec_io.h"
 #include "cpu/vec_ops.h"
 // Math headers after vec_ops.h: their unqualified vsqrt/vsign/... calls must see the Vectorized overloads.
@@ -36,11 +37,12 @@ Sums<Op> run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_
   using B = Block<T>;
   using V = typename B::Vec;
   using S = opmath_t<T>;
-  const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.step[t]));
+  const auto c = Op::template coefs<V>(a.hyper, a.lr, static_cast<double>(*a.scalar[t]));
   auto* param = static_cast<T*>(a.param[t]);
   auto* grad = static_cast<T*>(a.grad[t]);
   std::array<T*, Op::kStates> state{};
   for (int k = 0; k < Op::kStates; ++k) state[k] = static_cast<T*>(a.states[k][t]);
+  const uint32_t round_key = kStage == 2 ? optim_engine::param_round_key(a, t) : 0;
   Sums<Op> total{};
   for (int64_t sub = begin; sub < end; sub += kSubBlock) {
     const int64_t sub_end = std::min(end, sub + kSubBlock);
@@ -70,7 +72,15 @@ Sums<Op> run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_
         }
       }
       if constexpr (kStage == 2) {
-        p.store(param + i, n);
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (a.stochastic_round != nullptr) {  // bf16 stochastic rounding (common/stochastic_round.h)
+            optim_engine::store_stochastic_bf16(p, param + i, n, round_key, i);
+          } else {
+            p.store(param + i, n);
+          }
+        } else {
+          p.store(param + i, n);
+        }
         for (int k = 0; k < Op::kStates; ++k) st[k].store(state[k] + i, n);
       }
     }
@@ -89,8 +99,8 @@ template <typename Op, typename T>
 void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
   using V = typename Block<T>::Vec;
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip, steps too
-  if constexpr (Op::kHasStep)
-    for (float* step : a.step) *step += 1.0f;
+  if constexpr (Op::kScalar == TensorScalar::kStep)
+    for (float* step : a.scalar) *step += 1.0f;
   const double grad_factor = a.grad_divisor != nullptr ? 1.0 / static_cast<double>(*a.grad_divisor) : 1.0;
   const std::vector<Chunk> chunks = split_into_chunks(a.numel);
   const auto n_chunks = static_cast<int64_t>(chunks.size());

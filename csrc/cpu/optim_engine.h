@@ -1,11 +1,14 @@
 // The CPU optimizer engine: everything of a step but the math. One dtype switch, the found_inf skip and step
-// increment, then one parallel pass over 32K-element chunks of every tensor; per chunk the op's coefficients
-// (they may depend on the tensor's step), per SIMD block the loads, the grad divisor, write_back_grads, maximize,
-// the op's update (common/<op>_math.h) and the stores. Body and tail run the same code (Block takes a count).
+// increment, then one parallel pass over 32K-element chunks of every tensor (first-step flags cleared after it); per
+// chunk the op's coefficients (they may depend on the tensor's step or flag), per SIMD block the loads, the grad
+// divisor, write_back_grads, maximize, the op's update (common/<op>_math.h) and the stores (bf16 params by stochastic
+// rounding when asked). Body and tail run the same code (Block takes a count).
 // Included only from a capability translation unit (cpu/optimizers.cpp via all_kernels.inc).
 #pragma once
 #include <array>
+#include <cstring>
 
+#include "common/stochastic_round.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/vec_io.h"
@@ -16,47 +19,116 @@
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
 
+template <typename Op>
+constexpr int kSlots = Op::kStates > 0 ? Op::kStates : 1;
+
+// A block of bf16 params stored by stochastic rounding (common/stochastic_round.h); `first` is the index of
+// dst[0] in its tensor.
+template <typename B>
+void store_stochastic_bf16(const B& block, c10::BFloat16* dst, int64_t count, uint32_t key, int64_t first) {
+  float values[B::kSize];
+  for (int l = 0; l < B::kLanes; ++l) block.lane[l].store(values + l * B::Vec::size());
+  for (int64_t j = 0; j < count; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &values[j], sizeof(bits));
+    dst[j] = c10::BFloat16(stochastic_round_bf16_bits(bits, key, first + j), c10::BFloat16::from_bits());
+  }
+}
+
+// The stochastic-rounding key of tensor t (0 when the step rounds to nearest).
+template <typename Hyper>
+uint32_t param_round_key(const OptimStepArgs<Hyper>& a, int64_t t) {
+  const int64_t* sr = a.stochastic_round;
+  return sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
+}
+
 template <typename Op, typename T>
-void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
-               opmath_t<T> grad_factor) {
+auto chunk_coefs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
+  using V = typename Block<T>::Vec;
+  return Op::template coefs<V>(a.hyper, a.lr, a.scalar.empty() ? 0.0 : static_cast<double>(*a.scalar[t]));
+}
+
+// n elements from param, grad and the states (each null: unused); param[0] is element `first` of its tensor, and
+// `round_key` its stochastic-rounding key (a.stochastic_round set). S is the state storage: T, or opmath_t<T> for
+// the dequantized block of a low-bit state (cpu/optim_engine_q8.h); only the state loads and stores depend on it.
+template <typename Op, typename T, typename S, typename C>
+void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param, T* grad,
+               const std::array<S*, kSlots<Op>>& state, int64_t n, opmath_t<T> grad_factor, int64_t first,
+               uint32_t round_key) {
   using B = Block<T>;
   using V = typename B::Vec;
   constexpr int kStates = Op::kStates;
-  constexpr int kSlots = kStates > 0 ? kStates : 1;
-  const auto c = Op::template coefs<V>(a.hyper, a.lr, Op::kHasStep ? static_cast<double>(*a.step[t]) : 0.0);
-  auto* param = static_cast<T*>(a.param[t]);
-  auto* grad = static_cast<T*>(a.grad[t]);
-  std::array<T*, kSlots> state{};
-  for (int k = 0; k < kStates; ++k) state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]);
-  for (int64_t i = begin; i < end; i += B::kSize) {
-    const int64_t n = std::min<int64_t>(B::kSize, end - i);
-    B p = B::load(param + i, n), g = B::load(grad + i, n);
-    std::array<B, kSlots> st;
-    for (int k = 0; k < kStates; ++k)
-      if (state[k]) st[k] = B::load(state[k] + i, n);
+  for (int64_t i = 0; i < n; i += B::kSize) {
+    const int64_t m = std::min<int64_t>(B::kSize, n - i);
+    B p = B::load(param + i, m), g = B::load(grad + i, m);
+    std::array<B, kSlots<Op>> st;
+    for (int k = 0; k < kStates; ++k) {
+      if (!state[k]) continue;
+      if constexpr (std::is_same_v<S, T>)
+        st[k] = B::load(state[k] + i, m);
+      else
+        st[k] = B::load_opmath(state[k] + i, m);
+    }
     for (int l = 0; l < B::kLanes; ++l) g.lane[l] = g.lane[l] * V(grad_factor);
-    if (a.write_back_grads) g.store(grad + i, n);  // GradScaler: .grad holds the unscaled grad
+    if (a.write_back_grads) g.store(grad + i, m);  // GradScaler: .grad holds the unscaled grad
     for (int l = 0; l < B::kLanes; ++l) {
-      std::array<V, kSlots> s;
+      std::array<V, kSlots<Op>> s;
       for (int k = 0; k < kStates; ++k) s[k] = st[k].lane[l];
       Op::template update<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data());
       for (int k = 0; k < kStates; ++k) st[k].lane[l] = s[k];
     }
-    p.store(param + i, n);
-    for (int k = 0; k < kStates; ++k)
-      if (state[k]) st[k].store(state[k] + i, n);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (a.stochastic_round != nullptr) {
+        store_stochastic_bf16(p, param + i, m, round_key, first + i);
+      } else {
+        p.store(param + i, m);
+      }
+    } else {
+      p.store(param + i, m);
+    }
+    for (int k = 0; k < kStates; ++k) {
+      if (!state[k]) continue;
+      if constexpr (std::is_same_v<S, T>)
+        st[k].store(state[k] + i, m);
+      else
+        st[k].store_opmath(state[k] + i, m);
+    }
   }
 }
 
 template <typename Op, typename T>
+void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+               opmath_t<T> grad_factor) {
+  std::array<T*, kSlots<Op>> state{};
+  for (int k = 0; k < Op::kStates; ++k)
+    state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]) + begin;
+  run_range<Op, T, T>(a, chunk_coefs<Op, T>(a, t), static_cast<T*>(a.param[t]) + begin,
+                      static_cast<T*>(a.grad[t]) + begin, state, end - begin, grad_factor, begin,
+                      param_round_key(a, t));
+}
+
+}  // namespace optim_engine
+}  // namespace fusedopt::cpu::CPU_CAPABILITY
+
+#include "cpu/optim_engine_q8.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+namespace optim_engine {
+
+template <typename Op, typename T>
 void run_typed(const OptimStepArgs<typename Op::Hyper>& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip, steps too
-  if constexpr (Op::kHasStep)
-    for (float* step : a.step) *step += 1.0f;
+  if constexpr (Op::kScalar == TensorScalar::kStep)
+    for (float* step : a.scalar) *step += 1.0f;
   const double grad_factor = a.grad_divisor != nullptr ? 1.0 / static_cast<double>(*a.grad_divisor) : 1.0;
   for_each_chunk(a.numel, [&](int64_t t, int64_t begin, int64_t end) {
+    if constexpr (!std::is_same_v<T, double>) {
+      if (!a.absmax.empty()) return run_chunk_q8<Op, T>(a, t, begin, end, opmath_t<T>(grad_factor));
+    }
     run_chunk<Op, T>(a, t, begin, end, opmath_t<T>(grad_factor));
   });
+  if constexpr (Op::kScalar == TensorScalar::kFirstFlag)
+    for (float* flag : a.scalar) *flag = 0.0f;  // after every chunk has read it
 }
 
 }  // namespace optim_engine

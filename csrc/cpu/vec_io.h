@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 
@@ -34,6 +35,21 @@ struct Block {
       b.lane[1] = hi;
     }
     return b;
+  }
+
+  // The same block from opmath storage (a low-bit state's dequantized values): lane by lane.
+  static Block load_opmath(const opmath_t<T>* ptr, int64_t count) {
+    Block b;
+    for (int l = 0; l < kLanes; ++l)
+      b.lane[l] = Vec::loadu(ptr + l * Vec::size(), std::clamp<int64_t>(count - l * Vec::size(), 0, Vec::size()));
+    return b;
+  }
+
+  void store_opmath(opmath_t<T>* ptr, int64_t count) const {
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t c = std::clamp<int64_t>(count - l * Vec::size(), 0, Vec::size());
+      if (c > 0) lane[l].store(ptr + l * Vec::size(), c);
+    }
   }
 
   void store(T* ptr, int64_t count) const {

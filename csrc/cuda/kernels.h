@@ -10,39 +10,6 @@ namespace fusedopt::cuda {
 
 using TensorList = std::vector<at::Tensor>;
 
-struct AdamLaunch {
-  const TensorList *params, *grads, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps, *empty;
-  double lr, beta1, beta2, eps, weight_decay;
-  const float* lr_ptr;        // device float32, or null
-  const float* grad_divisor;  // device float32, or null
-  const float* found_inf;     // device float32, or null
-  bool amsgrad, maximize, decoupled_weight_decay;
-  bool write_back_grads;  // GradScaler: the divided (unscaled) grad is stored back, as torch's fused optimizers do
-};
-void adam_step(const AdamLaunch& args);
-
-struct RmspropLaunch {
-  const TensorList *params, *grads, *square_avgs, *grad_avgs, *momentum_buffers, *steps, *empty;
-  double lr, alpha, eps, weight_decay, momentum;
-  const float* lr_ptr;        // device float32, or null
-  const float* grad_divisor;  // device float32, or null
-  const float* found_inf;     // device float32, or null
-  bool centered, maximize;
-  bool write_back_grads;  // as AdamLaunch
-};
-void rmsprop_step(const RmspropLaunch& args);
-
-struct SgdLaunch {
-  const TensorList *params, *grads, *momentum_buffers, *first_flags, *empty;  // first_flags: float32 scalars or {}
-  double lr, momentum, dampening, weight_decay;
-  const float* lr_ptr;
-  const float* grad_divisor;
-  const float* found_inf;
-  bool nesterov, maximize;
-  bool write_back_grads;  // as AdamLaunch
-};
-void sgd_step(const SgdLaunch& args);
-
 // One Adafactor step over a bucket (cuda/adafactor.cu): the first row_vars->size() params are matrices (dim >= 2),
 // the others have a variance. All tensors contiguous and checked (common/adafactor_checks.h).
 struct AdafactorLaunch {
@@ -61,11 +28,12 @@ template <typename Hyper>
 struct OptimLaunch {
   const TensorList *params, *grads;
   std::vector<const TensorList*> states;  // Op::kStates lists
-  const TensorList *steps, *empty;        // steps: one float32 scalar per param when Op::kHasStep
+  const TensorList *scalars, *empty;      // Op::kScalar's list (steps, first-step flags), or empty
   double lr;
   const float* lr_ptr;        // device float32, or null
   const float* grad_divisor;  // device float32, or null
   const float* found_inf;     // device float32, or null
+  const int64_t* stochastic_round;  // device int64 [seed, counter] (bf16 params only), or null
   bool maximize, write_back_grads;
   Hyper hyper;
 };
@@ -74,6 +42,24 @@ void optim_step(const OptimLaunch<typename Op::Hyper>& args);
 // The two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER): stage 1 with per-tensor sums, stage 2 (norm_engine.cuh).
 template <typename Op>
 void norm_optim_step(const OptimLaunch<typename Op::Hyper>& args);
+
+// The step with 8-bit block-wise states (common/optim_q8.h, cuda/optim_engine_q8.cuh): codes[k] (uint8) and
+// absmax[k] (float32, one per 256 elements) per state, an unused state's lists empty; qmap[k] the state's map.
+template <typename Hyper>
+struct OptimQ8Launch {
+  const TensorList *params, *grads;
+  std::vector<const TensorList*> codes, absmax;
+  std::vector<const float*> qmap;
+  const TensorList* scalars;
+  double lr;
+  const float* lr_ptr;
+  const float* grad_divisor;
+  const float* found_inf;
+  bool maximize, write_back_grads;
+  Hyper hyper;
+};
+template <typename Op>
+void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& args);
 
 // sum |x|^p (max |x| for p = inf) over contiguous tensors of one dtype, as a device scalar (double for float64,
 // else float). The caller takes the root.

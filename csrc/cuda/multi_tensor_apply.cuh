@@ -41,13 +41,16 @@ __global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(TensorTable
   fn(table, t, begin, end);
 }
 
-// Per-tensor prologue: step += 1 unless GradScaler found an inf. One thread per tensor.
+// The per-tensor float32 scalars of list `list`: s = s * keep + add, unless GradScaler found an inf. One thread per
+// tensor. The step prologue is (1, 1); the first-step flags' epilogue, stream-ordered after the update, (0, 0).
 template <int kLists>
-__global__ void increment_steps_kernel(TensorTable<kLists> table, int step_list, const float* found_inf) {
+__global__ void update_scalars_kernel(TensorTable<kLists> table, int list, const float* found_inf, float keep,
+                                      float add) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= table.n) return;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
-  *table.template ptr<float>(step_list, t) += 1.0f;
+  float* s = table.template ptr<float>(list, t);
+  *s = *s * keep + add;
 }
 
 // Owns the device copy of a table for the duration of the launches on the current stream.
@@ -132,10 +135,11 @@ void launch(const DeviceTable<kLists>& table, const Functor& fn) {
 }
 
 template <int kLists>
-void increment_steps(const DeviceTable<kLists>& table, int step_list, const float* found_inf) {
+void update_scalars(const DeviceTable<kLists>& table, int list, const float* found_inf, float keep, float add) {
   if (table.view.n == 0) return;
   const unsigned grid = static_cast<unsigned>((table.view.n + 255) / 256);
-  increment_steps_kernel<kLists><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.view, step_list, found_inf);
+  update_scalars_kernel<kLists>
+      <<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(table.view, list, found_inf, keep, add);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

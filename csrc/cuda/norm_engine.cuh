@@ -5,7 +5,7 @@
 //            sums (opmath, fixed-order tree) to partials[block][k] in double;
 //   stage 2: each block adds the partials of its tensor's blocks (they are consecutive in the block map) in a fixed
 //            order, takes Op::step_size in double, and applies Op::stage2 to its chunk (write_back_grads, the
-//            states and the params stored).
+//            states and the params stored; bf16 params by stochastic rounding when a.stochastic_round is set).
 // Deterministic (no atomics), no host sync; 64-bit offsets. The vectorised/aligned split of optim_engine.cuh is
 // left out: this engine reads elements with a block-stride loop.
 #pragma once
@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 
 #include "common/optimizers.h"
+#include "common/stochastic_round.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -46,6 +47,7 @@ struct Common {
   const float* lr_ptr;        // overrides lr when set (a tensor lr, read on the device)
   const float* grad_divisor;  // GradScaler scale (/ clip coefficient), or null
   const float* found_inf;     // nonzero: skip
+  const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
   double* partials;  // [blocks][Op::kNorms]
 
@@ -105,6 +107,8 @@ struct Stage2 : Common<Op, T> {
     const auto c = this->coefs(tab, t);
     const S step = S(step_size);
     const S grad_factor = this->grad_divisor != nullptr ? S(1.0 / static_cast<double>(*this->grad_divisor)) : S(1);
+    const int64_t* sr = this->stochastic_round;
+    const uint32_t sr_key = sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     T* state[Op::kStates];
@@ -116,7 +120,15 @@ struct Stage2 : Common<Op, T> {
       S s[Op::kStates];
       for (int k = 0; k < Op::kStates; ++k) s[k] = S(state[k][i]);
       Op::template stage2<S>(c, step, p, g, s);
-      param[i] = T(p);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (this->stochastic_round != nullptr) {
+          param[i] = at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(p), sr_key, i), at::BFloat16::from_bits());
+        } else {
+          param[i] = T(p);
+        }
+      } else {
+        param[i] = T(p);
+      }
       for (int k = 0; k < Op::kStates; ++k) state[k][i] = T(s[k]);
     }
   }
@@ -128,7 +140,7 @@ template <typename Op>
 void norm_optim_step(const OptimLaunch<typename Op::Hyper>& a) {
   constexpr int kLists = Op::kStates + 3;
   constexpr int kStepList = Op::kStates + 2;
-  static_assert(Op::kHasStep, "the two-pass engine reads each tensor's step");
+  static_assert(Op::kScalar == TensorScalar::kStep, "the two-pass engine reads each tensor's step");
   const auto& params = *a.params;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -136,14 +148,15 @@ void norm_optim_step(const OptimLaunch<typename Op::Hyper>& a) {
   lists[0] = a.params;
   lists[1] = a.grads;
   for (int k = 0; k < Op::kStates; ++k) lists[2 + k] = a.states[k];
-  lists[kStepList] = a.steps;
+  lists[kStepList] = a.scalars;
   auto table = build_table<kLists>(lists);
-  increment_steps(table, kStepList, a.found_inf);
+  update_scalars(table, kStepList, a.found_inf, 1.0f, 1.0f);  // step += 1 unless found_inf
   if (table.blocks == 0) return;
   at::Tensor partials = at::empty({table.blocks * Op::kNorms}, params[0].options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_norm_optim_cuda", [&] {
     norm_engine::Common<Op, scalar_t> common{a.hyper,        a.lr,      a.lr_ptr,           a.grad_divisor,
-                                             a.found_inf,    a.maximize, a.write_back_grads, partials.data_ptr<double>()};
+                                             a.found_inf,    a.stochastic_round, a.maximize, a.write_back_grads,
+                                             partials.data_ptr<double>()};
     launch(table, norm_engine::Stage1<Op, scalar_t>{common});
     launch(table, norm_engine::Stage2<Op, scalar_t>{common});
   });

@@ -1,6 +1,6 @@
 // The CUDA optimizer engine: everything of a step but the math, for every op of common/optimizers.h. One table
-// [params, grads, states..., steps] and one launch per (device, dtype) group (multi_tensor_apply.cuh); the step
-// prologue; per block the lr (float or device tensor), found_inf skip and the op's coefficients (from the tensor's
+// [params, grads, states..., scalars] and one launch per (device, dtype) group (multi_tensor_apply.cuh); the step
+// prologue or the first-step flags' epilogue; per block the lr (float or device tensor), found_inf skip and the op's coefficients (from the tensor's
 // step); per element the grad divisor, write_back_grads, maximize and the op's update (common/<op>_math.h). 16-byte
 // vector loads and stores when every address of the tensor allows them, a scalar tail, both through the same math.
 #pragma once
@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include "common/optimizers.h"
+#include "common/stochastic_round.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -18,63 +19,76 @@ struct OptimFunctor {
   using S = at::opmath_type<T>;
   static constexpr int kStates = Op::kStates;
   static constexpr int kSlots = kStates > 0 ? kStates : 1;
-  static constexpr int kLists = kStates + 3;  // params, grads, states..., steps
-  static constexpr int kStepList = kStates + 2;
+  static constexpr int kLists = kStates + 3;  // params, grads, states..., scalars
+  static constexpr int kScalarList = kStates + 2;
 
   typename Op::Hyper hyper;
   double lr;
   const float* lr_ptr;        // overrides lr when set (a tensor lr, read on the device)
   const float* grad_divisor;  // GradScaler scale (/ clip coefficient), or null
   const float* found_inf;     // nonzero: skip
+  const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
 
-  // One element: grad (storage) is divided, maybe written back, maybe negated; then the op's update.
+  // One element: grad (storage) is divided, maybe written back, maybe negated; then the op's update. `index` (in
+  // the tensor) and `sr_key` feed stochastic rounding.
   __device__ __forceinline__ void element(const typename Op::template Coefs<S>& c, S grad_factor, T& param, T& grad,
-                                          S* state) const {
+                                          S* state, int64_t index, uint32_t sr_key) const {
     S p = param;
     S g = unscaled_grad<T>(grad, grad_factor, write_back_grads);
     if (maximize) g = -g;
     Op::template update<S>(c, p, g, state);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (stochastic_round != nullptr) {
+        param = at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(p), sr_key, index), at::BFloat16::from_bits());
+        return;
+      }
+    }
     param = T(p);
   }
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     const double lr_value = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr;
-    const double step = Op::kHasStep ? static_cast<double>(*tab.template ptr<float>(kStepList, t)) : 0.0;
-    const auto c = Op::template coefs<S>(hyper, lr_value, step);
+    const float* scalar = tab.template ptr<float>(kScalarList, t);  // null: the op has none, or no flag is set
+    const auto c = Op::template coefs<S>(hyper, lr_value, scalar != nullptr ? static_cast<double>(*scalar) : 0.0);
     const S grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
+    const uint32_t sr_key =
+        stochastic_round != nullptr ? stochastic_round_key(stochastic_round[0], stochastic_round[1], t) : 0;
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     T* state[kSlots];
-    for (int k = 0; k < kStates; ++k) state[k] = tab.template ptr<T>(2 + k, t);
+    for (int k = 0; k < kStates; ++k) state[k] = tab.template ptr<T>(2 + k, t);  // null: unused (uses_state)
 
     int64_t vector_end = begin;
     constexpr int kVec = Vec16<T>::kVec;
-    if (all_aligned16(tab, t, kStepList)) {
+    if (all_aligned16(tab, t, kScalarList)) {
       vector_end = begin + (end - begin) / kVec * kVec;
       for (int64_t i = begin + threadIdx.x * kVec; i < vector_end; i += static_cast<int64_t>(blockDim.x) * kVec) {
         Vec16<T> pv = *reinterpret_cast<const Vec16<T>*>(param + i);
         Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(grad + i);
         Vec16<T> sv[kSlots];
-        for (int k = 0; k < kStates; ++k) sv[k] = *reinterpret_cast<const Vec16<T>*>(state[k] + i);
+        for (int k = 0; k < kStates; ++k)
+          if (state[k] != nullptr) sv[k] = *reinterpret_cast<const Vec16<T>*>(state[k] + i);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           S s[kSlots];
-          for (int k = 0; k < kStates; ++k) s[k] = S(sv[k].v[e]);
-          element(c, grad_factor, pv.v[e], gv.v[e], s);
+          for (int k = 0; k < kStates; ++k) s[k] = state[k] != nullptr ? S(sv[k].v[e]) : S(0);
+          element(c, grad_factor, pv.v[e], gv.v[e], s, i + e, sr_key);
           for (int k = 0; k < kStates; ++k) sv[k].v[e] = T(s[k]);
         }
         *reinterpret_cast<Vec16<T>*>(param + i) = pv;
         if (write_back_grads) *reinterpret_cast<Vec16<T>*>(grad + i) = gv;
-        for (int k = 0; k < kStates; ++k) *reinterpret_cast<Vec16<T>*>(state[k] + i) = sv[k];
+        for (int k = 0; k < kStates; ++k)
+          if (state[k] != nullptr) *reinterpret_cast<Vec16<T>*>(state[k] + i) = sv[k];
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {  // the tail and unaligned tensors
       S s[kSlots];
-      for (int k = 0; k < kStates; ++k) s[k] = S(state[k][i]);
-      element(c, grad_factor, param[i], grad[i], s);
-      for (int k = 0; k < kStates; ++k) state[k][i] = T(s[k]);
+      for (int k = 0; k < kStates; ++k) s[k] = state[k] != nullptr ? S(state[k][i]) : S(0);
+      element(c, grad_factor, param[i], grad[i], s, i, sr_key);
+      for (int k = 0; k < kStates; ++k)
+        if (state[k] != nullptr) state[k][i] = T(s[k]);
     }
   }
 };
@@ -82,22 +96,25 @@ struct OptimFunctor {
 template <typename Op>
 void optim_step(const OptimLaunch<typename Op::Hyper>& a) {
   using Lists = std::array<const TensorList*, OptimFunctor<Op, float>::kLists>;
-  constexpr int kStepList = OptimFunctor<Op, float>::kStepList;
+  constexpr int kScalarList = OptimFunctor<Op, float>::kScalarList;
   const auto& params = *a.params;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   Lists lists{};
   lists[0] = a.params;
   lists[1] = a.grads;
-  for (int k = 0; k < Op::kStates; ++k) lists[2 + k] = a.states[k];
-  lists[kStepList] = Op::kHasStep ? a.steps : a.empty;
+  for (int k = 0; k < Op::kStates; ++k) lists[2 + k] = a.states[k];  // an unused list is empty: null addresses
+  lists[kScalarList] = a.scalars;
   auto table = build_table<OptimFunctor<Op, float>::kLists>(lists);
-  if (Op::kHasStep) increment_steps(table, kStepList, a.found_inf);
+  const bool has_scalars = !a.scalars->empty();
+  if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_cuda", [&] {
-    OptimFunctor<Op, scalar_t> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize,
-                                  a.write_back_grads};
+    OptimFunctor<Op, scalar_t> fn{a.hyper,     a.lr,        a.lr_ptr,   a.grad_divisor,    a.found_inf,
+                                  a.stochastic_round, a.maximize, a.write_back_grads};
     launch(table, fn);
   });
+  if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars)
+    update_scalars(table, kScalarList, a.found_inf, 0.0f, 0.0f);  // the first step is done
 }
 
 }  // namespace fusedopt::cuda

@@ -1,9 +1,12 @@
 """fusedopt::<op>_step for every optimizer described by an OptimizerSpec (fusedopt/optim/_spec.py): the schema
 comes from the spec, and every backend's kernel takes the same arguments, found by one rule:
-`_backend.kernels(backend, op).<op>_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize,
-grad_divisor, found_inf, write_back_grads)`."""
+`_backend.kernels(backend, op).<op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize,
+grad_divisor, found_inf, write_back_grads, stochastic_round)`, `states` the spec's lists (an unused one empty),
+`scalars` its steps or first-step flags (or empty), `stochastic_round` None or int64 [seed, counter]."""
 
 from __future__ import annotations
+
+import functools
 
 from fusedopt import _backend
 from fusedopt.ops._library import custom_op, split_lr
@@ -16,14 +19,14 @@ def _register(spec) -> object:
 
     def impl(params, grads, *rest):
         states, rest = list(rest[:n_states]), rest[n_states:]
-        steps, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
+        scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
-        maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
+        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, backend = rest[n_hyper:]
         if not params:
             return
         kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step")
-        kernel(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-               write_back_grads)  # fmt: skip
+        kernel(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+               write_back_grads, stochastic_round)  # fmt: skip
 
     return custom_op(spec.schema())(impl)
 
@@ -36,34 +39,92 @@ def op_for(spec):
     return call
 
 
-def step(spec, params, grads, states, steps, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-         write_back_grads=False, backend="auto"):  # fmt: skip
-    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: float}."""
+def _hyper_args(spec, hyper: dict) -> list:
+    return [bool(hyper[name]) if name in spec.flags else float(hyper[name]) for name in spec.hyper]
+
+
+def step(spec, params, grads, states, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
+         write_back_grads=False, stochastic_round=None, backend="auto"):  # fmt: skip
+    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: value}."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, spec.op)
     lr_float, lr_tensor = split_lr(lr, params[0].device)
-    hyper_args = [float(hyper[name]) for name in spec.hyper]
-    op_for(spec)(params, grads, *states, steps if spec.has_step else [], lr_float, lr_tensor, *hyper_args,
-                 bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip
+    op_for(spec)(params, grads, *states, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper), bool(maximize),
+                 grad_divisor, found_inf, bool(write_back_grads), stochastic_round, backend)  # fmt: skip
 
 
-def cached_bucket(spec, params, states, steps, *, backend: str):
-    """The bucket's lists [params, states..., steps] held in C++ across steps (cpu and cuda backends, plain
+def cached_bucket(spec, params, states, scalars, *, backend: str):
+    """The bucket's lists [params, states..., scalars] held in C++ across steps (cpu and cuda backends, plain
     tensors), or None where the list path must be used."""
     if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
         return None
     ext = _backend.kernels(backend, spec.op)
-    bucket = ext.TensorBucket([params, *states, steps if spec.has_step else []])
+    bucket = ext.TensorBucket([params, *states, scalars])
     return getattr(ext, f"{spec.op}_step_bucket"), bucket, params[0].device
 
 
 def step_cached(spec, cached, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-                write_back_grads=False) -> bool:  # fmt: skip
+                write_back_grads=False, stochastic_round=None) -> bool:  # fmt: skip
     """One step on a cached_bucket, the grads read in C++. False (nothing done) if a param has no grad."""
     kernel, bucket, device = cached
     lr_float, lr_tensor = split_lr(lr, device)
     if lr_tensor is not None and device.type == "cpu":
         lr_float, lr_tensor = float(lr_tensor), None
     return kernel(bucket, lr_float, lr_tensor, {name: float(hyper[name]) for name in spec.hyper}, bool(maximize),
-                  grad_divisor, found_inf, bool(write_back_grads))  # fmt: skip
+                  grad_divisor, found_inf, bool(write_back_grads), stochastic_round)  # fmt: skip
+
+
+# --- 8-bit block-wise states (docs/LOW_BIT_STATES.md): fusedopt::<op>_step_q8 -------------------------------------
+_OPS_Q8: dict = {}
+
+
+def _q8_kernel(spec, backend: str):
+    if backend == "torch":
+        from fusedopt import lowbit, reference
+
+        fp_step = getattr(reference, f"{spec.op}_step")
+        return functools.partial(lowbit.step_q8, fp_step, spec.op, [s.list_name for s in spec.states])
+    kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step_q8", None)
+    if kernel is None:
+        raise NotImplementedError(f"fusedopt {spec.op}_step_q8: 8-bit states are not implemented on the {backend!r} "
+                                  "backend (cpu, triton and torch have them)")  # fmt: skip
+    return kernel
+
+
+def _register_q8(spec) -> object:
+    n_states, n_hyper = len(spec.states), len(spec.hyper)
+
+    def impl(params, grads, *rest):
+        codes, absmax, rest = list(rest[:n_states]), list(rest[n_states : 2 * n_states]), rest[2 * n_states :]
+        qmaps, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4:]
+        hyper = dict(zip(spec.hyper, rest[:n_hyper]))
+        maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
+        if not params:
+            return
+        _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, scalars, lr, lr_tensor, hyper, maximize,
+                                  grad_divisor, found_inf, write_back_grads)  # fmt: skip
+
+    return custom_op(spec.schema_q8())(impl)
+
+
+def op_for_q8(spec):
+    call = _OPS_Q8.get(spec.op)
+    if call is None:
+        call = _OPS_Q8[spec.op] = _register_q8(spec)
+    return call
+
+
+def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
+            write_back_grads=False, backend="auto"):  # fmt: skip
+    """The step with 8-bit states: codes and absmax one list per spec state (an unused one empty)."""
+    if not params:
+        return
+    from fusedopt import lowbit
+
+    device = params[0].device
+    backend = _backend.resolve(backend, device, spec.op)
+    lr_float, lr_tensor = split_lr(lr, device)
+    qmaps = [lowbit.qmap(s.signed, device) for s in spec.states]
+    op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper),
+                    bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip

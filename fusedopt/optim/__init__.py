@@ -1,5 +1,6 @@
 """Drop-in replacements for torch.optim: change `torch.optim.X` to `fusedopt.optim.X`."""
 
+from fusedopt.optim._lowbit import to_full_precision_state_dict
 from fusedopt.optim.adafactor import Adafactor
 from fusedopt.optim.adagrad import Adagrad
 from fusedopt.optim.adam import Adam, AdamW
@@ -8,4 +9,4 @@ from fusedopt.optim.lion import Lion
 from fusedopt.optim.rmsprop import RMSprop
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["LAMB", "SGD", "Adafactor", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
+__all__ = ["LAMB", "SGD", "Adafactor", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop", "to_full_precision_state_dict"]

@@ -11,6 +11,7 @@ clip coefficient joins GradScaler's scale in the kernels' grad divisor, so the g
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,8 @@ class Bucket:
     index: list = field(default_factory=list)  # positions of `params` in their group
     pass_index: int = 0  # > 0: the repeated entries of a param listed more than once in its group (see _passes)
     repeated: bool = False  # pass 0 of a (device, dtype) kind that has later passes
+    group_index: int = 0
+    quantized: bool = False  # 8-bit block-wise states (state_dtype="int8", fusedopt/optim/_lowbit.py)
 
 
 def _passes(params: list, idx: list) -> list:
@@ -68,7 +71,9 @@ class FusedOptimizerMixin:
     LAZY_STATE = False  # True: _step_bucket creates the state itself (SGD, as torch does)
     _step_supports_amp_scaling = True
 
-    def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None) -> None:
+    def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None,
+                        state_dtype: str | None = None, bf16_stochastic_round: bool = False,
+                        stochastic_round_seed: int = 0) -> None:  # fmt: skip
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (expected a number >= 0, or None)")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -82,7 +87,17 @@ class FusedOptimizerMixin:
             )
         _backend.requested_backend(backend)  # validates the name early
         self._fusedopt_extra_defaults = {"backend": backend}
+        if state_dtype is not None:
+            from fusedopt import lowbit
+
+            self._fusedopt_extra_defaults["state_dtype"] = lowbit.check_state_dtype(state_dtype)
+            if bf16_stochastic_round:
+                raise ValueError("bf16_stochastic_round with state_dtype='int8' is not supported yet: the 8-bit "
+                                 "kernels store params by round-to-nearest")  # fmt: skip
         self._bucket_cache: dict = {}
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
+        self._stochastic_round_seed = int(stochastic_round_seed)
+        self._stochastic_round_states: dict = {}  # bucket identity -> int64 [seed, counter] on its device
 
     @property
     def last_grad_norm(self) -> Tensor | None:
@@ -123,6 +138,10 @@ class FusedOptimizerMixin:
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
         raise NotImplementedError
 
+    def _quantized_state(self, group: dict, p: Tensor) -> bool:
+        """Whether p's state is 8-bit (fusedopt/optim/_lowbit.py); a bucket holds one kind."""
+        return False
+
     # --- buckets --------------------------------------------------------------------------------------------
     def _buckets(self, gi: int, group: dict, with_grad: list) -> list:
         """Buckets for the params of `group` that have a grad; cached until that set changes."""
@@ -138,10 +157,10 @@ class FusedOptimizerMixin:
             if p.is_complex():
                 raise RuntimeError(f"fusedopt.optim.{type(self).__name__} does not support complex params yet")
             lp = local_tensor(p)
-            by_kind.setdefault((lp.device, lp.dtype), []).append(i)
+            by_kind.setdefault((lp.device, lp.dtype, self._quantized_state(group, p)), []).append(i)
         buckets = [
-            self._make_bucket(gi, group, device, dtype, idx, pass_index)
-            for (device, dtype), idx_all in by_kind.items()
+            self._make_bucket(gi, group, device, dtype, idx, pass_index, quantized)
+            for (device, dtype, quantized), idx_all in by_kind.items()
             for pass_index, idx in enumerate(_passes(group["params"], idx_all))
         ]
         for b, after in itertools.pairwise(buckets):
@@ -149,9 +168,11 @@ class FusedOptimizerMixin:
         self._bucket_cache[key] = (group["params"], buckets)
         return buckets
 
-    def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int) -> Bucket:
+    def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int,
+                     quantized: bool = False) -> Bucket:  # fmt: skip
         params = [group["params"][i] for i in idx]
-        b = Bucket(device, dtype, params, [local_tensor(p) for p in params], index=idx, pass_index=pass_index)
+        b = Bucket(device, dtype, params, [local_tensor(p) for p in params], index=idx, pass_index=pass_index,
+                   group_index=gi, quantized=quantized)  # fmt: skip
         if not self.LAZY_STATE:
             for p in params:
                 if not self.state.get(p):
@@ -163,6 +184,25 @@ class FusedOptimizerMixin:
                 b.state_lists[k] = [local_tensor(self.state[p][k]) for p in params]
         b.backend = _backend.resolve(group.get("backend"), device, self.OP_NAME)
         return b
+
+    def _stochastic_round_state(self, bucket: Bucket) -> Tensor | None:
+        """bf16_stochastic_round: the bucket's int64 [seed, counter] on its device, the counter advanced once per step
+        (on the device: no sync, nothing for torch.compile to guard on); None for other dtypes or when off. The seed
+        mixes the optimizer's seed with the bucket's place (group, positions, pass), so runs are reproducible and no
+        two buckets share a stream; the state outlives a rebuilt bucket."""
+        if not self.bf16_stochastic_round or bucket.dtype != torch.bfloat16:
+            return None
+        state = bucket.extra.get("stochastic_round")
+        if state is None:
+            key = (bucket.group_index, tuple(bucket.index), bucket.pass_index)
+            state = self._stochastic_round_states.get(key)
+            if state is None:
+                seed = (self._stochastic_round_seed * 0x9E3779B9 + zlib.crc32(repr(key).encode())) & (2**63 - 1)
+                state = torch.tensor([seed, 0], dtype=torch.int64, device=bucket.device)
+                self._stochastic_round_states[key] = state
+            bucket.extra["stochastic_round"] = state
+        state[1:].add_(1)
+        return state
 
     def _grads_of(self, bucket: Bucket, grads: list) -> list:
         """The bucket's grads from `grads`, the grads of its whole group (by group position)."""

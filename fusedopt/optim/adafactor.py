@@ -21,14 +21,28 @@ from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
 
 class Adafactor(FusedOptimizerMixin, torch.optim.Adafactor):
     """Drop-in for torch.optim.Adafactor. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch", and
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`)."""
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`). state_dtype='int8' and
+    bf16_stochastic_round=True are accepted as keywords but refused with a ValueError (not supported yet)."""
 
     OP_NAME = "adafactor_step"
     STATE_KEYS = ()  # the state lists differ per param (factored or not): built by _step_bucket
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
-                 foreach=None, maximize=False, backend=None, max_grad_norm=None):  # fmt: skip
-        self._fusedopt_setup(backend, False, max_grad_norm)
+                 foreach=None, maximize=False, backend=None, max_grad_norm=None, state_dtype=None,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+        # Adafactor has its own op (fusedopt::adafactor_step), outside the spec engines: no 8-bit state path and no
+        # stochastic-rounding store yet. Refuse both rather than ignore them.
+        if state_dtype is not None:
+            raise ValueError(
+                f"fusedopt.optim.Adafactor does not support state_dtype={state_dtype!r} yet: its factored states "
+                "have no 8-bit path (fusedopt::adafactor_step is not on the spec engine). Use state_dtype=None."
+            )
+        if bf16_stochastic_round:
+            raise ValueError(
+                "fusedopt.optim.Adafactor does not support bf16_stochastic_round=True yet: fusedopt::adafactor_step "
+                "stores params by round-to-nearest. Keep an fp32 master copy, or use another optimizer."
+            )
+        self._fusedopt_setup(backend, False, max_grad_norm, None, False, stochastic_round_seed)
         super().__init__(params, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize)  # fmt: skip
         self._step_supports_amp_scaling = True

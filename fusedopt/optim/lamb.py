@@ -33,8 +33,8 @@ def _hyper(g: dict) -> dict:
 SPEC = OptimizerSpec(
     op="lamb",
     hyper=("beta1", "beta2", "eps", "weight_decay", "bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb"),
-    states=(StateSpec("exp_avg", "exp_avgs"), StateSpec("exp_avg_sq", "exp_avg_sqs")),
-    has_step=True,
+    states=(StateSpec("exp_avg", "exp_avgs"), StateSpec("exp_avg_sq", "exp_avg_sqs", signed=False)),
+    scalar="step",
     hyper_of=_hyper,
 )
 
@@ -42,14 +42,17 @@ SPEC = OptimizerSpec(
 class LAMB(SpecOptimizerMixin, torch.optim.Optimizer):
     """apex.optimizers.FusedLAMB's arguments, plus keyword-only maximize= and backend=. `max_grad_norm` (default
     1.0, apex's) clips by the global 2-norm of every grad of every group before the update; None turns it off; the
-    norm is `last_grad_norm`. `set_grad_none` makes zero_grad() set grads to None (torch's default too).
+    norm is `last_grad_norm`. `bf16_stochastic_round=True` (with `stochastic_round_seed=`) stores bf16 params by
+    stochastic rounding in stage 2; `state_dtype='int8'` is refused (no 8-bit path in the two-pass engine yet).
+    `set_grad_none` makes zero_grad() set grads to None (torch's default too).
     State per param: `step` (float32 on the param's device), `exp_avg`, `exp_avg_sq`."""
 
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  amsgrad=False, adam_w_mode=True, grad_averaging=True, set_grad_none=True, max_grad_norm=1.0,
-                 use_nvlamb=False, *, maximize=False, backend=None):  # fmt: skip
+                 use_nvlamb=False, *, maximize=False, backend=None, state_dtype=None, bf16_stochastic_round=False,
+                 stochastic_round_seed=0):  # fmt: skip
         if amsgrad:
             raise RuntimeError("fusedopt.optim.LAMB does not support the AMSGrad variant (nor does apex's FusedLAMB)")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -62,7 +65,12 @@ class LAMB(SpecOptimizerMixin, torch.optim.Optimizer):
             raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        self._fusedopt_setup(backend, False, max_grad_norm)
+        if state_dtype is not None:
+            raise ValueError(
+                f"fusedopt.optim.LAMB does not support state_dtype={state_dtype!r} yet: its two-pass engine has no "
+                "8-bit state path (only the elementwise optimizers have <op>_step_q8). Use state_dtype=None."
+            )
+        self._fusedopt_setup(backend, False, max_grad_norm, None, bf16_stochastic_round, stochastic_round_seed)
         defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
                     "weight_decay": weight_decay, "grad_averaging": grad_averaging, "adam_w_mode": adam_w_mode,
                     "use_nvlamb": use_nvlamb, "maximize": maximize}  # fmt: skip

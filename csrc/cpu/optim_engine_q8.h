@@ -1,0 +1,128 @@
+// The CPU engine's path for 8-bit block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md). A chunk (32K
+// elements, so 256-aligned) is processed one quantization block of 256 elements at a time: each used state's codes
+// are dequantized into a stack buffer in opmath, the op's update runs on it through the engine's run_range (the
+// same loads, stores and math as a full-precision step), then each state's block gets its new absmax and every
+// value the nearest code. One read and one write of the codes; no full-precision state in memory.
+// Included only from cpu/optim_engine.h.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/vec_io.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+namespace optim_engine {
+
+constexpr int64_t kQBlock = 256;
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kHasGather = true;  // at::vec::gather is one instruction (and honours a byte scale)
+#else
+constexpr bool kHasGather = false;
+#endif
+
+// out[i] = map[codes[i]] * absmax.
+inline void dequantize_block(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
+  using V = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  constexpr int64_t kW = V::size();
+  int64_t i = 0;
+  if constexpr (kHasGather) {
+    alignas(64) int32_t idx[kW];
+    for (; i + kW <= n; i += kW) {
+      for (int64_t j = 0; j < kW; ++j) idx[j] = codes[i + j];
+      (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
+    }
+  }
+  for (; i < n; ++i) out[i] = map[codes[i]] * absmax;
+}
+
+// The block's absmax (max |v|, NaN if a value is NaN), then codes[i] = #{j : v[i] / d >= mid[j]} with d the absmax
+// (1 when it is 0 or NaN): what lowbit.quantize's 8-step binary search gives, found here with the map's lookup table
+// (common/optim_q8.h): lut[bits(x) >> 16] is the code of the lowest x of those 2^16 floats, which hold at most one
+// midpoint, so one comparison finishes it (mid[255] is NaN: never passed). A NaN gets code 0; its block reads back
+// NaN through its NaN absmax. `v` is overwritten (x = v / d).
+inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t kW = V::size();
+  V acc(0.0f);
+  for (int64_t i = 0; i < n; i += kW)
+    acc = at::vec::maximum(acc, V::loadu(v + i, std::min<int64_t>(kW, n - i)).abs());  // maximum keeps NaN
+  std::array<float, kW> lanes;
+  acc.store(lanes.data());
+  float absmax = 0.0f;
+  bool nan = false;
+  for (float x : lanes) {
+    nan = nan || std::isnan(x);
+    absmax = std::max(absmax, x);
+  }
+  if (nan) absmax = std::numeric_limits<float>::quiet_NaN();
+  const V d(absmax > 0.0f ? absmax : 1.0f);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min<int64_t>(kW, n - i);
+    (V::loadu(v + i, m) / d).store(v + i, m);
+  }
+  int64_t i = 0;
+  if constexpr (kHasGather) {  // the same lookup, a vector at a time: lut bytes by a byte-scaled gather
+    using VI = at::vec::Vectorized<int32_t>;
+    alignas(64) int32_t c[kW];
+    for (; i + kW <= n; i += kW) {
+      const V x = V::loadu(v + i);
+      const VI index = at::vec::cast<int32_t>(x) >> VI(16);  // arithmetic shift: mask the sign's copies off
+      const auto* lut4 = reinterpret_cast<const float*>(lut);  // 4 bytes at each byte index: the low one is ours
+      const VI code = at::vec::cast<int32_t>(at::vec::gather<1>(lut4, index & VI(0xffff))) & VI(0xff);
+      const V t = at::vec::gather<sizeof(float)>(mid, code);
+      const VI up = at::vec::cast<int32_t>(x >= t) & VI(1);  // NaN compares false
+      const VI keep = at::vec::cast<int32_t>(x == x);        // NaN: code 0
+      ((code + up) & keep).store(c);
+      for (int64_t j = 0; j < kW; ++j) codes[i + j] = static_cast<uint8_t>(c[j]);
+    }
+  }
+  for (; i < n; ++i) {  // independent lookups: the loads of neighbouring elements overlap
+    const float x = v[i];
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const uint8_t c = lut[bits >> 16];
+    codes[i] = x == x ? static_cast<uint8_t>(c + (x >= mid[c] ? 1 : 0)) : uint8_t(0);
+  }
+  return absmax;
+}
+
+template <typename Op, typename T>
+void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+                  opmath_t<T> grad_factor) {
+  static_assert(std::is_same_v<opmath_t<T>, float>, "8-bit states: float32, bfloat16 and float16 params");
+  constexpr int kStates = Op::kStates;
+  const auto c = chunk_coefs<Op, T>(a, t);
+  std::array<uint8_t*, kSlots<Op>> codes{};
+  std::array<float*, kSlots<Op>> absmax{};
+  for (int k = 0; k < kStates; ++k) {
+    if (a.states[k].empty()) continue;
+    codes[k] = static_cast<uint8_t*>(a.states[k][t]);
+    absmax[k] = a.absmax[k][t];
+  }
+  alignas(64) float buf[kSlots<Op>][kQBlock];
+  std::array<float*, kSlots<Op>> state{};
+  auto* param = static_cast<T*>(a.param[t]);
+  auto* grad = static_cast<T*>(a.grad[t]);
+  for (int64_t b = begin; b < end; b += kQBlock) {
+    const int64_t n = std::min<int64_t>(kQBlock, end - b);
+    const int64_t q = b / kQBlock;
+    for (int k = 0; k < kStates; ++k) {
+      state[k] = codes[k] ? buf[k] : nullptr;
+      if (codes[k]) dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], buf[k], n);
+    }
+    run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor, b, param_round_key(a, t));
+    for (int k = 0; k < kStates; ++k)
+      if (codes[k])
+        absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
+                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
+  }
+}
+
+}  // namespace optim_engine
+}  // namespace fusedopt::cpu::CPU_CAPABILITY

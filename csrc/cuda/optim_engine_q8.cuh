@@ -1,0 +1,142 @@
+// The CUDA engine's path for 8-bit block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md): one warp per
+// 256-element quantization block (8 consecutive values per lane). Each lane dequantizes its values through the
+// state's map (in shared memory), runs the op's update (common/<op>_math.h) as the full-precision engine does,
+// then the warp reduces the block's absmax by shuffles (NaN if a value is NaN) and every lane requantizes its
+// values by the 8-step binary search over the midpoints (fusedopt/lowbit.py's definition). The table is
+// [params, grads, codes..., scalars, absmax...]. Compile-checked; run by scripts/gpu_check.sh on a GPU machine.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#include "common/optimizers.h"
+#include "cuda/kernels.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace fusedopt::cuda {
+
+constexpr int kQuantBlockCuda = 256;
+constexpr int kQuantPerLane = kQuantBlockCuda / 32;
+
+template <typename Op, typename T>
+struct OptimQ8Functor {
+  using S = float;  // 8-bit states take float32, bfloat16 and float16 params: opmath is float
+  static constexpr int kStates = Op::kStates;
+  static constexpr int kSlots = kStates > 0 ? kStates : 1;
+  static constexpr int kLists = 2 * kStates + 3;  // params, grads, codes..., scalars, absmax...
+  static constexpr int kScalarList = kStates + 2;
+
+  typename Op::Hyper hyper;
+  double lr;
+  const float* lr_ptr;
+  const float* grad_divisor;
+  const float* found_inf;
+  bool maximize, write_back_grads;
+  const float* qmap[kSlots];  // per state: 256 code values, then 256 midpoints (device); null: unused
+
+  __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {
+    __shared__ float smap[kSlots][2 * kQuantBlockCuda];
+    for (int k = 0; k < kStates; ++k)
+      if (qmap[k] != nullptr)
+        for (int i = threadIdx.x; i < 2 * kQuantBlockCuda; i += blockDim.x) smap[k][i] = qmap[k][i];
+    __syncthreads();
+    if (found_inf != nullptr && *found_inf != 0.0f) return;
+    const double lr_value = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr;
+    const float* scalar = tab.template ptr<float>(kScalarList, t);
+    const auto c = Op::template coefs<S>(hyper, lr_value, scalar != nullptr ? static_cast<double>(*scalar) : 0.0);
+    const S grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
+    T* param = tab.template ptr<T>(0, t);
+    T* grad = tab.template ptr<T>(1, t);
+    uint8_t* codes[kSlots];
+    float* absmax[kSlots];
+    for (int k = 0; k < kStates; ++k) {
+      codes[k] = tab.template ptr<uint8_t>(2 + k, t);  // null: unused (uses_state)
+      absmax[k] = tab.template ptr<float>(kScalarList + 1 + k, t);
+    }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    // begin is a multiple of kChunkElems, so of 256: every warp iteration is one whole quantization block.
+    for (int64_t qb = begin + static_cast<int64_t>(warp) * kQuantBlockCuda; qb < end;
+         qb += static_cast<int64_t>(warps) * kQuantBlockCuda) {
+      const int64_t q = qb / kQuantBlockCuda;
+      const int64_t base = qb + lane * kQuantPerLane;
+      S s[kQuantPerLane][kSlots];
+#pragma unroll
+      for (int e = 0; e < kQuantPerLane; ++e) {
+        const int64_t i = base + e;
+        for (int k = 0; k < kStates; ++k)
+          s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][codes[k][i]] * absmax[k][q] : S(0);
+        if (i < end) {
+          S p = param[i];
+          S g = unscaled_grad<T>(grad[i], grad_factor, write_back_grads);
+          if (maximize) g = -g;
+          Op::template update<S>(c, p, g, s[e]);
+          param[i] = T(p);
+        }
+      }
+      for (int k = 0; k < kStates; ++k) {
+        if (codes[k] == nullptr) continue;
+        float m = 0.0f;
+        bool nan = false;
+#pragma unroll
+        for (int e = 0; e < kQuantPerLane; ++e) {
+          const float a = base + e < end ? fabsf(s[e][k]) : 0.0f;
+          nan = nan || a != a;
+          m = fmaxf(m, a);
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        nan = __any_sync(0xffffffffu, nan);
+        const float a = nan ? __int_as_float(0x7fc00000) : m;
+        const float d = a > 0.0f ? a : 1.0f;
+        const float* mid = smap[k] + kQuantBlockCuda;
+#pragma unroll
+        for (int e = 0; e < kQuantPerLane; ++e) {
+          const int64_t i = base + e;
+          if (i >= end) continue;
+          const float x = __fdiv_rn(s[e][k], d);
+          int code = 0;
+#pragma unroll
+          for (int step = 128; step >= 1; step >>= 1) code += x >= mid[code + step - 1] ? step : 0;
+          codes[k][i] = static_cast<uint8_t>(code);
+        }
+        if (lane == 0) absmax[k][q] = a;
+      }
+    }
+  }
+};
+
+template <typename Op>
+void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
+  constexpr int kLists = OptimQ8Functor<Op, float>::kLists;
+  constexpr int kScalarList = OptimQ8Functor<Op, float>::kScalarList;
+  const auto& params = *a.params;
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::array<const TensorList*, kLists> lists{};
+  lists[0] = a.params;
+  lists[1] = a.grads;
+  for (int k = 0; k < Op::kStates; ++k) {
+    lists[2 + k] = a.codes[k];  // an unused state's lists are empty: null addresses
+    lists[kScalarList + 1 + k] = a.absmax[k];
+  }
+  lists[kScalarList] = a.scalars;
+  auto table = build_table<kLists>(lists);
+  const bool has_scalars = !a.scalars->empty();
+  if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_q8", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      OptimQ8Functor<Op, scalar_t> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize,
+                                      a.write_back_grads, {}};
+      for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
+      launch(table, fn);
+    } else {
+      TORCH_CHECK(false, "fusedopt ", Op::kName, "_step_q8 (cuda): float64 params have no 8-bit states");
+    }
+  });
+  if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars) update_scalars(table, kScalarList, a.found_inf, 0.0f, 0.0f);
+}
+
+}  // namespace fusedopt::cuda

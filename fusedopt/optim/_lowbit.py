@@ -1,0 +1,149 @@
+"""8-bit block-wise optimizer states for every spec-driven optimizer (`state_dtype="int8"`, docs/LOW_BIT_STATES.md).
+
+A param whose GLOBAL size (a DTensor's full numel, so every rank decides alike) is at least MIN_QUANT_NUMEL keeps
+each state `key` as `key_codes` (uint8, the param's shape) and `key_absmax` (float32, one per 256 elements); smaller
+params, and every param of a group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict
+converts each state to what this optimizer keeps for it (quantizes or dequantizes), so full-precision state_dicts
+of torch.optim load here and `to_full_precision_state_dict` gives one torch.optim loads.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from fusedopt import lowbit
+from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
+
+_SUFFIXES = ("_codes", "_absmax")
+
+
+def _is_q8_key(key) -> bool:
+    return isinstance(key, str) and key.endswith(_SUFFIXES)
+
+
+def _zeros_like_local(p: Tensor, dtype) -> Tensor:
+    """Contiguous zeros of p's (global) shape as p is held: a DTensor for a DTensor param."""
+    if hasattr(p, "_local_tensor"):
+        return torch.zeros_like(p, dtype=dtype)
+    return torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+
+class LowBitStateMixin(FusedOptimizerMixin):
+    """The state side of state_dtype="int8"; SpecOptimizerMixin steps a quantized bucket through
+    fusedopt.ops.optim_step.step_q8."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("state_dtype") is not None and any(p.dtype == torch.float64 for p in group["params"]):
+            raise ValueError(
+                f"fusedopt.optim.{type(self).__name__}: state_dtype={group['state_dtype']!r} does not support "
+                "float64 params (8-bit states are for float32, bfloat16 and float16 params); put them in a param "
+                "group with state_dtype=None"
+            )
+
+    def _quantized_state(self, group: dict, p: Tensor) -> bool:
+        return group.get("state_dtype") == "int8" and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel
+
+    def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor) -> None:
+        """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map."""
+        lp = local_tensor(p)
+        codes = _zeros_like_local(p, torch.uint8)
+        c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device))
+        local_tensor(codes).copy_(c)
+        state[lowbit.codes_key(spec.key)] = codes
+        state[lowbit.absmax_key(spec.key)] = a
+
+    def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
+        self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec))
+
+    def _q8_lists(self, group, bucket: Bucket, used: tuple) -> tuple:
+        """The op's codes and absmax lists (an unused state's empty); a used state missing so far starts now."""
+        codes, absmax = [], []
+        for s, on in zip(self.SPEC.states, used):
+            ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
+            if on and ck not in bucket.state_lists:
+                for p in bucket.params:
+                    if ck not in self.state[p]:
+                        self._new_q8_state(group, p, s, self.state[p])
+                bucket.state_lists[ck] = [local_tensor(self.state[p][ck]) for p in bucket.params]
+                bucket.state_lists[ak] = [self.state[p][ak] for p in bucket.params]
+            codes.append(bucket.state_lists[ck] if on else [])
+            absmax.append(bucket.state_lists[ak] if on else [])
+        return codes, absmax
+
+    # --- state_dict ---------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every floating-point param's state to the param's dtype: codes and absmax are set aside and
+        # put back as they were. The optimizer's own state_dtype wins over the checkpoint's.
+        own = [g.get("state_dtype") for g in self.param_groups]
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(ids, params))
+        kept, plain = {}, {}
+        for pid, st in state_dict["state"].items():
+            kept[pid] = {k: v for k, v in st.items() if _is_q8_key(k)}
+            plain[pid] = {k: v for k, v in st.items() if not _is_q8_key(k)}
+        super().load_state_dict({**state_dict, "state": plain})
+        for g, sd in zip(self.param_groups, own):
+            g["state_dtype"] = sd
+        for pid, q in kept.items():
+            if q and pid in by_id:
+                p = by_id[pid]
+                dev = local_tensor(p).device
+                self.state[p].update({k: v.to(dev) if not hasattr(v, "_local_tensor") else v for k, v in q.items()})
+        self._convert_states()
+        self._bucket_cache.clear()
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        self._convert_states()
+
+    def _convert_states(self) -> None:
+        """Each param's state as this optimizer keeps it: quantized where _quantized_state, else full precision."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                quant = self._quantized_state(group, p)
+                for s in self.SPEC.states:
+                    ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
+                    if quant and isinstance(st.get(s.key), Tensor):
+                        self._quantize_into(p, st, s, st.pop(s.key))
+                    elif not quant and ck in st:
+                        lp = local_tensor(p)
+                        value = lowbit.dequantize(local_tensor(st.pop(ck)).to(lp.device), st.pop(ak).to(lp.device),
+                                                  lowbit.qmap(s.signed, lp.device), lp.dtype)  # fmt: skip
+                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        local_tensor(buf).copy_(value.reshape(lp.shape))
+                        st[s.key] = buf
+
+
+def _signed_by_key() -> dict:
+    from fusedopt.optim import adagrad, adam, lion, rmsprop, sgd
+
+    return {s.key: s.signed for m in (adagrad, adam, lion, rmsprop, sgd) for s in m.SPEC.states}
+
+
+def to_full_precision_state_dict(opt_or_state_dict) -> dict:
+    """A state_dict with every 8-bit state dequantized to float32 under torch's key (`exp_avg`, ...) and
+    state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
+    its state_dict; the input is not modified."""
+    sd = opt_or_state_dict.state_dict() if hasattr(opt_or_state_dict, "state_dict") else opt_or_state_dict
+    signed = _signed_by_key()
+    state = {}
+    for pid, st in sd["state"].items():
+        out = {k: v for k, v in st.items() if not _is_q8_key(k)}
+        for k, v in st.items():
+            if isinstance(k, str) and k.endswith("_codes"):
+                key = k[: -len("_codes")]
+                codes = local_tensor(v)
+                table = lowbit.qmap(signed.get(key, True), codes.device)
+                out[key] = lowbit.dequantize(codes, st[lowbit.absmax_key(key)].to(codes.device), table)
+        state[pid] = out
+    groups = [{**g, "state_dtype": None} if "state_dtype" in g else dict(g) for g in sd["param_groups"]]
+    return {**sd, "state": state, "param_groups": groups}

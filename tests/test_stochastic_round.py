@@ -1,0 +1,163 @@
+"""bf16_stochastic_round=True: bf16 params stored by stochastic rounding inside every optimizer's fused kernel.
+
+The random bits are a hash of (seed, step counter, tensor position, element index) written once per backend
+(csrc/common/stochastic_round.h, triton_kernels/optim_engine.py, fusedopt/reference_optim.py), so the cpu and torch
+backends agree bit for bit; Triton under the interpreter converts the bf16 *state* by truncation, not to nearest,
+so it is compared after one step and held to one bf16 rounding. The rounding itself is checked for unbiasedness,
+and the reason the mode exists is shown: with updates below half a bf16 ulp, plain bf16 AdamW never moves while
+stochastic rounding tracks the float32 run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cpu_backends
+from optim_db import OPTIM_DB
+from parity_steps import make_params, set_grads
+
+import fusedopt
+from fusedopt.ops import optim_step
+from fusedopt.reference import stochastic_round_bf16
+
+INFOS = [pytest.param(i, id=i.name) for i in OPTIM_DB if "stochastic_round" not in i.not_applicable]
+REFUSING = [pytest.param(i, id=i.name) for i in OPTIM_DB if "stochastic_round" in i.not_applicable]
+SHAPES = [(), (0,), (3,), (33, 17), (1100,)]
+
+
+def _run(info, backend, seed=5, steps=6, shapes=SHAPES):
+    fused, ref = make_params(shapes, torch.bfloat16)
+    opt = info.fused(fused, backend=backend, bf16_stochastic_round=True, stochastic_round_seed=seed, **info.cases[0])
+    gen = torch.Generator().manual_seed(3)
+    for s in range(steps):
+        set_grads(fused, ref, gen, s)
+        opt.step()
+    return opt, fused
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int16)
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_cpu_and_torch_backends_agree_bit_for_bit(info):
+    opt_c, ps_c = _run(info, "cpu")
+    opt_t, ps_t = _run(info, "torch")
+    for i, (a, b) in enumerate(zip(ps_c, ps_t)):
+        assert torch.equal(_bits(a), _bits(b)), f"param {i}"
+        for key, value in opt_t.state[b].items():
+            assert torch.equal(opt_c.state[a][key], value), f"param {i} {key}"
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_triton_within_one_rounding(info):
+    if "triton" not in cpu_backends():
+        pytest.skip("triton is not usable on CPU tensors here")
+    shapes = [(), (3,), (9, 7), (130,)]
+    _, ps_c = _run(info, "cpu", shapes=shapes, steps=1)  # one step: the states have not rounded apart yet
+    _, ps_r = _run(info, "triton", shapes=shapes, steps=1)
+    for i, (a, b) in enumerate(zip(ps_c, ps_r)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+def test_reproducible_and_seeded():
+    info = next(i for i in OPTIM_DB if i.name == "AdamW")
+    a, b, c = (_run(info, "cpu", seed=s)[1] for s in (5, 5, 6))
+    assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+    assert not all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, c)), "the seed does not change the rounding"
+
+
+def test_rounding_is_unbiased_and_exact_values_stay():
+    state = torch.tensor([11, 4])
+    for value, below in ((1.0 + 2**-10, 1.0), (-3.0 - 2**-6, -3.0), (1e-30 * 1.3, None)):
+        x = torch.full((200_000,), value, dtype=torch.float32)
+        y = stochastic_round_bf16(x, state, 0).float()
+        assert abs(y.mean().item() - value) < 2e-3 * abs(value), value  # E[round(x)] = x
+        if below is not None:
+            up = (y != below).float().mean().item()
+            frac = (value - below) / (y[y != below][0].item() - below)
+            assert abs(up - frac) < 0.01, (value, up, frac)
+    exact = torch.randn(1000).bfloat16().float()  # already bf16: never moves
+    assert torch.equal(stochastic_round_bf16(exact, state, 3).float(), exact)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    out = stochastic_round_bf16(special, state, 0).float()
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf") and (out[3:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_small_updates_move_bf16_params_only_with_stochastic_rounding(backend):
+    """Updates of 1e-3 on params at 1 (bf16 spacing 2^-8 below 1): round-to-nearest drops every one of them,
+    stochastic rounding keeps them on average and tracks the float32 run. (Triton's interpreter converts float32 to
+    bf16 by truncation, not to nearest, so its plain bf16 run does move: only its stochastic run is checked.)"""
+    steps = 150 if backend != "triton" else 40
+    runs = {}
+    modes = (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("sr", torch.bfloat16, True))
+    for name, dtype, sr in modes:
+        p = torch.nn.Parameter(torch.ones(4096, dtype=dtype))
+        opt = fusedopt.AdamW([p], lr=1e-3, weight_decay=0.0, backend=backend, bf16_stochastic_round=sr)
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)  # Adam's update is then lr exactly
+            opt.step()
+        runs[name] = p.detach().float().mean().item()
+    moved = 1.0 - runs["fp32"]
+    assert abs(moved - steps * 1e-3) < 1e-4
+    if backend != "triton":
+        assert runs["bf16"] == 1.0, "round-to-nearest bf16 was expected to lose every update"
+    assert abs(runs["sr"] - runs["fp32"]) < 0.05 * moved, runs
+
+
+def test_float32_params_are_untouched_and_the_op_refuses_them():
+    """The mode applies to bf16 buckets only (a model's float32 norms train as usual); the op itself refuses a
+    stochastic_round tensor for float32 params with the same message on every backend."""
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(3))
+    opt_a = fusedopt.SGD([p], lr=0.1, backend="cpu", bf16_stochastic_round=True)
+    opt_b = fusedopt.SGD([q], lr=0.1, backend="cpu")
+    p.grad = q.grad = torch.full((3,), 0.3)
+    opt_a.step()
+    opt_b.step()
+    assert torch.equal(p, q)
+    spec = fusedopt.SGD.SPEC
+    hyper = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+    for backend in cpu_backends():
+        with pytest.raises(RuntimeError, match=rf"fusedopt sgd_step \({backend}\): stochastic rounding applies to "
+                                               r"bfloat16 params, got torch.float32"):  # fmt: skip
+            optim_step.step(spec, [torch.ones(3)], [torch.ones(3)], [[]], [], lr=0.1, hyper=hyper, maximize=False,
+                            stochastic_round=torch.tensor([1, 2]), backend=backend)  # fmt: skip
+
+
+def test_grad_scaler_skip_leaves_params():
+    p = torch.nn.Parameter(torch.randn(300).bfloat16())
+    before = p.detach().clone()
+    opt = fusedopt.Adam([p], lr=0.1, backend="cpu", bf16_stochastic_round=True)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    p.grad = torch.randn(300).bfloat16()
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("info", INFOS)
+def test_gpu_within_one_rounding_of_the_torch_backend(info, backend):
+    """On a GPU: the CUDA and Triton param stores against the torch backend's bits after one step (nvcc contracts
+    multiply-adds, so the float32 update may differ in its last bit; the rounding of it is the same hash)."""
+    shapes = [(), (3,), (33, 17), (70001,)]
+    results = []
+    for b in ("torch", backend):
+        fused, ref = make_params(shapes, torch.bfloat16, device="cuda")
+        opt = info.fused(fused, backend=b, bf16_stochastic_round=True, stochastic_round_seed=5, **info.cases[0])
+        set_grads(fused, ref, torch.Generator().manual_seed(3), 1, none_every=0)
+        opt.step()
+        results.append(fused)
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("info", REFUSING)
+def test_optimizers_without_it_refuse_it(info):
+    """An optimizer whose op cannot round stochastically (optim_db's not_applicable) says so instead of ignoring it."""
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="bf16_stochastic_round"):
+        info.fused([p], backend="torch", bf16_stochastic_round=True, **info.cases[0])
+    info.fused([p], backend="torch", bf16_stochastic_round=False, stochastic_round_seed=3, **info.cases[0])
