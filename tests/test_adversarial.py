@@ -204,7 +204,7 @@ def test_lion_against_the_paper(worker, case):
 
 
 @SETTINGS
-@given(case=optimizer_cases(ADAFACTOR_OPTIONS))
+@given(case=optimizer_cases(options=ADAFACTOR_OPTIONS))
 def test_adafactor_against_torch(worker, case):
     _check(worker, case)
 
