@@ -1,10 +1,12 @@
-"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, Muon, clip_grad_norm_, and clip + Adam, against
-torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion, which torch lacks: against a
-plain torch foreach implementation of the paper, ForeachLion).
+"""Optimizer benches: Adam/AdamW, RMSprop, SGD momentum, Adagrad, Lion, Muon, LAMB, Adafactor, clip_grad_norm_, and
+clip + Adam, against torch's for-loop / foreach / fused / torch.compile paths and DeepSpeed's CPUAdam (Lion and
+LAMB, which torch lacks: against plain torch foreach implementations of the papers, ForeachLion and ForeachLAMB).
 
 Byte model (per parameter, element size e): Adam reads p, g, m, v and writes p, m, v (7e: 28 B fp32, 14 B bf16);
 RMSprop (no momentum, not centered), SGD with momentum, Adagrad and Lion read p, g, one buffer and write p and it
-(5e);
+(5e); LAMB with its default global clip reads g for the norm, then p, g, m, v for the per-tensor norms, then p, g,
+m, v again and writes p, m, v (12e: the two passes of the fused step); Adafactor (matrices) reads p and g, then g,
+then p and g and writes p (6e: its three passes);
 clip_grad_norm_ reads g for the norm, then reads and writes g to scale it (3e); clip + Adam is counted at what a
 fused step needs: one read of g for the norm plus Adam's 7e (8e), whatever an implementation actually moves.
 """
@@ -114,6 +116,40 @@ class ForeachLion(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, update, alpha=-group["lr"])
             torch._foreach_lerp_(ms, grads, 1 - beta2)
+
+
+class ForeachLAMB(torch.optim.Optimizer):
+    """LAMB (You et al. 2019; apex FusedLAMB's defaults: adam_w_mode, grad averaging, bias correction, global clip
+    at max_grad_norm) with torch's foreach ops: the peer a user without fusedopt or apex would write."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_grad_norm=1.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for st, p in zip(states, params):
+                if not st:
+                    st.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] += 1
+            ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            (beta1, beta2), step = group["betas"], states[0]["step"]
+            torch._foreach_lerp_(ms, grads, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+            denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(vs, 1 - beta2**step)), group["eps"])
+            update = torch._foreach_div(torch._foreach_div(ms, 1 - beta1**step), denom)
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            p_norms, u_norms = torch._foreach_norm(params), torch._foreach_norm(update)
+            ratios = [torch.where((a != 0) & (b != 0), a / b, 1.0) for a, b in zip(p_norms, u_norms)]
+            torch._foreach_mul_(update, torch._foreach_mul(ratios, -group["lr"]))
+            torch._foreach_add_(params, update)
 
 
 def optimizer_case(tag, title, fused_cls, torch_cls, shapes, dtype, env, kwargs, peers, targets, bytes_per_elt,
@@ -229,6 +265,14 @@ ADAM_BYTES = "7 x elt-size per param: read p, g, m, v; write p, m, v (28 B fp32,
 FIVE_BYTES = "5 x elt-size per param: read p, g, buf; write p, buf (20 B fp32)"
 MUON_BYTES = ("5 x elt-size per param: read p, g, buf; write p, buf (the elementwise traffic; the Newton-Schulz "
               "bfloat16 matmuls, ~30 m^2 n flops per m x n matrix, dominate)")  # fmt: skip
+ADAFACTOR_BYTES = (
+    "6 x elt-size per param (matrices; their factors are negligible): read p, g (norms, row and column sums); "
+    "read g (the update's RMS); read p, g, write p (24 B fp32)"
+)
+LAMB_BYTES = (
+    "12 x elt-size per param: read g (global norm); read p, g, m, v (per-tensor norms); read p, g, m, v, "
+    "write p, m, v (48 B fp32)"
+)
 
 
 def cases(env: Env) -> list[Case]:
@@ -270,6 +314,12 @@ def cases(env: Env) -> list[Case]:
     # elementwise traffic only.
     out.append(optimizer_case("muon", "Muon", "Muon", torch.optim.Muon, sz["muon"], f32, env, {"lr": 0.02},
                               ("default",), [Target("vs", 2.0, "torch")], 5, MUON_BYTES))  # fmt: skip
+    out.append(optimizer_case("lamb", "LAMB (max_grad_norm=1)", "LAMB", ForeachLAMB, model, f32, env,
+                              {"lr": 1e-3, "weight_decay": 0.01}, ("paper-foreach",),
+                              [Target("vs", 1.0, "torch foreach (paper)")], 12, LAMB_BYTES))  # fmt: skip
+    out.append(optimizer_case("adafactor", "Adafactor", "Adafactor", torch.optim.Adafactor, model, f32, env,
+                              {"lr": 1e-2}, ("for-loop", "foreach"), [Target("vs", 1.0, "torch foreach")], 6,
+                              ADAFACTOR_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
     from bench import optim_lowbit  # 8-bit states: AdamW int8 against the float32 steps and 8-bit peers
 

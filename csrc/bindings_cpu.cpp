@@ -240,6 +240,7 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 
 namespace fusedopt::cpu {
 void bind_optimizers(pybind11::module_& m);  // bindings_cpu_optim.cpp
+void bind_adafactor(pybind11::module_& m);   // bindings_cpu_adafactor.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -259,5 +260,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_grad_buffer", &fusedopt::cpu::empty_grad_buffer,
         "Uninitialised tensor like the argument; large ones pre-faulted on huge pages and reused after they die");
   fusedopt::cpu::bind_optimizers(m);
+  fusedopt::cpu::bind_adafactor(m);
   m.def("cpu_capability", &fusedopt::cpu::capability_name, "ISA the CPU kernels run with");
 }

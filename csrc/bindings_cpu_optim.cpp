@@ -48,7 +48,11 @@ struct CpuOptimBackend {
         if (!in.states[k].empty()) a.states[k].push_back(in.states[k][i].data_ptr());
       if (!in.scalars.empty()) a.scalar.push_back(in.scalars[i].template data_ptr<float>());
     }
-    FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+    if constexpr (is_norm_optimizer<Op>::value) {
+      FUSEDOPT_CPU_KERNEL(norm_optim_step<Op>)(a);
+    } else {
+      FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+    }
   }
 
   // The step with 8-bit block-wise states (common/optim_q8.h).
@@ -91,7 +95,7 @@ struct CpuOptimBackend {
       }
       if (!in.scalars.empty()) a.scalar.push_back(in.scalars[i].template data_ptr<float>());
     }
-    FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);
+    FUSEDOPT_CPU_KERNEL(optim_step<Op>)(a);  // the engine takes the q8 path when a.absmax is set
   }
 
 };

@@ -176,6 +176,7 @@ std::string torch_version() { return FUSEDOPT_TORCH_VERSION; }
 
 namespace fusedopt::cuda::bind {
 void bind_optimizers(pybind11::module_& m);  // bindings_cuda_optim.cpp
+void bind_adafactor(pybind11::module_& m);   // bindings_cuda_adafactor.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -193,5 +194,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_scale_grad", &fusedopt::cuda::bind::cross_entropy_scale_grad,
         "Scales a saved cross-entropy gradient in place by grad_output (a factor of 1 touches nothing)");
   fusedopt::cuda::bind::bind_optimizers(m);
+  fusedopt::cuda::bind::bind_adafactor(m);
   m.def("torch_version", &fusedopt::cuda::bind::torch_version, "torch version this extension was built against");
 }

@@ -41,7 +41,11 @@ struct CudaOptimBackend {
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;
-    fusedopt::cuda::optim_step<Op>(a);
+    if constexpr (is_norm_optimizer<Op>::value) {
+      fusedopt::cuda::norm_optim_step<Op>(a);
+    } else {
+      fusedopt::cuda::optim_step<Op>(a);
+    }
   }
 
   // The step with 8-bit block-wise states (common/optim_q8.h).

@@ -4,12 +4,26 @@ and torch.nn. Swap `torch.optim.Adam` for `fusedopt.optim.Adam` (or `fusedopt.Ad
 from fusedopt import nn, ops, optim
 from fusedopt._backend import BACKENDS
 from fusedopt.nn import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, MSELoss
-from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Lion, Muon, MuonWithAdamW, RMSprop, muon_param_groups
+from fusedopt.optim import (
+    LAMB,
+    SGD,
+    Adafactor,
+    Adagrad,
+    Adam,
+    AdamW,
+    Lion,
+    Muon,
+    MuonWithAdamW,
+    RMSprop,
+    muon_param_groups,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
+    "LAMB",
     "SGD",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",

@@ -246,8 +246,11 @@ def cross_entropy_scale_grad(grad: Tensor, scale: Tensor) -> None:
 
 # The torch backend's optimizer kernels live in reference_optim.py; `_backend.kernels("torch", op)` finds them here.
 from fusedopt.reference_optim import (  # noqa: E402
+    adafactor_step,
     adagrad_step,
     adam_step,
+    check_adafactor,
+    lamb_step,
     lion_step,
     muon_momentum_step,
     muon_update_step,
@@ -256,5 +259,6 @@ from fusedopt.reference_optim import (  # noqa: E402
     stochastic_round_bf16,
 )
 
-__all__ = ["adagrad_step", "adam_step", "lion_step", "muon_momentum_step", "muon_update_step", "opmath_dtype",
+__all__ = ["adafactor_step", "adagrad_step", "adam_step", "check_adafactor", "lamb_step", "lion_step",
+           "muon_momentum_step", "muon_update_step", "opmath_dtype",
            "rmsprop_step", "sgd_step", "stochastic_round_bf16"]  # fmt: skip

@@ -253,3 +253,116 @@ def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximiz
         o = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot) * (1 - lr_t * hyper["weight_decay"])
         _commit_param(param, p + o * (-(lr_t * hyper["lr_ratio"])), skip, stochastic_round, i)
+
+
+def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+              write_back_grads, stochastic_round=None):  # fmt: skip
+    """LAMB (You et al. 2019) with apex FusedLAMB's options (csrc/common/lamb_math.h): Adam's moments (beta3 = 1 -
+    beta1 with grad_averaging, L2 or decoupled weight decay), the direction u, and p -= lr * ratio * u with
+    ratio = ||p|| / ||u|| (1 when either is 0; only with weight decay or use_nvlamb, as apex)."""
+    exp_avgs, exp_avg_sqs = states
+    skip = _engine_step_begin("lamb", params, grads, states, ["exp_avgs", "exp_avg_sqs"], steps, found_inf,
+                              stochastic_round=stochastic_round)  # fmt: skip
+    lr = lr_tensor if lr_tensor is not None else lr
+    beta1, beta2, eps, wd = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"]
+    decoupled, bias = hyper["adam_w_mode"] != 0, hyper["bias_correction"] != 0
+    beta3 = 1.0 - beta1 if hyper["grad_averaging"] != 0 else 1.0
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        t = steps[i].to(torch.float64)
+        bc1 = (1 - beta1**t if bias else torch.ones_like(t)).to(ot)
+        bc2 = (1 - beta2**t if bias else torch.ones_like(t)).to(ot)
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        p = param.to(ot)
+        if not decoupled and wd != 0:
+            g = g + wd * p
+        m = exp_avgs[i].to(ot) * beta1 + beta3 * g
+        v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
+        u = (m / bc1) / ((v / bc2).sqrt() + eps)
+        if decoupled and wd != 0:
+            u = u + wd * p
+        step_size = _lr_value(lr, param.device)  # a float or a float64 device tensor: no host-to-device copy
+        if wd != 0 or hyper["use_nvlamb"] != 0:
+            p_norm, u_norm = p.double().square().sum().sqrt(), u.double().square().sum().sqrt()
+            step_size = step_size * torch.where((p_norm != 0) & (u_norm != 0), p_norm / u_norm, 1.0)
+        step_size = step_size.to(ot) if isinstance(step_size, Tensor) else step_size
+        _commit_param(param, p - step_size * u, skip, stochastic_round, i)
+        _commit(exp_avgs[i], m, skip)
+        _commit(exp_avg_sqs[i], v, skip)
+
+
+def _check_factor(t, shape, p, name: str, op: str) -> None:
+    if t is None or t.layout != torch.strided:
+        raise RuntimeError(f"{op}: {name} is undefined or not a dense (strided) tensor")
+    if t.device != p.device or t.dtype != p.dtype or t.shape != shape:
+        raise RuntimeError(f"{op}: {name} must be a {p.dtype} tensor of shape {list(shape)} on {p.device} for its "
+                           f"param of shape {list(p.shape)}, got {t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+
+
+def check_adafactor(op: str, params, grads, row_vars, col_vars, variances, steps) -> None:
+    """The boundary checks of an Adafactor bucket (csrc/bindings_cpu_adafactor.cpp has the same messages): the first
+    len(row_vars) params are matrices (dim >= 2) with torch's row_var (..., R, 1) and col_var (..., 1, C); the
+    others (dim <= 1) have a `variance` of their own shape."""
+    n_f = len(row_vars)
+    _checks.check_step(op, params, {"grads": grads}, {"steps": steps})
+    if len(col_vars) != n_f or len(variances) != len(params) - n_f:
+        raise RuntimeError(
+            f"{op}: {n_f} row_vars, {len(col_vars)} col_vars and {len(variances)} variances for {len(params)} params "
+            "(a row_var and a col_var per matrix, a variance per other param)"
+        )
+    for i, p in enumerate(params):
+        if (i < n_f) != (p.dim() >= 2):
+            raise RuntimeError(
+                f"{op}: params[{i}] has {p.dim()} dims: the matrices (dim >= 2) come first, then the rest"
+            )
+        if p.numel() == 0:
+            raise ZeroDivisionError(f"{op}: params[{i}] is empty: Adafactor divides by its size (torch.optim.Adafactor "
+                                    "raises ZeroDivisionError too)")  # fmt: skip
+        if i < n_f:
+            _check_factor(row_vars[i], (*p.shape[:-1], 1), p, f"row_vars[{i}]", op)
+            _check_factor(col_vars[i], (*p.shape[:-2], 1, p.shape[-1]), p, f"col_vars[{i}]", op)
+        else:
+            _check_factor(variances[i - n_f], p.shape, p, f"variances[{i - n_f}]", op)
+
+
+def adafactor_step(params, grads, row_vars, col_vars, variances, steps, lr, lr_tensor, hyper, maximize, grad_divisor,
+                   found_inf, write_back_grads):  # fmt: skip
+    """torch.optim.Adafactor's update (single-tensor form), eps1 resolved by the caller: matrices (the first
+    len(row_vars) params) keep row and column means of g^2, others a full variance; the update
+    g / sqrt(max(estimate, eps1^2)) is scaled by alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(step)) and divided by
+    max(1, rms(update) / d); weight decay multiplies p by 1 - lr * wd first."""
+    if not params:
+        return
+    check_adafactor("fusedopt adafactor_step (torch)", params, grads, row_vars, col_vars, variances, steps)
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    lr = lr_tensor if lr_tensor is not None else lr
+    eps1, eps2, d, wd = hyper["eps1"], hyper["eps2"], hyper["d"], hyper["weight_decay"]
+    n_f = len(row_vars)
+    for i, param in enumerate(params):
+        ot = opmath_dtype(param.dtype)
+        steps[i].add_(1.0 if skip is None else (~skip).to(steps[i].dtype))
+        t = steps[i].to(torch.float64)
+        w = (t ** hyper["beta2_decay"]).to(ot)
+        lr_t = _lr_value(lr, param.device)  # a float or a float64 device tensor: no host-to-device copy
+        rho = torch.minimum(1.0 / t.sqrt(), lr_t) if isinstance(lr_t, Tensor) else (1.0 / t.sqrt()).clamp(max=lr_t)
+        p = param.to(ot)
+        root_n = param.numel() ** 0.5
+        rms = torch.linalg.vector_norm(p).double() / root_n  # torch's norm in opmath: float32 overflows as torch's
+        alpha = torch.where(rms > eps2, rms, eps2) * rho  # Python's max(eps2, rms), as torch: a NaN rms gives eps2
+        g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
+        if i < n_f:
+            row = row_vars[i].to(ot).lerp(g.square().sum(-1, keepdim=True) / g.shape[-1], w)
+            col = col_vars[i].to(ot).lerp(g.square().sum(-2, keepdim=True) / g.shape[-2], w)
+            _commit(row_vars[i], row, skip)
+            _commit(col_vars[i], col, skip)
+            row, col = row_vars[i].to(ot), col_vars[i].to(ot)  # the stored factors, as torch reads them
+            estimate = (row * col) / row.mean(-2, keepdim=True).clamp(min=eps1)
+        else:
+            k = i - n_f
+            _commit(variances[k], variances[k].to(ot).lerp(g * g, w), skip)
+            estimate = variances[k].to(ot)
+        update = g / estimate.clamp(min=eps1 * eps1).sqrt()
+        ratio = torch.linalg.vector_norm(update).double() / (root_n * d)
+        denom = torch.where(ratio > 1.0, ratio, 1.0)  # Python's max(1.0, ratio), as torch: NaN gives 1
+        _commit(param, p * (1 - lr_t * wd) - (alpha / denom).to(ot) * update, skip)

@@ -81,8 +81,9 @@ def _run_optimizer(case, use_fused, exact=False, torch_fused=False):
     p = torch.nn.Parameter(widen(_layout(base.to(dtype), case["layout"])))
     params = [p, p] if case["duplicate"] else [p]
     kw = dict(case["options"])
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
+    for key in ("betas", "eps"):
+        if isinstance(kw.get(key), list):
+            kw[key] = tuple(kw[key])
     name = case["optimizer"]
     cls = getattr(fusedopt, name) if use_fused else REFERENCES.get(name) or getattr(torch.optim, name)
     if use_fused:
@@ -121,7 +122,9 @@ def check_optimizer(case):
     def run(fused):
         try:
             return _run_optimizer(case, fused), None
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError, AssertionError) as e:
+            # ZeroDivisionError: torch's Adafactor (and fusedopt's) on an empty param; AssertionError: torch's
+            # Adafactor when a param's grad changes rank between steps (its state lacks the other factors)
             return None, e
 
     ours, our_err = run(True)

@@ -45,6 +45,65 @@ class PaperLion(torch.optim.Optimizer):
                 m.copy_(beta2 * m + (1 - beta2) * g)
 
 
+class PaperLAMB(torch.optim.Optimizer):
+    """LAMB as the paper writes it (You et al. 2019, Algorithm 2, phi = identity), with apex FusedLAMB's options,
+    plainly, for float64 references; written independently of fusedopt.reference.lamb_step:
+      g = clip(g);  g += wd * x (adam_w_mode=False);  m = beta1 m + beta3 g;  v = beta2 v + (1 - beta2) g^2;
+      r = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) (+ wd * x with adam_w_mode);
+      x -= lr * (||x|| / ||r||) * r, the ratio 1 when a norm is 0, and 1 without weight decay unless use_nvlamb.
+    The clip is the global 2-norm of every grad: fusedopt's folded max_grad_norm, clip_grad_norm_'s coefficient
+    min(max / (norm + 1e-6), 1), applied as a float32 divisor 1 / coef as the fused kernels carry it."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 amsgrad=False, adam_w_mode=True, grad_averaging=True, set_grad_none=True, max_grad_norm=1.0,
+                 use_nvlamb=False, *, maximize=False, foreach=None):  # fmt: skip
+        defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
+                    "weight_decay": weight_decay, "adam_w_mode": adam_w_mode, "grad_averaging": grad_averaging,
+                    "use_nvlamb": use_nvlamb, "maximize": maximize}  # fmt: skip
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = {id(p): p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+        divisor = None
+        if self.max_grad_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads.values()]))
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            divisor = coef.reciprocal().float().double()
+            for g in grads.values():  # in place, as clip_grad_norm_ (and under GradScaler fusedopt's write-back)
+                g.div_(divisor)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            for x in group["params"]:
+                if x.grad is None:
+                    continue
+                g = -x.grad if group["maximize"] else x.grad
+                state = self.state[x]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(x)
+                    state["exp_avg_sq"] = torch.zeros_like(x)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if not group["adam_w_mode"]:
+                    g = g + wd * x
+                m.copy_(beta1 * m + beta3 * g)
+                v.copy_(beta2 * v + (1 - beta2) * g * g)
+                c1, c2 = (1 - beta1**t, 1 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
+                r = (m / c1) / ((v / c2).sqrt() + eps)
+                if group["adam_w_mode"]:
+                    r = r + wd * x
+                ratio = 1.0
+                if wd != 0 or group["use_nvlamb"]:
+                    x_norm, r_norm = x.norm(), r.norm()
+                    ratio = torch.where((x_norm != 0) & (r_norm != 0), x_norm / r_norm, 1.0)
+                x.sub_(lr * ratio * r)
+
+
 @dataclass(frozen=True)
 class OptimInfo:
     name: str
@@ -62,6 +121,10 @@ class OptimInfo:
     # in lower precision than the param (Muon); see parity_steps.run_parity
     update_noise: Callable | None = None
     # family -> why the family cannot run this optimizer (and where its check runs instead); cases_for gives ()
+    # family ("compile", "amp", "max_grad_norm", "cuda_graphs", "distributed", "int8", "stochastic_round") or
+    # distributed kind ("fsdp2") -> why it cannot apply: the family leaves the optimizer out (cases_for gives nothing)
+    # and says so; "fsdp2" runs a check that the optimizer refuses DTensor params instead (tests/dist_worker.py);
+    # "int8" and "stochastic_round" run a check that the constructor refuses the option (ValueError)
     not_applicable: dict = field(default_factory=dict)
 
     def cases_for(self, family: str | None) -> tuple:
@@ -218,6 +281,45 @@ OPTIM_DB = (
         not_applicable={"compile": _MUON_1D, "amp": _MUON_1D, "max_grad_norm": _MUON_1D,
                         "cuda_graphs": _MUON_1D},
     ),
+    OptimInfo(
+        "LAMB", fusedopt.LAMB, PaperLAMB, "lamb_step",
+        # max_grad_norm=1.0 (apex's default, folded) is on in every case: the reference clips the same way.
+        cases=(
+            {"lr": 1e-2, "weight_decay": 0.1},
+            {"lr": 3e-3, "betas": (0.8, 0.99), "adam_w_mode": False, "weight_decay": 0.05, "maximize": True},
+        ),
+        grid=_grid(
+            {"weight_decay": [0.0, 0.1], "adam_w_mode": [True, False], "maximize": [False, True]},
+            [{"lr": 1e-2},
+             {"lr": 3e-2, "bias_correction": False, "use_nvlamb": True, "eps": 1e-8, "max_grad_norm": None},
+             {"lr": 1e-3, "grad_averaging": False, "betas": (0.8, 0.99), "max_grad_norm": 5.0},
+             {"lr": 2e-2, "betas": (0.0, 0.5), "eps": 1e-3, "use_nvlamb": True}],
+        ),
+        # FSDP2: the trust ratio needs each param's global norm, and the kernels see local shards.
+        not_applicable={"fsdp2": "LAMB's trust ratio needs each param's global norm and fusedopt's kernels see "
+                                 "FSDP2's local shards: LAMB raises NotImplementedError on DTensor params (checked)",
+                        "int8": "the two-pass engine has no 8-bit state path (no lamb_step_q8): LAMB refuses "
+                                "state_dtype with ValueError (checked in test_lowbit_states.py)"},
+    ),
+    OptimInfo(
+        "Adafactor", fusedopt.Adafactor, torch.optim.Adafactor, "adafactor_step",
+        # Not on the spec engine (row and column factors, the update's RMS): its grid is in test_adafactor.py.
+        cases=({"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-2, "beta2_decay": -0.5, "d": 1.5, "maximize": True}),
+        not_applicable={
+            "fsdp2": "the row and column factors and the update's RMS need whole matrices, and fusedopt's kernels see "
+                     "FSDP2's local shards: Adafactor raises NotImplementedError on DTensor params (checked)",
+            # test_max_grad_norm's one-step 16-bit check (folded clip vs clip_grad_norm_ then step)
+            "int8": "fusedopt::adafactor_step has no 8-bit path for its factored states: Adafactor refuses "
+                    "state_dtype with ValueError (checked in test_lowbit_states.py)",
+            "stochastic_round": "fusedopt::adafactor_step stores params by round-to-nearest (not on the spec engine): "
+                                "Adafactor refuses bf16_stochastic_round=True with ValueError (checked in "
+                                "test_stochastic_round.py)",
+            "max_grad_norm_16bit": "at step 1 the factors and variance are g^2 itself (weight 1^beta2_decay = 1), "
+                                   "stored in 16 bits; the plain path squares a grad already rounded by 16-bit "
+                                   "clipping (torch rounds the coefficient to 16 bits too), the fold does not: 2-3 "
+                                   "roundings apart, not one (float32/float64 run)",
+        },
+    ),
 )  # fmt: skip
 
 BY_NAME = {info.name: info for info in OPTIM_DB}
@@ -242,6 +344,10 @@ def one_case_per_op(family: str | None = None) -> list:
             seen.add(i.op)
             out.append((i.fused, i.reference, i.cases_for(family)[0]))
     return out
+
+
+def info_of(cls) -> OptimInfo:
+    return next(i for i in OPTIM_DB if i.fused is cls)
 
 
 def op_of(cls) -> str:

@@ -97,11 +97,20 @@ OPTIONS = {
                       "weight_decay": st.sampled_from([0.0, 0.1]), "maximize": st.booleans()}
     ),
 }  # fmt: skip
+# Drawn by their own test (so the draws of the others stay as they were). LAMB has no torch class to compare with:
+# its edges are in test_lamb.py, against the paper's loop.
+ADAFACTOR_OPTIONS = {
+    "Adafactor": st.fixed_dictionaries(
+        {}, optional={"weight_decay": st.sampled_from([0.0, 0.1]), "maximize": st.booleans(),
+                      "beta2_decay": st.sampled_from([-0.8, -0.5]), "d": st.sampled_from([1.0, 2.0]),
+                      "eps": st.sampled_from([(None, 1e-3), (1e-30, 1e-3), (0.0, 0.0)])}
+    ),
+}  # fmt: skip
 
 
 @st.composite
-def optimizer_cases(draw, names=None):
-    name = draw(st.sampled_from(sorted(names or OPTIONS)))
+def optimizer_cases(draw, names=None, options=OPTIONS):
+    name = draw(st.sampled_from(sorted(names or options)))
     shape = draw(SHAPES)
     steps = draw(st.integers(1, 3))
     grads = draw(st.lists(st.sampled_from(["normal", "normal", "nan", "inf", "huge", "none", "float64", "reshaped"]),
@@ -109,7 +118,7 @@ def optimizer_cases(draw, names=None):
     return {
         "kind": "optimizer",
         "optimizer": name,
-        "options": draw(OPTIONS[name]),
+        "options": draw(options[name]),
         "backend": draw(st.sampled_from(BACKENDS)),
         "dtype": draw(st.sampled_from(["float32", "float64", "bfloat16", "float16"])),
         "shape": list(shape),
@@ -191,6 +200,12 @@ def test_optimizers_against_torch(worker, case):
 @settings(SETTINGS, max_examples=30)
 @given(case=optimizer_cases(names=["Lion"]))
 def test_lion_against_the_paper(worker, case):
+    _check(worker, case)
+
+
+@SETTINGS
+@given(case=optimizer_cases(options=ADAFACTOR_OPTIONS))
+def test_adafactor_against_torch(worker, case):
     _check(worker, case)
 
 

@@ -111,7 +111,8 @@ def test_failing_impl_is_reported(env):
 def test_cli_lists_and_selects(capsys):
     assert main(["--list", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    tags = ("adam", "adam-many", "rmsprop", "sgd", "adagrad", "lion", "muon", "clip", "clip-adam", "ce", "mse", "bce")
+    tags = ("adam", "adam-many", "rmsprop", "sgd", "adagrad", "lion", "muon", "lamb", "adafactor", "clip", "clip-adam",
+            "ce", "mse", "bce")  # fmt: skip
     for tag in (*tags, "linear-ce"):
         assert f"\n{tag} " in "\n" + out
     env = harness.make_env("cpu", quick=True)

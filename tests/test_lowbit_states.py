@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 from conftest import cpu_backends
-from optim_db import ENGINE_DRIVEN, case_id
+from optim_db import ENGINE_DRIVEN, OPTIM_DB, case_id
 
 import fusedopt
 from fusedopt import _backend, lowbit
@@ -25,9 +25,11 @@ def _cases(info):
     return list(info.cases) + list(info.grid[1::4])
 
 
-# The optimizers with the keyword (Muon's states go through its own Newton-Schulz path: not yet).
-LOW_BIT = [i for i in ENGINE_DRIVEN if "state_dtype" in inspect.signature(i.fused.__init__).parameters]
-CASES = [(info, kw) for info in LOW_BIT for kw in _cases(info)]
+# The optimizers that take the keyword (Muon does not yet); those that take it and cannot serve it refuse it.
+_TAKES = [i for i in OPTIM_DB if "state_dtype" in inspect.signature(i.fused.__init__).parameters]
+Q8 = tuple(info for info in ENGINE_DRIVEN if info in _TAKES and "int8" not in info.not_applicable)
+CASES = [(info, kw) for info in Q8 for kw in _cases(info)]
+REFUSING = [pytest.param(i, id=i.name) for i in _TAKES if "int8" in i.not_applicable]
 IDS = [f"{info.name}-{case_id(kw)}" for info, kw in CASES]
 
 
@@ -255,7 +257,7 @@ def test_non_contiguous_params(backend):
     assert torch.equal(opts[0].state[a]["exp_avg_codes"], opts[1].state[b]["exp_avg_codes"])
 
 
-@pytest.mark.parametrize(("info", "kw"), [(i, i.cases[0]) for i in LOW_BIT], ids=[i.name for i in LOW_BIT])
+@pytest.mark.parametrize(("info", "kw"), [(i, i.cases[0]) for i in Q8], ids=[i.name for i in Q8])
 def test_state_dict_round_trips(info, kw):
     """int8 -> int8 resumes bit-exactly; int8 -> full precision (torch.optim's class where torch has it) via
     to_full_precision_state_dict; full precision -> int8 quantizes on load."""
@@ -355,3 +357,11 @@ def test_errors():
             optim_step.step_q8(spec, [p.double()], [g.double()], [good[0], good[0], []], [good[1], good[1], []],
                                [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend)  # fmt: skip
     assert _backend.usable("cpu", "cpu")
+
+
+@pytest.mark.parametrize("info", REFUSING)
+def test_optimizers_without_8bit_states_refuse_them(info):
+    """LAMB (two-pass engine) and Adafactor (its own op) have no 8-bit path: state_dtype raises, not ignored."""
+    p = torch.zeros(5000, requires_grad=True)
+    with pytest.raises(ValueError, match="state_dtype"):
+        info.fused([p], backend="torch", state_dtype="int8", **info.cases[0])

@@ -276,6 +276,20 @@ def test_every_engine_optimizer_has_every_backend(info, spec):
     assert info.grid and info.cases, "registry entry without a grid or cases"
 
 
+FAMILIES = ("compile", "amp", "max_grad_norm", "cuda_graphs", "distributed")
+
+
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in OPTIM_DB])
+def test_every_family_runs_or_says_why_not(info):
+    """Each cross-cutting family runs an optimizer's cases, or the registry gives the reason it cannot apply."""
+    for family in FAMILIES:
+        reason = info.not_applicable.get(family, "")
+        assert bool(info.cases_for(family)) != bool(reason), f"{info.name}: {family} has neither cases nor a reason"
+    for key, reason in info.not_applicable.items():
+        known = (*FAMILIES, "fsdp2", "max_grad_norm_16bit", "int8", "stochastic_round")
+        assert key in known and len(reason) > 30, f"{info.name}: {key}: give the reason in words"
+
+
 def test_all_kernels_inc_is_generated_from_the_glob():
     from fusedopt import _build
 

@@ -22,9 +22,10 @@ import fusedopt
 from fusedopt.ops import optim_step
 from fusedopt.reference import stochastic_round_bf16
 
-# The optimizers with the keyword (Muon's Newton-Schulz path stores no bf16 param through the engines alone yet).
-INFOS = [pytest.param(i, id=i.name) for i in OPTIM_DB
-         if "bf16_stochastic_round" in inspect.signature(i.fused.__init__).parameters]  # fmt: skip
+# The optimizers that take the keyword (Muon does not yet); those that take it and cannot serve it refuse it.
+_TAKES = [i for i in OPTIM_DB if "bf16_stochastic_round" in inspect.signature(i.fused.__init__).parameters]
+INFOS = [pytest.param(i, id=i.name) for i in _TAKES if "stochastic_round" not in i.not_applicable]
+REFUSING = [pytest.param(i, id=i.name) for i in _TAKES if "stochastic_round" in i.not_applicable]
 SHAPES = [(), (0,), (3,), (33, 17), (1100,)]
 
 
@@ -155,3 +156,12 @@ def test_gpu_within_one_rounding_of_the_torch_backend(info, backend):
         results.append(fused)
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("info", REFUSING)
+def test_optimizers_without_it_refuse_it(info):
+    """An optimizer whose op cannot round stochastically (optim_db's not_applicable) says so instead of ignoring it."""
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="bf16_stochastic_round"):
+        info.fused([p], backend="torch", bf16_stochastic_round=True, **info.cases[0])
+    info.fused([p], backend="torch", bf16_stochastic_round=False, stochastic_round_seed=3, **info.cases[0])

@@ -155,9 +155,9 @@ bool optim_step_bucket_entry(TensorBucket& b, double lr, const std::optional<at:
   return true;
 }
 
-// Registers <name>_step and <name>_step_bucket for every optimizer of the list, and `optimizer_info`:
-// name -> (hyperparameter names, state list names, scalar list name or None), which the contract test compares with
-// the specs.
+// Registers <name>_step and <name>_step_bucket for every optimizer of both lists (elementwise and two-pass), and
+// `optimizer_info`: name -> (hyperparameter names, state list names, scalar list name or None), which the contract
+// test compares with the specs.
 template <typename Backend>
 void bind_optimizer_steps(pybind11::module_& m) {
   pybind11::dict info;
@@ -171,6 +171,7 @@ void bind_optimizer_steps(pybind11::module_& m) {
       Op::kScalar == TensorScalar::kNone ? pybind11::object(pybind11::none())                               \
                                          : pybind11::object(pybind11::str(scalar_list_name<Op>())));
   FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND)
+  FUSEDOPT_FOR_EACH_NORM_OPTIMIZER(FUSEDOPT_BIND)
 #undef FUSEDOPT_BIND
   m.attr("optimizer_info") = info;
 }

@@ -32,6 +32,20 @@ struct OptimStepArgs {
   std::vector<const float*> qmap;
 };
 
+// One Adafactor step (torch.optim.Adafactor) over a bucket: the first `factored` tensors are matrices viewed as
+// (batch, rows, cols) with row_var (batch * rows) and col_var (batch * cols); the others have a full variance.
+struct AdafactorArgs {
+  ScalarKind kind = ScalarKind::Float;
+  std::vector<int64_t> numel, rows, cols;  // rows/cols of the last two dims (matrices only)
+  std::vector<void*> param, grad, row_var, col_var, variance;  // row/col_var: matrices; variance: the others
+  std::vector<float*> step;                                     // incremented by the kernel
+  int64_t factored = 0;
+  double lr = 1e-2, beta2_decay = -0.8, eps1 = 1e-7, eps2 = 1e-3, d = 1.0, weight_decay = 0.0;
+  const float* grad_divisor = nullptr;  // as AdamArgs
+  const float* found_inf = nullptr;
+  bool maximize = false, write_back_grads = false;
+};
+
 enum class NormKind { One, Two, P, Inf };
 
 // The p-norm of all tensors of one dtype group, before the root: sum |x|^p (One, Two, P) or max |x| (Inf).
@@ -103,6 +117,7 @@ struct CrossEntropyScaleArgs {
 // Each ISA gets its own copy of every kernel (see cpu/capability/*.cpp); dispatch.cpp picks one at run time.
 #define FUSEDOPT_DECLARE_CPU_KERNELS(CAP)                                \
   namespace CAP {                                                        \
+  void adafactor_step(const AdafactorArgs& args);                        \
   double grad_norm_power_sum(const GradNormArgs& args);                  \
   void scale_tensors(const ScaleArgs& args);                             \
   PointwiseLossResult mse_loss_fwd(const PointwiseLossArgs& args);      \
@@ -112,6 +127,8 @@ struct CrossEntropyScaleArgs {
   void cross_entropy_scale_grad(const CrossEntropyScaleArgs& args);      \
   template <typename Op>                                                 \
   void optim_step(const OptimStepArgs<typename Op::Hyper>& args);        \
+  template <typename Op>                                                 \
+  void norm_optim_step(const OptimStepArgs<typename Op::Hyper>& args);   \
   }
 FUSEDOPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDOPT_DECLARE_CPU_KERNELS(AVX2)

@@ -10,6 +10,18 @@ namespace fusedopt::cuda {
 
 using TensorList = std::vector<at::Tensor>;
 
+// One Adafactor step over a bucket (cuda/adafactor.cu): the first row_vars->size() params are matrices (dim >= 2),
+// the others have a variance. All tensors contiguous and checked (common/adafactor_checks.h).
+struct AdafactorLaunch {
+  const TensorList *params, *grads, *row_vars, *col_vars, *variances, *steps;
+  double lr, beta2_decay, eps1, eps2, d, weight_decay;
+  const float* lr_ptr;        // device float32, or null
+  const float* grad_divisor;  // device float32, or null
+  const float* found_inf;     // device float32, or null
+  bool maximize, write_back_grads;
+};
+void adafactor_step(const AdafactorLaunch& args);
+
 // One step of an engine-driven optimizer (cuda/optim_engine.cuh, ops of common/optimizers.h). All tensors
 // contiguous and checked (common/optim_binding.h); hyper filled by name.
 template <typename Hyper>
@@ -27,6 +39,9 @@ struct OptimLaunch {
 };
 template <typename Op>
 void optim_step(const OptimLaunch<typename Op::Hyper>& args);
+// The two-pass optimizers (FUSEDOPT_FOR_EACH_NORM_OPTIMIZER): stage 1 with per-tensor sums, stage 2 (norm_engine.cuh).
+template <typename Op>
+void norm_optim_step(const OptimLaunch<typename Op::Hyper>& args);
 
 // The step with 8-bit block-wise states (common/optim_q8.h, cuda/optim_engine_q8.cuh): codes[k] (uint8) and
 // absmax[k] (float32, one per 256 elements) per state, an unused state's lists empty; qmap[k] the state's map.

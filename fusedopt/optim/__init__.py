@@ -1,8 +1,10 @@
 """Drop-in replacements for torch.optim: change `torch.optim.X` to `fusedopt.optim.X`."""
 
 from fusedopt.optim._lowbit import to_full_precision_state_dict
+from fusedopt.optim.adafactor import Adafactor
 from fusedopt.optim.adagrad import Adagrad
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.lamb import LAMB
 from fusedopt.optim.lion import Lion
 from fusedopt.optim.muon import Muon
 
@@ -12,4 +14,5 @@ from fusedopt.optim.muon_adamw import muon_param_groups as muon_param_groups
 from fusedopt.optim.rmsprop import RMSprop
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Muon", "RMSprop", "to_full_precision_state_dict"]
+__all__ = ["LAMB", "SGD", "Adafactor", "Adagrad", "Adam", "AdamW", "Lion", "Muon", "RMSprop",
+           "to_full_precision_state_dict"]  # fmt: skip
