@@ -37,7 +37,8 @@ class Bucket:
     state_lists: dict = field(default_factory=dict)  # state key -> list of local tensors, aligned with params
     steps: list = field(default_factory=list)
     backend: str = "torch"
-    extra: dict = field(default_factory=dict)  # per-optimizer cached lists (e.g. SGD's first-step flags)
+    # per-bucket caches: the C++-held lists by used-state mask, the stochastic-rounding state
+    extra: dict = field(default_factory=dict)
     index: list = field(default_factory=list)  # positions of `params` in their group
     pass_index: int = 0  # > 0: the repeated entries of a param listed more than once in its group (see _passes)
     repeated: bool = False  # pass 0 of a (device, dtype) kind that has later passes
