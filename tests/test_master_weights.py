@@ -108,6 +108,33 @@ def test_masters_equal_a_float32_run_bit_for_bit(info, kwargs, backend):
                 assert torch.equal(opt.state[p][k], v), (mode, i, k)
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("info,kwargs", FIRST)
+def test_non_finite_grads_as_in_a_float32_run(info, kwargs, backend):
+    """inf and NaN grads (and a huge one): every master value as the float32 run's (NaN where it is NaN), each
+    param its rounded master; no other element or tensor touched."""
+    values = torch.tensor([1.0, float("inf"), -float("inf"), float("nan"), 3e38, -1e-30, 0.5, 2.0] * 40)
+    runs = {}
+    for mode in (None, True, "remainder"):
+        p = torch.nn.Parameter(torch.linspace(-2, 2, values.numel()).bfloat16())
+        if mode is None:
+            p = torch.nn.Parameter(p.detach().float())
+        opt = info.fused([p], backend=backend, master_weights=mode or False, **kwargs)
+        for s in range(3):
+            g = values.roll(s).bfloat16()
+            p.grad = g.float() if mode is None else g
+            opt.step()
+        runs[mode] = (opt, p)
+    ref = runs[None][1].detach()
+    for mode in MODES:
+        opt, p = runs[mode]
+        master = _master(opt, p)
+        torch.testing.assert_close(master, ref, rtol=0, atol=0, equal_nan=True, msg=str(mode))
+        assert torch.equal(p.detach().isnan(), master.isnan())
+        finite = ~master.isnan()
+        assert torch.equal(p.detach()[finite], _rounded(master, mode, p.dtype)[finite])
+
+
 @pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
 @pytest.mark.parametrize("info,kwargs", FIRST)
 def test_triton_matches_the_torch_backend(info, kwargs, mode):
