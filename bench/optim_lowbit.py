@@ -60,11 +60,13 @@ def memory_rows(modes: list[StateMode], shapes_big, shapes_small) -> list[dict]:
     return rows
 
 
-def memory_table(modes: list[StateMode] | None = None) -> str:
+def memory_table(modes: list[StateMode] | None = None, big=None, small=None) -> str:
+    """Markdown: per mode, the state of a Llama-2-7B-shaped set computed, and a scaled-down set's measured."""
     modes = adamw_modes() if modes is None else modes
-    big, small = llama2_7b_shapes(), scaled_down_shapes()
+    big_name = "Llama-2-7B shapes" if big is None else "from shapes"
+    big, small = big or llama2_7b_shapes(), small or scaled_down_shapes()
     n_big, n_small = numel(big), numel(small)
-    lines = [f"| AdamW state | Llama-2-7B shapes ({n_big / 1e9:.2f} B params): computed | B / param | "
+    lines = [f"| AdamW state | {big_name} ({n_big / 1e9:.2f} B params): computed | B / param | "
              f"scaled-down Llama ({_describe(small)}): measured | B / param | note |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for r in memory_rows(modes, big, small):
@@ -114,10 +116,10 @@ def _mode_impls(mode: StateMode, shapes, env: Env) -> list[Impl]:
     return [Impl(mode.name, "peer", lambda m=mode: _recording(m.name, m.optimizer(shapes, dev), warmup))]
 
 
-def cases(env: Env) -> list[Case]:
+def cases(env: Env, shapes=None) -> list[Case]:
     import fusedopt
 
-    shapes, dev = sizes(env)["model"], env.device
+    shapes, dev = shapes or sizes(env)["model"], env.device
     modes = adamw_modes()
     impls = []
     for mode in modes:
