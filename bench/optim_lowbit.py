@@ -2,16 +2,18 @@
 modes beside torchao's and bitsandbytes' AdamWs (bench/lowbit_modes.py lists them).
 
     python -m bench.optim_lowbit          # the memory table, then the step-time table (ratios vs fusedopt int8)
-    python -m bench.optim_lowbit --memory # the memory table only
+    python -m bench.optim_lowbit --memory # the memory table only (--steps: the step-time table only)
+    python -m bench.optim_lowbit --steps --bf16   # the step-time table on bfloat16 params
     python -m bench --ops adamw-int8      # the step-time rows, with the other optimizer cases' machinery
 
 Byte model of an int8 AdamW step (fp32 params): read p, g (8 B), write p (4 B), read and write two 1-byte codes
-(4 B) and their absmax (4 x 4/256 B): 16.06 B per param, against 28 B for the float32 step.
+(4 B) and their absmax (4 x 4/256 B): 16.06 B per param, against 28 B for the float32 step (bf16 params: 10.06 B).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -19,10 +21,11 @@ import torch
 
 from bench import harness, report, runner
 from bench.harness import Case, Env, Impl, Runnable, Target, compile_note, fusedopt_impls
-from bench.lowbit_modes import ADAMW_KW, StateMode, adamw_modes, state_bytes, step_eagerly
+from bench.lowbit_modes import ADAMW_KW, FULL_PRECISION, StateMode, adamw_modes, state_bytes, step_eagerly
 from bench.optim import _describe, llama_shapes, make_params, numel, sizes
 
-INT8_BYTES = "read p, g; write p; read + write 2 codes (1 B each) and their absmax (4 B / 256): 16.06 B fp32"
+INT8_BYTES = ("read p, g; write p; read + write 2 codes (1 B each) and their absmax (4 B / 256): 16.06 B fp32, "
+              "10.06 B bf16")
 REFERENCE = "fusedopt int8"  # the mode the step-time table's ratios are taken against
 
 
@@ -116,29 +119,32 @@ def _mode_impls(mode: StateMode, shapes, env: Env) -> list[Impl]:
     return [Impl(mode.name, "peer", lambda m=mode: _recording(m.name, m.optimizer(shapes, dev), warmup))]
 
 
-def cases(env: Env, shapes=None) -> list[Case]:
+def cases(env: Env, shapes=None, dtype: torch.dtype = torch.float32) -> list[Case]:
+    """The int8 AdamW step beside the full-precision steps and the peers, on params of `dtype` (fp32: the main
+    bench's `adamw-int8`; bf16: `adamw-int8-bf16`, from `python -m bench.optim_lowbit --bf16`)."""
     import fusedopt
 
     shapes, dev = shapes or sizes(env)["model"], env.device
-    modes = adamw_modes()
+    modes = [dataclasses.replace(m, param_dtype=dtype) for m in adamw_modes()]
     impls = []
     for mode in modes:
-        if mode.kind == "fusedopt" and mode.layout.code_bits < 32:
+        if mode.kind == "fusedopt" and mode.layout != FULL_PRECISION:
             impls += _mode_impls(mode, shapes, env)
     backend = "cuda" if env.is_cuda else "cpu"
     fp32 = f"fusedopt fp32 ({backend})"  # the full-precision steps this mode is measured against
     impls.append(Impl(fp32, "peer", lambda: _recording(
-        fp32, fusedopt.AdamW(make_params(shapes, torch.float32, dev), **ADAMW_KW, backend=backend))))
+        fp32, fusedopt.AdamW(make_params(shapes, dtype, dev), **ADAMW_KW, backend=backend))))
     impls.append(Impl("torch fused", "peer", lambda: _recording("torch fused", torch.optim.AdamW(
-        make_params(shapes, torch.float32, dev), **ADAMW_KW, fused=True))))  # fmt: skip
+        make_params(shapes, dtype, dev), **ADAMW_KW, fused=True))))  # fmt: skip
     for mode in modes:
         if mode.kind == "peer":
             impls += _mode_impls(mode, shapes, env)
-    n = numel(shapes)
-    op = f"AdamW int8 states fp32, {_describe(shapes)}"
+    n, e = numel(shapes), dtype.itemsize
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    op = f"AdamW int8 states {name}, {_describe(shapes)}"
     # The goal: an int8 step within 1.5x of the float32 fused step (it moves fewer bytes but quantizes).
-    return [Case("adamw-int8", "optim", op, int(n * 16.0625), INT8_BYTES, impls,
-                 targets=[Target("vs", 1 / 1.5, fp32)])]  # fmt: skip
+    return [Case("adamw-int8" + ("" if dtype == torch.float32 else f"-{name}"), "optim", op,
+                 int(n * (3 * e + 4.0625)), INT8_BYTES, impls, targets=[Target("vs", 1 / 1.5, fp32)])]  # fmt: skip
 
 
 def step_table(rows, n_params: int) -> str:
@@ -160,14 +166,17 @@ def step_table(rows, n_params: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.optim_lowbit", description=__doc__.splitlines()[0])
     p.add_argument("--memory", action="store_true", help="the memory table only")
+    p.add_argument("--steps", action="store_true", help="the step-time table only")
+    p.add_argument("--bf16", action="store_true", help="time the steps on bfloat16 params (default float32)")
     p.add_argument("--quick", action="store_true", help="small sizes, short timing; compiling peers skipped")
     args = p.parse_args(argv)
-    print(memory_table())
+    if not args.steps:
+        print(memory_table())
     if args.memory:
         return 0
     env = harness.make_env("cuda" if torch.cuda.is_available() else "cpu", args.quick)
     env.copy_gbps = harness.copy_bandwidth(env)
-    (case,) = cases(env)
+    (case,) = cases(env, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     rows, targets, _ = runner.run_cases([case], env, progress=sys.stderr.isatty())
     load = report.load_average()
     print(f"\nStep time: {case.op}, {env.device.type}, load average {load if load is None else round(load, 1)}; "

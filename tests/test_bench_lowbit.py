@@ -103,9 +103,13 @@ def test_memory_table_measures_available_modes_and_lists_the_rest(modes):
     assert missing[3] == "unavailable" and "not installed here" in missing[5]
 
 
-def test_step_case_times_the_peers_beside_int8(env, modes):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_case_times_the_peers_beside_int8(env, modes, dtype):
     shapes = [(4096,), (64, 96), (100,)]
-    (case,) = optim_lowbit.cases(env, shapes)
+    (case,) = optim_lowbit.cases(env, shapes, dtype)
+    n = optim_lowbit.numel(shapes)
+    assert case.tag == {torch.float32: "adamw-int8", torch.bfloat16: "adamw-int8-bf16"}[dtype]
+    assert case.nbytes == int(n * {torch.float32: 16.0625, torch.bfloat16: 10.0625}[dtype])
     names = [i.name for i in case.impls]
     assert names[0] == "fusedopt int8 (cpu)" and "fusedopt fp32 (cpu)" in names and "torch fused" in names
     for m in modes:
@@ -117,10 +121,10 @@ def test_step_case_times_the_peers_beside_int8(env, modes):
                 assert (impl.build is None) == (m.make is None)
     optim_lowbit.FIRST_STEPS.clear()
     rows, targets, _ = runner.run_cases([case], env, progress=False)
-    table = optim_lowbit.step_table(rows, optim_lowbit.numel(shapes)).splitlines()
+    table = optim_lowbit.step_table(rows, n).splitlines()
     ours = next(line for line in table if line.startswith("| fusedopt int8 (cpu) |")).split(" | ")
-    assert ours[2] == "1.00" and float(ours[4]) == pytest.approx(
-        modes[1].layout.state_bytes(shapes, torch.float32) / optim_lowbit.numel(shapes), abs=5e-4)
+    assert ours[2] == "1.00" and float(ours[4]) == pytest.approx(modes[1].layout.state_bytes(shapes, dtype) / n,
+                                                                 abs=5e-4)  # fmt: skip
     for r in rows:
         assert r.ms is not None or r.note
         if r.ms is not None:
