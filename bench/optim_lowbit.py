@@ -131,20 +131,20 @@ def cases(env: Env, shapes=None, dtype: torch.dtype = torch.float32) -> list[Cas
         if mode.kind == "fusedopt" and mode.layout != FULL_PRECISION:
             impls += _mode_impls(mode, shapes, env)
     backend = "cuda" if env.is_cuda else "cpu"
-    fp32 = f"fusedopt fp32 ({backend})"  # the full-precision steps this mode is measured against
-    impls.append(Impl(fp32, "peer", lambda: _recording(
-        fp32, fusedopt.AdamW(make_params(shapes, dtype, dev), **ADAMW_KW, backend=backend))))
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    full = f"fusedopt {name} ({backend})"  # the full-precision step (state in the params' dtype) int8 is held to
+    impls.append(Impl(full, "peer", lambda: _recording(
+        full, fusedopt.AdamW(make_params(shapes, dtype, dev), **ADAMW_KW, backend=backend))))
     impls.append(Impl("torch fused", "peer", lambda: _recording("torch fused", torch.optim.AdamW(
         make_params(shapes, dtype, dev), **ADAMW_KW, fused=True))))  # fmt: skip
     for mode in modes:
         if mode.kind == "peer":
             impls += _mode_impls(mode, shapes, env)
     n, e = numel(shapes), dtype.itemsize
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     op = f"AdamW int8 states {name}, {_describe(shapes)}"
     # The goal: an int8 step within 1.5x of the float32 fused step (it moves fewer bytes but quantizes).
     return [Case("adamw-int8" + ("" if dtype == torch.float32 else f"-{name}"), "optim", op,
-                 int(n * (3 * e + 4.0625)), INT8_BYTES, impls, targets=[Target("vs", 1 / 1.5, fp32)])]  # fmt: skip
+                 int(n * (3 * e + 4.0625)), INT8_BYTES, impls, targets=[Target("vs", 1 / 1.5, full)])]  # fmt: skip
 
 
 def step_table(rows, n_params: int) -> str:

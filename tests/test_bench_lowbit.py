@@ -111,7 +111,8 @@ def test_step_case_times_the_peers_beside_int8(env, modes, dtype):
     assert case.tag == {torch.float32: "adamw-int8", torch.bfloat16: "adamw-int8-bf16"}[dtype]
     assert case.nbytes == int(n * {torch.float32: 16.0625, torch.bfloat16: 10.0625}[dtype])
     names = [i.name for i in case.impls]
-    assert names[0] == "fusedopt int8 (cpu)" and "fusedopt fp32 (cpu)" in names and "torch fused" in names
+    full = {torch.float32: "fusedopt fp32 (cpu)", torch.bfloat16: "fusedopt bf16 (cpu)"}[dtype]
+    assert names[0] == "fusedopt int8 (cpu)" and full in names and "torch fused" in names
     for m in modes:
         if m.kind == "peer":
             impl = next(i for i in case.impls if i.name == m.name)
@@ -130,4 +131,4 @@ def test_step_case_times_the_peers_beside_int8(env, modes, dtype):
         if r.ms is not None:
             first_s, held = optim_lowbit.FIRST_STEPS[r.impl]
             assert first_s > 0 and held > 0
-    assert targets[0]["target"] == ">= 0.666667x fusedopt fp32 (cpu)" and targets[0]["value"] > 0
+    assert targets[0]["target"] == f">= 0.666667x {full}" and targets[0]["value"] > 0
