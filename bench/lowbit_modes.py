@@ -69,22 +69,27 @@ class StateMode:
     make: Callable[..., torch.optim.Optimizer] | None  # make(params, backend=None): None when unavailable here
     note: str = ""  # why unavailable; or what to know about the mode
     compiles: bool = False  # its step runs torch.compile: a slow first step, skipped where compiling is
-    param_dtype: torch.dtype = torch.float32
+    # The params' dtype the mode is for (bf16 for a master-weight mode); None: any, float32 in the memory table.
+    param_dtype: torch.dtype | None = None
     kwargs: dict = field(default_factory=dict)  # fusedopt's mode keywords (state_dtype=...)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param_dtype or torch.float32
+
     def optimizer(self, shapes, device, backend: str | None = None) -> torch.optim.Optimizer:
-        params = make_params(shapes, self.param_dtype, device)
+        params = make_params(shapes, self.dtype, device)
         return self.make(params, backend) if self.kind == "fusedopt" else self.make(params)
 
 
-def fusedopt_mode(label: str, layout: StateLayout, note: str = "", **kwargs) -> StateMode:
+def fusedopt_mode(label: str, layout: StateLayout, note: str = "", param_dtype=None, **kwargs) -> StateMode:
     """fusedopt.AdamW with mode keywords (e.g. state_dtype="int8"); its rows carry the backend."""
     import fusedopt
 
     def make(params, backend=None):
         return fusedopt.AdamW(params, **ADAMW_KW, **kwargs, **({"backend": backend} if backend else {}))
 
-    return StateMode(f"fusedopt {label}", "fusedopt", layout, make, note, kwargs=kwargs)
+    return StateMode(f"fusedopt {label}", "fusedopt", layout, make, note, param_dtype=param_dtype, kwargs=kwargs)
 
 
 def peer_mode(name: str, module: str, cls: str, dist: str, layout: StateLayout, compiles: bool = False) -> StateMode:
@@ -103,6 +108,10 @@ def adamw_modes() -> list[StateMode]:
     return [
         fusedopt_mode("fp32", FULL_PRECISION, note="torch.optim.AdamW's state (fused or not)"),
         fusedopt_mode("int8", StateLayout(code_bits=8), state_dtype="int8"),
+        # A new mode is one line here, e.g. (with its keywords, once they exist):
+        #   fusedopt_mode("int4", StateLayout(code_bits=4, block=...), state_dtype="int4"),
+        #   fusedopt_mode("bf16 + fp32 master", StateLayout(32, extra_bytes_per_elt=4), param_dtype=torch.bfloat16,
+        #                 master_weights=True),
         # torchao.optim: per state tensor its own map (256 or 16 float32 values); only sizes that are whole blocks
         # are quantized; its full-precision fallback has the param's dtype; the step is torch.compile'd per param.
         peer_mode("torchao AdamW8bit", "torchao.optim", "AdamW8bit", "torchao",

@@ -51,8 +51,8 @@ def memory_rows(modes: list[StateMode], shapes_big, shapes_small) -> list[dict]:
     """Per mode: state bytes computed from the big set's shapes, and measured (and computed) on the small set."""
     rows = []
     for mode in modes:
-        row = {"mode": mode.name, "computed_big": mode.layout.state_bytes(shapes_big, mode.param_dtype),
-               "computed_small": mode.layout.state_bytes(shapes_small, mode.param_dtype), "measured_small": None,
+        row = {"mode": mode.name, "computed_big": mode.layout.state_bytes(shapes_big, mode.dtype),
+               "computed_small": mode.layout.state_bytes(shapes_small, mode.dtype), "measured_small": None,
                "note": mode.note}  # fmt: skip
         if mode.make is not None:
             try:
@@ -125,7 +125,8 @@ def cases(env: Env, shapes=None, dtype: torch.dtype = torch.float32) -> list[Cas
     import fusedopt
 
     shapes, dev = shapes or sizes(env)["model"], env.device
-    modes = [dataclasses.replace(m, param_dtype=dtype) for m in adamw_modes()]
+    # Every mode for any params, and those made for this dtype (a master-weight mode: bf16).
+    modes = [dataclasses.replace(m, param_dtype=dtype) for m in adamw_modes() if m.param_dtype in (None, dtype)]
     impls = []
     for mode in modes:
         if mode.kind == "fusedopt" and mode.layout != FULL_PRECISION:

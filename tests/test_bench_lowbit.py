@@ -73,6 +73,20 @@ def test_layout_rules_by_hand():
     assert bnb.state_bytes([big, small], torch.bfloat16) == 2 * (4096 + 4 * 16) + 2 * 4 * 100 + 2048
     assert bnb.state_bytes([small], torch.float32) == 2 * 4 * 100  # no quantized state, no map
     assert lowbit_modes.FULL_PRECISION.state_bytes([big], torch.float32) == 8 * 4096
+    master = lowbit_modes.StateLayout(32, extra_bytes_per_elt=4)  # bf16 params, bf16 moments, an fp32 master copy
+    assert master.state_bytes([small], torch.bfloat16) == 2 * 2 * 100 + 4 * 100
+
+
+def test_a_mode_for_one_param_dtype_is_timed_on_that_dtype_only(env, monkeypatch):
+    """A later mode (e.g. bf16 params + an fp32 master) is one more entry of adamw_modes()."""
+    bf16_only = lowbit_modes.fusedopt_mode("bf16-only", lowbit_modes.StateLayout(8), param_dtype=torch.bfloat16,
+                                           state_dtype="int8")  # fmt: skip
+    base = lowbit_modes.adamw_modes()
+    monkeypatch.setattr(optim_lowbit, "adamw_modes", lambda: [*base, bf16_only])
+    for dtype, listed in ((torch.float32, False), (torch.bfloat16, True)):
+        (case,) = optim_lowbit.cases(env, [(4096,)], dtype)
+        names = [i.name for i in case.impls]
+        assert ("fusedopt bf16-only (cpu)" in names) == listed and "fusedopt int8 (cpu)" in names
 
 
 def test_llama_7b_state_per_param(modes):
