@@ -125,6 +125,7 @@ def cases(env: Env, shapes=None, dtype: torch.dtype = torch.float32) -> list[Cas
     import fusedopt
 
     shapes, dev = shapes or sizes(env)["model"], env.device
+    FIRST_STEPS.clear()  # the impls below record theirs anew
     # Every mode for any params, and those made for this dtype (a master-weight mode: bf16).
     modes = [dataclasses.replace(m, param_dtype=dtype) for m in adamw_modes() if m.param_dtype in (None, dtype)]
     impls = []
