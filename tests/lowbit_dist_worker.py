@@ -141,6 +141,28 @@ def scenario_parity(name: str, kind: str, rank: int, mesh) -> None:
             assert err <= PARAM_REL * moved, f"{where}: params off by {err:.3g}, moved {moved:.3g}"
             check_close_state(ours[i], theirs[i], where, rel=STATE_REL)
             assert ours[i].get("step") == theirs[i].get("step")
+    # 1 -> 2 ranks: the 1-rank optimizer's state_dict (plain tensors) loaded into a fresh FSDP2 optimizer holds the
+    # same values: bit for bit where the blocks coincide, else within one requantization: half the map's widest
+    # gap (0.9 / 64) times the block's absmax, which is at most the tensor's largest |value| / 0.993
+    fresh = cls(model.parameters(), state_dtype="int8", **kw)
+    fresh.load_state_dict(ref.state_dict())
+    signed = {s.key: s.signed for s in cls.SPEC.states}
+    for i, p in enumerate(model.parameters()):
+        if aligned(p, dist.get_world_size()) or not is_q8(fresh.state[p]):
+            assert all(torch.equal(full(fresh.state[p][k]), full(v)) for k, v in opt.state[p].items()), names[i]
+            continue
+        offset, n, _ = flat_range(p)
+        for key, want in theirs[i].items():
+            if key == "step":
+                continue
+            st = fresh.state[p]
+            table = lowbit.qmap(signed[key], "cpu")
+            got = lowbit.dequantize(st[f"{key}_codes"]._local_tensor, st[f"{key}_absmax"], table).reshape(-1)
+            bound = 0.5 * 0.9 / 64 * float(want.abs().max()) / 0.993
+            err = (got - want.reshape(-1)[offset : offset + n]).abs().max()
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)  # rank 0's blocks lie inside the 1-rank ones: exact there
+            err = float(err)
+            assert 0 < err <= bound, f"1 -> 2 ranks {names[i]} {key}: {err:.3g} > {bound:.3g} (or 0: test too weak)"
     # to_full_precision_state_dict gives DTensors torch.optim loads
     torch_opt = getattr(torch.optim, name)(model.parameters(), **kw)
     torch_opt.load_state_dict(to_full_precision_state_dict(opt))
