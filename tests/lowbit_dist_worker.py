@@ -292,6 +292,25 @@ def scenario_one_rank(name: str, kind: str, fsdp_on: bool, mesh, ckpt_dir: str) 
             assert err <= PARAM_REL * moved, f"param {i}: off by {err:.3g}, moved {moved:.3g}"
 
 
+def scenario_column_shards_refused(rank: int, mesh) -> None:
+    """A param sharded along dim 1 (tensor parallel) steps with 8-bit state, but its state_dict, whose 1-rank form
+    needs each shard to be one flat range of the param, raises NotImplementedError (on every rank, before any
+    collective)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(1)]))
+    opt = fusedopt.optim.AdamW([p], state_dtype="int8")
+    p.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(1)])
+    opt.step()
+    assert "exp_avg_codes" in opt.state[p]
+    try:
+        opt.state_dict()
+    except NotImplementedError as e:
+        assert "shards along dim 0" in str(e)
+        return
+    raise AssertionError("state_dict() of a Shard(1) param with 8-bit state did not refuse")
+
+
 def scenarios(world: int, ckpt_dir: str) -> list:
     out = []
     for name in OPTIMIZERS:
@@ -304,6 +323,8 @@ def scenarios(world: int, ckpt_dir: str) -> list:
                     tag = "fsdp2" if on else "plain"
                     fn = lambda r, m, n=name, k=kind, on=on: scenario_one_rank(n, k, on, m, ckpt_dir)
                     out.append((f"2to1-{tag}-{name}-{kind}", fn))
+    if world == 2:
+        out.append(("column-shards-refused", scenario_column_shards_refused))
     return out
 
 
