@@ -163,6 +163,16 @@ def scenario_parity(name: str, kind: str, rank: int, mesh) -> None:
             dist.all_reduce(err, op=dist.ReduceOp.MAX)  # rank 0's blocks lie inside the 1-rank ones: exact there
             err = float(err)
             assert 0 < err <= bound, f"1 -> 2 ranks {names[i]} {key}: {err:.3g} > {bound:.3g} (or 0: test too weak)"
+    # 2 -> 1 in this process: the FSDP2 state_dict loaded into a plain optimizer holds the same values (its 8-bit
+    # states as plain tensors; full-precision ones stay DTensors, as torch.optim leaves them)
+    plain_params = [torch.nn.Parameter(full(p.detach())) for p in model.parameters()]
+    plain = cls(plain_params, state_dtype="int8", **kw)
+    plain.load_state_dict(opt.state_dict())
+    for i, (got, want) in enumerate(zip(to_full_precision_state_dict(plain)["state"].values(), ours.values())):
+        assert got.keys() == want.keys(), names[i]
+        assert all(torch.equal(full(v), full(want[k])) for k, v in got.items()), f"2 -> 1 in process {names[i]}"
+        q8 = [v for k, v in plain.state[plain_params[i]].items() if k.endswith(("_codes", "_absmax"))]
+        assert not any(hasattr(v, "full_tensor") for v in q8), names[i]
     # to_full_precision_state_dict gives DTensors torch.optim loads
     torch_opt = getattr(torch.optim, name)(model.parameters(), **kw)
     torch_opt.load_state_dict(to_full_precision_state_dict(opt))

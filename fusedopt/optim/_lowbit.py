@@ -120,8 +120,8 @@ class LowBitStateMixin(FusedOptimizerMixin):
     def _runtime_q8_state(self, p: Tensor, q: dict) -> dict:
         """Loaded codes and absmax as this param's step keeps them."""
         dev = local_tensor(p).device
-        if not shards.is_dtensor(p):
-            return {k: (local_tensor(v) if shards.is_dtensor(v) else v).to(dev) for k, v in q.items()}
+        if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
+            return {k: (v.full_tensor() if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
         signed = {s.key: s.signed for s in self.SPEC.states}
         out = {}
         for ck in sorted(k for k in q if k.endswith("_codes")):
