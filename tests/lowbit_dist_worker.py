@@ -44,6 +44,8 @@ MODELS = {
     "aligned": ((64, 128), (128, 32), (32, 4)),
     # 45x128: 5760, shards of 23 and 22 rows = 2944 + 2816 elements: rank 1 starts 128 elements into a block.
     "misaligned": ((64, 128), (128, 45), (45, 4)),
+    # 1x4608: rank 0 holds the one row, rank 1 an empty shard (and the 1-element bias: rank 1 none of it either)
+    "one-row": ((4608, 1), (1, 4)),
 }
 
 
@@ -61,9 +63,9 @@ def aligned(p, world: int) -> bool:
     return (math.ceil(p.shape[0] / world) * row) % BLOCK == 0
 
 
-def batch(rank: int, step: int):
+def batch(model, rank: int, step: int):
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(8, 64, generator=gen), torch.randn(8, 4, generator=gen)
+    return torch.randn(8, model[0].in_features, generator=gen), torch.randn(8, model[-1].out_features, generator=gen)
 
 
 def fsdp(model, mesh):
@@ -81,7 +83,7 @@ def full(t):
 
 def forward_backward(model, opt, rank: int, step: int) -> list:
     """One backward on this rank's batch; returns the full (all-rank) gradients. Collective."""
-    x, y = batch(rank, step)
+    x, y = batch(model, rank, step)
     opt.zero_grad()
     torch.nn.functional.mse_loss(model(x), y).backward()
     return [full(p.grad) for p in model.parameters()]
