@@ -5,7 +5,8 @@ The random bits are a hash of (seed, step counter, tensor position, element inde
 backends agree bit for bit; Triton under the interpreter converts the bf16 *state* by truncation, not to nearest,
 so it is compared after one step and held to one bf16 rounding. The rounding itself is checked for unbiasedness,
 and the reason the mode exists is shown: with updates below half a bf16 ulp, plain bf16 AdamW never moves while
-stochastic rounding tracks the float32 run.
+stochastic rounding tracks the float32 run; on examples/finetune_gpt.py's tiny GPT, plain bf16 AdamW's loss stays
+visibly above the float32 run's while stochastic rounding follows it.
 """
 
 from __future__ import annotations

@@ -128,7 +128,9 @@ def _full_blocks(absmax) -> Tensor:
 def _local_codes(p, codes) -> Tensor:
     """p's local shard of codes given as a DTensor (p's placement) or as the full tensor (a 1-rank checkpoint)."""
     if is_dtensor(codes):
-        return codes._local_tensor.reshape(-1)
+        if codes.device_mesh == p.device_mesh and tuple(codes.placements) == tuple(p.placements):
+            return codes._local_tensor.reshape(-1)
+        codes = codes.full_tensor()  # laid out otherwise: cut p's range from the whole (collective)
     offset, n, _ = flat_range(p)
     return codes.reshape(-1)[offset : offset + n]
 
