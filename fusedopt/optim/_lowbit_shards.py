@@ -144,8 +144,9 @@ def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
     dev = p._local_tensor.device
     full, local_codes = full.to(dev), local_codes.to(dev)
     if full.numel() != lowbit.num_blocks(numel) or local_codes.numel() != n:
-        raise ValueError(f"8-bit state of a param of {numel} elements: expected {lowbit.num_blocks(numel)} absmax "
-                         f"values, got {full.numel()}")  # fmt: skip
+        raise ValueError(f"8-bit state of a param of shape {list(p.shape)}: expected {lowbit.num_blocks(numel)} absmax "
+                         f"values (one per 256 elements of the whole param) and {n} local codes, got "
+                         f"{full.numel()} and {local_codes.numel()}")  # fmt: skip
     start, end = _local_blocks(offset, n, dev)
     inside = start // BLOCK == (end - 1) // BLOCK  # keeps its codes, the global block's absmax
     local_absmax = full[start // BLOCK].clone()
