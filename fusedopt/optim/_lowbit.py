@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import lowbit
+from fusedopt.optim import _lowbit_shards as shards
 from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
 
 _SUFFIXES = ("_codes", "_absmax")
@@ -76,13 +77,32 @@ class LowBitStateMixin(FusedOptimizerMixin):
         return codes, absmax
 
     # --- state_dict ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict; the 8-bit states of DTensor (FSDP2) params in the world-size independent global
+        form (fusedopt/optim/_lowbit_shards.py). Collective under FSDP2 when such states exist: every rank calls
+        it, as DCP's get_optimizer_state_dict does."""
+        sd = super().state_dict()
+        ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            st = sd["state"].get(pid)
+            if not st or not shards.is_dtensor(p) or not any(_is_q8_key(k) for k in st):
+                continue
+            st = sd["state"][pid] = dict(st)  # torch's state_dict shares the per-param dicts with self.state
+            for s in self.SPEC.states:
+                ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
+                if ck in st:
+                    table = lowbit.qmap(s.signed, local_tensor(p).device)
+                    st[ck], st[ak] = shards.to_global_form(p, st[ck], st[ak], table)
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every floating-point param's state to the param's dtype: codes and absmax are set aside and
-        # put back as they were. The optimizer's own state_dtype wins over the checkpoint's.
+        # put back as they were (a DTensor param's from the global form). The optimizer's own state_dtype wins.
         own = [g.get("state_dtype") for g in self.param_groups]
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(ids, params))
+        pairs = list(zip(ids, params))
         kept, plain = {}, {}
         for pid, st in state_dict["state"].items():
             kept[pid] = {k: v for k, v in st.items() if _is_q8_key(k)}
@@ -90,13 +110,26 @@ class LowBitStateMixin(FusedOptimizerMixin):
         super().load_state_dict({**state_dict, "state": plain})
         for g, sd in zip(self.param_groups, own):
             g["state_dtype"] = sd
-        for pid, q in kept.items():
-            if q and pid in by_id:
-                p = by_id[pid]
-                dev = local_tensor(p).device
-                self.state[p].update({k: v.to(dev) if not hasattr(v, "_local_tensor") else v for k, v in q.items()})
+        for pid, p in pairs:  # in param order: the DTensor conversion is collective
+            q = kept.get(pid)
+            if q:
+                self.state[p].update(self._runtime_q8_state(p, q))
         self._convert_states()
         self._bucket_cache.clear()
+
+    def _runtime_q8_state(self, p: Tensor, q: dict) -> dict:
+        """Loaded codes and absmax as this param's step keeps them."""
+        dev = local_tensor(p).device
+        if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
+            return {k: (v.full_tensor() if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
+        signed = {s.key: s.signed for s in self.SPEC.states}
+        out = {}
+        for ck in sorted(k for k in q if k.endswith("_codes")):
+            key = ck[: -len("_codes")]
+            ak = lowbit.absmax_key(key)
+            table = lowbit.qmap(signed.get(key, True), dev)
+            out[ck], out[ak] = shards.from_global_form(p, q[ck], q[ak], table)
+        return out
 
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
@@ -132,18 +165,17 @@ def _signed_by_key() -> dict:
 def to_full_precision_state_dict(opt_or_state_dict) -> dict:
     """A state_dict with every 8-bit state dequantized to float32 under torch's key (`exp_avg`, ...) and
     state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
-    its state_dict; the input is not modified."""
+    its state_dict; the input is not modified. Under FSDP2 the states are DTensors with their param's placement
+    (collective: every rank calls it)."""
     sd = opt_or_state_dict.state_dict() if hasattr(opt_or_state_dict, "state_dict") else opt_or_state_dict
     signed = _signed_by_key()
     state = {}
     for pid, st in sd["state"].items():
         out = {k: v for k, v in st.items() if not _is_q8_key(k)}
-        for k, v in st.items():
-            if isinstance(k, str) and k.endswith("_codes"):
-                key = k[: -len("_codes")]
-                codes = local_tensor(v)
-                table = lowbit.qmap(signed.get(key, True), codes.device)
-                out[key] = lowbit.dequantize(codes, st[lowbit.absmax_key(key)].to(codes.device), table)
+        for k in sorted(k for k in st if isinstance(k, str) and k.endswith("_codes")):  # sorted: collective
+            key = k[: -len("_codes")]
+            table = lowbit.qmap(signed.get(key, True), local_tensor(st[k]).device)
+            out[key] = shards.dequantize_global_form(st[k], st[lowbit.absmax_key(key)], table)
         state[pid] = out
     groups = [{**g, "state_dtype": None} if "state_dtype" in g else dict(g) for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}
