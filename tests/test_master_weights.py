@@ -348,3 +348,20 @@ def test_gpu_matches_the_torch_backend(info, kwargs, mode, backend):
     for i, (a, b) in enumerate(zip(ps_t, ps_x)):
         torch.testing.assert_close(_master(opt_x, b), _master(opt_t, a), rtol=1e-5, atol=1e-6, msg=f"param {i}")
         assert torch.equal(b.detach(), _rounded(_master(opt_x, b), mode, b.dtype)), i
+
+
+def test_an_int8_checkpoint_loads_into_master_weights():
+    """8-bit states (state_dtype="int8") are dequantized on load; beside a master they become float32."""
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    q8 = fusedopt.AdamW([p], lr=0.01, backend="cpu", state_dtype="int8")
+    p.grad = torch.randn(64, 80).bfloat16()
+    q8.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = fusedopt.AdamW([q], lr=0.01, backend="cpu", master_weights=True)
+    opt.load_state_dict(q8.state_dict())
+    st = opt.state[q]
+    assert sorted(st) == ["exp_avg", "exp_avg_sq", "master_param", "step"]
+    expected = fusedopt.optim.to_full_precision_state_dict(q8)["state"][0]["exp_avg"]
+    assert st["exp_avg"].dtype == torch.float32 and torch.equal(st["exp_avg"], expected.float())
+    q.grad = torch.randn(64, 80).bfloat16()
+    opt.step()

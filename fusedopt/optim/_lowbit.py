@@ -149,9 +149,10 @@ class LowBitStateMixin(FusedOptimizerMixin):
                         self._quantize_into(p, st, s, st.pop(s.key))
                     elif not quant and ck in st:
                         lp = local_tensor(p)
+                        dtype = self._full_precision_state_dtype(group, p)
                         value = lowbit.dequantize(local_tensor(st.pop(ck)).to(lp.device), st.pop(ak).to(lp.device),
-                                                  lowbit.qmap(s.signed, lp.device), lp.dtype)  # fmt: skip
-                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                                                  lowbit.qmap(s.signed, lp.device), dtype)  # fmt: skip
+                        buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                         local_tensor(buf).copy_(value.reshape(lp.shape))
                         st[s.key] = buf
 
