@@ -62,7 +62,7 @@ def test_custom_op_matches_eager_path():
         m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         steps = [torch.zeros(()) for _ in ps]
         args = (ps, grads, m, v, [], steps, 0.1, None, 0.9, 0.99, 1e-8, 0.01, False, True, False, None, None, False,
-                None, "cpu")
+                None, [], "cpu")
         op = fusedopt.ops.optim_step.op_for(fusedopt.Adam.SPEC)
         (op.op if use_op else op.impl)(*args)
         results.append((ps, m, v, steps))

@@ -180,11 +180,11 @@ def _op_cases():
     amp = lambda: (torch.tensor(2.0), torch.tensor(0.0))
     return {
         "adam_step": (ps(), ps(), zeros(), zeros(), zeros(), steps(), 0.01, None, 0.9, 0.99, 1e-8, 0.1, True, True,
-                      False, *amp(), True, None, "cpu"),
+                      False, *amp(), True, None, [], "cpu"),
         "rmsprop_step": (ps(), ps(), zeros(), zeros(), zeros(), steps(), 0.0, torch.tensor(0.01), 0.9, 1e-8, 0.1, 0.5,
-                         True, False, *amp(), True, None, "cpu"),
+                         True, False, *amp(), True, None, [], "cpu"),
         "sgd_step": (ps(), ps(), zeros(), [torch.ones(()) for _ in range(2)], 0.01, None, 0.9, 0.1, 0.01, True, False,
-                     *amp(), True, None, "cpu"),
+                     *amp(), True, None, [], "cpu"),
         "grad_norm": (ps(), 2.0, "cpu"),
         "scale_grads": (ps(), torch.tensor(0.5, dtype=torch.float64), "cpu"),
     }
