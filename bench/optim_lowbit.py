@@ -1,4 +1,5 @@
-"""8-bit optimizer states (docs/LOW_BIT_STATES.md): the state-memory table and the step-time case.
+"""Low-bit optimizer states (docs/LOW_BIT_STATES.md): the state-memory table (int8 and int4) and the int8 step-time
+case.
 
     python -m bench.optim_lowbit          # the memory table (Llama-2-7B from shapes; a scaled-down set measured)
     python -m bench --ops adamw-int8      # the step-time rows, with the other optimizer cases' machinery
@@ -21,13 +22,17 @@ def llama2_7b_shapes() -> list:
     return llama_shapes(4096, 11008, 32, 32000, 4096)
 
 
-def state_bytes_from_shapes(shapes, states: int, int8: bool, min_numel: int = 4096, block: int = 256) -> int:
-    """Optimizer state bytes (without the 4-byte `step` per tensor) for `states` buffers per param."""
+def state_bytes_from_shapes(shapes, states: int, state_dtype: str | None, min_numel: int = 4096) -> int:
+    """Optimizer state bytes (without the 4-byte `step` per tensor) for `states` buffers per param: codes (int8 one
+    byte per value, int4 one per two) and a float32 absmax per block (256 or 128 values)."""
+    from fusedopt import lowbit
+
     total = 0
     for s in shapes:
         n = numel([s])
-        if int8 and n >= min_numel:
-            total += states * (n + 4 * -(-n // block))
+        if state_dtype is not None and n >= min_numel:
+            fmt = lowbit.FORMATS[state_dtype]
+            total += states * (fmt.codes_numel(n) + 4 * fmt.num_blocks(n))
         else:
             total += states * 4 * n
     return total
@@ -41,26 +46,27 @@ def measured_state_bytes(opt) -> int:
 def memory_table(env: Env | None = None) -> str:
     import fusedopt
 
-    rows = ["| parameter set | params | fp32 AdamW state | int8 AdamW state | B / param (fp32 -> int8) | source |",
-            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    big = llama2_7b_shapes()
-    n = numel(big)
-    fp, q = state_bytes_from_shapes(big, 2, False), state_bytes_from_shapes(big, 2, True)
-    rows.append(f"| Llama-2-7B shapes | {n / 1e9:.2f} B | {fp / 2**30:.1f} GiB | {q / 2**30:.1f} GiB | "
-                f"{fp / n:.2f} -> {q / n:.3f} | computed from shapes |")  # fmt: skip
-    small = llama_shapes(256, 704, 4, 8000, 64)
-    measured = {}
-    for state_dtype in (None, "int8"):
-        ps = make_params(small, torch.float32, torch.device("cpu"))
-        opt = fusedopt.AdamW(ps, lr=LR, backend="cpu", state_dtype=state_dtype)
-        opt.step()
-        measured[state_dtype] = measured_state_bytes(opt)
-    n = numel(small)
-    assert measured[None] == state_bytes_from_shapes(small, 2, False)
-    assert measured["int8"] == state_bytes_from_shapes(small, 2, True)
-    rows.append(f"| scaled-down Llama ({_describe(small)}) | {n / 1e6:.1f} M | {measured[None] / 2**20:.1f} MiB | "
-                f"{measured['int8'] / 2**20:.1f} MiB | {measured[None] / n:.2f} -> {measured['int8'] / n:.3f} | "
-                "measured (state tensors after one step) |")  # fmt: skip
+    rows = ["| parameter set | state_dtype | params | fp32 AdamW state | low-bit AdamW state | B / param (fp32 -> "
+            "low-bit) | source |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    big, small = llama2_7b_shapes(), llama_shapes(256, 704, 4, 8000, 64)
+    for state_dtype in ("int8", "int4"):
+        n = numel(big)
+        fp, q = state_bytes_from_shapes(big, 2, None), state_bytes_from_shapes(big, 2, state_dtype)
+        rows.append(f"| Llama-2-7B shapes | {state_dtype} | {n / 1e9:.2f} B | {fp / 2**30:.1f} GiB | "
+                    f"{q / 2**30:.1f} GiB | {fp / n:.2f} -> {q / n:.3f} | computed from shapes |")  # fmt: skip
+        measured = {}
+        for sd in (None, state_dtype):
+            ps = make_params(small, torch.float32, torch.device("cpu"))
+            opt = fusedopt.AdamW(ps, lr=LR, backend="cpu", state_dtype=sd)
+            opt.step()
+            measured[sd] = measured_state_bytes(opt)
+        n = numel(small)
+        assert measured[None] == state_bytes_from_shapes(small, 2, None)
+        assert measured[state_dtype] == state_bytes_from_shapes(small, 2, state_dtype)
+        rows.append(f"| scaled-down Llama ({_describe(small)}) | {state_dtype} | {n / 1e6:.1f} M | "
+                    f"{measured[None] / 2**20:.1f} MiB | {measured[state_dtype] / 2**20:.1f} MiB | "
+                    f"{measured[None] / n:.2f} -> {measured[state_dtype] / n:.3f} | measured (state tensors after one "
+                    "step) |")  # fmt: skip
     return "\n".join(rows)
 
 
