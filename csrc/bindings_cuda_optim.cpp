@@ -58,13 +58,11 @@ struct CudaOptimBackend {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;
-    // int4 states have no CUDA kernel yet (cpu, triton and torch have them): refused before any work.
-    TORCH_CHECK_NOT_IMPLEMENTED(bits != 4, op, ": int4 states are not implemented on the cuda backend yet (cpu, "
-                                "triton and torch have them); use state_dtype='int8' or backend='triton'");
     const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, bits, scalars,
                                             hyper, maximize, grad_divisor, found_inf, write_back_grads);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     OptimQ8Launch<typename Op::Hyper> a{};
+    a.bits = in.bits;
     a.params = &in.params;
     a.grads = &in.grads;
     for (int k = 0; k < Op::kStates; ++k) {
