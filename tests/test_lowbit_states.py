@@ -73,9 +73,10 @@ def _deq(st, key, signed, p, state_dtype):
 
 
 def _max_error_bound(table, absmax, state_dtype="int8"):
-    """Half the map's largest gap times the block's absmax: the most a value moves when quantized."""
+    """The most a value moves when quantized: half the map's largest gap times the block's absmax, or for a map
+    without zero (int4's unsigned) its smallest value (what a 0 reads back as)."""
     values = table[: lowbit.FORMATS[state_dtype].levels]
-    return (values[1:] - values[:-1]).max() / 2 * absmax * (1 + 1e-4)
+    return torch.maximum((values[1:] - values[:-1]).max() / 2, values[0].clamp(min=0)) * absmax * (1 + 1e-4)
 
 
 def _compare(opt, ref, params, ref_params, dtype, frac=1e-3, state_dtype="int8"):
