@@ -85,6 +85,18 @@ def test_kernel_quantizer_is_the_definition(backend, state_dtype):
     """SGD with momentum 1, dampening 0, a zero grad and lr 0 leaves the state's values as they are: the kernel then
     requantizes dequantized values, which must give what lowbit.quantize gives, bit for bit (NaN, inf, zero and
     tail blocks included; 5001 elements: int4's last byte holds one code)."""
+    _check_kernel_quantizer(backend, state_dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernel_quantizer_is_the_definition(backend, state_dtype):
+    """The same on a GPU, for the cuda and triton kernels (scripts/gpu_check.sh runs the gpu tests)."""
+    _check_kernel_quantizer(backend, state_dtype, "cuda")
+
+
+def _check_kernel_quantizer(backend, state_dtype, device):
     fmt = lowbit.FORMATS[state_dtype]
     table = lowbit.qmap(True, "cpu", state_dtype)
     n = 5001
@@ -99,10 +111,11 @@ def test_kernel_quantizer_is_the_definition(backend, state_dtype):
     want = lowbit.quantize(lowbit.dequantize(perturbed, absmax, table, state_dtype=state_dtype, shape=p.shape),
                            table, state_dtype)  # fmt: skip
     hyper = {"momentum": 1.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
-    optim_step.step_q8(fusedopt.optim.sgd.SPEC, [p], [torch.zeros(n)], [[perturbed]], [[absmax]], [], lr=0.0,
-                       hyper=hyper, maximize=False, backend=backend, state_dtype=state_dtype)  # fmt: skip
-    assert torch.equal(perturbed, want[0])
-    torch.testing.assert_close(absmax, want[1], rtol=0, atol=0, equal_nan=True)
+    got_codes, got_absmax, p = perturbed.to(device), absmax.to(device), p.to(device)
+    optim_step.step_q8(fusedopt.optim.sgd.SPEC, [p], [torch.zeros_like(p)], [[got_codes]], [[got_absmax]], [],
+                       lr=0.0, hyper=hyper, maximize=False, backend=backend, state_dtype=state_dtype)  # fmt: skip
+    assert torch.equal(got_codes.cpu(), want[0])
+    torch.testing.assert_close(got_absmax.cpu(), want[1], rtol=0, atol=0, equal_nan=True)
 
 
 def test_int4_maps_are_torchaos():

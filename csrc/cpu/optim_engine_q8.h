@@ -46,7 +46,21 @@ inline void dequantize_block(const uint8_t* codes, float absmax, const float* ma
 
 // int4: out[i] = map[code i] * absmax, codes two per byte (element 2j in the high nibble of byte j).
 inline void dequantize_block4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
-  for (int64_t i = 0; i + 1 < n; i += 2) {
+  int64_t i = 0;
+  if constexpr (kHasGather) {  // as dequantize_block: the nibbles as gather indices (i and the width are even)
+    using V = at::vec::Vectorized<float>;
+    using VI = at::vec::Vectorized<int32_t>;
+    constexpr int64_t kW = V::size();
+    alignas(64) int32_t idx[kW];
+    for (; i + kW <= n; i += kW) {
+      for (int64_t j = 0; j < kW; j += 2) {
+        idx[j] = packed[(i + j) / 2] >> 4;
+        idx[j + 1] = packed[(i + j) / 2] & 15;
+      }
+      (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
+    }
+  }
+  for (; i + 1 < n; i += 2) {
     out[i] = map[packed[i / 2] >> 4] * absmax;
     out[i + 1] = map[packed[i / 2] & 15] * absmax;
   }
