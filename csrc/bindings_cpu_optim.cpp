@@ -20,12 +20,13 @@ struct CpuOptimBackend {
                   const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
+                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round,
+                  const TensorList& masters) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cpu)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the kernel ran
     const auto in = check_optim_step<Op>(op, at::kCPU, scope, params, grads, states, scalars, hyper, maximize,
-                                         grad_divisor, found_inf, write_back_grads, stochastic_round);
+                                         grad_divisor, found_inf, write_back_grads, stochastic_round, masters);
     OptimStepArgs<typename Op::Hyper> a;
     a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
     a.hyper = in.hyper;
@@ -40,10 +41,12 @@ struct CpuOptimBackend {
     a.found_inf = float_ptr(in.found_inf);
     a.stochastic_round = in.stochastic_round ? in.stochastic_round->template data_ptr<int64_t>() : nullptr;
     a.states.resize(Op::kStates);
+    a.master_kind = in.master_kind;
     for (size_t i = 0; i < in.params.size(); ++i) {
       a.numel.push_back(in.params[i].numel());
       a.param.push_back(in.params[i].data_ptr());
       a.grad.push_back(in.grads[i].data_ptr());
+      if (!in.masters.empty()) a.master.push_back(in.masters[i].data_ptr());
       for (int k = 0; k < Op::kStates; ++k)
         if (!in.states[k].empty()) a.states[k].push_back(in.states[k][i].data_ptr());
       if (!in.scalars.empty()) a.scalar.push_back(in.scalars[i].template data_ptr<float>());

@@ -19,12 +19,13 @@ struct CudaOptimBackend {
                   const std::array<const TensorList*, Op::kStates>& states, const TensorList& scalars, double lr,
                   const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
                   const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
+                  bool write_back_grads, const std::optional<at::Tensor>& stochastic_round,
+                  const TensorList& masters) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;  // copies back on exit, after the launch was queued (stream order)
     const auto in = check_optim_step<Op>(op, at::kCUDA, scope, params, grads, states, scalars, hyper, maximize,
-                                         grad_divisor, found_inf, write_back_grads, stochastic_round);
+                                         grad_divisor, found_inf, write_back_grads, stochastic_round, masters);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     const TensorList empty;
     OptimLaunch<typename Op::Hyper> a{};
@@ -41,6 +42,8 @@ struct CudaOptimBackend {
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;
+    a.master_kind = in.master_kind;
+    a.masters = &in.masters;
     if constexpr (is_norm_optimizer<Op>::value) {
       fusedopt::cuda::norm_optim_step<Op>(a);
     } else {

@@ -51,8 +51,9 @@ class states_in_opmath:
         _OPMATH_STATES[0] = False
 
 
-def check_list(tensors: list, params: list, name: str, op: str, opmath: bool = False) -> None:
-    """One tensor per param, matching it in device, shape and dtype (its opmath dtype when `opmath`)."""
+def check_list(tensors: list, params: list, name: str, op: str, opmath: bool = False, dtype=None) -> None:
+    """One tensor per param, matching it in device, shape and dtype (its opmath dtype when `opmath`; `dtype` when
+    given: float32 states beside 16-bit params with master weights, int16 remainders)."""
     if len(tensors) != len(params):
         raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params has {len(params)}")
     for i, (t, p) in enumerate(zip(tensors, params)):
@@ -64,6 +65,10 @@ def check_list(tensors: list, params: list, name: str, op: str, opmath: bool = F
             raise RuntimeError(f"{op}: {name}[{i}] is on {t.device}, its param on {p.device}")
         if t.shape != p.shape:
             raise RuntimeError(f"{op}: {name}[{i}] has shape {_shape(t)}, its param {_shape(p)}")
+        if dtype is not None:
+            if t.dtype != dtype:
+                raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype}, expected {dtype} (master weights)")
+            continue
         want = (torch.float64 if p.dtype == torch.float64 else torch.float32) if opmath else p.dtype
         if t.dtype != want:
             raise RuntimeError(f"{op}: {name}[{i}] is {t.dtype}, its param {p.dtype}")
@@ -95,10 +100,39 @@ def check_stochastic_round(op: str, params: list, state: torch.Tensor) -> None:
                            "device")  # fmt: skip
 
 
-def check_step(op: str, params: list, lists: dict, scalars: dict | None = None) -> None:
-    """check_params, then check_list for each (name -> list) of `lists`, then check_scalars for `scalars`."""
+def refuse_masters(op: str, masters) -> None:
+    """The ops that do not serve master weights (LAMB's two-pass engine, Muon's momentum)."""
+    if masters:
+        raise RuntimeError(f"{op}: master weights are not supported by this optimizer")
+
+
+def check_masters(op: str, params: list, masters: list, stochastic_round) -> None:
+    """Master weights (docs/MASTER_WEIGHTS.md): 16-bit params, one float32 master or (bf16 params) int16 remainder
+    each, no stochastic rounding; csrc/common/optim_binding.h's checks, in its order."""
+    pt, mt = params[0].dtype, masters[0].dtype if masters[0] is not None else None
+    if pt not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"{op}: master weights apply to bfloat16 and float16 params, got {pt}")
+    if not (mt == torch.float32 or (mt == torch.int16 and pt == torch.bfloat16)):
+        raise RuntimeError(f"{op}: masters must be float32 copies, or int16 remainders of bfloat16 params; got {mt}")
+    check_list(masters, params, "masters", op, dtype=mt)
+    if stochastic_round is not None:
+        raise RuntimeError(f"{op}: stochastic rounding does not apply with master weights (the params are the "
+                           "rounded masters)")  # fmt: skip
+
+
+def check_step(op: str, params: list, lists: dict, scalars: dict | None = None, masters=(),
+               stochastic_round=None) -> None:  # fmt: skip
+    """check_params, then check_list for each (name -> list) of `lists` (the grads first; with `masters`, those
+    after the grads and the states float32), then check_scalars for `scalars`."""
     check_params(params, op)
     for name, tensors in lists.items():
-        check_list(tensors, params, name, op, opmath=_OPMATH_STATES[0] and name != "grads")
+        if name == "grads":
+            check_list(tensors, params, name, op)
+            if masters:
+                check_masters(op, params, masters, stochastic_round)
+        elif masters:
+            check_list(tensors, params, name, op, dtype=torch.float32)
+        else:
+            check_list(tensors, params, name, op, opmath=_OPMATH_STATES[0])
     for name, tensors in (scalars or {}).items():
         check_scalars(tensors, params, name, op)

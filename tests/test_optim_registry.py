@@ -208,16 +208,26 @@ def test_boundary_errors_same_on_every_backend(info):
             assert message in str(err.value), f"{backend}: {err.value}"
 
 
-@pytest.mark.parametrize("info", INFOS)
-def test_op_passes_opcheck(info):
+# With masters: the ops that serve them (test_master_weights.py checks the others refuse them).
+_OPCHECK = [pytest.param(p.values[0], None, id=p.id) for p in INFOS] + [
+    pytest.param(p.values[0], "fp32", id=f"{p.id}-masters") for p in INFOS if p.values[0].fused.SPEC.serves_masters
+]
+
+
+@pytest.mark.parametrize("info,masters", _OPCHECK)
+def test_op_passes_opcheck(info, masters):
+    """The op's schema, fake kernel and aliasing; with masters, on bf16 params beside float32 states and masters."""
     spec = info.fused.SPEC
     gen = torch.Generator().manual_seed(21)
-    ps = lambda: [torch.randn(n, generator=gen) for n in (5, 300)]
+    dtype = torch.bfloat16 if masters else torch.float32
+    ps = lambda: [torch.randn(n, generator=gen).to(dtype) for n in (5, 300)]
     states = [[torch.rand(n, generator=gen) for n in (5, 300)] for _ in spec.states]
     scalars = [torch.zeros(()) for _ in range(2)] if spec.scalar == "step" else [torch.ones(()) for _ in range(2)]
     hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # every optional state list in use
-    args = (ps(), ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True, None,
-            "cpu")  # fmt: skip
+    params = ps()
+    master_list = [p.float() for p in params] if masters else []
+    args = (params, ps(), *states, scalars, 0.01, None, *hyper, True, torch.tensor(2.0), torch.tensor(0.0), True,
+            None, master_list, "cpu")  # fmt: skip
     result = torch.library.opcheck(getattr(torch.ops.fusedopt, f"{spec.op}_step").default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 

@@ -8,12 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    ROW_PARAM,
     launch,
     list_ptr,
+    load_param,
     load_grad,
     load_state,
-    store_param,
+    commit_param,
     store_state,
 )
 
@@ -28,12 +28,12 @@ def adagrad_kernel(
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    QUANT: tl.constexpr = False,
+    QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    state_sum = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, DTYPE, OPMATH, QUANT)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
+    state_sum = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, STATE_DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -46,14 +46,14 @@ def adagrad_kernel(
     state_sum = state_sum + grad * grad
     param = param + neg_clr * (grad / (tl.sqrt(state_sum) + eps))
 
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, state_sum, DTYPE, BLOCK, QUANT)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, state_sum, STATE_DTYPE, BLOCK, QUANT)
 
 
 def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+                 write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, "step"), params, grads, states, steps, lr, lr_tensor,
-           hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round,
+           hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, masters=masters,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
 

@@ -8,12 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import lerp, pow_by_squaring, program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    ROW_PARAM,
     launch,
     list_ptr,
+    load_param,
     load_grad,
     load_state,
-    store_param,
+    commit_param,
     store_state,
 )
 
@@ -28,13 +28,13 @@ def adam_kernel(
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr, AMSGRAD: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
+    DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, DTYPE, OPMATH, QUANT)
-    exp_avg_sq = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
+    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
+    exp_avg_sq = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, STATE_DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -55,27 +55,27 @@ def adam_kernel(
     second_moment = exp_avg_sq
     if AMSGRAD:
         max_exp_avg_sq = tl.maximum(  # NaN stays NaN, as with torch.maximum
-            load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, DTYPE, OPMATH, QUANT),
+            load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, STATE_DTYPE, OPMATH, QUANT),
             exp_avg_sq,
             propagate_nan=tl.PropagateNan.ALL,
         )
-        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, DTYPE, BLOCK,
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, STATE_DTYPE, BLOCK,
                     QUANT)  # fmt: skip
         second_moment = max_exp_avg_sq
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt + tl.load(hp_ptr + 3).to(OPMATH)
     param = param - step_size * exp_avg / denom
 
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, DTYPE, BLOCK, QUANT)
-    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, exp_avg_sq, DTYPE, BLOCK, QUANT)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, STATE_DTYPE, BLOCK, QUANT)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG_SQ, N_STATES, exp_avg_sq, STATE_DTYPE, BLOCK, QUANT)
 
 
 def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+              write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     amsgrad = bool(hyper["amsgrad"])
     launch(adam_kernel, ("adam", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), HYPER, "step"), params, grads,
            states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
-           stochastic_round=stochastic_round,
+           stochastic_round=stochastic_round, masters=masters,
            used=(True, True, amsgrad), AMSGRAD=amsgrad, DECOUPLED=bool(hyper["decoupled_weight_decay"]),
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 

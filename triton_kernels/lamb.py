@@ -115,9 +115,10 @@ def lamb_stage2_kernel(
 
 
 def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round=None):  # fmt: skip
+              write_back_grads, stochastic_round=None, masters=()):  # fmt: skip
     if not params:
         return
+    _checks.refuse_masters("fusedopt lamb_step (triton)", masters)
     _checks.check_step("fusedopt lamb_step (triton)", params, {"grads": grads, "exp_avgs": states[0],
                        "exp_avg_sqs": states[1]}, {"steps": steps})  # fmt: skip
     if stochastic_round is not None:

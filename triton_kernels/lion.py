@@ -8,13 +8,13 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    ROW_PARAM,
     launch,
     list_ptr,
+    load_param,
     load_grad,
     load_state,
     sign,
-    store_param,
+    commit_param,
     store_state,
 )
 
@@ -28,12 +28,12 @@ def lion_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr, QUANT: tl.constexpr = False,
+    STOCHASTIC_ROUND: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
+    exp_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -45,14 +45,14 @@ def lion_kernel(
     param = param * decay - lr.to(OPMATH) * direction
     exp_avg = exp_avg * beta2.to(OPMATH) + grad * (1.0 - beta2).to(OPMATH)
 
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, DTYPE, BLOCK, QUANT)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_EXP_AVG, N_STATES, exp_avg, STATE_DTYPE, BLOCK, QUANT)
 
 
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+              write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
-           maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, q8=q8)  # fmt: skip
+           maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, masters=masters, q8=q8)  # fmt: skip
 
 
 def lion_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fusedopt import _checks
 from fusedopt.triton_kernels.multi_tensor import lerp, program_block
 from fusedopt.triton_kernels.optim_engine import ROW_FIRST_STATE, ROW_PARAM, launch, list_ptr, load_grad
 
@@ -18,7 +19,8 @@ def muon_momentum_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     out_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
@@ -39,7 +41,8 @@ def muon_momentum_kernel(
 
 
 def muon_momentum_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                       write_back_grads, stochastic_round=None):  # fmt: skip
+                       write_back_grads, stochastic_round=None, masters=()):  # fmt: skip
+    _checks.refuse_masters("fusedopt muon_momentum_step (triton)", masters)  # its "params" are the momentum outputs
     launch(muon_momentum_kernel, ("muon_momentum", ("momentum_buffers",), HYPER, None), params, grads, states, steps,
            lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
            stochastic_round=stochastic_round)  # fmt: skip

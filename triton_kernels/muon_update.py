@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.triton_kernels.multi_tensor import program_block
-from fusedopt.triton_kernels.optim_engine import ROW_PARAM, launch, list_ptr, load_grad, store_param
+from fusedopt.triton_kernels.optim_engine import commit_param, launch, load_grad, load_param
 
 HYPER = ("weight_decay", "lr_ratio")  # hp_ptr[1:], after lr; the spec's order
 
@@ -17,11 +17,11 @@ def muon_update_kernel(
     addrs_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr,
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC_ROUND: tl.constexpr,
+    STOCHASTIC_ROUND: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, 0, DTYPE, OPMATH, MASTER)
     ortho = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                       WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -32,11 +32,11 @@ def muon_update_kernel(
     param = param * decay
     param = param + ortho * neg_lr
 
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, 0, DTYPE, STOCHASTIC_ROUND, MASTER)
 
 
 def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                     write_back_grads, stochastic_round=None):  # fmt: skip
+                     write_back_grads, stochastic_round=None, masters=()):  # fmt: skip
     launch(muon_update_kernel, ("muon_update", (), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
            maximize, grad_divisor, found_inf, write_back_grads,
-           stochastic_round=stochastic_round)  # fmt: skip
+           stochastic_round=stochastic_round, masters=masters)  # fmt: skip

@@ -8,7 +8,10 @@ state lists they use (Adam's max_exp_avg_sqs only with AMSGRAD).
 Every op kernel takes the ENGINE arguments first, in this order: addrs_ptr, numel_ptr, block_tensor_ptr,
 block_start_ptr, n_tensors, hp_ptr, grad_divisor_ptr, found_inf_ptr, sr_ptr, and the constexprs DTYPE, OPMATH,
 MAXIMIZE, HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, STOCHASTIC_ROUND, then its own constexprs, and
-QUANT: tl.constexpr = False last. It stores the param with `store_param` (bf16 stochastic rounding when asked).
+QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0, STATE_DTYPE: tl.constexpr = None last (the launch always
+passes STATE_DTYPE, the state lists' dtype). It reads the param with `load_param` and writes it with `commit_param`
+(bf16 stochastic rounding when asked; master weights: docs/MASTER_WEIGHTS.md, MASTER 1 a float32 master, 2 an int16
+remainder, in the table row after the scalars).
 
 int8 / int4 states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
 `store_state`, which with QUANT (the codes' bits: 8 or 4; 0 for full precision) dequantize the codes and requantize
@@ -18,6 +21,7 @@ tensor): `launch(..., q8=(absmax, maps, bits))` builds it."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -153,6 +157,58 @@ def store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE: tl.constexpr, STOCHA
 
 
 @triton.jit
+def _master_row(n_states):
+    return ROW_FIRST_STATE + n_states + 1
+
+
+@triton.jit
+def load_param(addrs_ptr, n_tensors, t, offs, mask, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+               MASTER: tl.constexpr):  # fmt: skip
+    """The param in opmath: loaded, or (MASTER 1) its float32 master, or (MASTER 2) the bf16 param joined with its
+    int16 remainder (csrc/common/master_bits.h: (param bits << 16) + remainder, 32-bit wrap-around)."""
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
+    if MASTER == 1:
+        value = tl.load(list_ptr(addrs_ptr, _master_row(n_states), n_tensors, t, tl.float32) + offs, mask=mask)
+    elif MASTER == 2:
+        high = tl.load(p_ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int64) & 0xFFFF
+        low = tl.load(list_ptr(addrs_ptr, _master_row(n_states), n_tensors, t, tl.int16) + offs, mask=mask, other=0)
+        bits = ((high << 16) + low.to(tl.int64)) & 0xFFFFFFFF
+        value = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        value = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+    return value
+
+
+@triton.jit
+def commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, n_states, DTYPE: tl.constexpr,
+                 STOCHASTIC_ROUND: tl.constexpr, MASTER: tl.constexpr):  # fmt: skip
+    """The updated param: store_param's, or (MASTER 1) to the master and the param rounded to nearest even, or
+    (MASTER 2) split into the bf16 param (rounded half away from zero) and its remainder; a NaN gives a quiet NaN
+    param and remainder 0 (csrc/common/master_bits.h)."""
+    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
+    if MASTER == 0:
+        store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    else:
+        x = param.to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        nan_bits = ((bits >> 16) | 0x40) & 0xFFFF
+        m_row = _master_row(n_states)
+        if MASTER == 1:
+            tl.store(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, x, mask=mask)
+            if DTYPE == tl.bfloat16:  # to nearest even by the bits: the interpreter's cast truncates
+                high = tl.where(x != x, nan_bits, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+                tl.store(p_ptr + offs, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            else:
+                tl.store(p_ptr + offs, x.to(DTYPE), mask=mask)
+        else:
+            high = ((bits + 0x8000) >> 16) & 0xFFFF
+            low = tl.where(x != x, 0, bits - (high << 16))
+            high = tl.where(x != x, nan_bits, high)
+            tl.store(p_ptr + offs, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.int16) + offs, low.to(tl.int16), mask=mask)
+
+
+@triton.jit
 def sign(x):
     """-1, 0 or 1; NaN stays NaN (see csrc/common/value_ops.h)."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
@@ -160,11 +216,13 @@ def sign(x):
 
 def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_tensor, hyper: dict, maximize,
            grad_divisor, found_inf, write_back_grads, stochastic_round=None, used: tuple | None = None,
-           q8: tuple | None = None, **constexprs) -> None:  # fmt: skip
+           q8: tuple | None = None, masters=(), **constexprs) -> None:  # fmt: skip
     """spec_names = (op, state list names, HYPER names, scalar: "step", "first_flag" or None) of the op module.
     `used`: which state lists the kernel reads (default all; the op module derives it from the constexprs it
     passes); an unused list is not checked, and its table row holds null addresses. `q8` = (absmax lists, maps,
-    bits): `states` are then the codes of int8 (bits 8) or int4 (bits 4) states (the kernel gets QUANT=bits)."""
+    bits): `states` are then the codes of int8 (bits 8) or int4 (bits 4) states (the kernel gets QUANT=bits).
+    `masters`: float32 masters or int16 remainders of 16-bit params (the states are then float32; the kernel gets
+    MASTER 1 or 2)."""
     op, state_names, hyper_names, scalar = spec_names
     if not params:
         return
@@ -173,7 +231,8 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     scalar_lists = {SCALAR_LISTS[scalar]: scalars} if has_scalars else None
     if q8 is None:
         lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
-        _checks.check_step(f"fusedopt {op}_step (triton)", params, lists, scalar_lists)
+        _checks.check_step(f"fusedopt {op}_step (triton)", params, lists, scalar_lists, masters=masters,
+                           stochastic_round=stochastic_round)  # fmt: skip
     else:
         from fusedopt import lowbit
 
@@ -191,6 +250,10 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     states = [(copies.write(s) if q8 is None else s) if on else [] for s, on in zip(states, used)]
     grads = copies.write(grads) if write_back_grads else copies.read(grads)
     lists = [params, grads, *states, scalars if has_scalars else []]
+    master = 0
+    if masters:
+        lists.append(copies.write(list(masters)))
+        master = 1 if masters[0].dtype == torch.float32 else 2
     if q8 is not None:
         lists += [a if on else [] for a, on in zip(q8[0], used)]
         lists += [[m] * len(params) if on else [] for m, on in zip(q8[1], used)]
@@ -209,7 +272,8 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
         stochastic_round if stochastic_round is not None else table.numel,
         DTYPE=TRITON_DTYPES[dtype], OPMATH=opmath(dtype), MAXIMIZE=maximize, HAS_DIVISOR=grad_divisor is not None,
         HAS_FOUND_INF=found_inf is not None, WRITE_BACK_GRADS=write_back_grads, BLOCK=BLOCK,
-        STOCHASTIC_ROUND=stochastic_round is not None, **constexprs,
+        STOCHASTIC_ROUND=stochastic_round is not None, MASTER=master,
+        STATE_DTYPE=tl.float32 if master else TRITON_DTYPES[dtype], **constexprs,
     )  # fmt: skip
     copies.finish()
     if scalar == "first_flag" and has_scalars:

@@ -8,12 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import lerp, program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    ROW_PARAM,
     launch,
     list_ptr,
+    load_param,
     load_grad,
     load_state,
-    store_param,
+    commit_param,
     store_state,
 )
 
@@ -28,12 +28,12 @@ def rmsprop_kernel(
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr, CENTERED: tl.constexpr,
-    MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
+    MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
-    square_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
+    square_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -45,30 +45,30 @@ def rmsprop_kernel(
         grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
     square_avg = square_avg * tl.load(hp_ptr + 1).to(OPMATH) + grad * grad * one_minus_alpha
     if CENTERED:
-        grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, DTYPE, OPMATH, QUANT)
+        grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         grad_avg = lerp(grad_avg, grad, one_minus_alpha)
-        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, grad_avg, DTYPE, BLOCK, QUANT)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, grad_avg, STATE_DTYPE, BLOCK, QUANT)
         avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps  # one rounding, as torch's addcmul
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:
-        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, DTYPE, OPMATH, QUANT)
+        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         buf = buf * tl.load(hp_ptr + 4).to(OPMATH) + grad / avg
-        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, DTYPE, BLOCK, QUANT)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, STATE_DTYPE, BLOCK, QUANT)
         param = param - lr * buf
     else:
         param = param - lr * (grad / avg)
 
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
-    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, square_avg, DTYPE, BLOCK, QUANT)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
+    store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, square_avg, STATE_DTYPE, BLOCK, QUANT)
 
 
 def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                 write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+                 write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     centered, momentum = bool(hyper["centered"]), hyper["momentum"] > 0
     launch(rmsprop_kernel, ("rmsprop", ("square_avgs", "grad_avgs", "momentum_buffers"), HYPER, "step"), params,
            grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
-           stochastic_round=stochastic_round,
+           stochastic_round=stochastic_round, masters=masters,
            used=(True, centered, momentum), CENTERED=centered, MOMENTUM=momentum,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 

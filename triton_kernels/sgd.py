@@ -9,12 +9,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    ROW_PARAM,
     launch,
     list_ptr,
+    load_param,
     load_grad,
     load_state,
-    store_param,
+    commit_param,
     store_state,
 )
 
@@ -29,11 +29,11 @@ def sgd_kernel(
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
+    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
-    param = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -42,25 +42,25 @@ def sgd_kernel(
         grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
     if MOMENTUM:
         momentum = tl.load(hp_ptr + 1).to(OPMATH)
-        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, DTYPE, OPMATH, QUANT)
+        buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         buf = buf * momentum + grad * (1.0 - tl.load(hp_ptr + 2)).to(OPMATH)
         if HAS_FLAGS:  # torch's first step: the buffer starts as a copy of the grad
             buf = tl.where(tl.load(list_ptr(addrs_ptr, ROW_FIRST_FLAG, n_tensors, t, tl.float32)) != 0, grad, buf)
-        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, DTYPE, BLOCK, QUANT)
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, STATE_DTYPE, BLOCK, QUANT)
         if NESTEROV:
             grad = grad + buf * momentum
         else:
             grad = buf
     param = param - tl.load(hp_ptr).to(OPMATH) * grad
-    store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE, STOCHASTIC_ROUND)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
 
 
 def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-             write_back_grads, stochastic_round=None, q8=None):  # fmt: skip
+             write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     momentum = hyper["momentum"] != 0
     launch(sgd_kernel, ("sgd", ("momentum_buffers",), HYPER, "first_flag"), params, grads, states,
            first_flags if momentum else [], lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-           write_back_grads, stochastic_round=stochastic_round, used=(momentum,), MOMENTUM=momentum,
+           write_back_grads, stochastic_round=stochastic_round, masters=masters, used=(momentum,), MOMENTUM=momentum,
            HAS_FLAGS=momentum and bool(first_flags), NESTEROV=bool(hyper["nesterov"]),
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 

@@ -37,6 +37,7 @@ struct LambHyper {
 struct LAMB {
   static constexpr const char* kName = "lamb";
   static constexpr int kStates = 2;
+  static constexpr bool kServesMasters = false;  // the two-pass engine has no master path
   static constexpr const char* kStateNames[kStates] = {"exp_avgs", "exp_avg_sqs"};
   static constexpr TensorScalar kScalar = TensorScalar::kStep;
   static constexpr int kNorms = 2;  // per-tensor sums of stage 1: ||p||^2, ||u||^2

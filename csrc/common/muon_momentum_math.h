@@ -19,6 +19,7 @@ struct MuonMomentumHyper {
 struct MuonMomentum {
   static constexpr const char* kName = "muon_momentum";
   static constexpr int kStates = 1;
+  static constexpr bool kServesMasters = false;  // its "params" are the momentum outputs, not weights
   static constexpr const char* kStateNames[kStates] = {"momentum_buffers"};
   static constexpr TensorScalar kScalar = TensorScalar::kNone;
   using Hyper = MuonMomentumHyper;

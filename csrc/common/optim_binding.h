@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/master_bits.h"
 #include "common/optim_op.h"
 #include "common/optimizers.h"
 #include "common/tensor_bucket.h"
@@ -62,6 +63,8 @@ struct OptimStepInputs {
   typename Op::Hyper hyper{};
   std::optional<at::Tensor> grad_divisor, found_inf;  // float32, on the params' device
   std::optional<at::Tensor> stochastic_round;          // int64 [seed, counter], bf16 params only
+  TensorList masters;  // master weights (common/master_bits.h): float32 copies or int16 remainders, or empty
+  MasterKind master_kind = MasterKind::kNone;
   bool maximize = false, write_back_grads = false;
 };
 
@@ -72,16 +75,31 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
                                      const TensorList& scalars, const HyperValues& hyper, bool maximize,
                                      const std::optional<at::Tensor>& grad_divisor,
                                      const std::optional<at::Tensor>& found_inf, bool write_back_grads,
-                                     const std::optional<at::Tensor>& stochastic_round) {
+                                     const std::optional<at::Tensor>& stochastic_round, const TensorList& masters) {
   const char* name = op.c_str();
   OptimStepInputs<Op> in;
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
   check_params(params, name);
   check_list(grads, params, "grads", name);
+  // Master weights: 16-bit params, float32 states, and one float32 master or int16 remainder (bf16) per param.
+  std::optional<at::ScalarType> state_dtype;
+  if (!masters.empty()) {
+    TORCH_CHECK(ServesMasters<Op>::value, op, ": master weights are not supported by this optimizer");
+    const at::ScalarType pt = params[0].scalar_type(), mt = masters[0].scalar_type();
+    TORCH_CHECK(pt == at::kBFloat16 || pt == at::kHalf, op,
+                ": master weights apply to bfloat16 and float16 params, got ", dtype_name(pt));
+    TORCH_CHECK(mt == at::kFloat || (mt == at::kShort && pt == at::kBFloat16), op,
+                ": masters must be float32 copies, or int16 remainders of bfloat16 params; got ", dtype_name(mt));
+    check_list(masters, params, "masters", name, mt);
+    TORCH_CHECK(!(stochastic_round.has_value() && stochastic_round->defined()), op,
+                ": stochastic rounding does not apply with master weights (the params are the rounded masters)");
+    in.master_kind = mt == at::kFloat ? MasterKind::kFloat32 : MasterKind::kRemainder;
+    state_dtype = at::kFloat;
+  }
   std::array<bool, Op::kStates> used{};
   for (int k = 0; k < Op::kStates; ++k) {
     used[k] = state_used<Op>(in.hyper, k);
-    if (used[k]) check_list(*states[k], params, Op::kStateNames[k], name);  // an unused list is not read
+    if (used[k]) check_list(*states[k], params, Op::kStateNames[k], name, state_dtype);  // an unused list: not read
   }
   // Steps are required; first-step flags may be absent (no tensor is on its first step).
   const bool has_scalars =
@@ -116,27 +134,28 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
   for (int k = 0; k < Op::kStates; ++k)
     if (used[k])
       for (const auto& t : *states[k]) in.states[k].push_back(scope.write(t));
+  for (const auto& t : masters) in.masters.push_back(scope.write(t));
   if (has_scalars) in.scalars = scalars;
   return in;
 }
 
 // The Python entries of every engine-driven optimizer for one backend: Backend::run<Op>(params, grads, state list
-// pointers, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round)
-// checks and launches.
+// pointers, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round,
+// masters) checks and launches.
 // <name>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back,
-//             stochastic_round)
+//             stochastic_round, masters)
 template <typename Backend, typename Op>
 void optim_step_entry(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& states,
                       const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                       const HyperValues& hyper, bool maximize, const std::optional<at::Tensor>& grad_divisor,
                       const std::optional<at::Tensor>& found_inf, bool write_back_grads,
-                      const std::optional<at::Tensor>& stochastic_round) {
+                      const std::optional<at::Tensor>& stochastic_round, const TensorList& masters) {
   TORCH_CHECK(states.size() == Op::kStates, "fusedopt ", Op::kName, "_step (", Backend::kDevice, "): ",
               states.size(), " state lists, the op has ", Op::kStates);
   std::array<const TensorList*, Op::kStates> lists{};
   for (int k = 0; k < Op::kStates; ++k) lists[k] = &states[k];
   Backend::template run<Op>(params, grads, lists, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-                            write_back_grads, stochastic_round);
+                            write_back_grads, stochastic_round, masters);
 }
 
 // The same on a TensorBucket [params, states..., scalars]; false (nothing done) if a param has no grad.
@@ -150,7 +169,7 @@ bool optim_step_bucket_entry(TensorBucket& b, double lr, const std::optional<at:
   std::array<const TensorList*, Op::kStates> lists{};
   for (int k = 0; k < Op::kStates; ++k) lists[k] = &b.list(1 + k);
   Backend::template run<Op>(b.list(0), *grads, lists, b.list(1 + Op::kStates), lr, lr_tensor, hyper, maximize,
-                            grad_divisor, found_inf, write_back_grads, stochastic_round);
+                            grad_divisor, found_inf, write_back_grads, stochastic_round, TensorList{});
   b.release_grads();
   return true;
 }

@@ -11,6 +11,7 @@
 //   coefs<V>(h, lr, scalar)                    -> Coefs<scalar_of<V>>; scalar: the tensor's step or flag (else 0)
 //   update<V>(coefs, param, grad, state)       one element (CUDA) or one SIMD vector (CPU)
 //   uses_state(h, k)  (optional)               false: state list k is unused under h (amsgrad off), passed empty
+//   kServesMasters    (optional, default true) false: the op refuses master weights (common/master_bits.h)
 // The engines own everything else: loads and stores, the dtype switch, lr (float or device tensor), the grad
 // divisor (GradScaler and folded clipping), found_inf, maximize (grad negated before update), write_back_grads, and
 // the per-tensor scalar (the step incremented before the update; a first-step flag cleared after it).
@@ -58,5 +59,10 @@ bool state_used(const typename Op::Hyper& h, int k) {
     return true;
   }
 }
+
+template <typename Op, typename = void>
+struct ServesMasters : std::true_type {};
+template <typename Op>
+struct ServesMasters<Op, std::void_t<decltype(Op::kServesMasters)>> : std::bool_constant<Op::kServesMasters> {};
 
 }  // namespace fusedopt

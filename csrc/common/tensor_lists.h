@@ -20,6 +20,8 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kHalf: return "torch.float16";
     case at::kLong: return "torch.int64";
     case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
     default: return std::string("torch.") + c10::toString(t);
   }
@@ -49,8 +51,10 @@ inline void check_params(const TensorList& params, const char* op) {
                 " are not supported (torch.float32, torch.float64, torch.bfloat16 and torch.float16 are)");
 }
 
-// One tensor per param, matching it in device, shape and dtype (a kernel reads each with its param's extent).
-inline void check_list(const TensorList& list, const TensorList& params, const char* name, const char* op) {
+// One tensor per param, matching it in device, shape and dtype (a kernel reads each with its param's extent); the
+// dtype is `dtype` when given (float32 states beside 16-bit params with master weights, int16 remainders).
+inline void check_list(const TensorList& list, const TensorList& params, const char* name, const char* op,
+                       std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(), " tensors, params has ",
               params.size());
   for (size_t i = 0; i < list.size(); ++i) {
@@ -63,8 +67,13 @@ inline void check_list(const TensorList& list, const TensorList& params, const c
                 ", its param on ", device_name(p.device()));
     TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), ", its param ",
                 p.sizes());
-    TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] is ", dtype_name(t.scalar_type()),
-                ", its param ", dtype_name(p.scalar_type()));
+    if (dtype.has_value()) {
+      TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", name, "[", i, "] is ", dtype_name(t.scalar_type()),
+                  ", expected ", dtype_name(*dtype), " (master weights)");
+    } else {
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] is ", dtype_name(t.scalar_type()),
+                  ", its param ", dtype_name(p.scalar_type()));
+    }
   }
 }
 

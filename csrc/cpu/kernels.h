@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/master_bits.h"
+
 namespace fusedopt::cpu {
 
 enum class ScalarKind { Float, Double, BFloat16, Half };
@@ -32,6 +34,10 @@ struct OptimStepArgs {
   std::vector<std::vector<float*>> absmax;
   std::vector<const float*> qmap;
   int qbits = 8;
+  // Master weights (common/master_bits.h): one float32 master or int16 remainder per 16-bit param; the states are
+  // then float32 (opmath) whatever the param's dtype.
+  MasterKind master_kind = MasterKind::kNone;
+  std::vector<void*> master;
 };
 
 // One Adafactor step (torch.optim.Adafactor) over a bucket: the first `factored` tensors are matrices viewed as

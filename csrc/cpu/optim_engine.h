@@ -8,6 +8,7 @@
 #include <array>
 #include <cstring>
 
+#include "common/master_bits.h"
 #include "common/stochastic_round.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
@@ -42,6 +43,64 @@ uint32_t param_round_key(const OptimStepArgs<Hyper>& a, int64_t t) {
   return sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
 }
 
+// A 16-bit param's exact value in the master-weight modes (common/master_bits.h), at element 0 of the range; both
+// null: the param itself.
+struct MasterPtrs {
+  float* fp32 = nullptr;
+  int16_t* remainder = nullptr;
+};
+
+template <typename T>
+constexpr bool kTakesMaster = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// The block of params in opmath: from the float32 master, the bf16 param joined with its remainder, or the params.
+template <typename B, typename T>
+B load_param(const T* param, const MasterPtrs& master, int64_t count) {
+  if constexpr (kTakesMaster<T>) {
+    if (master.fp32 != nullptr) return B::load_opmath(master.fp32, count);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (master.remainder != nullptr) {
+        float joined[B::kSize] = {};
+        for (int64_t j = 0; j < count; ++j) {
+          const uint32_t bits = join_master_bits(param[j].x, master.remainder[j]);
+          std::memcpy(&joined[j], &bits, sizeof(bits));
+        }
+        return B::load_opmath(joined, count);
+      }
+    }
+  }
+  return B::load(param, count);
+}
+
+// The updated block: to the master and the param rounded to nearest; split into param and remainder; or to the
+// param (bf16 by stochastic rounding when asked: `first` is the index of param[0] in its tensor).
+template <typename B, typename T, typename Hyper>
+void store_param(const OptimStepArgs<Hyper>& a, const B& p, T* param, const MasterPtrs& master, int64_t count,
+                 int64_t first, uint32_t round_key) {
+  if constexpr (kTakesMaster<T>) {
+    if (master.fp32 != nullptr) {
+      p.store_opmath(master.fp32, count);
+      return p.store(param, count);
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (master.remainder != nullptr) {
+        float values[B::kSize];
+        p.store_opmath(values, count);
+        for (int64_t j = 0; j < count; ++j) {
+          uint32_t bits;
+          std::memcpy(&bits, &values[j], sizeof(bits));
+          uint16_t high;
+          split_master_bits(bits, high, master.remainder[j]);
+          param[j] = c10::BFloat16(high, c10::BFloat16::from_bits());
+        }
+        return;
+      }
+      if (a.stochastic_round != nullptr) return store_stochastic_bf16(p, param, count, round_key, first);
+    }
+  }
+  p.store(param, count);
+}
+
 template <typename Op, typename T>
 auto chunk_coefs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
   using V = typename Block<T>::Vec;
@@ -54,13 +113,14 @@ auto chunk_coefs(const OptimStepArgs<typename Op::Hyper>& a, int64_t t) {
 template <typename Op, typename T, typename S, typename C>
 void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param, T* grad,
                const std::array<S*, kSlots<Op>>& state, int64_t n, opmath_t<T> grad_factor, int64_t first,
-               uint32_t round_key) {
+               uint32_t round_key, const MasterPtrs& master = {}) {
   using B = Block<T>;
   using V = typename B::Vec;
   constexpr int kStates = Op::kStates;
   for (int64_t i = 0; i < n; i += B::kSize) {
     const int64_t m = std::min<int64_t>(B::kSize, n - i);
-    B p = B::load(param + i, m), g = B::load(grad + i, m);
+    const MasterPtrs at{master.fp32 ? master.fp32 + i : nullptr, master.remainder ? master.remainder + i : nullptr};
+    B p = load_param<B>(param + i, at, m), g = B::load(grad + i, m);
     std::array<B, kSlots<Op>> st;
     for (int k = 0; k < kStates; ++k) {
       if (!state[k]) continue;
@@ -77,15 +137,7 @@ void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param,
       Op::template update<V>(c, p.lane[l], a.maximize ? g.lane[l].neg() : g.lane[l], s.data());
       for (int k = 0; k < kStates; ++k) st[k].lane[l] = s[k];
     }
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (a.stochastic_round != nullptr) {
-        store_stochastic_bf16(p, param + i, m, round_key, first + i);
-      } else {
-        p.store(param + i, m);
-      }
-    } else {
-      p.store(param + i, m);
-    }
+    store_param(a, p, param + i, at, m, first + i, round_key);
     for (int k = 0; k < kStates; ++k) {
       if (!state[k]) continue;
       if constexpr (std::is_same_v<S, T>)
@@ -96,9 +148,26 @@ void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param,
   }
 }
 
+// The master-weight modes: states in opmath (float32), the param's value from its master (common/master_bits.h).
+template <typename Op, typename T>
+void run_chunk_master(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
+                      opmath_t<T> grad_factor) {
+  std::array<opmath_t<T>*, kSlots<Op>> state{};
+  for (int k = 0; k < Op::kStates; ++k)
+    state[k] = a.states[k].empty() ? nullptr : static_cast<opmath_t<T>*>(a.states[k][t]) + begin;
+  MasterPtrs master;
+  if (a.master_kind == MasterKind::kFloat32) master.fp32 = static_cast<float*>(a.master[t]) + begin;
+  if (a.master_kind == MasterKind::kRemainder) master.remainder = static_cast<int16_t*>(a.master[t]) + begin;
+  run_range<Op, T, opmath_t<T>>(a, chunk_coefs<Op, T>(a, t), static_cast<T*>(a.param[t]) + begin,
+                                static_cast<T*>(a.grad[t]) + begin, state, end - begin, grad_factor, begin, 0, master);
+}
+
 template <typename Op, typename T>
 void run_chunk(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
                opmath_t<T> grad_factor) {
+  if constexpr (kTakesMaster<T>) {
+    if (a.master_kind != MasterKind::kNone) return run_chunk_master<Op, T>(a, t, begin, end, grad_factor);
+  }
   std::array<T*, kSlots<Op>> state{};
   for (int k = 0; k < Op::kStates; ++k)
     state[k] = a.states[k].empty() ? nullptr : static_cast<T*>(a.states[k][t]) + begin;

@@ -6,6 +6,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/master_bits.h"
+
 namespace fusedopt::cuda {
 
 using TensorList = std::vector<at::Tensor>;
@@ -36,6 +38,9 @@ struct OptimLaunch {
   const int64_t* stochastic_round;  // device int64 [seed, counter] (bf16 params only), or null
   bool maximize, write_back_grads;
   Hyper hyper;
+  // Master weights (common/master_bits.h): float32 masters or int16 remainders, one per param; states float32.
+  MasterKind master_kind = MasterKind::kNone;
+  const TensorList* masters = nullptr;
 };
 template <typename Op>
 void optim_step(const OptimLaunch<typename Op::Hyper>& args);

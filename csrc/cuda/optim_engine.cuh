@@ -3,10 +3,13 @@
 // prologue or the first-step flags' epilogue; per block the lr (float or device tensor), found_inf skip and the op's coefficients (from the tensor's
 // step); per element the grad divisor, write_back_grads, maximize and the op's update (common/<op>_math.h). 16-byte
 // vector loads and stores when every address of the tensor allows them, a scalar tail, both through the same math.
+// Master weights (common/master_bits.h): a further list of float32 masters or int16 remainders, float32 states, the
+// param's value read from its master and written back with the rounded param (the scalar loop only).
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "common/master_bits.h"
 #include "common/optimizers.h"
 #include "common/stochastic_round.h"
 #include "cuda/kernels.h"
@@ -14,13 +17,17 @@
 
 namespace fusedopt::cuda {
 
-template <typename Op, typename T>
+template <typename Op, typename T, MasterKind M = MasterKind::kNone>
 struct OptimFunctor {
   using S = at::opmath_type<T>;
+  using StateT = std::conditional_t<M == MasterKind::kNone, T, S>;  // float32 states beside a master
+  using MasterT = std::conditional_t<M == MasterKind::kRemainder, int16_t, float>;
   static constexpr int kStates = Op::kStates;
   static constexpr int kSlots = kStates > 0 ? kStates : 1;
-  static constexpr int kLists = kStates + 3;  // params, grads, states..., scalars
   static constexpr int kScalarList = kStates + 2;
+  static constexpr int kMasterList = kStates + 3;
+  static constexpr int kLists = kStates + (M == MasterKind::kNone ? 3 : 4);  // params, grads, states..., scalars
+                                                                             // (, masters)
 
   typename Op::Hyper hyper;
   double lr;
@@ -33,11 +40,28 @@ struct OptimFunctor {
   // One element: grad (storage) is divided, maybe written back, maybe negated; then the op's update. `index` (in
   // the tensor) and `sr_key` feed stochastic rounding.
   __device__ __forceinline__ void element(const typename Op::template Coefs<S>& c, S grad_factor, T& param, T& grad,
-                                          S* state, int64_t index, uint32_t sr_key) const {
-    S p = param;
+                                          S* state, int64_t index, uint32_t sr_key, MasterT* master = nullptr) const {
+    S p;
+    if constexpr (M == MasterKind::kFloat32) {
+      p = master[index];
+    } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
+      p = __uint_as_float(join_master_bits(param.x, master[index]));
+    } else {
+      p = param;
+    }
     S g = unscaled_grad<T>(grad, grad_factor, write_back_grads);
     if (maximize) g = -g;
     Op::template update<S>(c, p, g, state);
+    if constexpr (M == MasterKind::kFloat32) {
+      master[index] = p;
+      param = T(p);
+      return;
+    } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
+      uint16_t high;
+      split_master_bits(__float_as_uint(p), high, master[index]);
+      param = at::BFloat16(high, at::BFloat16::from_bits());
+      return;
+    }
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (stochastic_round != nullptr) {
         param = at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(p), sr_key, index), at::BFloat16::from_bits());
@@ -57,12 +81,14 @@ struct OptimFunctor {
         stochastic_round != nullptr ? stochastic_round_key(stochastic_round[0], stochastic_round[1], t) : 0;
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
-    T* state[kSlots];
-    for (int k = 0; k < kStates; ++k) state[k] = tab.template ptr<T>(2 + k, t);  // null: unused (uses_state)
+    StateT* state[kSlots];
+    for (int k = 0; k < kStates; ++k) state[k] = tab.template ptr<StateT>(2 + k, t);  // null: unused (uses_state)
+    MasterT* master = nullptr;
+    if constexpr (M != MasterKind::kNone) master = tab.template ptr<MasterT>(kMasterList, t);
 
     int64_t vector_end = begin;
     constexpr int kVec = Vec16<T>::kVec;
-    if (all_aligned16(tab, t, kScalarList)) {
+    if (M == MasterKind::kNone && all_aligned16(tab, t, kScalarList)) {
       vector_end = begin + (end - begin) / kVec * kVec;
       for (int64_t i = begin + threadIdx.x * kVec; i < vector_end; i += static_cast<int64_t>(blockDim.x) * kVec) {
         Vec16<T> pv = *reinterpret_cast<const Vec16<T>*>(param + i);
@@ -86,35 +112,60 @@ struct OptimFunctor {
     for (int64_t i = vector_end + threadIdx.x; i < end; i += blockDim.x) {  // the tail and unaligned tensors
       S s[kSlots];
       for (int k = 0; k < kStates; ++k) s[k] = state[k] != nullptr ? S(state[k][i]) : S(0);
-      element(c, grad_factor, param[i], grad[i], s, i, sr_key);
+      element(c, grad_factor, param[i], grad[i], s, i, sr_key, master);
       for (int k = 0; k < kStates; ++k)
-        if (state[k] != nullptr) state[k][i] = T(s[k]);
+        if (state[k] != nullptr) state[k][i] = StateT(s[k]);
     }
   }
 };
 
-template <typename Op>
-void optim_step(const OptimLaunch<typename Op::Hyper>& a) {
-  using Lists = std::array<const TensorList*, OptimFunctor<Op, float>::kLists>;
-  constexpr int kScalarList = OptimFunctor<Op, float>::kScalarList;
-  const auto& params = *a.params;
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  Lists lists{};
+// One launch of the step over `a`'s lists for the master kind M (dtypes: any without a master, bf16/fp16 with a
+// float32 master, bf16 with a remainder).
+template <typename Op, MasterKind M>
+void optim_step_lists(const OptimLaunch<typename Op::Hyper>& a) {
+  constexpr int kLists = OptimFunctor<Op, float, M>::kLists;
+  constexpr int kScalarList = OptimFunctor<Op, float, M>::kScalarList;
+  std::array<const TensorList*, kLists> lists{};
   lists[0] = a.params;
   lists[1] = a.grads;
   for (int k = 0; k < Op::kStates; ++k) lists[2 + k] = a.states[k];  // an unused list is empty: null addresses
   lists[kScalarList] = a.scalars;
-  auto table = build_table<OptimFunctor<Op, float>::kLists>(lists);
+  if constexpr (M != MasterKind::kNone) lists[OptimFunctor<Op, float, M>::kMasterList] = a.masters;
+  auto table = build_table<kLists>(lists);
   const bool has_scalars = !a.scalars->empty();
   if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_cuda", [&] {
-    OptimFunctor<Op, scalar_t> fn{a.hyper,     a.lr,        a.lr_ptr,   a.grad_divisor,    a.found_inf,
-                                  a.stochastic_round, a.maximize, a.write_back_grads};
+  const auto run = [&](auto typed) {
+    using scalar_t = decltype(typed);
+    OptimFunctor<Op, scalar_t, M> fn{a.hyper,     a.lr,        a.lr_ptr,   a.grad_divisor,    a.found_inf,
+                                     a.stochastic_round, a.maximize, a.write_back_grads};
     launch(table, fn);
-  });
+  };
+  const at::ScalarType dtype = (*a.params)[0].scalar_type();
+  if constexpr (M == MasterKind::kNone) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedopt_optim_step_cuda",
+                                    [&] { run(scalar_t{}); });
+  } else if constexpr (M == MasterKind::kFloat32) {
+    if (dtype == at::kHalf) {
+      run(at::Half{});
+    } else {
+      run(at::BFloat16{});  // the bindings allow bf16 and fp16 only
+    }
+  } else {
+    run(at::BFloat16{});
+  }
   if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars)
     update_scalars(table, kScalarList, a.found_inf, 0.0f, 0.0f);  // the first step is done
+}
+
+template <typename Op>
+void optim_step(const OptimLaunch<typename Op::Hyper>& a) {
+  if (a.params->empty()) return;
+  const c10::cuda::CUDAGuard guard((*a.params)[0].device());
+  switch (a.master_kind) {
+    case MasterKind::kNone: return optim_step_lists<Op, MasterKind::kNone>(a);
+    case MasterKind::kFloat32: return optim_step_lists<Op, MasterKind::kFloat32>(a);
+    case MasterKind::kRemainder: return optim_step_lists<Op, MasterKind::kRemainder>(a);
+  }
 }
 
 }  // namespace fusedopt::cuda

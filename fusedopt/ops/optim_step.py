@@ -1,8 +1,10 @@
 """fusedopt::<op>_step for every optimizer described by an OptimizerSpec (fusedopt/optim/_spec.py): the schema
 comes from the spec, and every backend's kernel takes the same arguments, found by one rule:
 `_backend.kernels(backend, op).<op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize,
-grad_divisor, found_inf, write_back_grads, stochastic_round)`, `states` the spec's lists (an unused one empty),
-`scalars` its steps or first-step flags (or empty), `stochastic_round` None or int64 [seed, counter]."""
+grad_divisor, found_inf, write_back_grads, stochastic_round, masters)`, `states` the spec's lists (an unused one
+empty), `scalars` its steps or first-step flags (or empty), `stochastic_round` None or int64 [seed, counter],
+`masters` empty or the float32 masters / int16 remainders of 16-bit params (docs/MASTER_WEIGHTS.md). The torch
+backend's kernels take no masters: `fusedopt.master_weights.step_with_masters` runs them on the float32 values."""
 
 from __future__ import annotations
 
@@ -21,12 +23,20 @@ def _register(spec) -> object:
         states, rest = list(rest[:n_states]), rest[n_states:]
         scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
-        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, backend = rest[n_hyper:]
+        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, masters, backend = rest[n_hyper:]
         if not params:
             return
         kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step")
-        kernel(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-               write_back_grads, stochastic_round)  # fmt: skip
+        args = (params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
+                write_back_grads, stochastic_round)  # fmt: skip
+        if backend != "torch":
+            kernel(*args, masters)
+        elif masters:  # the references take no masters: they run on the float32 values
+            from fusedopt import master_weights
+
+            master_weights.step_with_masters(kernel, spec, *args, masters)
+        else:
+            kernel(*args)
 
     return custom_op(spec.schema())(impl)
 
@@ -44,14 +54,15 @@ def _hyper_args(spec, hyper: dict) -> list:
 
 
 def step(spec, params, grads, states, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-         write_back_grads=False, stochastic_round=None, backend="auto"):  # fmt: skip
-    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: value}."""
+         write_back_grads=False, stochastic_round=None, masters=(), backend="auto"):  # fmt: skip
+    """Updates params and state in place. `lr` may be a float or a one-element tensor; `hyper` is {name: value};
+    `masters` the params' float32 masters or int16 remainders (master weights), or empty."""
     if not params:
         return
     backend = _backend.resolve(backend, params[0].device, spec.op)
     lr_float, lr_tensor = split_lr(lr, params[0].device)
     op_for(spec)(params, grads, *states, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper), bool(maximize),
-                 grad_divisor, found_inf, bool(write_back_grads), stochastic_round, backend)  # fmt: skip
+                 grad_divisor, found_inf, bool(write_back_grads), stochastic_round, list(masters), backend)  # fmt: skip
 
 
 def cached_bucket(spec, params, states, scalars, *, backend: str):

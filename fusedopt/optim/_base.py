@@ -74,7 +74,7 @@ class FusedOptimizerMixin:
 
     def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None,
                         state_dtype: str | None = None, bf16_stochastic_round: bool = False,
-                        stochastic_round_seed: int = 0) -> None:  # fmt: skip
+                        stochastic_round_seed: int = 0, master_weights=False) -> None:  # fmt: skip
         if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (expected a number >= 0, or None)")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -88,6 +88,8 @@ class FusedOptimizerMixin:
             )
         _backend.requested_backend(backend)  # validates the name early
         self._fusedopt_extra_defaults = {"backend": backend}
+        if master_weights is not None and master_weights is not False:  # checked per group (optim/_master.py)
+            self._fusedopt_extra_defaults["master_weights"] = master_weights
         if state_dtype is not None:
             from fusedopt import lowbit
 

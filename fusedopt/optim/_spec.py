@@ -3,11 +3,13 @@ spec come the op's schema (fusedopt/ops/optim_step.py), the state creation and t
 (SpecOptimizerMixin below); the kernels of every backend take the same arguments:
 
     <op>_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
-              write_back_grads, stochastic_round)
+              write_back_grads, stochastic_round, masters)
 
 with `states` the spec's lists in order (an unused one empty), `scalars` the steps or first-step flags, and `hyper`
 a {name: float or bool} dict the C++ bindings fill their struct from by name (csrc/common/optim_binding.h), and
-`stochastic_round` None or an int64 [seed, counter] tensor (bf16 params stored by stochastic rounding).
+`stochastic_round` None or an int64 [seed, counter] tensor (bf16 params stored by stochastic rounding), and
+`masters` empty or one float32 master / int16 remainder per 16-bit param (docs/MASTER_WEIGHTS.md; the states are
+then float32).
 docs/ADDING_AN_OP.md is the recipe.
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from fusedopt.optim._base import Bucket, local_tensor
 from fusedopt.optim._lowbit import LowBitStateMixin
+from fusedopt.optim._master import MasterWeightsMixin
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class OptimizerSpec:
     flags: tuple = ()  # the names of `hyper` that are bools (`bool name` in the schema)
     # group -> {hyper name: value}; None: group[name] for each name.
     hyper_of: Callable[[dict], dict] | None = None
+    serves_masters: bool = True  # False: the op refuses master weights (C++: Op::kServesMasters)
 
     @property
     def has_step(self) -> bool:
@@ -73,7 +77,7 @@ class OptimizerSpec:
         args += ["float lr", "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
         args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads",
-                 "Tensor? stochastic_round", "str backend"]
+                 "Tensor? stochastic_round", "Tensor(z!)[] masters", "str backend"]
         return f"{self.op}_step({', '.join(args)}) -> ()"
 
     def schema_q8(self) -> str:
@@ -89,7 +93,7 @@ class OptimizerSpec:
         return f"{self.op}_step_q8({', '.join(args)}) -> ()"
 
 
-class SpecOptimizerMixin(LowBitStateMixin):
+class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
     """The step of an optimizer described by SPEC: state made from the spec (also for a key missing from a loaded
     state_dict), one fused op call per bucket, the bucket's lists held in C++ on the cpu/cuda backends."""
 
@@ -116,9 +120,10 @@ class SpecOptimizerMixin(LowBitStateMixin):
         return self.SPEC.has_step
 
     def _new_state_buffer(self, group: dict, p, spec: StateSpec):
+        dtype = torch.float32 if self._master_mode(group, p) else None  # beside a master, states are float32
         if spec.fill is None:
-            return torch.zeros_like(p, memory_format=torch.preserve_format)
-        return torch.full_like(p, group[spec.fill], memory_format=torch.preserve_format)
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.full_like(p, group[spec.fill], dtype=dtype, memory_format=torch.preserve_format)
 
     def _init_state(self, group, p, state):
         if self.SPEC.has_step:
@@ -161,12 +166,14 @@ class SpecOptimizerMixin(LowBitStateMixin):
             optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, backend=bucket.backend,
                                state_dtype=group["state_dtype"], **args)  # fmt: skip
             return
+        masters = self._masters(group, bucket)  # first: making them turns the states float32
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
         args["stochastic_round"] = self._stochastic_round_state(bucket)
         # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
-        # First-step flags live for one step: those steps take the list path.
-        if not torch.compiler.is_compiling() and (self.SPEC.scalar != "first_flag" or not scalars):
+        # First-step flags live for one step, and master weights are not held there: those steps take the list path.
+        fast = not masters and (self.SPEC.scalar != "first_flag" or not scalars)
+        if fast and not torch.compiler.is_compiling():
             cpp_buckets = bucket.extra.setdefault("cpp_buckets", {})
             if used not in cpp_buckets:
                 cpp_buckets[used] = optim_step.cached_bucket(
@@ -175,4 +182,5 @@ class SpecOptimizerMixin(LowBitStateMixin):
             cached = cpp_buckets[used]
             if cached is not None and optim_step.step_cached(self.SPEC, cached, **args):
                 return
-        optim_step.step(self.SPEC, bucket.local_params, grads, states, scalars, backend=bucket.backend, **args)
+        optim_step.step(self.SPEC, bucket.local_params, grads, states, scalars, masters=masters, backend=bucket.backend,
+                        **args)  # fmt: skip

@@ -35,17 +35,18 @@ ADAMW_SPEC = dataclasses.replace(SPEC, hyper_of=lambda g: _adam_hyper(g, True))
 class Adam(SpecOptimizerMixin, torch.optim.Adam):
     """Drop-in for torch.optim.Adam. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
     max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), and bf16_stochastic_round (bf16 params stored by
-    stochastic rounding, reproducible from stochastic_round_seed)."""
+    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
+    masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend=None, max_grad_norm=None, state_dtype=None,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
-                             stochastic_round_seed)
+                             stochastic_round_seed, master_weights)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
             maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -57,17 +58,18 @@ class Adam(SpecOptimizerMixin, torch.optim.Adam):
 class AdamW(SpecOptimizerMixin, torch.optim.AdamW):
     """Drop-in for torch.optim.AdamW. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
     max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), and bf16_stochastic_round (bf16 params stored by
-    stochastic rounding, reproducible from stochastic_round_seed)."""
+    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
+    masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 
     SPEC = ADAMW_SPEC
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  backend=None, max_grad_norm=None, state_dtype=None,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
-                             stochastic_round_seed)
+                             stochastic_round_seed, master_weights)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,

@@ -32,6 +32,7 @@ def _hyper(g: dict) -> dict:
 
 SPEC = OptimizerSpec(
     op="lamb",
+    serves_masters=False,
     hyper=("beta1", "beta2", "eps", "weight_decay", "bias_correction", "grad_averaging", "adam_w_mode", "use_nvlamb"),
     states=(StateSpec("exp_avg", "exp_avgs"), StateSpec("exp_avg_sq", "exp_avg_sqs", signed=False)),
     scalar="step",

@@ -31,7 +31,7 @@ class Lion(SpecOptimizerMixin, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, backend=None,
                  max_grad_norm=None, state_dtype=None,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not lr >= 0.0:
@@ -41,6 +41,6 @@ class Lion(SpecOptimizerMixin, torch.optim.Optimizer):
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         self._fusedopt_setup(backend, False, max_grad_norm, state_dtype, bf16_stochastic_round,
-                             stochastic_round_seed)
+                             stochastic_round_seed, master_weights)
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         self._step_supports_amp_scaling = True

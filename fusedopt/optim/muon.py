@@ -27,6 +27,7 @@ from fusedopt.optim._spec import OptimizerSpec, SpecOptimizerMixin, StateSpec
 
 SPEC = OptimizerSpec(
     op="muon_momentum",
+    serves_masters=False,
     hyper=("momentum", "nesterov"),
     states=(StateSpec("momentum_buffer", "momentum_buffers"),),
     scalar=None,

@@ -23,17 +23,18 @@ SPEC = OptimizerSpec(
 class RMSprop(SpecOptimizerMixin, torch.optim.RMSprop):
     """Drop-in for torch.optim.RMSprop. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
     max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), and bf16_stochastic_round (bf16 params stored by
-    stochastic rounding, reproducible from stochastic_round_seed)."""
+    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
+    masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,
                  max_grad_norm=None, state_dtype=None,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
-                             stochastic_round_seed)
+                             stochastic_round_seed, master_weights)
         super().__init__(
             params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,

@@ -26,8 +26,9 @@ SPEC = OptimizerSpec(
 class SGD(SpecOptimizerMixin, torch.optim.SGD):
     """Drop-in for torch.optim.SGD. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
     max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), and bf16_stochastic_round (bf16 params stored by
-    stochastic rounding, reproducible from stochastic_round_seed)."""
+    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
+    masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 
     SPEC = SPEC
     LAZY_STATE = True  # torch's SGD has no state until a step with momentum
@@ -35,9 +36,9 @@ class SGD(SpecOptimizerMixin, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
                  foreach=None, differentiable=False, fused=None, backend=None, max_grad_norm=None,
                  state_dtype=None,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):  # fmt: skip
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
-                             stochastic_round_seed)
+                             stochastic_round_seed, master_weights)
         self._first_flags: dict = {}  # param -> float32 device flag: buffer not started yet (see module doc)
         self._repeat_flags: dict = {}  # param -> its flag before this step's first pass (params listed twice)
         super().__init__(
