@@ -55,7 +55,8 @@ struct CudaOptimBackend {
   template <typename Op>
   static void run_q8(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& codes,
                      const std::vector<TensorList>& absmax, const TensorList& qmaps, int64_t bits,
-                     const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
+                     const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
+                     const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
                      bool write_back_grads) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
