@@ -1,13 +1,16 @@
 """The block-wise quantizer (fusedopt/lowbit.py, docs/LOW_BIT_STATES.md), int8 and int4: the maps, the round trip
-of each block, non-finite values, int4's packing, and every fused backend's quantizer against the definition, bit for
-bit. The optimizers' low-bit states are tested in tests/test_lowbit_states.py."""
+of each block, non-finite values, int4's packing, every fused backend's quantizer against the definition, bit for
+bit, and a checkpoint of one format loaded by an optimizer of the other. The optimizers' low-bit states are tested in
+tests/test_lowbit_states.py."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from optim_db import ENGINE_DRIVEN
-from test_lowbit_states import FORMATS, Q8_BACKENDS, _max_error_bound, codes_of
+from test_lowbit_states import FORMATS, Q8_BACKENDS, _deq, _max_error_bound, _run, codes_of
 
 import fusedopt
 from fusedopt import lowbit
@@ -147,3 +150,34 @@ def test_int4_packing_and_search():
     assert count[-3:].tolist() == [0, 0, 15]
     with pytest.raises(ValueError, match="cannot hold a state of shape"):
         lowbit.dequantize(torch.zeros(10, dtype=torch.uint8), torch.zeros(1), table, state_dtype="int4", shape=(30,))
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("int8", "int4"), ("int4", "int8")])
+def test_loading_the_other_format_converts(saved, loaded):
+    """The optimizer's state_dtype wins: a checkpoint of the other format is dequantized and requantized on load
+    (within the loaded map's step), and to_full_precision_state_dict needs the optimizer for int4 states (their
+    codes do not record the param's shape)."""
+    info = next(i for i in ENGINE_DRIVEN if i.name == "AdamW")
+    params, opt = _run(info, {"lr": 1e-2}, "cpu", torch.float32, steps=3, state_dtype=saved)
+    other = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype=loaded,
+                       lr=1e-2)  # fmt: skip
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.param_groups[0]["state_dtype"] == loaded
+    fmt = lowbit.FORMATS[loaded]
+    for p, q in zip(params, other.param_groups[0]["params"]):
+        for s in info.fused.SPEC.states:
+            if lowbit.codes_key(s.key) not in opt.state[p]:
+                continue
+            st = other.state[q]
+            assert st[lowbit.codes_key(s.key)].numel() == fmt.codes_numel(p.numel())
+            a, b = _deq(opt.state[p], s.key, s.signed, p, saved), _deq(st, s.key, s.signed, q, loaded)
+            absmax = st[lowbit.absmax_key(s.key)].repeat_interleave(fmt.block)[: p.numel()].reshape(p.shape)
+            assert ((a - b).abs() <= _max_error_bound(lowbit.qmap(s.signed, "cpu", loaded), absmax, loaded)).all()
+    for sd in (opt, other):
+        full = fusedopt.optim.to_full_precision_state_dict(sd)
+        assert full["state"][0]["exp_avg"].shape == params[0].shape
+    int4_opt = opt if saved == "int4" else other
+    with pytest.raises(ValueError, match="pass the optimizer, not its state_dict"):
+        fusedopt.optim.to_full_precision_state_dict(int4_opt.state_dict())
+    int8_opt = other if saved == "int4" else opt
+    assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)

@@ -254,37 +254,6 @@ def test_state_dict_round_trips(info, kw, state_dtype):
                                _deq(opt.state[p0], s.key, s.signed, p0, state_dtype))  # fmt: skip
 
 
-@pytest.mark.parametrize(("saved", "loaded"), [("int8", "int4"), ("int4", "int8")])
-def test_loading_the_other_format_converts(saved, loaded):
-    """The optimizer's state_dtype wins: a checkpoint of the other format is dequantized and requantized on load
-    (within the loaded map's step), and to_full_precision_state_dict needs the optimizer for int4 states (their
-    codes do not record the param's shape)."""
-    info = next(i for i in ENGINE_DRIVEN if i.name == "AdamW")
-    params, opt = _run(info, {"lr": 1e-2}, "cpu", torch.float32, steps=3, state_dtype=saved)
-    other = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype=loaded,
-                       lr=1e-2)  # fmt: skip
-    other.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert other.param_groups[0]["state_dtype"] == loaded
-    fmt = lowbit.FORMATS[loaded]
-    for p, q in zip(params, other.param_groups[0]["params"]):
-        for s in info.fused.SPEC.states:
-            if lowbit.codes_key(s.key) not in opt.state[p]:
-                continue
-            st = other.state[q]
-            assert st[lowbit.codes_key(s.key)].numel() == fmt.codes_numel(p.numel())
-            a, b = _deq(opt.state[p], s.key, s.signed, p, saved), _deq(st, s.key, s.signed, q, loaded)
-            absmax = st[lowbit.absmax_key(s.key)].repeat_interleave(fmt.block)[: p.numel()].reshape(p.shape)
-            assert ((a - b).abs() <= _max_error_bound(lowbit.qmap(s.signed, "cpu", loaded), absmax, loaded)).all()
-    for sd in (opt, other):
-        full = fusedopt.optim.to_full_precision_state_dict(sd)
-        assert full["state"][0]["exp_avg"].shape == params[0].shape
-    int4_opt = opt if saved == "int4" else other
-    with pytest.raises(ValueError, match="pass the optimizer, not its state_dict"):
-        fusedopt.optim.to_full_precision_state_dict(int4_opt.state_dict())
-    int8_opt = other if saved == "int4" else opt
-    assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)
-
-
 @pytest.mark.parametrize("state_dtype", FORMATS)
 def test_resume_is_bit_exact(state_dtype):
     info = next(i for i in ENGINE_DRIVEN if i.name == "AdamW")
@@ -389,6 +358,20 @@ def test_errors():
         with pytest.raises(RuntimeError, match="need float32, bfloat16 or float16 params"):
             optim_step.step_q8(spec, [p.double()], [g.double()], [good[0], good[0], []], [good[1], good[1], []],
                                [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend)  # fmt: skip
+        # int4: int8-sized codes, and int8's absmax count (int4 blocks are 128: 3 values)
+        with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] codes must be a contiguous torch.uint8 tensor of 150 "
+                                               r"values \(two 4-bit codes per byte\)"):  # fmt: skip
+            optim_step.step_q8(spec, [p], [g], [good[0], good[0], []], [[torch.zeros(3)]] * 2 + [[]],
+                               [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend,
+                               state_dtype="int4")  # fmt: skip
+        packed = [torch.zeros(150, dtype=torch.uint8)]
+        with pytest.raises(RuntimeError, match=r"absmax must be .* of 3 values \(one per 128 elements\)"):
+            optim_step.step_q8(spec, [p], [g], [packed, packed, []], [good[1], good[1], []], [torch.zeros(())],
+                               lr=0.1, hyper=hyper, maximize=False, backend=backend, state_dtype="int4")  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"bits must be 8 .* or 4"):  # the op itself, past step_q8's check
+            optim_step.op_for_q8(spec)([p], [g], packed, packed, [], [torch.zeros(3)], [torch.zeros(3)], [],
+                                       [lowbit.qmap(True, "cpu", "int4")] * 3, 2, [torch.zeros(())], 0.1, None,
+                                       *optim_step._hyper_args(spec, hyper), False, None, None, False, backend)
     assert _backend.usable("cpu", "cpu")
 
 
