@@ -109,9 +109,14 @@ def adamw_modes() -> list[StateMode]:
         fusedopt_mode("fp32", FULL_PRECISION, note="torch.optim.AdamW's state (fused or not)"),
         fusedopt_mode("int8", StateLayout(code_bits=8), state_dtype="int8"),
         fusedopt_mode("int4", StateLayout(code_bits=4, block=128), state_dtype="int4"),
-        # A new mode is one line here, e.g. (with its keywords, once they exist):
-        #   fusedopt_mode("bf16 + fp32 master", StateLayout(32, extra_bytes_per_elt=4), param_dtype=torch.bfloat16,
-        #                 master_weights=True),
+        # bf16 params (docs/MASTER_WEIGHTS.md): bf16 states rounded stochastically, or float32 states beside an exact
+        # master (float32, or its int16 low half beside the param). A new mode is one line here.
+        fusedopt_mode("bf16 + stochastic rounding", FULL_PRECISION, param_dtype=torch.bfloat16,
+                      bf16_stochastic_round=True),
+        fusedopt_mode("bf16 + fp32 master", StateLayout(32, fallback_itemsize=4, extra_bytes_per_elt=4),
+                      param_dtype=torch.bfloat16, master_weights=True),
+        fusedopt_mode("bf16 + int16 remainder", StateLayout(32, fallback_itemsize=4, extra_bytes_per_elt=2),
+                      param_dtype=torch.bfloat16, master_weights="remainder"),
         # torchao.optim: per state tensor its own map (256 or 16 float32 values); only sizes that are whole blocks
         # are quantized; its full-precision fallback has the param's dtype; the step is torch.compile'd per param.
         peer_mode("torchao AdamW8bit", "torchao.optim", "AdamW8bit", "torchao",

@@ -321,7 +321,4 @@ def cases(env: Env) -> list[Case]:
                               {"lr": 1e-2}, ("for-loop", "foreach"), [Target("vs", 1.0, "torch foreach")], 6,
                               ADAFACTOR_BYTES))  # fmt: skip
     out += clip_cases(model, f32, env, gpu)
-    from bench import optim_lowbit  # 8-bit states: AdamW int8 against the float32 steps and 8-bit peers
-
-    out += optim_lowbit.cases(env)
-    return out
+    return out  # the low-bit states' case: bench/optim_lowbit.py (its own family in bench/__main__.py)

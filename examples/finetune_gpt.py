@@ -116,11 +116,15 @@ def peak_memory_mib(device: str) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def train(impl: str, cfg, corpora, vocab: int, device: str, progress: bool = True, optimizer: str = "adamw") -> dict:
+def train(impl: str, cfg, corpora, vocab: int, device: str, progress: bool = True, optimizer: str = "adamw",
+          extra: dict | None = None, dtype: torch.dtype = torch.float32) -> dict:  # fmt: skip
+    """One run; `extra`: more keywords for the fusedopt optimizer (state_dtype="int8", bf16_stochastic_round=True),
+    `dtype`: the params' dtype (the tests' quality runs)."""
     torch.manual_seed(0)
-    model = GPT(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.context).to(device)
+    model = GPT(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.context).to(device=device, dtype=dtype)
     # adamw: torch.optim.AdamW(lr, weight_decay=0.1) + clip_grad_norm_, or fusedopt.optim.AdamW with max_grad_norm
-    opt = optimizers.make(optimizer, impl, model, cfg.lr, weight_decay=0.1, clip=cfg.clip, head=model.head)
+    opt = optimizers.make(optimizer, impl, model, cfg.lr, weight_decay=0.1, clip=cfg.clip, head=model.head,
+                          extra=extra)  # fmt: skip
     if impl == "torch":
         clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
     else:

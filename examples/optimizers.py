@@ -112,10 +112,11 @@ class Together:
 
 
 def make(name: str, impl: str, model: nn.Module, lr: float, *, weight_decay: float = 0.0, clip: float | None = None,
-         head: nn.Module | None = None):  # fmt: skip
+         head: nn.Module | None = None, extra: dict | None = None):  # fmt: skip
     """The optimizer for `model`: `impl` "fusedopt" or "torch" (the plain run). `lr` and `weight_decay` are the
     script's AdamW values, scaled by the row. The fusedopt optimizer folds clip_grad_norm_(clip) into its step where
-    the class takes max_grad_norm (its `max_grad_norm` is then set); otherwise the caller clips."""
+    the class takes max_grad_norm (its `max_grad_norm` is then set); otherwise the caller clips. `extra`: more
+    keywords for the fusedopt class (e.g. state_dtype="int8")."""
     why = missing(name, impl)
     if why:
         raise SystemExit(why)
@@ -132,7 +133,7 @@ def make(name: str, impl: str, model: nn.Module, lr: float, *, weight_decay: flo
         return Together(torch.optim.Muon(groups["muon"], **kw) if groups["muon"] else None,
                         torch.optim.AdamW(groups["adamw"], **adamw) if groups["adamw"] else None)  # fmt: skip
     if fused:
-        return getattr(_fusedopt_optim(), row.fused)(model.parameters(), max_grad_norm=clip, **kw)
+        return getattr(_fusedopt_optim(), row.fused)(model.parameters(), max_grad_norm=clip, **kw, **(extra or {}))
     if row.plain is None:  # the fusedopt class on its plain-PyTorch backend; the caller clips with torch's clip
         return getattr(_fusedopt_optim(), row.fused)(model.parameters(), backend="torch", max_grad_norm=None, **kw)
     return getattr(torch.optim, row.plain)(model.parameters(), **kw)

@@ -41,6 +41,8 @@ def test_layout_rule_equals_the_state_the_library_holds(modes, dtype):
     storages an optimizer of each mode holds after a step, on sizes at each edge of the rule."""
     checked = 0
     for mode in modes:
+        if mode.param_dtype not in (None, dtype):  # a mode for bf16 params only (master weights)
+            continue
         if mode.make is None:
             assert "not installed" in mode.note or "import failed" in mode.note or "has no" in mode.note
             continue

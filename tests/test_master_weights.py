@@ -348,3 +348,42 @@ def test_gpu_matches_the_torch_backend(info, kwargs, mode, backend):
     for i, (a, b) in enumerate(zip(ps_t, ps_x)):
         torch.testing.assert_close(_master(opt_x, b), _master(opt_t, a), rtol=1e-5, atol=1e-6, msg=f"param {i}")
         assert torch.equal(b.detach(), _rounded(_master(opt_x, b), mode, b.dtype)), i
+
+
+def test_an_int8_checkpoint_loads_into_master_weights():
+    """8-bit states (state_dtype="int8") are dequantized on load; beside a master they become float32."""
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    q8 = fusedopt.AdamW([p], lr=0.01, backend="cpu", state_dtype="int8")
+    p.grad = torch.randn(64, 80).bfloat16()
+    q8.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = fusedopt.AdamW([q], lr=0.01, backend="cpu", master_weights=True)
+    opt.load_state_dict(q8.state_dict())
+    st = opt.state[q]
+    assert sorted(st) == ["exp_avg", "exp_avg_sq", "master_param", "step"]
+    expected = fusedopt.optim.to_full_precision_state_dict(q8)["state"][0]["exp_avg"]
+    assert st["exp_avg"].dtype == torch.float32 and torch.equal(st["exp_avg"], expected.float())
+    q.grad = torch.randn(64, 80).bfloat16()
+    opt.step()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
+def test_compiled_step_equals_eager(mode):
+    """torch.compile (aot_eager: the custom op through functionalization, as inductor) of a master-weight step: the
+    op with its masters list in the graph, the same bits as eager."""
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).bfloat16()) for n in (7, 300)]
+        opt = fusedopt.AdamW(params, lr=0.01, backend="cpu", master_weights=mode)
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=False) if compiled else opt.step
+        gen = torch.Generator().manual_seed(8)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            step()
+        runs.append((opt, params))
+    torch._dynamo.reset()
+    (opt_e, ps_e), (opt_c, ps_c) = runs
+    for a, b in zip(ps_e, ps_c):
+        assert torch.equal(a, b) and torch.equal(_master(opt_e, a), _master(opt_c, b))

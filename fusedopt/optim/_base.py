@@ -141,6 +141,10 @@ class FusedOptimizerMixin:
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
         raise NotImplementedError
 
+    def _full_precision_state_dtype(self, group: dict, p: Tensor) -> torch.dtype:
+        """The dtype of p's full-precision states: the param's (float32 beside a master: optim/_master.py)."""
+        return p.dtype
+
     def _quantized_state(self, group: dict, p: Tensor) -> bool:
         """Whether p's state is 8-bit (fusedopt/optim/_lowbit.py); a bucket holds one kind."""
         return False

@@ -6,7 +6,8 @@ each state `key` as `key_codes` (uint8: int8 the param's shape, int4 packed two 
 `key_absmax` (float32, one per block of 256 (int8) or 128 (int4) elements); smaller params, and every param of a
 group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict converts each state to what this
 optimizer keeps for it (quantizes, dequantizes or changes the format), so full-precision state_dicts of torch.optim
-load here and `to_full_precision_state_dict` gives one torch.optim loads.
+load here and `to_full_precision_state_dict` gives one torch.optim loads. int4 states of FSDP2 (DTensor) params are
+refused (int8's world-size independent state_dict form, fusedopt/optim/_lowbit_shards.py, has no int4 twin yet).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import lowbit
+from fusedopt.optim import _lowbit_shards as shards
 from fusedopt.optim._base import Bucket, FusedOptimizerMixin, local_tensor
 
 _SUFFIXES = ("_codes", "_absmax")
@@ -62,7 +64,12 @@ class LowBitStateMixin(FusedOptimizerMixin):
 
     def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor, state_dtype: str) -> None:
         """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map. int8 codes
-        follow a DTensor param's placement; int4 codes, like absmax, are a plain tensor of the local shard."""
+        follow a DTensor param's placement; int4 codes are a plain tensor (no DTensor params: refused here)."""
+        if state_dtype == "int4" and shards.is_dtensor(p):
+            raise NotImplementedError(
+                f"fusedopt.optim.{type(self).__name__}: state_dtype='int4' for FSDP2 (DTensor) params is not supported "
+                "yet (its packed codes have no world-size independent state_dict form); use state_dtype='int8'"
+            )
         lp = local_tensor(p)
         c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
                                state_dtype)  # fmt: skip
@@ -73,14 +80,14 @@ class LowBitStateMixin(FusedOptimizerMixin):
         state[lowbit.codes_key(spec.key)] = c
         state[lowbit.absmax_key(spec.key)] = a
 
-    def _dequantize_from(self, p: Tensor, state: dict, spec) -> Tensor:
-        """Pops state[key_codes] and state[key_absmax] (either format) and returns the values, p's local shape and
-        dtype."""
+    def _dequantize_from(self, p: Tensor, state: dict, spec, dtype: torch.dtype) -> Tensor:
+        """Pops state[key_codes] and state[key_absmax] (either format) and returns the values in `dtype`, of p's
+        local shape."""
         lp = local_tensor(p)
         codes = local_tensor(state.pop(lowbit.codes_key(spec.key))).to(lp.device)
         absmax = state.pop(lowbit.absmax_key(spec.key)).to(lp.device)
         fmt = _stored_format(codes, lp.numel())
-        return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), lp.dtype, fmt, lp.shape)
+        return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), dtype, fmt, lp.shape)
 
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
         self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), group["state_dtype"])
@@ -101,13 +108,32 @@ class LowBitStateMixin(FusedOptimizerMixin):
         return codes, absmax
 
     # --- state_dict ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict; the 8-bit states of DTensor (FSDP2) params in the world-size independent global
+        form (fusedopt/optim/_lowbit_shards.py). Collective under FSDP2 when such states exist: every rank calls
+        it, as DCP's get_optimizer_state_dict does."""
+        sd = super().state_dict()
+        ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            st = sd["state"].get(pid)
+            if not st or not shards.is_dtensor(p) or not any(_is_q8_key(k) for k in st):
+                continue
+            st = sd["state"][pid] = dict(st)  # torch's state_dict shares the per-param dicts with self.state
+            for s in self.SPEC.states:
+                ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
+                if ck in st:
+                    table = lowbit.qmap(s.signed, local_tensor(p).device)
+                    st[ck], st[ak] = shards.to_global_form(p, st[ck], st[ak], table)
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every floating-point param's state to the param's dtype: codes and absmax are set aside and
-        # put back as they were. The optimizer's own state_dtype wins over the checkpoint's.
+        # put back as they were (a DTensor param's from the global form). The optimizer's own state_dtype wins.
         own = [g.get("state_dtype") for g in self.param_groups]
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(ids, params))
+        pairs = list(zip(ids, params))
         kept, plain = {}, {}
         for pid, st in state_dict["state"].items():
             kept[pid] = {k: v for k, v in st.items() if _is_q8_key(k)}
@@ -115,13 +141,26 @@ class LowBitStateMixin(FusedOptimizerMixin):
         super().load_state_dict({**state_dict, "state": plain})
         for g, sd in zip(self.param_groups, own):
             g["state_dtype"] = sd
-        for pid, q in kept.items():
-            if q and pid in by_id:
-                p = by_id[pid]
-                dev = local_tensor(p).device
-                self.state[p].update({k: v.to(dev) if not hasattr(v, "_local_tensor") else v for k, v in q.items()})
+        for pid, p in pairs:  # in param order: the DTensor conversion is collective
+            q = kept.get(pid)
+            if q:
+                self.state[p].update(self._runtime_q8_state(p, q))
         self._convert_states()
         self._bucket_cache.clear()
+
+    def _runtime_q8_state(self, p: Tensor, q: dict) -> dict:
+        """Loaded codes and absmax as this param's step keeps them."""
+        dev = local_tensor(p).device
+        if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
+            return {k: (v.full_tensor() if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
+        signed = {s.key: s.signed for s in self.SPEC.states}
+        out = {}
+        for ck in sorted(k for k in q if k.endswith("_codes")):
+            key = ck[: -len("_codes")]
+            ak = lowbit.absmax_key(key)
+            table = lowbit.qmap(signed.get(key, True), dev)
+            out[ck], out[ak] = shards.from_global_form(p, q[ck], q[ak], table)
+        return out
 
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
@@ -143,12 +182,12 @@ class LowBitStateMixin(FusedOptimizerMixin):
                         self._quantize_into(p, st, s, st.pop(s.key), own)
                     elif ck in st and (not quant or _stored_format(local_tensor(st[ck]), local_tensor(p).numel()).name
                                        != own):  # fmt: skip
-                        value = self._dequantize_from(p, st, s)
                         if quant:
-                            self._quantize_into(p, st, s, value, own)
+                            self._quantize_into(p, st, s, self._dequantize_from(p, st, s, torch.float32), own)
                         else:
-                            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                            local_tensor(buf).copy_(value)
+                            dtype = self._full_precision_state_dtype(group, p)
+                            buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                            local_tensor(buf).copy_(self._dequantize_from(p, st, s, dtype))
                             st[s.key] = buf
 
 
@@ -158,11 +197,17 @@ def _signed_by_key() -> dict:
     return {s.key: s.signed for m in (adagrad, adam, lion, rmsprop, sgd) for s in m.SPEC.states}
 
 
+def _int4_state(codes, absmax) -> bool:
+    """Whether stored codes are int4 (from the counts alone: int8 has one absmax per 256 codes, int4 one per 64)."""
+    return not shards.is_dtensor(codes) and absmax.numel() != lowbit.num_blocks(codes.numel(), "int8")
+
+
 def to_full_precision_state_dict(opt_or_state_dict) -> dict:
     """A state_dict with every int8 / int4 state dequantized to float32 under torch's key (`exp_avg`, ...) and
     state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
-    its state_dict; the input is not modified. int4 codes do not record their param's shape: a state_dict holding
-    int4 states needs the optimizer (a ValueError says so)."""
+    its state_dict; the input is not modified. Under FSDP2 the states are DTensors with their param's placement
+    (collective: every rank calls it). int4 codes do not record their param's shape: a state_dict holding int4
+    states needs the optimizer (a ValueError says so)."""
     is_opt = hasattr(opt_or_state_dict, "state_dict")
     sd = opt_or_state_dict.state_dict() if is_opt else opt_or_state_dict
     shapes = {}
@@ -173,20 +218,18 @@ def to_full_precision_state_dict(opt_or_state_dict) -> dict:
     state = {}
     for pid, st in sd["state"].items():
         out = {k: v for k, v in st.items() if not _is_q8_key(k)}
-        for k, v in st.items():
-            if isinstance(k, str) and k.endswith("_codes"):
-                key = k[: -len("_codes")]
-                codes = local_tensor(v)
-                absmax = st[lowbit.absmax_key(key)].to(codes.device)
-                if pid in shapes:
-                    fmt = _stored_format(codes, shapes[pid].numel()).name
-                else:  # int8: one absmax per 256 codes; int4: per 64 bytes of codes
-                    fmt = "int8" if absmax.numel() == lowbit.num_blocks(codes.numel(), "int8") else "int4"
-                if fmt == "int4" and pid not in shapes:
-                    raise ValueError(f"to_full_precision_state_dict: state {pid} holds int4 {key} states, whose codes "
-                                     "do not record the param's shape: pass the optimizer, not its state_dict")
-                table = lowbit.qmap(signed.get(key, True), codes.device, fmt)
-                out[key] = lowbit.dequantize(codes, absmax, table, state_dtype=fmt, shape=shapes.get(pid))
+        for k in sorted(k for k in st if isinstance(k, str) and k.endswith("_codes")):  # sorted: collective
+            key = k[: -len("_codes")]
+            codes, absmax = st[k], st[lowbit.absmax_key(key)]
+            if not _int4_state(codes, absmax):
+                table = lowbit.qmap(signed.get(key, True), local_tensor(codes).device)
+                out[key] = shards.dequantize_global_form(codes, absmax, table)
+                continue
+            if pid not in shapes:
+                raise ValueError(f"to_full_precision_state_dict: state {pid} holds int4 {key} states, whose codes do "
+                                 "not record the param's shape: pass the optimizer, not its state_dict")
+            table = lowbit.qmap(signed.get(key, True), codes.device, "int4")
+            out[key] = lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype="int4", shape=shapes[pid])
         state[pid] = out
     groups = [{**g, "state_dtype": None} if "state_dtype" in g else dict(g) for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}

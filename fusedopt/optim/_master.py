@@ -57,6 +57,9 @@ class MasterWeightsMixin(FusedOptimizerMixin):
         mode = group.get("master_weights")
         return mode if mode is not None and p.dtype in _SIXTEEN_BIT else None
 
+    def _full_precision_state_dtype(self, group: dict, p: Tensor) -> torch.dtype:
+        return torch.float32 if self._master_mode(group, p) else super()._full_precision_state_dtype(group, p)
+
     def _new_master(self, p: Tensor, mode: str) -> Tensor:
         if mode == "fp32":
             return p.detach().to(torch.float32, memory_format=torch.contiguous_format).clone()
@@ -90,7 +93,8 @@ class MasterWeightsMixin(FusedOptimizerMixin):
         for pid, p in zip(ids, params):
             st = state_dict["state"].get(pid)
             if st and self._master_mode(owner[id(p)], p) is not None:
-                kept[pid] = {k: v for k, v in st.items() if k != "step" and isinstance(v, Tensor)}
+                kept[pid] = {k: v for k, v in st.items()  # 8-bit states: LowBitStateMixin converts them
+                             if k != "step" and isinstance(v, Tensor) and not k.endswith(("_codes", "_absmax"))}
         own = [g.get("master_weights") for g in self.param_groups]
         had = ["master_weights" in g for g in self.param_groups]
         super().load_state_dict(state_dict)

@@ -120,7 +120,7 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         return self.SPEC.has_step
 
     def _new_state_buffer(self, group: dict, p, spec: StateSpec):
-        dtype = torch.float32 if self._master_mode(group, p) else None  # beside a master, states are float32
+        dtype = self._full_precision_state_dtype(group, p)  # float32 beside a master
         if spec.fill is None:
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return torch.full_like(p, group[spec.fill], dtype=dtype, memory_format=torch.preserve_format)

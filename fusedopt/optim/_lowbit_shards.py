@@ -1,0 +1,170 @@
+"""8-bit states of FSDP2 (DTensor) params in state_dicts: the world-size independent "global block" form.
+
+At run time a rank quantizes its local shard on its own: blocks of 256 consecutive LOCAL elements, one absmax each,
+no communication in the step. A shard whose flat offset in the full param is a multiple of 256 has exactly the
+1-rank blocks (the last one maybe shorter); other shards have blocks that straddle two 1-rank blocks.
+
+A state_dict holds the 1-rank form, whatever the world size: `<key>_codes` a DTensor with the param's placement,
+`<key>_absmax` a DTensor of the FULL param's block count (ceil(numel / 256)), sharded along dim 0. The value of
+global element i is map[codes[i]] * absmax[i // 256], as on one process, so DCP can reshard it (2 -> 1 rank).
+- Saving: a local block that is a whole global block keeps its codes and absmax as they are (bit-exact). Elements
+  of the other blocks are dequantized, each global block's absmax is the max over the ranks that hold part of it
+  (an all-reduce), and they are requantized against it (within the map's resolution).
+- Loading: a local block that lies inside one global block keeps its codes and takes that block's absmax (the same
+  values); a block that straddles two is dequantized and requantized over its local block.
+So a checkpoint of aligned shards round-trips bit for bit, to any world size whose shards are aligned too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fusedopt import lowbit
+
+BLOCK = lowbit.QUANT_BLOCK
+
+
+def is_dtensor(t) -> bool:
+    return hasattr(t, "_local_tensor")
+
+
+def flat_range(p) -> tuple:
+    """(flat offset of p's local shard in the full tensor, local numel, full numel) of a DTensor. Only shards that
+    are a contiguous range of the full tensor's elements (FSDP2's Shard(0), replication) are supported."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(p.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
+    if len(shape) > 1 and (tuple(local_shape[1:]) != shape[1:] or any(offset[1:])):
+        raise NotImplementedError(
+            f"fusedopt: 8-bit states of a DTensor param are supported for shards along dim 0 (FSDP2), got placements "
+            f"{p.placements} for shape {list(shape)}"
+        )
+    row = math.prod(shape[1:])
+    return (offset[0] * row if shape else 0), math.prod(local_shape), p.numel()
+
+
+def _local_blocks(offset: int, n: int, device) -> tuple:
+    """Start and end (global flat index) of each local block of a shard at `offset` with n elements."""
+    start = offset + torch.arange(0, n, BLOCK, device=device)
+    return start, torch.clamp(start + BLOCK, max=offset + n)
+
+
+def _quantize_against(values: Tensor, absmax_per_element: Tensor, table: Tensor) -> Tensor:
+    """The codes of `values` (flat float32) given each element's block absmax: step 2 of the definition
+    (fusedopt.lowbit: x / d with d = absmax, or 1 for a zero block; a NaN block's values get code 0)."""
+    d = torch.where(absmax_per_element > 0, absmax_per_element, 1.0)
+    return lowbit._search(values / d, table[BLOCK : 2 * BLOCK]).to(torch.uint8)
+
+
+def _dequantize_with(codes: Tensor, absmax_per_element: Tensor, table: Tensor) -> Tensor:
+    """map[codes] * absmax, float32, flat: fusedopt.lowbit.dequantize with each element's block absmax given."""
+    return table[:BLOCK][codes.reshape(-1).long()] * absmax_per_element
+
+
+def _all_reduce_max(t: Tensor, mesh) -> None:
+    # one all-reduce per mesh dimension: the max over every rank of the mesh (a NaN is carried by a separate flag)
+    for dim in range(mesh.ndim):
+        if mesh.size(dim) > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+
+def _block_placements(p) -> list:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(0) if pl.is_shard() else Replicate() for pl in p.placements]
+
+
+def _as_dtensor_like(p, local: Tensor):
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.reshape(p._local_tensor.shape), p.device_mesh, p.placements, shape=p.shape,
+                              stride=p.stride())  # fmt: skip
+
+
+def to_global_form(p, codes, absmax: Tensor, table: Tensor) -> tuple:
+    """(codes DTensor, absmax DTensor of the full param's blocks) for a DTensor param's run-time state (codes a
+    DTensor, absmax its local blocks). Collective: every rank of p's mesh calls it for the same param."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    offset, n, numel = flat_range(p)
+    local_codes = codes._local_tensor.reshape(-1)
+    dev = local_codes.device
+    start, end = _local_blocks(offset, n, dev)
+    whole = (start % BLOCK == 0) & ((end - start == BLOCK) | (end == numel))  # a local block = a global block
+    nb = lowbit.num_blocks(numel)
+    best, nan = torch.zeros(nb, device=dev), torch.zeros(nb, device=dev)
+    absmax = absmax.to(dev)
+    g_whole = start[whole] // BLOCK
+    best[g_whole] = torch.nan_to_num(absmax[whole], nan=0.0)
+    nan[g_whole] = absmax[whole].isnan().float()
+    part = ~whole.repeat_interleave(BLOCK)[:n]  # elements to requantize against the global blocks
+    straddles = bool(part.any())
+    if straddles:
+        values = lowbit.dequantize(local_codes, absmax, table).reshape(-1)
+        g_elem = (offset + torch.arange(n, device=dev)) // BLOCK
+        best.scatter_reduce_(0, g_elem[part], torch.nan_to_num(values[part].abs(), nan=0.0), "amax")
+        nan.scatter_reduce_(0, g_elem[part], values[part].isnan().float(), "amax")
+    _all_reduce_max(best, p.device_mesh)
+    _all_reduce_max(nan, p.device_mesh)
+    full = torch.where(nan > 0, float("nan"), best)
+    if straddles:
+        requantized = _quantize_against(values[part], full[g_elem[part]], table)
+        local_codes = local_codes.clone()
+        local_codes[part] = requantized
+        codes = _as_dtensor_like(p, local_codes)
+    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    return codes, replicated.redistribute(p.device_mesh, _block_placements(p))
+
+
+def _full_blocks(absmax) -> Tensor:
+    return absmax.full_tensor() if is_dtensor(absmax) else absmax  # collective for a DTensor
+
+
+def _local_codes(p, codes) -> Tensor:
+    """p's local shard of codes given as a DTensor (p's placement) or as the full tensor (a 1-rank checkpoint)."""
+    if is_dtensor(codes):
+        if codes.device_mesh == p.device_mesh and tuple(codes.placements) == tuple(p.placements):
+            return codes._local_tensor.reshape(-1)
+        codes = codes.full_tensor()  # laid out otherwise: cut p's range from the whole (collective)
+    offset, n, _ = flat_range(p)
+    return codes.reshape(-1)[offset : offset + n]
+
+
+def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
+    """The run-time state (codes DTensor, local absmax) of a DTensor param from the global form (DTensors, or full
+    plain tensors). Collective when absmax is a DTensor."""
+    offset, n, numel = flat_range(p)
+    full = _full_blocks(absmax)
+    local_codes = _local_codes(p, codes)
+    dev = p._local_tensor.device
+    full, local_codes = full.to(dev), local_codes.to(dev)
+    if full.numel() != lowbit.num_blocks(numel) or local_codes.numel() != n:
+        raise ValueError(f"8-bit state of a param of shape {list(p.shape)}: expected {lowbit.num_blocks(numel)} absmax "
+                         f"values (one per 256 elements of the whole param) and {n} local codes, got "
+                         f"{full.numel()} and {local_codes.numel()}")  # fmt: skip
+    start, end = _local_blocks(offset, n, dev)
+    inside = start // BLOCK == (end - 1) // BLOCK  # keeps its codes, the global block's absmax
+    local_absmax = full[start // BLOCK].clone()
+    if not bool(inside.all()):
+        values = _dequantize_with(local_codes, full[(offset + torch.arange(n, device=dev)) // BLOCK], table)
+        new_codes, new_absmax = lowbit.quantize(values, table)
+        keep = inside.repeat_interleave(BLOCK)[:n]
+        local_codes = torch.where(keep, local_codes, new_codes)
+        local_absmax = torch.where(inside, local_absmax, new_absmax)
+    return _as_dtensor_like(p, local_codes.contiguous()), local_absmax
+
+
+def dequantize_global_form(codes, absmax, table: Tensor):
+    """float32 values (a DTensor with the codes' placement for DTensor codes) of a state in the global form."""
+    if not is_dtensor(codes):
+        return lowbit.dequantize(codes, absmax.to(codes.device), table)
+    offset, n, _ = flat_range(codes)
+    local = codes._local_tensor.reshape(-1)
+    full = _full_blocks(absmax).to(local.device)
+    values = _dequantize_with(local, full[(offset + torch.arange(n, device=local.device)) // BLOCK], table)
+    return _as_dtensor_like(codes, values)
