@@ -332,19 +332,21 @@ def test_streaming_quality(state_dtype, slack):
     assert losses[None] < 0.5 and losses[state_dtype] <= losses[None] * slack, losses
 
 
-def test_gpt_finetune_quality():
-    """examples/finetune_gpt.py (its tiny GPT, 150 + 50 steps): int8 AdamW's loss curve stays within 2% of float32
-    AdamW's, to the final loss (measured: 2e-5 relative at the end, 4e-4 at worst)."""
+@pytest.mark.parametrize(("state_dtype", "slack"), [("int8", 0.02), ("int4", 0.05)])
+def test_gpt_finetune_quality(state_dtype, slack):
+    """examples/finetune_gpt.py (its tiny GPT, 150 + 50 steps): int8 (int4) AdamW's loss curve stays within 2% (5%)
+    of float32 AdamW's, to the final loss (measured: int8 2e-5 relative at the end, 4e-4 at worst; int4 2e-3 at the
+    end, 8e-3 at worst)."""
     import gpt_quality
 
     fp32, _ = gpt_quality.train()
-    int8, opt = gpt_quality.train({"state_dtype": "int8"})
+    low, opt = gpt_quality.train({"state_dtype": state_dtype})
     quantized = [p for p in opt.param_groups[0]["params"] if "exp_avg_codes" in opt.state[p]]
-    assert len(quantized) == 4, "the tiny GPT's four 4096-element MLP weights should have 8-bit states"
+    assert len(quantized) == 4, "the tiny GPT's four 4096-element MLP weights should have low-bit states"
     assert fp32[-1] < 0.5 * fp32[0], "the run did not learn"
-    assert abs(int8[-1] - fp32[-1]) <= 0.02 * fp32[-1], (int8[-1], fp32[-1])
-    assert max(abs(a - b) / b for a, b in zip(int8, fp32)) <= 0.02
-    assert int8 != fp32, "int8 states changed nothing: were they used?"
+    assert abs(low[-1] - fp32[-1]) <= slack * fp32[-1], (low[-1], fp32[-1])
+    assert max(abs(a - b) / b for a, b in zip(low, fp32)) <= slack
+    assert low != fp32, "low-bit states changed nothing: were they used?"
 
 
 def test_errors():
