@@ -181,3 +181,24 @@ def test_loading_the_other_format_converts(saved, loaded):
         fusedopt.optim.to_full_precision_state_dict(int4_opt.state_dict())
     int8_opt = other if saved == "int4" else opt
     assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+def test_q8_op_passes_opcheck(state_dtype):
+    """fusedopt::adam_step_q8's schema (`int bits` included), fake kernel and aliasing, for either format."""
+    spec = fusedopt.optim.adam.SPEC
+    fmt = lowbit.FORMATS[state_dtype]
+    params = [torch.randn(5000), torch.randn(300)]
+    codes, absmax = [], []
+    for s in spec.states:
+        pairs = [lowbit.quantize(torch.rand(p.shape) * (1 if not s.signed else 2) - (1 if s.signed else 0),
+                                 lowbit.qmap(s.signed, "cpu", fmt), fmt) for p in params]  # fmt: skip
+        codes.append([c for c, _ in pairs])
+        absmax.append([a for _, a in pairs])
+    qmaps = [lowbit.qmap(s.signed, "cpu", fmt) for s in spec.states]
+    hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # amsgrad on: every state list in use
+    args = (params, [torch.randn(p.shape) for p in params], *codes, *absmax, qmaps, fmt.bits,
+            [torch.zeros(()) for _ in params], 0.01, None, *hyper, False, None, None, False, "cpu")  # fmt: skip
+    optim_step.op_for_q8(spec)  # registered on first use
+    result = torch.library.opcheck(getattr(torch.ops.fusedopt, f"{spec.op}_step_q8").default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
