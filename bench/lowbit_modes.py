@@ -49,6 +49,7 @@ class StateLayout:
             total += self.extra_bytes_per_elt * n
             if self.quantizes(n):
                 any_quantized = True
+                # codes: a half byte rounds up (fusedopt int4, an odd size)
                 per_state = -(-n * self.code_bits // 8) + 4 * -(-n // self.block) + self.map_bytes_per_state
             else:
                 per_state = n * (self.fallback_itemsize or param_dtype.itemsize)
