@@ -49,7 +49,8 @@ class StateLayout:
             total += self.extra_bytes_per_elt * n
             if self.quantizes(n):
                 any_quantized = True
-                per_state = n * self.code_bits // 8 + 4 * -(-n // self.block) + self.map_bytes_per_state
+                # codes: a half byte rounds up (fusedopt int4, an odd size)
+                per_state = -(-n * self.code_bits // 8) + 4 * -(-n // self.block) + self.map_bytes_per_state
             else:
                 per_state = n * (self.fallback_itemsize or param_dtype.itemsize)
             total += self.states * per_state
@@ -108,6 +109,7 @@ def adamw_modes() -> list[StateMode]:
     return [
         fusedopt_mode("fp32", FULL_PRECISION, note="torch.optim.AdamW's state (fused or not)"),
         fusedopt_mode("int8", StateLayout(code_bits=8), state_dtype="int8"),
+        fusedopt_mode("int4", StateLayout(code_bits=4, block=128), state_dtype="int4"),
         # bf16 params (docs/MASTER_WEIGHTS.md): bf16 states rounded stochastically, or float32 states beside an exact
         # master (float32, or its int16 low half beside the param). A new mode is one line here.
         fusedopt_mode("bf16 + stochastic rounding", FULL_PRECISION, param_dtype=torch.bfloat16,

@@ -1,61 +1,115 @@
-"""8-bit block-wise quantized optimizer states (docs/LOW_BIT_STATES.md): the dynamic maps, the plain-PyTorch
-quantizer and dequantizer (the `torch` backend's, and the definition every kernel matches), the `torch` backend of
-the <op>_step_q8 ops, and the state-key conventions.
+"""Block-wise quantized optimizer states, 8-bit and 4-bit (docs/LOW_BIT_STATES.md): the formats and their maps,
+the plain-PyTorch quantizer and dequantizer (the `torch` backend's, and the definition every kernel matches), the
+`torch` backend of the <op>_step_q8 ops, and the state-key conventions.
 
-A quantized state is, per param, `codes` (uint8, the param's shape) and `absmax` (float32, ceil(numel / 256)): the
-value of element i is map[codes[i]] * absmax[i // 256]. The map is the dynamic tree map of Dettmers et al. (2022,
-"8-bit Optimizers via Block-wise Quantization"): per decade 10^-6 .. 10^0 a linear grid whose resolution grows with
-the magnitude, plus 0 and 1; signed for first moments (momentum-like states), unsigned (twice the resolution) for
-second moments. Quantizing a block: a = max |x| (NaN if any x is NaN), d = a if a > 0 else 1, code = the number of
-midpoints between neighbouring map values that x / d reaches (>=): the nearest value, ties up. A NaN gets code 0;
-its block reads back NaN through its NaN absmax, and no other block is touched.
+A quantized state is, per param, `codes` (uint8) and `absmax` (float32, one per block of `block` consecutive
+elements, row-major): the value of element i is map[code(i)] * absmax[i // block].
+- int8 (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): blocks of 256, codes of the param's
+  shape; the dynamic tree map (per decade 10^-6 .. 10^0 a linear grid whose resolution grows with the magnitude,
+  plus 0 and 1), signed for first moments, unsigned (twice the resolution) for second moments.
+- int4 (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States", as torchao's AdamW4bit): blocks of 128,
+  codes packed two per byte in a 1-D tensor of ceil(numel / 2) bytes (element 2j in the high nibble of byte j,
+  2j + 1 in the low one, a missing last element 0); the signed dynamic map with 3 decades (16 values) for first
+  moments, and the linear map 1/16, 2/16, .., 1 (no zero) for second moments.
+Quantizing a block: a = max |x| (NaN if any x is NaN), d = a if a > 0 else 1, code = the number of midpoints between
+neighbouring map values that x / d reaches (>=): the nearest value, ties up. A NaN gets code 0; its block reads back
+NaN through its NaN absmax, and no other block is touched.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fusedopt import _checks
 
-QUANT_BLOCK = 256  # values per absmax
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
-STATE_DTYPES = (None, "int8")
-# The table every kernel reads (float32): 256 code values, 255 midpoints and a NaN (never passed: the binary search
-# never reads it, the lookup compares with it), then the 65536-byte lookup table of the CPU kernel and 4 bytes of
-# padding (its vector path reads 4 bytes at each byte index).
-MAP_SIZE = 512 + 65536 // 4 + 1
-LUT_SHIFT = 16  # lut[float32 bits >> 16]
+LUT_SHIFT = 16  # int8's CPU lookup table: lut[float32 bits >> 16]
+LUT_FLOATS = 65536 // 4 + 1  # its 65536 bytes and 4 of padding (the vector path reads 4 bytes at each byte index)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One state_dtype. Its table (float32, what every kernel reads): the `levels` sorted code values, the
+    levels - 1 midpoints and a NaN (never passed: the binary search never reads it), then for int8 the CPU kernel's
+    lookup table."""
+
+    name: str
+    bits: int
+    block: int  # values per absmax
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def table_size(self) -> int:
+        return 2 * self.levels + (LUT_FLOATS if self.bits == 8 else 0)
+
+    def codes_numel(self, numel: int) -> int:
+        return numel if self.bits == 8 else -(-numel // 2)
+
+    def num_blocks(self, numel: int) -> int:
+        return -(-numel // self.block)
+
+
+FORMATS = {"int8": QuantFormat("int8", 8, 256), "int4": QuantFormat("int4", 4, 128)}
+STATE_DTYPES = (None, *FORMATS)
+QUANT_BLOCK = FORMATS["int8"].block
+MAP_SIZE = FORMATS["int8"].table_size
+
+
+def quant_format(state_dtype) -> QuantFormat:
+    if isinstance(state_dtype, QuantFormat):
+        return state_dtype
+    fmt = FORMATS.get(state_dtype)
+    if fmt is None:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None for full precision, 'int8' or 'int4')")
+    return fmt
 
 
 def check_state_dtype(state_dtype) -> str | None:
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None for full precision, or 'int8')")
-    return state_dtype
+    return None if state_dtype is None else quant_format(state_dtype).name
 
 
-def dynamic_map(signed: bool) -> list:
-    """The 256 sorted values of the dynamic map, computed in float64. Per decade k = 0..6 (10^(k-6) scale) the
-    midpoints of a linear grid of [0.1, 1]: 2^k of them per sign (signed) or 2^(k+1) (unsigned); then 0 and 1."""
+def dynamic_map(signed: bool, decades: int = 7) -> list:
+    """The 2^(decades + 1) sorted values of the dynamic map, computed in float64. Per decade k = 0..decades-1
+    (10^(k + 1 - decades) scale) the midpoints of a linear grid of [0.1, 1]: 2^k of them per sign (signed) or
+    2^(k+1) (unsigned); then 0 and 1. 7 decades: int8's 256 values; 3 (signed): int4's 16."""
     values = [0.0, 1.0]
-    for k in range(7):
+    for k in range(decades):
         n = 2 ** k if signed else 2 ** (k + 1)
         grid = [0.1 + 0.9 * j / n for j in range(n + 1)]
         for lo, hi in itertools.pairwise(grid):
-            v = 10.0 ** (k - 6) * (lo + hi) / 2
+            v = 10.0 ** (k + 1 - decades) * (lo + hi) / 2
             values += [v, -v] if signed else [v]
-    assert len(values) == 256
+    assert len(values) == 2 ** (decades + 1)
     return sorted(values)
 
 
-def _search(scaled: Tensor, mid: Tensor) -> Tensor:
-    """#{j < 255 : scaled >= mid[j]} by the kernels' branchless binary search, step for step (int64); NaN gives 0."""
+def state_map(fmt: QuantFormat, signed: bool) -> list:
+    """The sorted code values of a state of `fmt` (signed: first moments; unsigned: second moments and sums)."""
+    if fmt.bits == 8:
+        return dynamic_map(signed)
+    if signed:
+        return dynamic_map(True, decades=fmt.bits - 1)
+    # torchao's 4-bit second moment: linear without zero, so a small value is never flushed to 0 (a zero v
+    # would make Adam's update g / (sqrt(0) + eps) blow up)
+    return [j / fmt.levels for j in range(1, fmt.levels + 1)]
+
+
+def _search(scaled: Tensor, mid: Tensor, levels: int = 256) -> Tensor:
+    """#{j < levels - 1 : scaled >= mid[j]} by the kernels' branchless binary search, step for step (int64); NaN
+    gives 0."""
     code = torch.zeros(scaled.shape, dtype=torch.int64, device=scaled.device)
-    for s in (128, 64, 32, 16, 8, 4, 2, 1):
+    s = levels // 2
+    while s >= 1:
         code += torch.where(scaled >= mid[code + (s - 1)], s, 0)
+        s //= 2
     return code
 
 
@@ -77,50 +131,83 @@ def _lookup_table(mid: Tensor) -> Tensor:
 
 
 @functools.cache
-def _table_cpu(signed: bool) -> Tensor:
-    values = torch.tensor(dynamic_map(signed), dtype=torch.float64).to(torch.float32)
+def _table_cpu(signed: bool, state_dtype: str) -> Tensor:
+    fmt = FORMATS[state_dtype]
+    values = torch.tensor(state_map(fmt, signed), dtype=torch.float64).to(torch.float32)
     mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
-    return torch.cat([values, mid, _lookup_table(mid).view(torch.float32), torch.zeros(1)])
+    parts = [values, mid]
+    if fmt.bits == 8:
+        parts += [_lookup_table(mid).view(torch.float32), torch.zeros(1)]
+    return torch.cat(parts)
 
 
 _TABLES: dict = {}
 
 
-def qmap(signed: bool, device) -> Tensor:
-    """The map table of one signedness on `device` (float32, 512), cached."""
-    key = (signed, torch.device(device))
+def qmap(signed: bool, device, state_dtype="int8") -> Tensor:
+    """The map table of one signedness and format on `device` (float32, the format's table_size), cached."""
+    name = quant_format(state_dtype).name
+    key = (signed, name, torch.device(device))
     t = _TABLES.get(key)
     if t is None:
-        t = _TABLES[key] = _table_cpu(signed).to(key[1])
+        t = _TABLES[key] = _table_cpu(signed, name).to(key[2])
     return t
 
 
-def num_blocks(numel: int) -> int:
-    return -(-numel // QUANT_BLOCK)
+def num_blocks(numel: int, state_dtype="int8") -> int:
+    return quant_format(state_dtype).num_blocks(numel)
 
 
-def _blocks(x: Tensor) -> Tensor:
+def _blocks(x: Tensor, block: int) -> Tensor:
     flat = x.detach().reshape(-1).to(torch.float32)
-    pad = num_blocks(flat.numel()) * QUANT_BLOCK - flat.numel()
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, QUANT_BLOCK)
+    pad = -(-flat.numel() // block) * block - flat.numel()
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
-def quantize(x: Tensor, table: Tensor) -> tuple:
-    """(codes uint8 of x's shape, absmax float32 (blocks,)): blocks of 256 consecutive elements (row-major)."""
-    blocks = _blocks(x)
+def pack4(codes: Tensor) -> Tensor:
+    """Flat 4-bit codes (int, any length) -> uint8 bytes, element 2j in the high nibble of byte j."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, flat.numel() % 2)).view(-1, 2)
+    return (flat[:, 0] << 4) | flat[:, 1]
+
+
+def unpack4(packed: Tensor, numel: int) -> Tensor:
+    """The first `numel` 4-bit codes of `packed` (int64, flat)."""
+    b = packed.reshape(-1).long()
+    return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
+
+
+def quantize(x: Tensor, table: Tensor, state_dtype="int8") -> tuple:
+    """(codes uint8, absmax float32 (blocks,)): blocks of `block` consecutive elements (row-major). int8 codes have
+    x's shape; int4 codes are packed, (ceil(numel / 2),)."""
+    fmt = quant_format(state_dtype)
+    blocks = _blocks(x, fmt.block)
     absmax = blocks.abs().amax(dim=1)  # NaN-propagating
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
-    code = _search(scaled, table[QUANT_BLOCK : 2 * QUANT_BLOCK])
-    return code.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape), absmax
+    code = _search(scaled, table[fmt.levels : 2 * fmt.levels], fmt.levels).reshape(-1)[: x.numel()]
+    if fmt.bits == 4:
+        return pack4(code), absmax
+    return code.to(torch.uint8).reshape(x.shape), absmax
 
 
-def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """map[codes] * absmax per block, float32 math, in `dtype`, of codes' shape."""
-    n = codes.numel()
-    vals = table[: QUANT_BLOCK][codes.reshape(-1).long()]
-    pad = num_blocks(n) * QUANT_BLOCK - n
-    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, QUANT_BLOCK) * absmax[:, None]
-    return vals.reshape(-1)[:n].reshape(codes.shape).to(dtype)
+def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype = torch.float32, state_dtype="int8",
+               shape=None) -> Tensor:  # fmt: skip
+    """map[codes] * absmax per block, float32 math, in `dtype`: of codes' shape (int8) or of `shape` (int4, whose
+    packed codes do not record it; default: 2 * codes.numel() elements)."""
+    fmt = quant_format(state_dtype)
+    if fmt.bits == 4:
+        shape = torch.Size(shape) if shape is not None else torch.Size([2 * codes.numel()])
+        n = shape.numel()
+        if fmt.codes_numel(n) != codes.numel():
+            raise ValueError(f"int4 codes of {codes.numel()} bytes cannot hold a state of shape {list(shape)}")
+        index = unpack4(codes, n)
+    else:
+        shape, n = codes.shape, codes.numel()
+        index = codes.reshape(-1).long()
+    vals = table[: fmt.levels][index]
+    pad = fmt.num_blocks(n) * fmt.block - n
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, fmt.block) * absmax[:, None]
+    return vals.reshape(-1)[:n].reshape(shape).to(dtype)
 
 
 def codes_key(key: str) -> str:
@@ -132,42 +219,61 @@ def absmax_key(key: str) -> str:
 
 
 # --- the torch backend of <op>_step_q8 ----------------------------------------------------------------------------
-def check_q8(op: str, params, codes, absmaxes, qmaps, state_names) -> None:
+def format_of_bits(bits: int, op: str) -> QuantFormat:
+    for fmt in FORMATS.values():
+        if fmt.bits == bits:
+            return fmt
+    raise RuntimeError(f"{op}: bits must be 8 (int8 states) or 4 (int4 states), got {bits}")
+
+
+def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, bits: int = 8) -> None:
+    """The checks every backend makes (csrc/common/optim_q8.h has the C++ twin, with the same messages)."""
     _checks.check_params(params, op)
+    fmt = format_of_bits(bits, op)
     if params[0].dtype == torch.float64:
-        raise RuntimeError(f"{op}: quantized (int8) states need float32, bfloat16 or float16 params, got torch.float64")
+        raise RuntimeError(f"{op}: quantized ({fmt.name}) states need float32, bfloat16 or float16 params, got "
+                           "torch.float64")  # fmt: skip
     for name, cs, ams, table in zip(state_names, codes, absmaxes, qmaps):
         if not cs:
             continue
         if len(cs) != len(params) or len(ams) != len(params):
             raise RuntimeError(f"{op}: {name} has {len(cs)} code tensors and {len(ams)} absmax tensors, params has "
                                f"{len(params)}")  # fmt: skip
-        if table.dtype != torch.float32 or table.numel() != MAP_SIZE or table.device != params[0].device:
-            raise RuntimeError(f"{op}: the map of {name} must be a contiguous float32 tensor of {MAP_SIZE} values on "
-                               "the params' device")  # fmt: skip
+        size = fmt.table_size
+        if table.dtype != torch.float32 or table.numel() != size or table.device != params[0].device:
+            raise RuntimeError(f"{op}: the map of {name} must be a contiguous float32 tensor of {size} values on "
+                               f"the params' device ({fmt.name})")  # fmt: skip
         for i, (c, a, p) in enumerate(zip(cs, ams, params)):
-            if c.dtype != torch.uint8 or c.shape != p.shape or not c.is_contiguous() or c.device != p.device:
+            ok = c.dtype == torch.uint8 and c.is_contiguous() and c.device == p.device
+            if fmt.bits == 8 and not (ok and c.shape == p.shape):
                 raise RuntimeError(f"{op}: {name}[{i}] codes must be a contiguous torch.uint8 tensor of its param's "
                                    f"shape {list(p.shape)} and device")  # fmt: skip
-            nb = num_blocks(p.numel())
+            if fmt.bits == 4 and not (ok and c.dim() == 1 and c.numel() == fmt.codes_numel(p.numel())):
+                raise RuntimeError(f"{op}: {name}[{i}] codes must be a contiguous torch.uint8 tensor of "
+                                   f"{fmt.codes_numel(p.numel())} values (two 4-bit codes per byte) on its param's "
+                                   "device")  # fmt: skip
+            nb = fmt.num_blocks(p.numel())
             if a.dtype != torch.float32 or a.dim() != 1 or a.numel() != nb or a.device != p.device:
                 raise RuntimeError(f"{op}: {name}[{i}] absmax must be a contiguous 1-D torch.float32 tensor of {nb} "
-                                   "values (one per 256 elements) on its param's device")  # fmt: skip
+                                   f"values (one per {fmt.block} elements) on its param's device")  # fmt: skip
 
 
-def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps, scalars, lr, lr_tensor, hyper,
-            maximize, grad_divisor, found_inf, write_back_grads) -> None:  # fmt: skip
-    """The plain-torch q8 step: dequantize each used state to float32, run the op's full-precision reference on it,
-    quantize back (unless found_inf skipped the step: requantizing is not the identity)."""
-    check_q8(f"fusedopt {op}_step_q8 (torch)", params, codes, absmaxes, qmaps, state_names)
-    states = [[dequantize(c, a, t) for c, a in zip(cs, ams)] for cs, ams, t in zip(codes, absmaxes, qmaps)]
+def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps, bits, scalars, lr, lr_tensor,
+            hyper, maximize, grad_divisor, found_inf, write_back_grads) -> None:  # fmt: skip
+    """The plain-torch quantized step: dequantize each used state to float32, run the op's full-precision reference
+    on it, quantize back (unless found_inf skipped the step: requantizing is not the identity)."""
+    name = f"fusedopt {op}_step_q8 (torch)"
+    check_q8(name, params, codes, absmaxes, qmaps, state_names, bits)
+    fmt = format_of_bits(bits, name)
+    states = [[dequantize(c, a, t, state_dtype=fmt, shape=p.shape) for c, a, p in zip(cs, ams, params)]
+              for cs, ams, t in zip(codes, absmaxes, qmaps)]  # fmt: skip
     with _checks.states_in_opmath():
         fp_step(params, grads, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                 write_back_grads)  # fmt: skip
     keep = None if found_inf is None else found_inf.reshape(()) != 0
     for cs, ams, vals, table in zip(codes, absmaxes, states, qmaps):
         for c, a, v in zip(cs, ams, vals):
-            new_c, new_a = quantize(v, table)
+            new_c, new_a = quantize(v, table, fmt)
             if keep is not None:
                 new_c, new_a = torch.where(keep, c, new_c), torch.where(keep, a, new_a)
             c.copy_(new_c)

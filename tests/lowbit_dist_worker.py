@@ -323,6 +323,22 @@ def scenario_column_shards_refused(rank: int, mesh) -> None:
     raise AssertionError("state_dict() of a Shard(1) param with 8-bit state did not refuse")
 
 
+def scenario_int4_refused(rank: int, mesh) -> None:
+    """int4 states of an FSDP2 param (no world-size independent state_dict form yet) raise NotImplementedError at
+    the first step, when the state is made, on every rank (no collective is reached)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)]))
+    opt = fusedopt.optim.AdamW([p], state_dtype="int4")
+    p.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)])
+    try:
+        opt.step()
+    except NotImplementedError as e:
+        assert "state_dtype='int4' for FSDP2 (DTensor) params" in str(e)
+        return
+    raise AssertionError("an FSDP2 param with int4 state did not refuse")
+
+
 def scenarios(world: int, ckpt_dir: str) -> list:
     out = []
     for name in OPTIMIZERS:
@@ -337,6 +353,7 @@ def scenarios(world: int, ckpt_dir: str) -> list:
                     out.append((f"2to1-{tag}-{name}-{kind}", fn))
     if world == 2:
         out.append(("column-shards-refused", scenario_column_shards_refused))
+        out.append(("int4-refused", scenario_int4_refused))
     return out
 
 

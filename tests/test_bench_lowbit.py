@@ -102,6 +102,7 @@ def test_llama_7b_state_per_param(modes):
     assert per_param["torchao AdamW8bit"] == pytest.approx(2.031, abs=0.001)
     assert per_param["bitsandbytes AdamW8bit"] == pytest.approx(2.031, abs=0.001)
     assert per_param["torchao AdamW4bit"] == pytest.approx(1.063, abs=0.001)
+    assert per_param["fusedopt int4"] == pytest.approx(1.062, abs=0.001)  # no map copies, unlike torchao's
 
 
 def test_memory_table_measures_available_modes_and_lists_the_rest(modes):

@@ -1,6 +1,7 @@
-"""8-bit block-wise optimizer states (state_dtype="int8", docs/LOW_BIT_STATES.md), for every optimizer of the
-registry: the fused kernels against the plain-torch definition (fusedopt/lowbit.py), the quantizer itself, state_dict
-conversions both ways, the small-tensor threshold, quality on a tiny model, and the errors."""
+"""Block-wise quantized optimizer states (state_dtype="int8" and "int4", docs/LOW_BIT_STATES.md), for every
+optimizer of the registry: the fused kernels against the plain-torch definition (fusedopt/lowbit.py), the quantizer
+itself, state_dict conversions both ways, the small-tensor threshold, quality on a tiny model, and the errors. Each
+test runs for both formats; tests/test_lowbit_int4.py has what only int4 needs (its maps, packing, conversions)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from fusedopt.ops import optim_step
 Q8_BACKENDS = [b for b in cpu_backends() if b != "torch"]
 SHAPES = [(80, 64), (5000,), (3, 37, 41)]  # 20 whole blocks; a 136-element tail; blocks across rows
 SMALL = (7, 9)  # below MIN_QUANT_NUMEL: full precision
+FORMATS = ["int8", "int4"]
+STEPS = {"int8": 5, "int4": 20}  # trajectory steps
 
 
 def _cases(info):
@@ -43,9 +46,9 @@ def _grads(params, step):
     return [torch.randn(p.shape, generator=g).to(p.dtype) * (1 + step) for p in params]
 
 
-def _run(info, kw, backend, dtype, steps=5, params=None):
+def _run(info, kw, backend, dtype, steps=5, params=None, state_dtype="int8"):
     params = params if params is not None else _params(dtype)
-    opt = info.fused(params, backend=backend, state_dtype="int8", **kw)
+    opt = info.fused(params, backend=backend, state_dtype=state_dtype, **kw)
     for s in range(steps):
         for p, g in zip(params, _grads(params, s)):
             p.grad = g
@@ -57,60 +60,84 @@ def _q8_state(opt, p):
     return {k: v for k, v in opt.state[p].items() if k.endswith(("_codes", "_absmax"))}
 
 
-def _compare(opt, ref, params, ref_params, dtype, frac=1e-3):
+def codes_of(codes, p, state_dtype):
+    """One int64 code per element of p (int4 codes unpacked)."""
+    return lowbit.unpack4(codes, p.numel()) if state_dtype == "int4" else codes.reshape(-1).long()
+
+
+def _deq(st, key, signed, p, state_dtype):
+    """The dequantized state `key` of param p from its state dict `st`."""
+    table = lowbit.qmap(signed, "cpu", state_dtype)
+    return lowbit.dequantize(st[lowbit.codes_key(key)], st[lowbit.absmax_key(key)], table, state_dtype=state_dtype,
+                             shape=p.shape)  # fmt: skip
+
+
+def _max_error_bound(table, absmax, state_dtype="int8"):
+    """The most a value moves when quantized: half the map's largest gap times the block's absmax, or for a map
+    without zero (int4's unsigned) its smallest value (what a 0 reads back as)."""
+    values = table[: lowbit.FORMATS[state_dtype].levels]
+    return torch.maximum((values[1:] - values[:-1]).max() / 2, values[0].clamp(min=0)) * absmax * (1 + 1e-4)
+
+
+def _compare(opt, ref, params, ref_params, dtype, frac=1e-3, state_dtype="int8"):
     """Params within the dtype's tolerance; codes within one step of the map and equal but for a few values on a
     rounding edge (the two backends' float32 math rounds differently in the last bit); absmax close."""
     for p, rp in zip(params, ref_params):
         rtol, atol = (2e-5, 2e-6) if dtype == torch.float32 else (1.6e-2, 1e-4)
-        torch.testing.assert_close(p, rp, rtol=rtol, atol=atol)
+        torch.testing.assert_close(p, rp, rtol=rtol, atol=atol, equal_nan=True)  # centered RMSprop: see the docs
         st, rst = _q8_state(opt, p), _q8_state(ref, rp)
         assert st.keys() == rst.keys()
         assert not st or p.numel() >= lowbit.MIN_QUANT_NUMEL  # SGD without momentum has no state
         for k in st:
             if k.endswith("_codes"):
-                diff = (st[k].int() - rst[k].int()).abs()
+                diff = (codes_of(st[k], p, state_dtype) - codes_of(rst[k], rp, state_dtype)).abs()
                 assert diff.max() <= 1, k
                 assert (diff != 0).float().mean() < frac, k
             else:
-                torch.testing.assert_close(st[k], rst[k], rtol=1e-5, atol=0)
+                torch.testing.assert_close(st[k], rst[k], rtol=1e-5, atol=0, equal_nan=True)
 
 
-# Triton runs interpreted on the CPU: every other case.
-TRAJECTORY = [(b, info, kw) for b in Q8_BACKENDS for i, (info, kw) in enumerate(CASES) if b == "cpu" or i % 2 == 0]
+# Triton runs interpreted on the CPU: every other case (int4, 4x the steps: every fourth).
+TRAJECTORY = [(f, b, info, kw) for f in FORMATS for b in Q8_BACKENDS for i, (info, kw) in enumerate(CASES)
+              if b == "cpu" or i % (2 if f == "int8" else 4) == 0]  # fmt: skip
 
 
-@pytest.mark.parametrize(("backend", "info", "kw"), TRAJECTORY,
-                         ids=[f"{b}-{info.name}-{case_id(kw)}" for b, info, kw in TRAJECTORY])  # fmt: skip
-def test_fused_trajectory_matches_plain_torch(backend, info, kw):
-    """5 float32 steps on the fused backend and on the torch backend (dequantize, the op's reference, quantize)."""
-    ref_params, ref = _run(info, kw, "torch", torch.float32)
-    params, opt = _run(info, kw, backend, torch.float32)
-    _compare(opt, ref, params, ref_params, torch.float32)
+@pytest.mark.parametrize(("state_dtype", "backend", "info", "kw"), TRAJECTORY,
+                         ids=[f"{f}-{b}-{info.name}-{case_id(kw)}" for f, b, info, kw in TRAJECTORY])  # fmt: skip
+def test_fused_trajectory_matches_plain_torch(state_dtype, backend, info, kw):
+    """float32 steps (int8: 5, int4: 20) on the fused backend and on the torch backend (dequantize, the op's
+    reference, quantize)."""
+    steps = STEPS[state_dtype]
+    ref_params, ref = _run(info, kw, "torch", torch.float32, steps, state_dtype=state_dtype)
+    params, opt = _run(info, kw, backend, torch.float32, steps, state_dtype=state_dtype)
+    _compare(opt, ref, params, ref_params, torch.float32, state_dtype=state_dtype)
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("info", "kw"), CASES[::3], ids=IDS[::3])
-def test_fused_16bit_step_matches_plain_torch(info, kw, dtype, backend):
+def test_fused_16bit_step_matches_plain_torch(info, kw, dtype, backend, state_dtype):
     """16-bit params: 3 fused steps, the state copied to the torch backend, then one step on each (a param's
     rounding to 16 bits amplifies any later difference of a code, so trajectories are compared in float32)."""
-    params, opt = _run(info, kw, backend, dtype, steps=3)
+    params, opt = _run(info, kw, backend, dtype, steps=3, state_dtype=state_dtype)
     ref_params = [p.detach().clone().requires_grad_() for p in params]
-    ref = info.fused(ref_params, backend="torch", state_dtype="int8", **kw)
+    ref = info.fused(ref_params, backend="torch", state_dtype=state_dtype, **kw)
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
     for ps in (params, ref_params):
         for p, g in zip(ps, _grads(ps, 3)):
             p.grad = g
     opt.step()
     ref.step()
-    _compare(opt, ref, params, ref_params, dtype, frac=1e-2)
+    _compare(opt, ref, params, ref_params, dtype, frac=1e-2, state_dtype=state_dtype)
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize(("info", "kw"), CASES, ids=IDS)
-def test_cpu_kernel_is_dequantize_fp32_step_quantize(info, kw):
-    """The cpu q8 step is, bit for bit, dequantize -> the cpu float32 step -> quantize: the fused pass changes
-    nothing but where the state lives."""
-    _, opt = _run(info, kw, "cpu", torch.float32, steps=2)
+def test_cpu_kernel_is_dequantize_fp32_step_quantize(info, kw, state_dtype):
+    """The cpu quantized step is, bit for bit, dequantize -> the cpu float32 step -> quantize: the fused pass
+    changes nothing but where the state lives."""
+    _, opt = _run(info, kw, "cpu", torch.float32, steps=2, state_dtype=state_dtype)
     params = [p for g in opt.param_groups for p in g["params"]]
     params = [p for p in params if p.numel() >= lowbit.MIN_QUANT_NUMEL]
     spec = info.fused.SPEC
@@ -122,10 +149,7 @@ def test_cpu_kernel_is_dequantize_fp32_step_quantize(info, kw):
     twin = [p.detach().clone() for p in params]
     states = []
     for s, on in zip(spec.states, used):
-        table = lowbit.qmap(s.signed, "cpu")
-        st = [lowbit.dequantize(opt.state[p][lowbit.codes_key(s.key)], opt.state[p][lowbit.absmax_key(s.key)], table)
-              for p in params] if on else []  # fmt: skip
-        states.append(st)
+        states.append([_deq(opt.state[p], s.key, s.signed, p, state_dtype) for p in params] if on else [])
     steps = [opt.state[p]["step"].clone() for p in params] if spec.has_step else []
     args = dict(lr=opt.param_groups[0]["lr"], hyper=hyper, maximize=bool(opt.param_groups[0].get("maximize")))
     optim_step.step(spec, twin, [p.grad for p in params], states, steps, backend="cpu", **args)
@@ -133,108 +157,35 @@ def test_cpu_kernel_is_dequantize_fp32_step_quantize(info, kw):
     for p, t in zip(params, twin):
         assert torch.equal(p, t)
     for s, st in zip(spec.states, states):
-        table = lowbit.qmap(s.signed, "cpu")
+        table = lowbit.qmap(s.signed, "cpu", state_dtype)
         for p, v in zip(params, st):
-            codes, absmax = lowbit.quantize(v, table)
+            codes, absmax = lowbit.quantize(v, table, state_dtype)
             assert torch.equal(opt.state[p][lowbit.codes_key(s.key)], codes)
             assert torch.equal(opt.state[p][lowbit.absmax_key(s.key)], absmax)
 
 
-# --- the quantizer ----------------------------------------------------------------------------------------------
-def test_specs_name_their_second_moments_unsigned():
-    """The unsigned map (no sign, twice the resolution) is for states that are never negative."""
-    unsigned = {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"}
-    for info in ENGINE_DRIVEN:
-        for s in info.fused.SPEC.states:
-            assert s.signed == (s.key not in unsigned), (info.name, s.key)
-
-
-def test_maps():
-    for signed in (True, False):
-        table = lowbit.qmap(signed, "cpu")
-        values, mid = table[:256], table[256:512]
-        assert torch.all(values[1:] > values[:-1]) and values[-1] == 1.0 and (values == 0).sum() == 1
-        assert (-1 < values[0] < -0.99) if signed else values[0] == 0
-        assert torch.all((mid[:-1] > values[:-1]) & (mid[:-1] < values[1:])) and mid[-1].isnan()
-    assert lowbit.qmap(False, "cpu")[1] < lowbit.qmap(True, "cpu")[129]  # unsigned: finer near 0
-
-
-def _max_error_bound(table, absmax):
-    values = table[:256]
-    return (values[1:] - values[:-1]).max() / 2 * absmax * (1 + 1e-4)
-
-
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("numel", [0, 1, 255, 256, 257, 4096, 10000])
-def test_round_trip_error_per_block(signed, numel):
-    g = torch.Generator().manual_seed(numel)
-    x = torch.randn(numel, generator=g) * torch.logspace(-6, 2, max(numel, 1))[:numel]
-    x = x if signed else x.abs()
-    table = lowbit.qmap(signed, "cpu")
-    codes, absmax = lowbit.quantize(x, table)
-    assert codes.shape == x.shape and codes.dtype == torch.uint8 and absmax.shape == (lowbit.num_blocks(numel),)
-    y = lowbit.dequantize(codes, absmax, table)
-    for b in range(lowbit.num_blocks(numel)):
-        blk = slice(b * 256, (b + 1) * 256)
-        assert absmax[b] == x[blk].abs().max()
-        assert (y[blk] - x[blk]).abs().max() <= _max_error_bound(table, absmax[b])
-        big = x[blk].abs() > absmax[b] * 0.1  # the top decade: within ~0.7% of the block's largest value
-        assert ((y[blk] - x[blk]).abs() <= absmax[b] * 0.0071)[big].all()
-    assert torch.equal(lowbit.quantize(y, table)[0], codes)  # requantizing a dequantized block keeps its codes
-
-
-def test_zeros_nan_inf_stay_in_their_block():
-    table = lowbit.qmap(True, "cpu")
-    x = torch.randn(1024)
-    x[:256] = 0.0
-    x[300] = float("nan")
-    x[700] = float("inf")
-    codes, absmax = lowbit.quantize(x, table)
-    y = lowbit.dequantize(codes, absmax, table)
-    assert absmax[0] == 0 and torch.all(y[:256] == 0)
-    assert absmax[1].isnan() and y[256:512].isnan().all()  # a NaN makes its own block NaN
-    assert absmax[2] == float("inf") and not y[512:768].isfinite().any()  # an inf too: 0 * inf, the inf itself -inf
-    assert torch.isfinite(y[768:]).all() and (y[768:] - x[768:]).abs().max() < 0.01 * absmax[3]
-
-
-@pytest.mark.parametrize("backend", Q8_BACKENDS)
-def test_kernel_quantizer_is_the_definition(backend):
-    """SGD with momentum 1, dampening 0, a zero grad and lr 0 leaves the state's values as they are: the kernel then
-    requantizes dequantized values, which must give what lowbit.quantize gives, bit for bit (NaN, inf, zero and
-    tail blocks included)."""
-    table = lowbit.qmap(True, "cpu")
-    p = torch.zeros(5000)
-    x = torch.randn(5000) * torch.logspace(-5, 1, 5000)
-    x[:256] = 0.0
-    x[300], x[700], x[4999] = float("nan"), float("inf"), -3.0
-    codes, absmax = lowbit.quantize(x, table)
-    perturbed = (codes.int() + torch.randint(-3, 4, codes.shape)).clamp(0, 255).to(torch.uint8)  # not a fixed point
-    want = lowbit.quantize(lowbit.dequantize(perturbed, absmax, table), table)
-    hyper = {"momentum": 1.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
-    optim_step.step_q8(fusedopt.optim.sgd.SPEC, [p], [torch.zeros(5000)], [[perturbed]], [[absmax]], [], lr=0.0,
-                       hyper=hyper, maximize=False, backend=backend)  # fmt: skip
-    assert torch.equal(perturbed, want[0])
-    torch.testing.assert_close(absmax, want[1], rtol=0, atol=0, equal_nan=True)
-
-
 # --- optimizer behaviour ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
-def test_threshold_uses_the_global_size(backend):
+def test_threshold_uses_the_global_size(backend, state_dtype):
     params = [torch.zeros(4095, requires_grad=True), torch.zeros(64, 64, requires_grad=True)]
-    opt = fusedopt.AdamW(params, backend=backend, state_dtype="int8")
+    opt = fusedopt.AdamW(params, backend=backend, state_dtype=state_dtype)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
     assert sorted(opt.state[params[0]]) == ["exp_avg", "exp_avg_sq", "step"]
     assert sorted(opt.state[params[1]]) == ["exp_avg_absmax", "exp_avg_codes", "exp_avg_sq_absmax",
                                             "exp_avg_sq_codes", "step"]  # fmt: skip
-    assert opt.state[params[1]]["exp_avg_codes"].shape == (64, 64)
-    assert opt.state[params[1]]["exp_avg_absmax"].shape == (16,)
+    int8 = state_dtype == "int8"
+    assert opt.state[params[1]]["exp_avg_codes"].shape == ((64, 64) if int8 else (2048,))
+    assert opt.state[params[1]]["exp_avg_absmax"].shape == ((16,) if int8 else (32,))
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
-def test_found_inf_leaves_codes(backend):
-    params, opt = _run(next(i for i in ENGINE_DRIVEN if i.name == "Adam"), {"lr": 1e-2}, backend, torch.float32, 2)
+def test_found_inf_leaves_codes(backend, state_dtype):
+    params, opt = _run(next(i for i in ENGINE_DRIVEN if i.name == "Adam"), {"lr": 1e-2}, backend, torch.float32, 2,
+                       state_dtype=state_dtype)  # fmt: skip
     before = copy.deepcopy({k: v for k, v in opt.state[params[0]].items()})
     opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
     opt.step()
@@ -242,12 +193,13 @@ def test_found_inf_leaves_codes(backend):
         assert torch.equal(opt.state[params[0]][k], v), k
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
-def test_non_contiguous_params(backend):
+def test_non_contiguous_params(backend, state_dtype):
     base = torch.randn(100, 80)
     a = base.clone().t().requires_grad_()  # a transposed view's layout
     b = base.clone().t().contiguous().requires_grad_()
-    opts = [fusedopt.Adam([x], lr=1e-2, backend=backend, state_dtype="int8") for x in (a, b)]
+    opts = [fusedopt.Adam([x], lr=1e-2, backend=backend, state_dtype=state_dtype) for x in (a, b)]
     for _ in range(3):
         g = torch.randn(80, 100)
         a.grad, b.grad = g.clone(), g.clone()
@@ -257,14 +209,15 @@ def test_non_contiguous_params(backend):
     assert torch.equal(opts[0].state[a]["exp_avg_codes"], opts[1].state[b]["exp_avg_codes"])
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize(("info", "kw"), [(i, i.cases[0]) for i in Q8], ids=[i.name for i in Q8])
-def test_state_dict_round_trips(info, kw):
-    """int8 -> int8 resumes bit-exactly; int8 -> full precision (torch.optim's class where torch has it) via
-    to_full_precision_state_dict; full precision -> int8 quantizes on load."""
-    params, opt = _run(info, kw, "cpu", torch.float32, steps=3)
+def test_state_dict_round_trips(info, kw, state_dtype):
+    """quantized -> quantized resumes bit-exactly; quantized -> full precision (torch.optim's class where torch has
+    it) via to_full_precision_state_dict; full precision -> quantized on load."""
+    params, opt = _run(info, kw, "cpu", torch.float32, steps=3, state_dtype=state_dtype)
     sd = copy.deepcopy(opt.state_dict())
     resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = info.fused(resumed_params, backend="cpu", state_dtype="int8", **kw)
+    resumed = info.fused(resumed_params, backend="cpu", state_dtype=state_dtype, **kw)
     resumed.load_state_dict(sd)
     for p, q in zip(params, resumed_params):
         for k, v in opt.state[p].items():
@@ -275,36 +228,43 @@ def test_state_dict_round_trips(info, kw):
     twin_cls = info.reference if info.reference.__module__.startswith("torch") else info.fused
     twin = twin_cls(twin_params, **kw)
     twin.load_state_dict(full)
+    p0 = params[0]
     for s in info.fused.SPEC.states:
-        if lowbit.codes_key(s.key) in opt.state[params[0]]:
-            deq = lowbit.dequantize(opt.state[params[0]][lowbit.codes_key(s.key)],
-                                    opt.state[params[0]][lowbit.absmax_key(s.key)], lowbit.qmap(s.signed, "cpu"))
+        if lowbit.codes_key(s.key) in opt.state[p0]:
+            deq = _deq(opt.state[p0], s.key, s.signed, p0, state_dtype)
             assert torch.equal(twin.state[twin_params[0]][s.key], deq)
-    back = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype="int8", **kw)
+    back = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype=state_dtype,
+                      **kw)  # fmt: skip
     back.load_state_dict(twin.state_dict())  # full precision in, quantized on load: the same values, to the map's step
+    fmt = lowbit.FORMATS[state_dtype]
     for s in info.fused.SPEC.states:
         ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
-        if ck in opt.state[params[0]]:
-            table = lowbit.qmap(s.signed, "cpu")
-            st, bst = opt.state[params[0]], back.state[back.param_groups[0]["params"][0]]
-            a, b = lowbit.dequantize(st[ck], st[ak], table), lowbit.dequantize(bst[ck], bst[ak], table)
-            bound = st[ak].repeat_interleave(256)[: a.numel()].reshape(a.shape) * 0.0071
+        if ck in opt.state[p0]:
+            st, bst = opt.state[p0], back.state[back.param_groups[0]["params"][0]]
+            a, b = _deq(st, s.key, s.signed, p0, state_dtype), _deq(bst, s.key, s.signed, p0, state_dtype)
+            absmax = st[ak].repeat_interleave(fmt.block)[: a.numel()].reshape(a.shape)
+            bound = _max_error_bound(lowbit.qmap(s.signed, "cpu", state_dtype), absmax, state_dtype)
             assert ((a - b).abs() <= bound).all(), s.key
     plain = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", **kw)
-    plain.load_state_dict(sd)  # an int8 state_dict into a full-precision optimizer: dequantized
+    plain.load_state_dict(sd)  # a quantized state_dict into a full-precision optimizer: dequantized
     assert not _q8_state(plain, plain.param_groups[0]["params"][0])
+    for s in info.fused.SPEC.states:
+        if lowbit.codes_key(s.key) in opt.state[p0]:
+            assert torch.equal(plain.state[plain.param_groups[0]["params"][0]][s.key],
+                               _deq(opt.state[p0], s.key, s.signed, p0, state_dtype))  # fmt: skip
 
 
-def test_resume_is_bit_exact():
+@pytest.mark.parametrize("state_dtype", FORMATS)
+def test_resume_is_bit_exact(state_dtype):
     info = next(i for i in ENGINE_DRIVEN if i.name == "AdamW")
-    params, _ = _run(info, {"lr": 1e-2}, "cpu", torch.float32, steps=6)
+    params, _ = _run(info, {"lr": 1e-2}, "cpu", torch.float32, steps=6, state_dtype=state_dtype)
     other = _params(torch.float32)
-    o2 = info.fused(other, backend="cpu", state_dtype="int8", lr=1e-2)
+    o2 = info.fused(other, backend="cpu", state_dtype=state_dtype, lr=1e-2)
     for s in range(3):
         for p, g in zip(other, _grads(other, s)):
             p.grad = g
         o2.step()
-    o3 = info.fused(other, backend="cpu", state_dtype="int8", lr=1e-2)
+    o3 = info.fused(other, backend="cpu", state_dtype=state_dtype, lr=1e-2)
     o3.load_state_dict(copy.deepcopy(o2.state_dict()))
     for s in range(3, 6):
         for p, g in zip(other, _grads(other, s)):
@@ -314,47 +274,91 @@ def test_resume_is_bit_exact():
         assert torch.equal(p, q)
 
 
-def test_tiny_model_quality():
-    """AdamW with int8 states ends within 2% of float32 AdamW's loss on a small MLP regression."""
+def _mlp_and_target():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 1))  # fmt: skip
+    return model, lambda x: x[:, :8].sin().sum(1, keepdim=True) + 0.1 * x[:, 8:].pow(2).mean(1, keepdim=True)
+
+
+_INT4_FULL_BATCH = ("torchao's 4-bit format (measured here, and the same in a plain-torch simulation of torchao's "
+                    "AdamW4bit) fits this full batch ~1.5x slower: after 300 steps from 3.5 its loss is 4.6e-4 "
+                    "against fp32's 3.6e-6, so 'within 5%' of a loss near 0 fails; test_streaming_quality is int4's "
+                    "quality check")  # fmt: skip
+
+
+@pytest.mark.parametrize(("state_dtype", "slack"), [
+    ("int8", 1.02), pytest.param("int4", 1.05, marks=pytest.mark.xfail(strict=True, reason=_INT4_FULL_BATCH))])
+def test_tiny_model_quality(state_dtype, slack):
+    """AdamW with int8 states ends within 2% of float32 AdamW's loss on a small MLP fitting 512 points (full batch,
+    the loss goes to ~0); int4 does not (strict xfail: the measured gap is recorded, a fix would flip it)."""
     losses = {}
-    for state_dtype in (None, "int8"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
-                                    torch.nn.GELU(), torch.nn.Linear(128, 1))  # fmt: skip
+    for sd in (None, state_dtype):
+        model, target = _mlp_and_target()
         x = torch.randn(512, 32)
-        y = (x[:, :8].sin().sum(1, keepdim=True) + 0.1 * x[:, 8:].pow(2).mean(1, keepdim=True))
-        opt = fusedopt.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, backend="cpu", state_dtype=state_dtype)
+        y = target(x)
+        opt = fusedopt.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, backend="cpu", state_dtype=sd)
         for _ in range(300):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
             opt.step()
-        losses[state_dtype] = torch.nn.functional.mse_loss(model(x), y).item()
-        if state_dtype == "int8":
+        losses[sd] = torch.nn.functional.mse_loss(model(x), y).item()
+        if sd is not None:
             assert any(k.endswith("_codes") for k in opt.state[model[2].weight])
-    assert losses["int8"] <= losses[None] * 1.02 + 1e-4, losses
+    assert losses[state_dtype] <= losses[None] * slack + 1e-4, losses
 
 
-def test_gpt_finetune_quality():
-    """examples/finetune_gpt.py (its tiny GPT, 150 + 50 steps): int8 AdamW's loss curve stays within 2% of float32
-    AdamW's, to the final loss (measured: 2e-5 relative at the end, 4e-4 at worst)."""
+@pytest.mark.parametrize(("state_dtype", "slack"), [("int8", 1.02), ("int4", 1.05)])
+def test_streaming_quality(state_dtype, slack):
+    """The same MLP and target trained as usual, on fresh mini-batches of 64 (the loss has a floor): after 300
+    steps the held-out loss of AdamW with int8 (int4) states is within 2% (5%) of float32 AdamW's (measured: int8
+    -0.3%, int4 +2.6%)."""
+    losses = {}
+    for sd in (None, state_dtype):
+        model, target = _mlp_and_target()
+        g = torch.Generator().manual_seed(1)
+        held_out = torch.randn(2048, 32, generator=g)
+        opt = fusedopt.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, backend="cpu", state_dtype=sd)
+        for _ in range(300):
+            x = torch.randn(64, 32, generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), target(x)).backward()
+            opt.step()
+        with torch.no_grad():
+            losses[sd] = torch.nn.functional.mse_loss(model(held_out), target(held_out)).item()
+        if sd is not None:
+            assert any(k.endswith("_codes") for k in opt.state[model[2].weight])
+    assert losses[None] < 0.5 and losses[state_dtype] <= losses[None] * slack, losses
+
+
+@pytest.mark.parametrize(("state_dtype", "slack"), [("int8", 0.02), ("int4", 0.05)])
+def test_gpt_finetune_quality(state_dtype, slack):
+    """examples/finetune_gpt.py (its tiny GPT, 150 + 50 steps): int8 (int4) AdamW's loss curve stays within 2% (5%)
+    of float32 AdamW's, to the final loss (measured: int8 2e-5 relative at the end, 4e-4 at worst; int4 2e-3 at the
+    end, 8e-3 at worst)."""
     import gpt_quality
 
     fp32, _ = gpt_quality.train()
-    int8, opt = gpt_quality.train({"state_dtype": "int8"})
+    low, opt = gpt_quality.train({"state_dtype": state_dtype})
     quantized = [p for p in opt.param_groups[0]["params"] if "exp_avg_codes" in opt.state[p]]
-    assert len(quantized) == 4, "the tiny GPT's four 4096-element MLP weights should have 8-bit states"
+    assert len(quantized) == 4, "the tiny GPT's four 4096-element MLP weights should have low-bit states"
     assert fp32[-1] < 0.5 * fp32[0], "the run did not learn"
-    assert abs(int8[-1] - fp32[-1]) <= 0.02 * fp32[-1], (int8[-1], fp32[-1])
-    assert max(abs(a - b) / b for a, b in zip(int8, fp32)) <= 0.02
-    assert int8 != fp32, "int8 states changed nothing: were they used?"
+    assert abs(low[-1] - fp32[-1]) <= slack * fp32[-1], (low[-1], fp32[-1])
+    assert max(abs(a - b) / b for a, b in zip(low, fp32)) <= slack
+    assert low != fp32, "low-bit states changed nothing: were they used?"
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="Invalid state_dtype"):
-        fusedopt.Adam([torch.zeros(3, requires_grad=True)], state_dtype="int4")
-    with pytest.raises(ValueError, match="does not support float64 params"):
-        fusedopt.AdamW([torch.zeros(5000, dtype=torch.float64, requires_grad=True)], state_dtype="int8")
+    for bad in ("int2", "fp8", 8, "INT4"):
+        with pytest.raises(ValueError, match="Invalid state_dtype"):
+            fusedopt.Adam([torch.zeros(3, requires_grad=True)], state_dtype=bad)
+    for state_dtype in FORMATS:
+        with pytest.raises(ValueError, match="does not support float64 params"):
+            fusedopt.AdamW([torch.zeros(5000, dtype=torch.float64, requires_grad=True)], state_dtype=state_dtype)
+        with pytest.raises(ValueError, match=f"bf16_stochastic_round with state_dtype='{state_dtype}'"):
+            fusedopt.AdamW([torch.zeros(5000, dtype=torch.bfloat16, requires_grad=True)], state_dtype=state_dtype,
+                           bf16_stochastic_round=True)  # fmt: skip
     spec = fusedopt.optim.adam.SPEC
     hyper = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
              "decoupled_weight_decay": False}  # fmt: skip
@@ -371,12 +375,27 @@ def test_errors():
         with pytest.raises(RuntimeError, match="need float32, bfloat16 or float16 params"):
             optim_step.step_q8(spec, [p.double()], [g.double()], [good[0], good[0], []], [good[1], good[1], []],
                                [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend)  # fmt: skip
+        # int4: int8-sized codes, and int8's absmax count (int4 blocks are 128: 3 values)
+        with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] codes must be a contiguous torch.uint8 tensor of 150 "
+                                               r"values \(two 4-bit codes per byte\)"):  # fmt: skip
+            optim_step.step_q8(spec, [p], [g], [good[0], good[0], []], [[torch.zeros(3)]] * 2 + [[]],
+                               [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend,
+                               state_dtype="int4")  # fmt: skip
+        packed = [torch.zeros(150, dtype=torch.uint8)]
+        with pytest.raises(RuntimeError, match=r"absmax must be .* of 3 values \(one per 128 elements\)"):
+            optim_step.step_q8(spec, [p], [g], [packed, packed, []], [good[1], good[1], []], [torch.zeros(())],
+                               lr=0.1, hyper=hyper, maximize=False, backend=backend, state_dtype="int4")  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"bits must be 8 .* or 4"):  # the op itself, past step_q8's check
+            optim_step.op_for_q8(spec)([p], [g], packed, packed, [], [torch.zeros(3)], [torch.zeros(3)], [],
+                                       [lowbit.qmap(True, "cpu", "int4")] * 3, 2, [torch.zeros(())], 0.1, None,
+                                       *optim_step._hyper_args(spec, hyper), False, None, None, False, backend)
     assert _backend.usable("cpu", "cpu")
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("info", REFUSING)
-def test_optimizers_without_8bit_states_refuse_them(info):
-    """LAMB (two-pass engine) and Adafactor (its own op) have no 8-bit path: state_dtype raises, not ignored."""
+def test_optimizers_without_8bit_states_refuse_them(info, state_dtype):
+    """LAMB (two-pass engine) and Adafactor (its own op) have no low-bit path: state_dtype raises, not ignored."""
     p = torch.zeros(5000, requires_grad=True)
     with pytest.raises(ValueError, match="state_dtype"):
-        info.fused([p], backend="torch", state_dtype="int8", **info.cases[0])
+        info.fused([p], backend="torch", state_dtype=state_dtype, **info.cases[0])

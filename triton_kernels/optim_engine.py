@@ -13,10 +13,11 @@ passes STATE_DTYPE, the state lists' dtype). It reads the param with `load_param
 (bf16 stochastic rounding when asked; master weights: docs/MASTER_WEIGHTS.md, MASTER 1 a float32 master, 2 an int16
 remainder, in the table row after the scalars).
 
-8-bit states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
-`store_state`, which with QUANT dequantize the codes and requantize per 256-element block (tl.max over the block
-reshaped to (BLOCK // 256, 256)). The table then holds [params, grads, codes..., scalars, absmax..., maps...], one
-row each per state (the map's address repeated per tensor): `launch(..., q8=(absmax, maps))` builds it."""
+int8 / int4 states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
+`store_state`, which with QUANT (the codes' bits: 8 or 4; 0 for full precision) dequantize the codes and requantize
+per 256- or 128-element block (tl.max over the values reshaped to (BLOCK // block, block)). The table then holds
+[params, grads, codes..., scalars, absmax..., maps...], one row each per state (the map's address repeated per
+tensor): `launch(..., q8=(absmax, maps, bits))` builds it."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from fusedopt.triton_kernels.multi_tensor import (
     update_scalars,
 )
 
-BLOCK = 1024  # a multiple of QUANT_BLOCK
-QUANT_BLOCK: tl.constexpr = 256
+BLOCK = 1024  # a multiple of QUANT_BLOCK and INT4_BLOCK
+QUANT_BLOCK: tl.constexpr = 256  # int8's values per absmax
+INT4_BLOCK: tl.constexpr = 128  # int4's
 ROW_PARAM, ROW_GRAD, ROW_FIRST_STATE = 0, 1, 2
 SCALAR_LISTS = {"step": "steps", "first_flag": "first_flags"}  # as fusedopt/optim/_spec.py
 
@@ -65,11 +67,18 @@ def load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE: tl.c
 @triton.jit
 def load_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                QUANT: tl.constexpr):  # fmt: skip
-    """State row `row` in opmath: loaded, or (QUANT) map[code] * absmax of its 256-element block."""
+    """State row `row` in opmath: loaded, or (QUANT 8 or 4: int8 / int4) map[code] * absmax of its block (256 or
+    128 elements); int4 codes two per byte, the even element in the high nibble."""
     if QUANT:
-        codes = tl.load(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + offs, mask=mask, other=0).to(tl.int32)
+        codes_ptr = list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8)
         absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
-        absmax = tl.load(absmax_ptr + offs // QUANT_BLOCK, mask=mask, other=0.0)
+        if QUANT == 4:
+            byte = tl.load(codes_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+            codes = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+            absmax = tl.load(absmax_ptr + offs // INT4_BLOCK, mask=mask, other=0.0)
+        else:
+            codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+            absmax = tl.load(absmax_ptr + offs // QUANT_BLOCK, mask=mask, other=0.0)
         table = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32)
         value = (tl.load(table + codes, mask=mask, other=0.0) * absmax).to(OPMATH)
     else:
@@ -78,26 +87,42 @@ def load_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, DTYPE: tl.con
 
 
 @triton.jit
+def _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK: tl.constexpr,
+                     QBLOCK: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """Stores each QBLOCK-element block's absmax (NaN if a value is NaN) and returns every value's code
+    #{j : value / absmax >= mid[j]} (int32, (BLOCK,)) by the branchless binary search of fusedopt/lowbit.py."""
+    QB: tl.constexpr = BLOCK // QBLOCK
+    v = tl.reshape(tl.where(mask, value.to(tl.float32), 0.0), (QB, QBLOCK))
+    has_nan = tl.max(tl.where(v != v, 1, 0), axis=1) > 0
+    absmax = tl.where(has_nan, float("nan"), tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=1))
+    x = v / tl.where(absmax > 0, absmax, 1.0)[:, None]
+    mid = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32) + (1 << BITS)  # after the values
+    code = tl.zeros((QB, QBLOCK), dtype=tl.int32)
+    for i in tl.static_range(BITS):
+        code += tl.where(x >= tl.load(mid + code + ((1 << (BITS - 1 - i)) - 1)), 1 << (BITS - 1 - i), 0)
+    block_valid = tl.max(tl.reshape(mask.to(tl.int32), (QB, QBLOCK)), axis=1) > 0
+    block_index = tl.min(tl.reshape(offs, (QB, QBLOCK)), axis=1) // QBLOCK
+    absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
+    tl.store(absmax_ptr + block_index, absmax, mask=block_valid)
+    return tl.reshape(code, (BLOCK,))
+
+
+@triton.jit
 def store_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                 QUANT: tl.constexpr):  # fmt: skip
-    """State row `row` <- value: stored, or (QUANT) each 256-element block's absmax (NaN if a value is NaN) and every
-    value's code #{j : value / absmax >= mid[j]} by the 8-step binary search of fusedopt/lowbit.py."""
-    if QUANT:
-        QB: tl.constexpr = BLOCK // QUANT_BLOCK
-        v = tl.reshape(tl.where(mask, value.to(tl.float32), 0.0), (QB, QUANT_BLOCK))
-        has_nan = tl.max(tl.where(v != v, 1, 0), axis=1) > 0
-        absmax = tl.where(has_nan, float("nan"), tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=1))
-        x = v / tl.where(absmax > 0, absmax, 1.0)[:, None]
-        mid = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32) + QUANT_BLOCK
-        code = tl.zeros((QB, QUANT_BLOCK), dtype=tl.int32)
-        for i in tl.static_range(8):
-            code += tl.where(x >= tl.load(mid + code + ((128 >> i) - 1)), 128 >> i, 0)
-        codes_ptr = list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8)
-        tl.store(codes_ptr + offs, tl.reshape(code, (BLOCK,)).to(tl.uint8), mask=mask)
-        block_valid = tl.max(tl.reshape(mask.to(tl.int32), (QB, QUANT_BLOCK)), axis=1) > 0
-        block_index = tl.min(tl.reshape(offs, (QB, QUANT_BLOCK)), axis=1) // QUANT_BLOCK
-        absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
-        tl.store(absmax_ptr + block_index, absmax, mask=block_valid)
+    """State row `row` <- value: stored, or (QUANT 8 or 4) quantized per block (_quantize_blocks); int4 codes packed
+    two per byte (a missing last element's nibble 0)."""
+    if QUANT == 4:
+        code = _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK, INT4_BLOCK, 4)
+        pair = tl.reshape(tl.where(mask, code, 0), (BLOCK // 2, 2))
+        nibble_weight = tl.where(tl.arange(0, 2) == 0, 16, 1)[None, :]
+        byte = tl.sum(pair * nibble_weight, axis=1)
+        byte_offs = tl.min(tl.reshape(offs, (BLOCK // 2, 2)), axis=1) // 2
+        byte_mask = tl.max(tl.reshape(mask.to(tl.int32), (BLOCK // 2, 2)), axis=1) > 0
+        tl.store(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + byte_offs, byte.to(tl.uint8), mask=byte_mask)
+    elif QUANT:
+        code = _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK, QUANT_BLOCK, 8)
+        tl.store(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + offs, code.to(tl.uint8), mask=mask)
     else:
         tl.store(list_ptr(addrs_ptr, row, n_tensors, t, DTYPE) + offs, value.to(DTYPE), mask=mask)
 
@@ -194,9 +219,10 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
            q8: tuple | None = None, masters=(), **constexprs) -> None:  # fmt: skip
     """spec_names = (op, state list names, HYPER names, scalar: "step", "first_flag" or None) of the op module.
     `used`: which state lists the kernel reads (default all; the op module derives it from the constexprs it
-    passes); an unused list is not checked, and its table row holds null addresses. `q8` = (absmax lists, maps):
-    `states` are then the codes of 8-bit states (the kernel gets QUANT=True). `masters`: float32 masters or int16
-    remainders of 16-bit params (the states are then float32; the kernel gets MASTER 1 or 2)."""
+    passes); an unused list is not checked, and its table row holds null addresses. `q8` = (absmax lists, maps,
+    bits): `states` are then the codes of int8 (bits 8) or int4 (bits 4) states (the kernel gets QUANT=bits).
+    `masters`: float32 masters or int16 remainders of 16-bit params (the states are then float32; the kernel gets
+    MASTER 1 or 2)."""
     op, state_names, hyper_names, scalar = spec_names
     if not params:
         return
@@ -213,7 +239,8 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
         name = f"fusedopt {op}_step_q8 (triton)"
         _checks.check_step(name, params, {"grads": grads}, scalar_lists)
         states = [s if on else [] for s, on in zip(states, used)]
-        lowbit.check_q8(name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1], state_names)
+        lowbit.check_q8(name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1], state_names,
+                        q8[2])  # fmt: skip
     if stochastic_round is not None:
         _checks.check_stochastic_round(f"fusedopt {op}_step (triton)", params, stochastic_round)
     dtype, device = params[0].dtype, params[0].device
@@ -230,7 +257,7 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     if q8 is not None:
         lists += [a if on else [] for a, on in zip(q8[0], used)]
         lists += [[m] * len(params) if on else [] for m, on in zip(q8[1], used)]
-        constexprs["QUANT"] = True
+        constexprs["QUANT"] = int(q8[2])
     table = TensorTable(lists, BLOCK)
     scalar_row = ROW_FIRST_STATE + len(states)
     if scalar == "step":

@@ -28,10 +28,12 @@ struct OptimStepArgs {
   const int64_t* stochastic_round = nullptr;  // [seed, counter]: bf16 params stored by stochastic rounding
   bool maximize = false, write_back_grads = false;
   Hyper hyper{};
-  // 8-bit block-wise states (common/optim_q8.h, cpu/optim_engine_q8.h): when `absmax` is not empty, states[k]
-  // point at uint8 codes, absmax[k] at one float per 256 elements and qmap[k] at the state's 512-float map.
+  // Block-wise quantized states (common/optim_q8.h, cpu/optim_engine_q8.h): when `absmax` is not empty, states[k]
+  // point at uint8 codes (qbits 8: one per element; 4: two per byte), absmax[k] at one float per block (256 or
+  // 128 elements) and qmap[k] at the state's map table.
   std::vector<std::vector<float*>> absmax;
   std::vector<const float*> qmap;
+  int qbits = 8;
   // Master weights (common/master_bits.h): one float32 master or int16 remainder per 16-bit param; the states are
   // then float32 (opmath) whatever the param's dtype.
   MasterKind master_kind = MasterKind::kNone;

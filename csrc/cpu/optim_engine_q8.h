@@ -1,8 +1,9 @@
-// The CPU engine's path for 8-bit block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md). A chunk (32K
-// elements, so 256-aligned) is processed one quantization block of 256 elements at a time: each used state's codes
-// are dequantized into a stack buffer in opmath, the op's update runs on it through the engine's run_range (the
-// same loads, stores and math as a full-precision step), then each state's block gets its new absmax and every
-// value the nearest code. One read and one write of the codes; no full-precision state in memory.
+// The CPU engine's path for block-wise quantized states, int8 and int4 (common/optim_q8.h,
+// docs/LOW_BIT_STATES.md). A chunk (32K elements, so block-aligned) is processed one quantization block (256 or 128
+// elements) at a time: each used state's codes are dequantized into a stack buffer in opmath, the op's update runs
+// on it through the engine's run_range (the same loads, stores and math as a full-precision step), then each
+// state's block gets its new absmax and every value the nearest code. One read and one write of the codes; no
+// full-precision state in memory.
 // Included only from cpu/optim_engine.h.
 #pragma once
 #include <algorithm>
@@ -17,7 +18,9 @@
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
 
-constexpr int64_t kQBlock = 256;
+constexpr int64_t kQBlock = 256;   // int8's block, the largest
+constexpr int64_t kQBlock4 = 128;  // int4's
+constexpr int kLevels4 = 16;
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 constexpr bool kHasGather = true;  // at::vec::gather is one instruction (and honours a byte scale)
@@ -41,12 +44,31 @@ inline void dequantize_block(const uint8_t* codes, float absmax, const float* ma
   for (; i < n; ++i) out[i] = map[codes[i]] * absmax;
 }
 
-// The block's absmax (max |v|, NaN if a value is NaN), then codes[i] = #{j : v[i] / d >= mid[j]} with d the absmax
-// (1 when it is 0 or NaN): what lowbit.quantize's 8-step binary search gives, found here with the map's lookup table
-// (common/optim_q8.h): lut[bits(x) >> 16] is the code of the lowest x of those 2^16 floats, which hold at most one
-// midpoint, so one comparison finishes it (mid[255] is NaN: never passed). A NaN gets code 0; its block reads back
-// NaN through its NaN absmax. `v` is overwritten (x = v / d).
-inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
+// int4: out[i] = map[code i] * absmax, codes two per byte (element 2j in the high nibble of byte j).
+inline void dequantize_block4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kHasGather) {  // as dequantize_block: the nibbles as gather indices (i and the width are even)
+    using V = at::vec::Vectorized<float>;
+    using VI = at::vec::Vectorized<int32_t>;
+    constexpr int64_t kW = V::size();
+    alignas(64) int32_t idx[kW];
+    for (; i + kW <= n; i += kW) {
+      for (int64_t j = 0; j < kW; j += 2) {
+        idx[j] = packed[(i + j) / 2] >> 4;
+        idx[j + 1] = packed[(i + j) / 2] & 15;
+      }
+      (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
+    }
+  }
+  for (; i + 1 < n; i += 2) {
+    out[i] = map[packed[i / 2] >> 4] * absmax;
+    out[i + 1] = map[packed[i / 2] & 15] * absmax;
+  }
+  if (n % 2 != 0) out[n - 1] = map[packed[n / 2] >> 4] * absmax;
+}
+
+// The block's absmax (max |v|, NaN if a value is NaN); v is divided by d, the absmax (1 when it is 0 or NaN).
+inline float scale_block(float* v, int64_t n) {
   using V = at::vec::Vectorized<float>;
   constexpr int64_t kW = V::size();
   V acc(0.0f);
@@ -66,6 +88,17 @@ inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t
     const int64_t m = std::min<int64_t>(kW, n - i);
     (V::loadu(v + i, m) / d).store(v + i, m);
   }
+  return absmax;
+}
+
+// The block's absmax (scale_block), then codes[i] = #{j : v[i] / d >= mid[j]}: what lowbit.quantize's 8-step binary
+// search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] is the code of the
+// lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is NaN:
+// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. `v` is overwritten (x = v / d).
+inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t kW = V::size();
+  const float absmax = scale_block(v, n);
   int64_t i = 0;
   if constexpr (kHasGather) {  // the same lookup, a vector at a time: lut bytes by a byte-scaled gather
     using VI = at::vec::Vectorized<int32_t>;
@@ -92,10 +125,33 @@ inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t
   return absmax;
 }
 
+// int4: the block's absmax (scale_block), then each code #{j < 15 : v[i] / d >= mid[j]} (lowbit.quantize's 4-step
+// binary search gives the same count) by 15 vector comparisons, no table (NaN compares false: code 0), packed two
+// per byte, a missing last element's nibble 0. `v` is overwritten.
+inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* packed) {
+  using V = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  constexpr int64_t kW = V::size();
+  const float absmax = scale_block(v, n);
+  alignas(64) int32_t code[kQBlock4];
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min<int64_t>(kW, n - i);
+    const V x = V::loadu(v + i, m);
+    VI c(0);
+    for (int j = 0; j < kLevels4 - 1; ++j) c = c - at::vec::cast<int32_t>(x >= V(mid[j]));  // true: all bits, -1
+    c.store(code + i, m);
+  }
+  for (int64_t i = 0; i + 1 < n; i += 2) packed[i / 2] = static_cast<uint8_t>((code[i] << 4) | code[i + 1]);
+  if (n % 2 != 0) packed[n / 2] = static_cast<uint8_t>(code[n - 1] << 4);
+  return absmax;
+}
+
 template <typename Op, typename T>
 void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
                   opmath_t<T> grad_factor) {
-  static_assert(std::is_same_v<opmath_t<T>, float>, "8-bit states: float32, bfloat16 and float16 params");
+  static_assert(std::is_same_v<opmath_t<T>, float>, "low-bit states: float32, bfloat16 and float16 params");
+  const bool int4 = a.qbits == 4;
+  const int64_t block = int4 ? kQBlock4 : kQBlock;
   constexpr int kStates = Op::kStates;
   const auto c = chunk_coefs<Op, T>(a, t);
   std::array<uint8_t*, kSlots<Op>> codes{};
@@ -109,18 +165,26 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
   std::array<float*, kSlots<Op>> state{};
   auto* param = static_cast<T*>(a.param[t]);
   auto* grad = static_cast<T*>(a.grad[t]);
-  for (int64_t b = begin; b < end; b += kQBlock) {
-    const int64_t n = std::min<int64_t>(kQBlock, end - b);
-    const int64_t q = b / kQBlock;
+  for (int64_t b = begin; b < end; b += block) {  // b is even: int4's byte b / 2 starts the block
+    const int64_t n = std::min<int64_t>(block, end - b);
+    const int64_t q = b / block;
     for (int k = 0; k < kStates; ++k) {
       state[k] = codes[k] ? buf[k] : nullptr;
-      if (codes[k]) dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], buf[k], n);
+      if (!codes[k]) continue;
+      if (int4)
+        dequantize_block4(codes[k] + b / 2, absmax[k][q], a.qmap[k], buf[k], n);
+      else
+        dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], buf[k], n);
     }
     run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor, b, param_round_key(a, t));
-    for (int k = 0; k < kStates; ++k)
-      if (codes[k])
+    for (int k = 0; k < kStates; ++k) {
+      if (!codes[k]) continue;
+      if (int4)
+        absmax[k][q] = quantize_block4(buf[k], n, a.qmap[k] + kLevels4, codes[k] + b / 2);
+      else
         absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
                                       reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
+    }
   }
 }
 

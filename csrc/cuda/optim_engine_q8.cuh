@@ -1,9 +1,11 @@
-// The CUDA engine's path for 8-bit block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md): one warp per
-// 256-element quantization block (8 consecutive values per lane). Each lane dequantizes its values through the
-// state's map (in shared memory), runs the op's update (common/<op>_math.h) as the full-precision engine does,
-// then the warp reduces the block's absmax by shuffles (NaN if a value is NaN) and every lane requantizes its
-// values by the 8-step binary search over the midpoints (fusedopt/lowbit.py's definition). The table is
-// [params, grads, codes..., scalars, absmax...]. Compile-checked; run by scripts/gpu_check.sh on a GPU machine.
+// The CUDA engine's path for int8 / int4 block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md): one warp
+// per quantization block (int8: 256 elements, 8 consecutive values per lane; int4: 128, 4 per lane, so a lane's
+// codes are two whole bytes). Each lane dequantizes its values through the state's map (in shared memory), runs the
+// op's update (common/<op>_math.h) as the full-precision engine does, then the warp reduces the block's absmax by
+// shuffles (NaN if a value is NaN) and every lane requantizes its values by the branchless binary search over the
+// midpoints (8 or 4 steps, fusedopt/lowbit.py's definition); int4 codes are packed two per byte, the even element
+// in the high nibble. The table is [params, grads, codes..., scalars, absmax...]. Compile-checked; run by
+// scripts/gpu_check.sh on a GPU machine (int4 not yet run on a GPU).
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,12 +18,29 @@
 
 namespace fusedopt::cuda {
 
-constexpr int kQuantBlockCuda = 256;
-constexpr int kQuantPerLane = kQuantBlockCuda / 32;
+// kBits 8 (int8) or 4 (int4): the block, the map's levels and each lane's share of a block.
+template <int kBits>
+struct QuantFormatCuda {
+  static constexpr int kBlock = kBits == 4 ? 128 : 256;
+  static constexpr int kLevels = 1 << kBits;
+  static constexpr int kPerLane = kBlock / 32;  // even: a lane's int4 codes are whole bytes
+};
 
-template <typename Op, typename T>
+// Element i's code: int8 one byte each; int4 element 2j the high nibble of byte j, 2j + 1 the low one.
+template <int kBits>
+__device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i) {
+  if constexpr (kBits == 4) {
+    const int byte = codes[i >> 1];
+    return (i & 1) == 0 ? byte >> 4 : byte & 15;
+  } else {
+    return codes[i];
+  }
+}
+
+template <typename Op, typename T, int kBits>
 struct OptimQ8Functor {
-  using S = float;  // 8-bit states take float32, bfloat16 and float16 params: opmath is float
+  using F = QuantFormatCuda<kBits>;
+  using S = float;  // low-bit states take float32, bfloat16 and float16 params: opmath is float
   static constexpr int kStates = Op::kStates;
   static constexpr int kSlots = kStates > 0 ? kStates : 1;
   static constexpr int kLists = 2 * kStates + 3;  // params, grads, codes..., scalars, absmax...
@@ -33,13 +52,13 @@ struct OptimQ8Functor {
   const float* grad_divisor;
   const float* found_inf;
   bool maximize, write_back_grads;
-  const float* qmap[kSlots];  // per state: 256 code values, then 256 midpoints (device); null: unused
+  const float* qmap[kSlots];  // per state: the levels' code values, then as many midpoints (device); null: unused
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {
-    __shared__ float smap[kSlots][2 * kQuantBlockCuda];
+    __shared__ float smap[kSlots][2 * F::kLevels];
     for (int k = 0; k < kStates; ++k)
       if (qmap[k] != nullptr)
-        for (int i = threadIdx.x; i < 2 * kQuantBlockCuda; i += blockDim.x) smap[k][i] = qmap[k][i];
+        for (int i = threadIdx.x; i < 2 * F::kLevels; i += blockDim.x) smap[k][i] = qmap[k][i];
     __syncthreads();
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     const double lr_value = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr;
@@ -58,16 +77,16 @@ struct OptimQ8Functor {
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
     // begin is a multiple of kChunkElems, so of 256: every warp iteration is one whole quantization block.
-    for (int64_t qb = begin + static_cast<int64_t>(warp) * kQuantBlockCuda; qb < end;
-         qb += static_cast<int64_t>(warps) * kQuantBlockCuda) {
-      const int64_t q = qb / kQuantBlockCuda;
-      const int64_t base = qb + lane * kQuantPerLane;
-      S s[kQuantPerLane][kSlots];
+    for (int64_t qb = begin + static_cast<int64_t>(warp) * F::kBlock; qb < end;
+         qb += static_cast<int64_t>(warps) * F::kBlock) {
+      const int64_t q = qb / F::kBlock;
+      const int64_t base = qb + lane * F::kPerLane;
+      S s[F::kPerLane][kSlots];
 #pragma unroll
-      for (int e = 0; e < kQuantPerLane; ++e) {
+      for (int e = 0; e < F::kPerLane; ++e) {
         const int64_t i = base + e;
         for (int k = 0; k < kStates; ++k)
-          s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][codes[k][i]] * absmax[k][q] : S(0);
+          s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][load_code<kBits>(codes[k], i)] * absmax[k][q] : S(0);
         if (i < end) {
           S p = param[i];
           S g = unscaled_grad<T>(grad[i], grad_factor, write_back_grads);
@@ -81,7 +100,7 @@ struct OptimQ8Functor {
         float m = 0.0f;
         bool nan = false;
 #pragma unroll
-        for (int e = 0; e < kQuantPerLane; ++e) {
+        for (int e = 0; e < F::kPerLane; ++e) {
           const float a = base + e < end ? fabsf(s[e][k]) : 0.0f;
           nan = nan || a != a;
           m = fmaxf(m, a);
@@ -91,16 +110,24 @@ struct OptimQ8Functor {
         nan = __any_sync(0xffffffffu, nan);
         const float a = nan ? __int_as_float(0x7fc00000) : m;
         const float d = a > 0.0f ? a : 1.0f;
-        const float* mid = smap[k] + kQuantBlockCuda;
+        const float* mid = smap[k] + F::kLevels;
+        int code[F::kPerLane];
 #pragma unroll
-        for (int e = 0; e < kQuantPerLane; ++e) {
-          const int64_t i = base + e;
-          if (i >= end) continue;
+        for (int e = 0; e < F::kPerLane; ++e) {
+          code[e] = 0;  // past the end: int4's padding nibble is 0
+          if (base + e >= end) continue;
           const float x = __fdiv_rn(s[e][k], d);
-          int code = 0;
 #pragma unroll
-          for (int step = 128; step >= 1; step >>= 1) code += x >= mid[code + step - 1] ? step : 0;
-          codes[k][i] = static_cast<uint8_t>(code);
+          for (int step = F::kLevels / 2; step >= 1; step >>= 1) code[e] += x >= mid[code[e] + step - 1] ? step : 0;
+        }
+#pragma unroll
+        for (int e = 0; e < F::kPerLane; e += (kBits == 4 ? 2 : 1)) {
+          if (base + e >= end) continue;
+          if constexpr (kBits == 4) {
+            codes[k][(base + e) >> 1] = static_cast<uint8_t>((code[e] << 4) | code[e + 1]);
+          } else {
+            codes[k][base + e] = static_cast<uint8_t>(code[e]);
+          }
         }
         if (lane == 0) absmax[k][q] = a;
       }
@@ -108,10 +135,19 @@ struct OptimQ8Functor {
   }
 };
 
+template <typename Op, typename T, int kBits>
+void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, 8>::kLists>& table,
+               const OptimQ8Launch<typename Op::Hyper>& a) {
+  OptimQ8Functor<Op, T, kBits> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize, a.write_back_grads,
+                                  {}};
+  for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
+  launch(table, fn);
+}
+
 template <typename Op>
 void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
-  constexpr int kLists = OptimQ8Functor<Op, float>::kLists;
-  constexpr int kScalarList = OptimQ8Functor<Op, float>::kScalarList;
+  constexpr int kLists = OptimQ8Functor<Op, float, 8>::kLists;
+  constexpr int kScalarList = OptimQ8Functor<Op, float, 8>::kScalarList;
   const auto& params = *a.params;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -128,12 +164,12 @@ void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
   if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_q8", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      OptimQ8Functor<Op, scalar_t> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize,
-                                      a.write_back_grads, {}};
-      for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
-      launch(table, fn);
+      if (a.bits == 4)
+        launch_q8<Op, scalar_t, 4>(table, a);
+      else
+        launch_q8<Op, scalar_t, 8>(table, a);
     } else {
-      TORCH_CHECK(false, "fusedopt ", Op::kName, "_step_q8 (cuda): float64 params have no 8-bit states");
+      TORCH_CHECK(false, "fusedopt ", Op::kName, "_step_q8 (cuda): float64 params have no low-bit states");
     }
   });
   if (Op::kScalar == TensorScalar::kFirstFlag && has_scalars)

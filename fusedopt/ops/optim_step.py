@@ -86,7 +86,7 @@ def step_cached(spec, cached, *, lr, hyper, maximize, grad_divisor=None, found_i
                   grad_divisor, found_inf, bool(write_back_grads), stochastic_round)  # fmt: skip
 
 
-# --- 8-bit block-wise states (docs/LOW_BIT_STATES.md): fusedopt::<op>_step_q8 -------------------------------------
+# --- int8 / int4 block-wise states (docs/LOW_BIT_STATES.md): fusedopt::<op>_step_q8 ------------------------------
 _OPS_Q8: dict = {}
 
 
@@ -98,8 +98,8 @@ def _q8_kernel(spec, backend: str):
         return functools.partial(lowbit.step_q8, fp_step, spec.op, [s.list_name for s in spec.states])
     kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step_q8", None)
     if kernel is None:
-        raise NotImplementedError(f"fusedopt {spec.op}_step_q8: 8-bit states are not implemented on the {backend!r} "
-                                  "backend (cpu, triton and torch have them)")  # fmt: skip
+        raise NotImplementedError(f"fusedopt {spec.op}_step_q8: low-bit states are not implemented on the "
+                                  f"{backend!r} backend (cpu, triton and torch have them)")  # fmt: skip
     return kernel
 
 
@@ -108,12 +108,12 @@ def _register_q8(spec) -> object:
 
     def impl(params, grads, *rest):
         codes, absmax, rest = list(rest[:n_states]), list(rest[n_states : 2 * n_states]), rest[2 * n_states :]
-        qmaps, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4:]
+        qmaps, bits, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
         maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
         if not params:
             return
-        _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, scalars, lr, lr_tensor, hyper, maximize,
+        _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, bits, scalars, lr, lr_tensor, hyper, maximize,
                                   grad_divisor, found_inf, write_back_grads)  # fmt: skip
 
     return custom_op(spec.schema_q8())(impl)
@@ -127,15 +127,18 @@ def op_for_q8(spec):
 
 
 def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-            write_back_grads=False, backend="auto"):  # fmt: skip
-    """The step with 8-bit states: codes and absmax one list per spec state (an unused one empty)."""
+            write_back_grads=False, backend="auto", state_dtype="int8"):  # fmt: skip
+    """The step with quantized states of `state_dtype` ("int8" or "int4"): codes and absmax one list per spec state
+    (an unused one empty)."""
     if not params:
         return
     from fusedopt import lowbit
 
+    fmt = lowbit.quant_format(state_dtype)
     device = params[0].device
     backend = _backend.resolve(backend, device, spec.op)
     lr_float, lr_tensor = split_lr(lr, device)
-    qmaps = [lowbit.qmap(s.signed, device) for s in spec.states]
-    op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, scalars, lr_float, lr_tensor, *_hyper_args(spec, hyper),
-                    bool(maximize), grad_divisor, found_inf, bool(write_back_grads), backend)  # fmt: skip
+    qmaps = [lowbit.qmap(s.signed, device, fmt) for s in spec.states]
+    op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, fmt.bits, scalars, lr_float, lr_tensor,
+                    *_hyper_args(spec, hyper), bool(maximize), grad_divisor, found_inf, bool(write_back_grads),
+                    backend)  # fmt: skip

@@ -95,8 +95,8 @@ class FusedOptimizerMixin:
 
             self._fusedopt_extra_defaults["state_dtype"] = lowbit.check_state_dtype(state_dtype)
             if bf16_stochastic_round:
-                raise ValueError("bf16_stochastic_round with state_dtype='int8' is not supported yet: the 8-bit "
-                                 "kernels store params by round-to-nearest")  # fmt: skip
+                raise ValueError(f"bf16_stochastic_round with state_dtype={state_dtype!r} is not supported yet: the "
+                                 "low-bit kernels store params by round-to-nearest")  # fmt: skip
         self._bucket_cache: dict = {}
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self._stochastic_round_seed = int(stochastic_round_seed)

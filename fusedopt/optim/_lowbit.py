@@ -1,10 +1,13 @@
-"""8-bit block-wise optimizer states for every spec-driven optimizer (`state_dtype="int8"`, docs/LOW_BIT_STATES.md).
+"""Block-wise quantized optimizer states for every spec-driven optimizer (`state_dtype="int8"` or `"int4"`,
+docs/LOW_BIT_STATES.md).
 
 A param whose GLOBAL size (a DTensor's full numel, so every rank decides alike) is at least MIN_QUANT_NUMEL keeps
-each state `key` as `key_codes` (uint8, the param's shape) and `key_absmax` (float32, one per 256 elements); smaller
-params, and every param of a group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict
-converts each state to what this optimizer keeps for it (quantizes or dequantizes), so full-precision state_dicts
-of torch.optim load here and `to_full_precision_state_dict` gives one torch.optim loads.
+each state `key` as `key_codes` (uint8: int8 the param's shape, int4 packed two per byte, (ceil(numel / 2),)) and
+`key_absmax` (float32, one per block of 256 (int8) or 128 (int4) elements); smaller params, and every param of a
+group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict converts each state to what this
+optimizer keeps for it (quantizes, dequantizes or changes the format), so full-precision state_dicts of torch.optim
+load here and `to_full_precision_state_dict` gives one torch.optim loads. int4 states of FSDP2 (DTensor) params are
+refused (int8's world-size independent state_dict form, fusedopt/optim/_lowbit_shards.py, has no int4 twin yet).
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ def _zeros_like_local(p: Tensor, dtype) -> Tensor:
     return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
 
+def _stored_format(codes: Tensor, numel: int) -> lowbit.QuantFormat:
+    """The format of stored codes of a (local) state of `numel` elements: int8 codes hold one per element, int4
+    codes one per two (the two differ for every quantized size, numel >= MIN_QUANT_NUMEL)."""
+    for fmt in lowbit.FORMATS.values():
+        if codes.numel() == fmt.codes_numel(numel):
+            return fmt
+    raise ValueError(f"quantized state codes of {codes.numel()} bytes match no format for a param of {numel} "
+                     "elements (int8: one byte per element, int4: one per two)")  # fmt: skip
+
+
 class LowBitStateMixin(FusedOptimizerMixin):
-    """The state side of state_dtype="int8"; SpecOptimizerMixin steps a quantized bucket through
+    """The state side of state_dtype="int8" / "int4"; SpecOptimizerMixin steps a quantized bucket through
     fusedopt.ops.optim_step.step_q8."""
 
     def add_param_group(self, param_group: dict) -> None:
@@ -42,24 +55,42 @@ class LowBitStateMixin(FusedOptimizerMixin):
         if group.get("state_dtype") is not None and any(p.dtype == torch.float64 for p in group["params"]):
             raise ValueError(
                 f"fusedopt.optim.{type(self).__name__}: state_dtype={group['state_dtype']!r} does not support "
-                "float64 params (8-bit states are for float32, bfloat16 and float16 params); put them in a param "
+                "float64 params (low-bit states are for float32, bfloat16 and float16 params); put them in a param "
                 "group with state_dtype=None"
             )
 
     def _quantized_state(self, group: dict, p: Tensor) -> bool:
-        return group.get("state_dtype") == "int8" and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel
+        return group.get("state_dtype") is not None and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel
 
-    def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor) -> None:
-        """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map."""
+    def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor, state_dtype: str) -> None:
+        """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map. int8 codes
+        follow a DTensor param's placement; int4 codes are a plain tensor (no DTensor params: refused here)."""
+        if state_dtype == "int4" and shards.is_dtensor(p):
+            raise NotImplementedError(
+                f"fusedopt.optim.{type(self).__name__}: state_dtype='int4' for FSDP2 (DTensor) params is not supported "
+                "yet (its packed codes have no world-size independent state_dict form); use state_dtype='int8'"
+            )
         lp = local_tensor(p)
-        codes = _zeros_like_local(p, torch.uint8)
-        c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device))
-        local_tensor(codes).copy_(c)
-        state[lowbit.codes_key(spec.key)] = codes
+        c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
+                               state_dtype)  # fmt: skip
+        if state_dtype == "int8":
+            codes = _zeros_like_local(p, torch.uint8)
+            local_tensor(codes).copy_(c)
+            c = codes
+        state[lowbit.codes_key(spec.key)] = c
         state[lowbit.absmax_key(spec.key)] = a
 
+    def _dequantize_from(self, p: Tensor, state: dict, spec, dtype: torch.dtype) -> Tensor:
+        """Pops state[key_codes] and state[key_absmax] (either format) and returns the values in `dtype`, of p's
+        local shape."""
+        lp = local_tensor(p)
+        codes = local_tensor(state.pop(lowbit.codes_key(spec.key))).to(lp.device)
+        absmax = state.pop(lowbit.absmax_key(spec.key)).to(lp.device)
+        fmt = _stored_format(codes, lp.numel())
+        return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), dtype, fmt, lp.shape)
+
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
-        self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec))
+        self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), group["state_dtype"])
 
     def _q8_lists(self, group, bucket: Bucket, used: tuple) -> tuple:
         """The op's codes and absmax lists (an unused state's empty); a used state missing so far starts now."""
@@ -136,25 +167,28 @@ class LowBitStateMixin(FusedOptimizerMixin):
         self._convert_states()
 
     def _convert_states(self) -> None:
-        """Each param's state as this optimizer keeps it: quantized where _quantized_state, else full precision."""
+        """Each param's state as this optimizer keeps it: quantized in its group's format where _quantized_state
+        (a state of the other format is dequantized and requantized), else full precision."""
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:
                     continue
                 quant = self._quantized_state(group, p)
+                own = group.get("state_dtype")
                 for s in self.SPEC.states:
-                    ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
+                    ck = lowbit.codes_key(s.key)
                     if quant and isinstance(st.get(s.key), Tensor):
-                        self._quantize_into(p, st, s, st.pop(s.key))
-                    elif not quant and ck in st:
-                        lp = local_tensor(p)
-                        dtype = self._full_precision_state_dtype(group, p)
-                        value = lowbit.dequantize(local_tensor(st.pop(ck)).to(lp.device), st.pop(ak).to(lp.device),
-                                                  lowbit.qmap(s.signed, lp.device), dtype)  # fmt: skip
-                        buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                        local_tensor(buf).copy_(value.reshape(lp.shape))
-                        st[s.key] = buf
+                        self._quantize_into(p, st, s, st.pop(s.key), own)
+                    elif ck in st and (not quant or _stored_format(local_tensor(st[ck]), local_tensor(p).numel()).name
+                                       != own):  # fmt: skip
+                        if quant:
+                            self._quantize_into(p, st, s, self._dequantize_from(p, st, s, torch.float32), own)
+                        else:
+                            dtype = self._full_precision_state_dtype(group, p)
+                            buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                            local_tensor(buf).copy_(self._dequantize_from(p, st, s, dtype))
+                            st[s.key] = buf
 
 
 def _signed_by_key() -> dict:
@@ -163,20 +197,39 @@ def _signed_by_key() -> dict:
     return {s.key: s.signed for m in (adagrad, adam, lion, rmsprop, sgd) for s in m.SPEC.states}
 
 
+def _int4_state(codes, absmax) -> bool:
+    """Whether stored codes are int4 (from the counts alone: int8 has one absmax per 256 codes, int4 one per 64)."""
+    return not shards.is_dtensor(codes) and absmax.numel() != lowbit.num_blocks(codes.numel(), "int8")
+
+
 def to_full_precision_state_dict(opt_or_state_dict) -> dict:
-    """A state_dict with every 8-bit state dequantized to float32 under torch's key (`exp_avg`, ...) and
+    """A state_dict with every int8 / int4 state dequantized to float32 under torch's key (`exp_avg`, ...) and
     state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
     its state_dict; the input is not modified. Under FSDP2 the states are DTensors with their param's placement
-    (collective: every rank calls it)."""
-    sd = opt_or_state_dict.state_dict() if hasattr(opt_or_state_dict, "state_dict") else opt_or_state_dict
+    (collective: every rank calls it). int4 codes do not record their param's shape: a state_dict holding int4
+    states needs the optimizer (a ValueError says so)."""
+    is_opt = hasattr(opt_or_state_dict, "state_dict")
+    sd = opt_or_state_dict.state_dict() if is_opt else opt_or_state_dict
+    shapes = {}
+    if is_opt:  # state_dict() numbers the params in group order
+        params = itertools.chain.from_iterable(g["params"] for g in opt_or_state_dict.param_groups)
+        shapes = {i: local_tensor(p).shape for i, p in enumerate(params)}
     signed = _signed_by_key()
     state = {}
     for pid, st in sd["state"].items():
         out = {k: v for k, v in st.items() if not _is_q8_key(k)}
         for k in sorted(k for k in st if isinstance(k, str) and k.endswith("_codes")):  # sorted: collective
             key = k[: -len("_codes")]
-            table = lowbit.qmap(signed.get(key, True), local_tensor(st[k]).device)
-            out[key] = shards.dequantize_global_form(st[k], st[lowbit.absmax_key(key)], table)
+            codes, absmax = st[k], st[lowbit.absmax_key(key)]
+            if not _int4_state(codes, absmax):
+                table = lowbit.qmap(signed.get(key, True), local_tensor(codes).device)
+                out[key] = shards.dequantize_global_form(codes, absmax, table)
+                continue
+            if pid not in shapes:
+                raise ValueError(f"to_full_precision_state_dict: state {pid} holds int4 {key} states, whose codes do "
+                                 "not record the param's shape: pass the optimizer, not its state_dict")
+            table = lowbit.qmap(signed.get(key, True), codes.device, "int4")
+            out[key] = lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype="int4", shape=shapes[pid])
         state[pid] = out
     groups = [{**g, "state_dtype": None} if "state_dtype" in g else dict(g) for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}

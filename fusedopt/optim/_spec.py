@@ -33,8 +33,8 @@ class StateSpec:
     # hyper -> whether the state exists (Adam's max_exp_avg_sq: amsgrad); None: always. The C++ twin is
     # Op::uses_state; an unused list is passed empty and never read.
     when: Callable[[dict], bool] | None = None
-    # The 8-bit map of the state (state_dtype="int8", docs/LOW_BIT_STATES.md): signed for first moments (exp_avg,
-    # momentum_buffer, grad_avg), unsigned for second moments (exp_avg_sq, max_exp_avg_sq, square_avg, sum).
+    # The low-bit map of the state (state_dtype="int8" / "int4", docs/LOW_BIT_STATES.md): signed for first moments
+    # (exp_avg, momentum_buffer, grad_avg), unsigned for second moments (exp_avg_sq, max_exp_avg_sq, square_avg, sum).
     signed: bool = True
 
 
@@ -82,11 +82,12 @@ class OptimizerSpec:
 
     def schema_q8(self) -> str:
         """<op>_step_q8: the state lists become codes and absmax lists (docs/LOW_BIT_STATES.md), plus one map per
-        state."""
+        state and the codes' width (8: int8, 4: int4)."""
         lists = ["params", "grads", *(f"{s.list_name}_codes" for s in self.states),
                  *(f"{s.list_name}_absmax" for s in self.states)]  # fmt: skip
         args = [f"Tensor(m{i}!)[] {name}" for i, name in enumerate(lists)]
-        args += ["Tensor[] qmaps", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr", "Tensor? lr_tensor"]
+        args += ["Tensor[] qmaps", "int bits", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr",
+                 "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
         args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads", "str backend"]
         return f"{self.op}_step_q8({', '.join(args)}) -> ()"
@@ -159,11 +160,11 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         used = self.SPEC.used_states(hyper)
         args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
                     grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
-        if bucket.quantized:  # 8-bit states (fusedopt/optim/_lowbit.py): the list path
+        if bucket.quantized:  # int8 / int4 states (fusedopt/optim/_lowbit.py): the list path
             codes, absmax = self._q8_lists(group, bucket, used)
             scalars = self._scalars(group, bucket)
             optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, backend=bucket.backend,
-                               **args)  # fmt: skip
+                               state_dtype=group["state_dtype"], **args)  # fmt: skip
             return
         masters = self._masters(group, bucket)  # first: making them turns the states float32
         states = self._state_lists(group, bucket, used)
