@@ -177,8 +177,9 @@ def test_small_updates_move_bf16_params_only_with_a_master():
     """Updates of 1e-3 on params at 1: plain bf16 AdamW loses them all, a master (either kind) keeps the float32
     trajectory exactly and the param follows it."""
     runs = {}
-    for name, dtype, mode in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
-                              ("master", torch.bfloat16, True), ("remainder", torch.bfloat16, "remainder")):  # fmt: skip
+    modes = (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("master", torch.bfloat16, True),
+             ("remainder", torch.bfloat16, "remainder"))
+    for name, dtype, mode in modes:
         p = torch.nn.Parameter(torch.ones(4096, dtype=dtype))
         opt = fusedopt.AdamW([p], lr=1e-3, weight_decay=0.0, backend="cpu", master_weights=mode)
         for _ in range(150):

@@ -8,12 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
+    commit_param,
     launch,
     list_ptr,
-    load_param,
     load_grad,
+    load_param,
     load_state,
-    commit_param,
     store_state,
 )
 
@@ -53,8 +53,8 @@ def adagrad_kernel(
 def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                  write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     launch(adagrad_kernel, ("adagrad", ("state_sums",), HYPER, "step"), params, grads, states, steps, lr, lr_tensor,
-           hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, masters=masters,
-           HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
+           hyper, maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round,
+           masters=masters, HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
 
 def adagrad_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):

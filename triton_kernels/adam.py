@@ -8,12 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import lerp, pow_by_squaring, program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
+    commit_param,
     launch,
     list_ptr,
-    load_param,
     load_grad,
+    load_param,
     load_state,
-    commit_param,
     store_state,
 )
 
@@ -59,8 +59,8 @@ def adam_kernel(
             exp_avg_sq,
             propagate_nan=tl.PropagateNan.ALL,
         )
-        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, STATE_DTYPE, BLOCK,
-                    QUANT)  # fmt: skip
+        store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MAX_EXP_AVG_SQ, N_STATES, max_exp_avg_sq, STATE_DTYPE,
+                    BLOCK, QUANT)  # fmt: skip
         second_moment = max_exp_avg_sq
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt + tl.load(hp_ptr + 3).to(OPMATH)
     param = param - step_size * exp_avg / denom

@@ -8,13 +8,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
+    commit_param,
     launch,
-    list_ptr,
-    load_param,
     load_grad,
+    load_param,
     load_state,
     sign,
-    commit_param,
     store_state,
 )
 
@@ -52,7 +51,8 @@ def lion_kernel(
 def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
               write_back_grads, stochastic_round=None, masters=(), q8=None):  # fmt: skip
     launch(lion_kernel, ("lion", ("exp_avgs",), HYPER, None), params, grads, states, steps, lr, lr_tensor, hyper,
-           maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round, masters=masters, q8=q8)  # fmt: skip
+           maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=stochastic_round,
+           masters=masters, q8=q8)  # fmt: skip
 
 
 def lion_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):

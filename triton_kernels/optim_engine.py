@@ -195,7 +195,7 @@ def commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, n_states, D
         m_row = _master_row(n_states)
         if MASTER == 1:
             tl.store(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, x, mask=mask)
-            if DTYPE == tl.bfloat16:  # to nearest even by the bits: the interpreter's cast truncates
+            if tl.bfloat16 == DTYPE:  # to nearest even by the bits: the interpreter's cast truncates
                 high = tl.where(x != x, nan_bits, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
                 tl.store(p_ptr + offs, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
             else:

@@ -8,12 +8,11 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import lerp, program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
-    launch,
-    list_ptr,
-    load_param,
-    load_grad,
-    load_state,
     commit_param,
+    launch,
+    load_grad,
+    load_param,
+    load_state,
     store_state,
 )
 

@@ -9,12 +9,12 @@ import triton.language as tl
 from fusedopt.triton_kernels.multi_tensor import program_block
 from fusedopt.triton_kernels.optim_engine import (
     ROW_FIRST_STATE,
+    commit_param,
     launch,
     list_ptr,
-    load_param,
     load_grad,
+    load_param,
     load_state,
-    commit_param,
     store_state,
 )
 
@@ -29,7 +29,8 @@ def sgd_kernel(
     sr_ptr, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_DIVISOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, WRITE_BACK_GRADS: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC_ROUND: tl.constexpr, MOMENTUM: tl.constexpr,
-    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0,
+    HAS_FLAGS: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, QUANT: tl.constexpr = False,
+    MASTER: tl.constexpr = 0,
     STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)

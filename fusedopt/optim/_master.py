@@ -50,7 +50,8 @@ class MasterWeightsMixin(FusedOptimizerMixin):
                              "(with a master, the bf16 param is the master rounded to nearest)")  # fmt: skip
         if mode == "remainder" and any(p.dtype == torch.float16 for p in group["params"]):
             raise ValueError(f"fusedopt.optim.{name}: master_weights='remainder' needs bfloat16 params (a float16 "
-                             "param is not the high half of a float32); use master_weights=True for float16")  # fmt: skip
+                             "param is not the high half of a float32); use master_weights=True "
+                             "for float16")  # fmt: skip
 
     def _master_mode(self, group: dict, p: Tensor) -> str | None:
         """The param's master kind: the group's, for a 16-bit param; else None."""
