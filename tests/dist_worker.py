@@ -4,12 +4,10 @@ torch's, and compares; each rank writes {scenario: "ok" | traceback} to <out>/<r
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import json
 import os
-import traceback
 
+import gloo
 import torch
 import torch.distributed as dist
 from conftest import assert_close
@@ -227,20 +225,6 @@ def scenarios(ckpt_dir):
 def worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # two processes on a shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    gloo.init(rank, WORLD, port)
     mesh = init_device_mesh("cpu", (WORLD,))
-    results = {}
-    try:
-        for name, fn in scenarios(os.path.join(out_dir, "ckpt")):
-            try:
-                fn(rank, mesh)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-            dist.barrier()  # keep the ranks in step even when one scenario failed on one rank
-    finally:
-        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    gloo.run_scenarios(scenarios(os.path.join(out_dir, "ckpt")), (rank, mesh), os.path.join(out_dir, f"{rank}.json"))

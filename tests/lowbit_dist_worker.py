@@ -9,12 +9,10 @@ gathered): the optimizer alone is compared, so "equal" means bit for bit.
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import math
 import os
-import traceback
 
+import gloo
 import torch
 import torch.distributed as dist
 
@@ -360,20 +358,7 @@ def scenarios(world: int, ckpt_dir: str) -> list:
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # two processes on a shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    gloo.init(rank, world, port, timeout_s=120)
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    try:
-        for name, fn in scenarios(world, os.path.join(out_dir, "ckpt")):
-            try:
-                fn(rank, mesh)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-            dist.barrier()  # keep the ranks in step even when one scenario failed on one rank
-    finally:
-        with open(os.path.join(out_dir, f"{world}-{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    gloo.run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
+                       os.path.join(out_dir, f"{world}-{rank}.json"))

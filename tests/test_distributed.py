@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import dist_worker
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,18 +22,12 @@ import torch.distributed as dist
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(dist_worker.worker, args=(_free_port(), str(out)), nprocs=dist_worker.WORLD, join=True)
+    mp.spawn(dist_worker.worker, args=(gloo.free_port(), str(out)), nprocs=dist_worker.WORLD, join=True)
     per_rank = []
     for rank in range(dist_worker.WORLD):
         with open(os.path.join(out, f"{rank}.json")) as f:

@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
+import gloo
 import lowbit_dist_worker
 import pytest
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("lowbit_dist")
     per_world = {}
     for world in (2, 1):  # the 1-rank run loads what the 2-rank run saved
-        mp.spawn(lowbit_dist_worker.worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        mp.spawn(lowbit_dist_worker.worker, args=(world, gloo.free_port(), str(out)), nprocs=world, join=True)
         per_rank = []
         for rank in range(world):
             with open(os.path.join(out, f"{world}-{rank}.json")) as f:

@@ -395,3 +395,22 @@ def test_optimizers_without_8bit_states_refuse_them(info, state_dtype):
     p = torch.zeros(5000, requires_grad=True)
     with pytest.raises(ValueError, match="state_dtype"):
         info.fused([p], backend="torch", state_dtype=state_dtype, **info.cases[0])
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_new_state_equals_the_quantized_constant_buffer(state_dtype):
+    """A new 8/4-bit state is made from one quantized block (fast), and equals the quantizer's result on the whole
+    constant buffer (zeros, or Adagrad's initial value), for sizes at and past the block and packing edges."""
+    for shape in [(4096,), (4097,), (33, 130), (5000, 3)]:
+        for cls, kw in [(fusedopt.AdamW, {}), (fusedopt.Adagrad, {"initial_accumulator_value": 0.37})]:
+            for dtype in (torch.float32, torch.bfloat16):
+                p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+                opt = cls([p], state_dtype=state_dtype, backend="cpu", **kw)
+                group = opt.param_groups[0]
+                for spec in opt.SPEC.states:
+                    fast, slow = {}, {}
+                    opt._new_q8_state(group, p, spec, fast)
+                    opt._quantize_into(p, slow, spec, opt._new_state_buffer(group, p, spec), state_dtype)
+                    assert fast.keys() == slow.keys()
+                    for k in slow:
+                        assert fast[k].dtype == slow[k].dtype and torch.equal(fast[k], slow[k]), (shape, cls, k)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
+import gloo
 import pytest
 import torch.distributed as dist
 import vocab_parallel_worker
@@ -21,12 +21,6 @@ WORLDS = (2, 3)
 SCENARIOS = [name for name, _ in vocab_parallel_worker.scenarios()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     import torch.multiprocessing as mp
@@ -34,7 +28,7 @@ def results(tmp_path_factory):
     per_world = {}
     for world in WORLDS:
         out = tmp_path_factory.mktemp(f"vocab-parallel-{world}")
-        mp.spawn(vocab_parallel_worker.worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        mp.spawn(vocab_parallel_worker.worker, args=(world, gloo.free_port(), str(out)), nprocs=world, join=True)
         per_world[world] = []
         for rank in range(world):
             with open(os.path.join(out, f"{world}-{rank}.json")) as f:

@@ -5,11 +5,9 @@ own cross_entropy on the whole logits. Each rank writes {scenario: "ok" | traceb
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import traceback
 
+import gloo
 import torch
 import torch.distributed as dist
 from conftest import assert_close
@@ -125,20 +123,5 @@ def scenarios():
 
 
 def worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)  # several processes on a shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    group = dist.group.WORLD
-    results = {}
-    try:
-        for name, fn in scenarios():
-            try:
-                fn(group)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-            dist.barrier()  # keep the ranks in step even when one scenario failed on one rank
-    finally:
-        with open(os.path.join(out_dir, f"{world}-{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    gloo.init(rank, world, port)
+    gloo.run_scenarios(scenarios(), (dist.group.WORLD,), os.path.join(out_dir, f"{world}-{rank}.json"))

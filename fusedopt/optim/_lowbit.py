@@ -90,7 +90,25 @@ class LowBitStateMixin(FusedOptimizerMixin):
         return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), dtype, fmt, lp.shape)
 
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
-        self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), group["state_dtype"])
+        """A new state is one constant (0, or the spec's fill): every block has the codes and absmax of one constant
+        block, so one block is quantized and repeated (quantizing the whole buffer by the plain-torch definition
+        took tens of seconds for a 7B-scale model's first step). DTensor params take the general path."""
+        state_dtype = group["state_dtype"]
+        if shards.is_dtensor(p):
+            return self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), state_dtype)
+        fmt = lowbit.quant_format(state_dtype)
+        fill = 0.0 if spec.fill is None else float(group[spec.fill])
+        one = torch.full((fmt.block,), fill, dtype=p.dtype, device=p.device)
+        c, a = lowbit.quantize(one, lowbit.qmap(spec.signed, p.device, state_dtype), state_dtype)
+        n = p.numel()
+        if fmt.bits == 8:
+            codes = torch.full(p.shape, int(c[0]), dtype=torch.uint8, device=p.device)
+        else:  # two codes per byte, element 2j in the high nibble; an odd tail's spare nibble is 0
+            codes = torch.full((-(-n // 2),), int(c[0]), dtype=torch.uint8, device=p.device)
+            if n % 2:
+                codes[-1] = int(c[0]) & 0xF0
+        state[lowbit.codes_key(spec.key)] = codes
+        state[lowbit.absmax_key(spec.key)] = a[:1].repeat(-(-n // fmt.block))
 
     def _q8_lists(self, group, bucket: Bucket, used: tuple) -> tuple:
         """The op's codes and absmax lists (an unused state's empty); a used state missing so far starts now."""
