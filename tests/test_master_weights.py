@@ -388,3 +388,32 @@ def test_compiled_step_equals_eager(mode):
     (opt_e, ps_e), (opt_c, ps_c) = runs
     for a, b in zip(ps_e, ps_c):
         assert torch.equal(a, b) and torch.equal(_master(opt_e, a), _master(opt_c, b))
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
+def test_grad_scaler_unscale_and_skip(mode, backend):
+    """GradScaler's scale in the kernel (the grads left unscaled, as torch's fused optimizers leave them) gives the
+    float32 run's master; a step with found_inf set changes nothing: param, master, states, step."""
+    runs = {}
+    for m in (None, mode):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 300).bfloat16())
+        if m is None:
+            p = torch.nn.Parameter(p.detach().float())
+        opt = fusedopt.AdamW([p], lr=0.01, backend=backend, master_weights=m or False)
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        g = (torch.linspace(-3, 2, 300) * 1024).bfloat16()
+        p.grad = g.float() if m is None else g.clone()
+        opt.step()
+        runs[m] = (opt, p)
+        assert torch.equal(p.grad.float(), (g.float() / 1024).to(p.dtype).float()), "the grad was not unscaled"
+    opt, p = runs[mode]
+    assert torch.equal(_master(opt, p), runs[None][1].detach())
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    param_before = p.detach().clone()
+    opt.found_inf = torch.tensor(1.0)
+    p.grad = torch.full((300,), float("inf")).bfloat16()
+    opt.step()
+    assert torch.equal(p.detach(), param_before)
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v), k
