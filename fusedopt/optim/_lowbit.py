@@ -101,12 +101,13 @@ class LowBitStateMixin(FusedOptimizerMixin):
         one = torch.full((fmt.block,), fill, dtype=p.dtype, device=p.device)
         c, a = lowbit.quantize(one, lowbit.qmap(spec.signed, p.device, state_dtype), state_dtype)
         n = p.numel()
+        first = c.reshape(-1)[:1]  # a tensor, not a Python int: no host sync on a GPU's first step
         if fmt.bits == 8:
-            codes = torch.full(p.shape, int(c[0]), dtype=torch.uint8, device=p.device)
+            codes = first.repeat(n).view(p.shape)
         else:  # two codes per byte, element 2j in the high nibble; an odd tail's spare nibble is 0
-            codes = torch.full((-(-n // 2),), int(c[0]), dtype=torch.uint8, device=p.device)
+            codes = first.repeat(-(-n // 2))
             if n % 2:
-                codes[-1] = int(c[0]) & 0xF0
+                codes[-1:].bitwise_and_(0xF0)
         state[lowbit.codes_key(spec.key)] = codes
         state[lowbit.absmax_key(spec.key)] = a[:1].repeat(-(-n // fmt.block))
 
