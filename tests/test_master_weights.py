@@ -417,3 +417,17 @@ def test_grad_scaler_unscale_and_skip(mode, backend):
     assert torch.equal(p.detach(), param_before)
     for k, v in before.items():
         assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
+def test_resized_param_raises_instead_of_reading_past_it(mode, backend):
+    """A param resized after its master was made: the step refuses (master shape), it never reads past the master."""
+    p = torch.nn.Parameter(torch.randn(4).bfloat16())
+    opt = fusedopt.AdamW([p], backend=backend, master_weights=mode)
+    p.grad = torch.randn(4).bfloat16()
+    opt.step()
+    p.data = torch.randn(4096).bfloat16()
+    p.grad = torch.randn(4096).bfloat16()
+    with pytest.raises(RuntimeError, match=r"masters\[0\] has shape \[4\], its param \[4096\]"):
+        opt.step()
