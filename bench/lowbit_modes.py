@@ -1,6 +1,6 @@
 """The optimizer-state modes of the low-bit bench (bench/optim_lowbit.py): fusedopt's and its peers' (torchao,
-bitsandbytes), one entry each in `adamw_modes()`. A later mode (int4, bf16 + fp32 master, bf16 + int16 remainder) is
-one more entry there: the memory table, the step-time case and the tests pick it up.
+bitsandbytes), one entry each in `adamw_modes()`. A later mode (int4, fp8, bf16 + fp32 master, bf16 + int16
+remainder) is one more entry there: the memory table, the step-time case and the tests pick it up.
 
 Each mode says how its library lays out AdamW's two states (`StateLayout`, read from the library's source: the block
 size, the size under which a param keeps full-precision state, the maps it keeps), so the Llama-2-7B row is computed
@@ -110,6 +110,7 @@ def adamw_modes() -> list[StateMode]:
         fusedopt_mode("fp32", FULL_PRECISION, note="torch.optim.AdamW's state (fused or not)"),
         fusedopt_mode("int8", StateLayout(code_bits=8), state_dtype="int8"),
         fusedopt_mode("int4", StateLayout(code_bits=4, block=128), state_dtype="int4"),
+        fusedopt_mode("fp8", StateLayout(code_bits=8), state_dtype="fp8"),
         # bf16 params (docs/MASTER_WEIGHTS.md): bf16 states rounded stochastically, or float32 states beside an exact
         # master (float32, or its int16 low half beside the param). A new mode is one line here.
         fusedopt_mode("bf16 + stochastic rounding", FULL_PRECISION, param_dtype=torch.bfloat16,

@@ -58,10 +58,11 @@ struct CpuOptimBackend {
     }
   }
 
-  // The step with int8 / int4 block-wise states (common/optim_q8.h).
+  // The step with int8 / int4 / fp8 block-wise states (common/optim_q8.h).
   template <typename Op>
   static void run_q8(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& codes,
-                     const std::vector<TensorList>& absmax, const TensorList& qmaps, int64_t bits,
+                     const std::vector<TensorList>& absmax, const TensorList& qmaps,
+                     const std::string& state_dtype,
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
@@ -69,8 +70,8 @@ struct CpuOptimBackend {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cpu)";
     if (params.empty()) return;
     ContiguousScope scope;
-    const auto in = check_optim_step_q8<Op>(op, at::kCPU, scope, params, grads, codes, absmax, qmaps, bits, scalars,
-                                            hyper, maximize, grad_divisor, found_inf, write_back_grads);
+    const auto in = check_optim_step_q8<Op>(op, at::kCPU, scope, params, grads, codes, absmax, qmaps, state_dtype,
+                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads);
     OptimStepArgs<typename Op::Hyper> a;
     a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
     a.hyper = in.hyper;
@@ -86,7 +87,7 @@ struct CpuOptimBackend {
     a.states.resize(Op::kStates);
     a.absmax.resize(Op::kStates);
     a.qmap.assign(Op::kStates, nullptr);
-    a.qbits = static_cast<int>(in.bits);
+    a.qkind = in.kind;
     for (int k = 0; k < Op::kStates; ++k)
       if (!in.codes[k].empty()) a.qmap[k] = in.qmap[k].template data_ptr<float>();
     for (size_t i = 0; i < in.params.size(); ++i) {

@@ -51,10 +51,11 @@ struct CudaOptimBackend {
     }
   }
 
-  // The step with int8 / int4 block-wise states (common/optim_q8.h).
+  // The step with int8 / int4 / fp8 block-wise states (common/optim_q8.h).
   template <typename Op>
   static void run_q8(const TensorList& params, const TensorList& grads, const std::vector<TensorList>& codes,
-                     const std::vector<TensorList>& absmax, const TensorList& qmaps, int64_t bits,
+                     const std::vector<TensorList>& absmax, const TensorList& qmaps,
+                     const std::string& state_dtype,
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
@@ -62,11 +63,11 @@ struct CudaOptimBackend {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;
-    const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, bits, scalars,
-                                            hyper, maximize, grad_divisor, found_inf, write_back_grads);
+    const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, state_dtype,
+                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     OptimQ8Launch<typename Op::Hyper> a{};
-    a.bits = in.bits;
+    a.kind = in.kind;
     a.params = &in.params;
     a.grads = &in.grads;
     for (int k = 0; k < Op::kStates; ++k) {

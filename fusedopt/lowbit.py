@@ -1,4 +1,4 @@
-"""Block-wise quantized optimizer states, 8-bit and 4-bit (docs/LOW_BIT_STATES.md): the formats and their maps,
+"""Block-wise quantized optimizer states, 8-bit, 4-bit and fp8 (docs/LOW_BIT_STATES.md): the formats and their maps,
 the plain-PyTorch quantizer and dequantizer (the `torch` backend's, and the definition every kernel matches), the
 `torch` backend of the <op>_step_q8 ops, and the state-key conventions.
 
@@ -11,9 +11,12 @@ elements, row-major): the value of element i is map[code(i)] * absmax[i // block
   codes packed two per byte in a 1-D tensor of ceil(numel / 2) bytes (element 2j in the high nibble of byte j,
   2j + 1 in the low one, a missing last element 0); the signed dynamic map with 3 decades (16 values) for first
   moments, and the linear map 1/16, 2/16, .., 1 (no zero) for second moments.
-Quantizing a block: a = max |x| (NaN if any x is NaN), d = a if a > 0 else 1, code = the number of midpoints between
-neighbouring map values that x / d reaches (>=): the nearest value, ties up. A NaN gets code 0; its block reads back
-NaN through its NaN absmax, and no other block is touched.
+- fp8 (as torchao's AdamWFp8): blocks of 256, codes float8_e4m3fn of the param's shape; map[code] = the code's
+  e4m3 value / 448 (in float32), for first and second moments alike.
+Quantizing a block: a = max |x| (NaN if any x is NaN), d = a if a > 0 else 1; int8 / int4: code = the number of
+midpoints between neighbouring map values that x / d reaches (>=): the nearest value, ties up; fp8: code = (x / d *
+448) rounded to float8_e4m3fn, to nearest even (torch's conversion; csrc/common/quant_format.h computes its bits). A
+NaN gets code 0; its block reads back NaN through its NaN absmax, and no other block is touched.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class QuantFormat:
     name: str
     bits: int
     block: int  # values per absmax
+    float_codes: bool = False  # fp8: the code is a float8_e4m3fn, its map indexed by the code's bits
+
+    @property
+    def codes_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.float_codes else torch.uint8
 
     @property
     def levels(self) -> int:
@@ -48,6 +56,8 @@ class QuantFormat:
 
     @property
     def table_size(self) -> int:
+        if self.float_codes:
+            return self.levels
         return 2 * self.levels + (LUT_FLOATS if self.bits == 8 else 0)
 
     def codes_numel(self, numel: int) -> int:
@@ -57,7 +67,12 @@ class QuantFormat:
         return -(-numel // self.block)
 
 
-FORMATS = {"int8": QuantFormat("int8", 8, 256), "int4": QuantFormat("int4", 4, 128)}
+FORMATS = {
+    "int8": QuantFormat("int8", 8, 256),
+    "int4": QuantFormat("int4", 4, 128),
+    "fp8": QuantFormat("fp8", 8, 256, float_codes=True),
+}
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn: x / d * FP8_MAX spans the format
 STATE_DTYPES = (None, *FORMATS)
 QUANT_BLOCK = FORMATS["int8"].block
 MAP_SIZE = FORMATS["int8"].table_size
@@ -68,8 +83,22 @@ def quant_format(state_dtype) -> QuantFormat:
         return state_dtype
     fmt = FORMATS.get(state_dtype)
     if fmt is None:
-        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None for full precision, 'int8' or 'int4')")
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None for full precision, 'int8', 'int4' or "
+                         "'fp8')")  # fmt: skip
     return fmt
+
+
+def stored_format(codes: Tensor, numel: int) -> QuantFormat:
+    """The format of stored codes of a state of `numel` elements: fp8 by the codes' dtype; int8 one uint8 code per
+    element, int4 one per two (they differ for every quantized size, numel >= MIN_QUANT_NUMEL)."""
+    if codes.dtype == torch.float8_e4m3fn:
+        return FORMATS["fp8"]
+    for fmt in FORMATS.values():
+        if codes.dtype == fmt.codes_dtype and codes.numel() == fmt.codes_numel(numel):
+            return fmt
+    raise ValueError(f"quantized state codes of {codes.numel()} {codes.dtype} values match no format for a param of "
+                     f"{numel} elements (int8: one uint8 per element, int4: one per two, fp8: one float8_e4m3fn per "
+                     "element)")  # fmt: skip
 
 
 def check_state_dtype(state_dtype) -> str | None:
@@ -133,6 +162,9 @@ def _lookup_table(mid: Tensor) -> Tensor:
 @functools.cache
 def _table_cpu(signed: bool, state_dtype: str) -> Tensor:
     fmt = FORMATS[state_dtype]
+    if fmt.float_codes:  # each code's value / FP8_MAX, indexed by the code's bits (0x7f and 0xff: NaN)
+        e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+        return (e4m3.to(torch.float64) / FP8_MAX).to(torch.float32)
     values = torch.tensor(state_map(fmt, signed), dtype=torch.float64).to(torch.float32)
     mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
     parts = [values, mid]
@@ -177,17 +209,26 @@ def unpack4(packed: Tensor, numel: int) -> Tensor:
     return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
 
 
+def encode(scaled: Tensor, table: Tensor, state_dtype="int8") -> Tensor:
+    """The codes (int64, scaled's shape, int4 unpacked) of values already divided by their block's d."""
+    fmt = quant_format(state_dtype)
+    if fmt.float_codes:
+        code = (scaled * FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64)
+        return torch.where(scaled.isnan(), 0, code)
+    return _search(scaled, table[fmt.levels : 2 * fmt.levels], fmt.levels)
+
+
 def quantize(x: Tensor, table: Tensor, state_dtype="int8") -> tuple:
-    """(codes uint8, absmax float32 (blocks,)): blocks of `block` consecutive elements (row-major). int8 codes have
-    x's shape; int4 codes are packed, (ceil(numel / 2),)."""
+    """(codes, absmax float32 (blocks,)): blocks of `block` consecutive elements (row-major). int8 codes (uint8) and
+    fp8 codes (float8_e4m3fn) have x's shape; int4 codes are packed uint8, (ceil(numel / 2),)."""
     fmt = quant_format(state_dtype)
     blocks = _blocks(x, fmt.block)
     absmax = blocks.abs().amax(dim=1)  # NaN-propagating
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
-    code = _search(scaled, table[fmt.levels : 2 * fmt.levels], fmt.levels).reshape(-1)[: x.numel()]
+    code = encode(scaled, table, fmt).reshape(-1)[: x.numel()]
     if fmt.bits == 4:
         return pack4(code), absmax
-    return code.to(torch.uint8).reshape(x.shape), absmax
+    return code.to(torch.uint8).view(fmt.codes_dtype).reshape(x.shape), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype = torch.float32, state_dtype="int8",
@@ -203,7 +244,7 @@ def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype 
         index = unpack4(codes, n)
     else:
         shape, n = codes.shape, codes.numel()
-        index = codes.reshape(-1).long()
+        index = codes.reshape(-1).view(torch.uint8).long()
     vals = table[: fmt.levels][index]
     pad = fmt.num_blocks(n) * fmt.block - n
     vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, fmt.block) * absmax[:, None]
@@ -219,17 +260,18 @@ def absmax_key(key: str) -> str:
 
 
 # --- the torch backend of <op>_step_q8 ----------------------------------------------------------------------------
-def format_of_bits(bits: int, op: str) -> QuantFormat:
-    for fmt in FORMATS.values():
-        if fmt.bits == bits:
-            return fmt
-    raise RuntimeError(f"{op}: bits must be 8 (int8 states) or 4 (int4 states), got {bits}")
+def format_of_op_arg(state_dtype, op: str) -> QuantFormat:
+    """The format named by a _step_q8 op's `state_dtype` argument."""
+    fmt = FORMATS.get(state_dtype) if isinstance(state_dtype, str) else None
+    if fmt is None:
+        raise RuntimeError(f"{op}: state_dtype must be 'int8', 'int4' or 'fp8', got {state_dtype!r}")
+    return fmt
 
 
-def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, bits: int = 8) -> None:
+def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, state_dtype: str = "int8") -> None:
     """The checks every backend makes (csrc/common/optim_q8.h has the C++ twin, with the same messages)."""
     _checks.check_params(params, op)
-    fmt = format_of_bits(bits, op)
+    fmt = format_of_op_arg(state_dtype, op)
     if params[0].dtype == torch.float64:
         raise RuntimeError(f"{op}: quantized ({fmt.name}) states need float32, bfloat16 or float16 params, got "
                            "torch.float64")  # fmt: skip
@@ -244,10 +286,10 @@ def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, bits: int = 8
             raise RuntimeError(f"{op}: the map of {name} must be a contiguous float32 tensor of {size} values on "
                                f"the params' device ({fmt.name})")  # fmt: skip
         for i, (c, a, p) in enumerate(zip(cs, ams, params)):
-            ok = c.dtype == torch.uint8 and c.is_contiguous() and c.device == p.device
+            ok = c.dtype == fmt.codes_dtype and c.is_contiguous() and c.device == p.device
             if fmt.bits == 8 and not (ok and c.shape == p.shape):
-                raise RuntimeError(f"{op}: {name}[{i}] codes must be a contiguous torch.uint8 tensor of its param's "
-                                   f"shape {list(p.shape)} and device")  # fmt: skip
+                raise RuntimeError(f"{op}: {name}[{i}] codes must be a contiguous {fmt.codes_dtype} tensor of its "
+                                   f"param's shape {list(p.shape)} and device ({fmt.name})")  # fmt: skip
             if fmt.bits == 4 and not (ok and c.dim() == 1 and c.numel() == fmt.codes_numel(p.numel())):
                 raise RuntimeError(f"{op}: {name}[{i}] codes must be a contiguous torch.uint8 tensor of "
                                    f"{fmt.codes_numel(p.numel())} values (two 4-bit codes per byte) on its param's "
@@ -258,13 +300,13 @@ def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, bits: int = 8
                                    f"values (one per {fmt.block} elements) on its param's device")  # fmt: skip
 
 
-def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps, bits, scalars, lr, lr_tensor,
-            hyper, maximize, grad_divisor, found_inf, write_back_grads) -> None:  # fmt: skip
+def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps, state_dtype, scalars, lr,
+            lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads) -> None:  # fmt: skip
     """The plain-torch quantized step: dequantize each used state to float32, run the op's full-precision reference
     on it, quantize back (unless found_inf skipped the step: requantizing is not the identity)."""
     name = f"fusedopt {op}_step_q8 (torch)"
-    check_q8(name, params, codes, absmaxes, qmaps, state_names, bits)
-    fmt = format_of_bits(bits, name)
+    check_q8(name, params, codes, absmaxes, qmaps, state_names, state_dtype)
+    fmt = format_of_op_arg(state_dtype, name)
     states = [[dequantize(c, a, t, state_dtype=fmt, shape=p.shape) for c, a, p in zip(cs, ams, params)]
               for cs, ams, t in zip(codes, absmaxes, qmaps)]  # fmt: skip
     with _checks.states_in_opmath():
@@ -274,7 +316,8 @@ def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps
     for cs, ams, vals, table in zip(codes, absmaxes, states, qmaps):
         for c, a, v in zip(cs, ams, vals):
             new_c, new_a = quantize(v, table, fmt)
-            if keep is not None:
-                new_c, new_a = torch.where(keep, c, new_c), torch.where(keep, a, new_a)
+            if keep is not None:  # (on the codes' bits: torch.where takes no float8)
+                new_c = torch.where(keep, c.view(torch.uint8), new_c.view(torch.uint8)).view(c.dtype)
+                new_a = torch.where(keep, a, new_a)
             c.copy_(new_c)
             a.copy_(new_a)

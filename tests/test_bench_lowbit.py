@@ -103,6 +103,8 @@ def test_llama_7b_state_per_param(modes):
     assert per_param["bitsandbytes AdamW8bit"] == pytest.approx(2.031, abs=0.001)
     assert per_param["torchao AdamW4bit"] == pytest.approx(1.063, abs=0.001)
     assert per_param["fusedopt int4"] == pytest.approx(1.062, abs=0.001)  # no map copies, unlike torchao's
+    assert per_param["fusedopt fp8"] == per_param["fusedopt int8"]  # a code byte per value, a scale per 256
+    assert per_param["fusedopt fp8"] <= per_param["torchao AdamWFp8"]
 
 
 def test_memory_table_measures_available_modes_and_lists_the_rest(modes):

@@ -57,6 +57,6 @@ def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
            masters=masters, HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
 
-def adagrad_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):
-    """int8 / int4 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state; bits 8 or 4."""
-    adagrad_step(params, grads, codes, steps, *args, q8=(absmax, maps, bits))
+def adagrad_step_q8(params, grads, codes, absmax, maps, state_dtype, steps, *args):
+    """int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    adagrad_step(params, grads, codes, steps, *args, q8=(absmax, maps, state_dtype))

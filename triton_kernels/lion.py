@@ -55,6 +55,6 @@ def lion_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
            masters=masters, q8=q8)  # fmt: skip
 
 
-def lion_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):
-    """int8 / int4 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state; bits 8 or 4."""
-    lion_step(params, grads, codes, steps, *args, q8=(absmax, maps, bits))
+def lion_step_q8(params, grads, codes, absmax, maps, state_dtype, steps, *args):
+    """int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    lion_step(params, grads, codes, steps, *args, q8=(absmax, maps, state_dtype))

@@ -13,11 +13,11 @@ passes STATE_DTYPE, the state lists' dtype). It reads the param with `load_param
 (bf16 stochastic rounding when asked; master weights: docs/MASTER_WEIGHTS.md, MASTER 1 a float32 master, 2 an int16
 remainder, in the table row after the scalars).
 
-int8 / int4 states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
-`store_state`, which with QUANT (the codes' bits: 8 or 4; 0 for full precision) dequantize the codes and requantize
-per 256- or 128-element block (tl.max over the values reshaped to (BLOCK // block, block)). The table then holds
-[params, grads, codes..., scalars, absmax..., maps...], one row each per state (the map's address repeated per
-tensor): `launch(..., q8=(absmax, maps, bits))` builds it."""
+int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
+`store_state`, which with QUANT (Q_INT8, Q_INT4 or Q_FP8; 0 for full precision) dequantize the codes and
+requantize per 256- or 128-element block (tl.max over the values reshaped to (BLOCK // block, block)). The table
+then holds [params, grads, codes..., scalars, absmax..., maps...], one row each per state (the map's address
+repeated per tensor): `launch(..., q8=(absmax, maps, state_dtype))` builds it."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ from fusedopt.triton_kernels.multi_tensor import (
 BLOCK = 1024  # a multiple of QUANT_BLOCK and INT4_BLOCK
 QUANT_BLOCK: tl.constexpr = 256  # int8's values per absmax
 INT4_BLOCK: tl.constexpr = 128  # int4's
+Q_INT8: tl.constexpr = 1  # the QUANT constexpr of each state_dtype
+Q_INT4: tl.constexpr = 2
+Q_FP8: tl.constexpr = 3
+QUANT_IDS = {"int8": 1, "int4": 2, "fp8": 3}
 ROW_PARAM, ROW_GRAD, ROW_FIRST_STATE = 0, 1, 2
 SCALAR_LISTS = {"step": "steps", "first_flag": "first_flags"}  # as fusedopt/optim/_spec.py
 
@@ -67,12 +71,13 @@ def load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE: tl.c
 @triton.jit
 def load_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                QUANT: tl.constexpr):  # fmt: skip
-    """State row `row` in opmath: loaded, or (QUANT 8 or 4: int8 / int4) map[code] * absmax of its block (256 or
-    128 elements); int4 codes two per byte, the even element in the high nibble."""
+    """State row `row` in opmath: loaded, or (QUANT: int8 / int4 / fp8) map[code] * absmax of its block (256 or
+    128 elements); int4 codes two per byte, the even element in the high nibble; fp8 codes read as int8's, through
+    the map of their values."""
     if QUANT:
         codes_ptr = list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8)
         absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
-        if QUANT == 4:
+        if QUANT == Q_INT4:
             byte = tl.load(codes_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
             codes = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
             absmax = tl.load(absmax_ptr + offs // INT4_BLOCK, mask=mask, other=0.0)
@@ -87,19 +92,37 @@ def load_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, DTYPE: tl.con
 
 
 @triton.jit
+def _e4m3fn_code(y):
+    """The float8_e4m3fn bits of y (|y| <= 448) to nearest even, NaN 0: csrc/common/quant_format.h's integer
+    steps (the interpreter has no float8 conversion, and no fused multiply-add may touch the rounding)."""
+    bits = y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    abs_bits = bits & 0x7FFFFFFF
+    normal = ((abs_bits + 0x7FFFF + ((abs_bits >> 20) & 1)) >> 20) - (120 << 3)
+    significand = (abs_bits & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(141 - (abs_bits >> 23), 25)
+    subnormal = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
+    code = tl.minimum(tl.where(abs_bits >= 0x3C800000, normal, subnormal), 0x7E) | ((bits >> 24) & 0x80)
+    return tl.where(abs_bits > 0x7F800000, 0, code).to(tl.int32)
+
+
+@triton.jit
 def _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK: tl.constexpr,
-                     QBLOCK: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
-    """Stores each QBLOCK-element block's absmax (NaN if a value is NaN) and returns every value's code
-    #{j : value / absmax >= mid[j]} (int32, (BLOCK,)) by the branchless binary search of fusedopt/lowbit.py."""
+                     QBLOCK: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr = False):  # fmt: skip
+    """Stores each QBLOCK-element block's absmax (NaN if a value is NaN) and returns every value's code (int32,
+    (BLOCK,)): #{j : value / absmax >= mid[j]} by the branchless binary search of fusedopt/lowbit.py, or (FP8) the
+    float8_e4m3fn of value / absmax * 448."""
     QB: tl.constexpr = BLOCK // QBLOCK
     v = tl.reshape(tl.where(mask, value.to(tl.float32), 0.0), (QB, QBLOCK))
     has_nan = tl.max(tl.where(v != v, 1, 0), axis=1) > 0
     absmax = tl.where(has_nan, float("nan"), tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=1))
     x = v / tl.where(absmax > 0, absmax, 1.0)[:, None]
-    mid = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32) + (1 << BITS)  # after the values
-    code = tl.zeros((QB, QBLOCK), dtype=tl.int32)
-    for i in tl.static_range(BITS):
-        code += tl.where(x >= tl.load(mid + code + ((1 << (BITS - 1 - i)) - 1)), 1 << (BITS - 1 - i), 0)
+    if FP8:
+        code = _e4m3fn_code(x * 448.0)
+    else:
+        mid = list_ptr(addrs_ptr, row + 2 * n_states + 1, n_tensors, t, tl.float32) + (1 << BITS)  # after the values
+        code = tl.zeros((QB, QBLOCK), dtype=tl.int32)
+        for i in tl.static_range(BITS):
+            code += tl.where(x >= tl.load(mid + code + ((1 << (BITS - 1 - i)) - 1)), 1 << (BITS - 1 - i), 0)
     block_valid = tl.max(tl.reshape(mask.to(tl.int32), (QB, QBLOCK)), axis=1) > 0
     block_index = tl.min(tl.reshape(offs, (QB, QBLOCK)), axis=1) // QBLOCK
     absmax_ptr = list_ptr(addrs_ptr, row + n_states + 1, n_tensors, t, tl.float32)
@@ -110,9 +133,9 @@ def _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, 
 @triton.jit
 def store_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                 QUANT: tl.constexpr):  # fmt: skip
-    """State row `row` <- value: stored, or (QUANT 8 or 4) quantized per block (_quantize_blocks); int4 codes packed
-    two per byte (a missing last element's nibble 0)."""
-    if QUANT == 4:
+    """State row `row` <- value: stored, or (QUANT) quantized per block (_quantize_blocks); int4 codes packed two per
+    byte (a missing last element's nibble 0)."""
+    if QUANT == Q_INT4:
         code = _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK, INT4_BLOCK, 4)
         pair = tl.reshape(tl.where(mask, code, 0), (BLOCK // 2, 2))
         nibble_weight = tl.where(tl.arange(0, 2) == 0, 16, 1)[None, :]
@@ -121,7 +144,8 @@ def store_state(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, DTYPE
         byte_mask = tl.max(tl.reshape(mask.to(tl.int32), (BLOCK // 2, 2)), axis=1) > 0
         tl.store(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + byte_offs, byte.to(tl.uint8), mask=byte_mask)
     elif QUANT:
-        code = _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK, QUANT_BLOCK, 8)
+        code = _quantize_blocks(addrs_ptr, n_tensors, t, offs, mask, row, n_states, value, BLOCK, QUANT_BLOCK, 8,
+                                QUANT == Q_FP8)  # fmt: skip
         tl.store(list_ptr(addrs_ptr, row, n_tensors, t, tl.uint8) + offs, code.to(tl.uint8), mask=mask)
     else:
         tl.store(list_ptr(addrs_ptr, row, n_tensors, t, DTYPE) + offs, value.to(DTYPE), mask=mask)
@@ -220,7 +244,7 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     """spec_names = (op, state list names, HYPER names, scalar: "step", "first_flag" or None) of the op module.
     `used`: which state lists the kernel reads (default all; the op module derives it from the constexprs it
     passes); an unused list is not checked, and its table row holds null addresses. `q8` = (absmax lists, maps,
-    bits): `states` are then the codes of int8 (bits 8) or int4 (bits 4) states (the kernel gets QUANT=bits).
+    state_dtype): `states` are then the codes of int8, int4 or fp8 states (the kernel gets QUANT=QUANT_IDS[...]).
     `masters`: float32 masters or int16 remainders of 16-bit params (the states are then float32; the kernel gets
     MASTER 1 or 2)."""
     op, state_names, hyper_names, scalar = spec_names
@@ -257,7 +281,7 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     if q8 is not None:
         lists += [a if on else [] for a, on in zip(q8[0], used)]
         lists += [[m] * len(params) if on else [] for m, on in zip(q8[1], used)]
-        constexprs["QUANT"] = int(q8[2])
+        constexprs["QUANT"] = QUANT_IDS[q8[2]]
     table = TensorTable(lists, BLOCK)
     scalar_row = ROW_FIRST_STATE + len(states)
     if scalar == "step":

@@ -71,6 +71,6 @@ def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
            used=(True, centered, momentum), CENTERED=centered, MOMENTUM=momentum,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
-def rmsprop_step_q8(params, grads, codes, absmax, maps, bits, steps, *args):
-    """int8 / int4 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state; bits 8 or 4."""
-    rmsprop_step(params, grads, codes, steps, *args, q8=(absmax, maps, bits))
+def rmsprop_step_q8(params, grads, codes, absmax, maps, state_dtype, steps, *args):
+    """int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    rmsprop_step(params, grads, codes, steps, *args, q8=(absmax, maps, state_dtype))

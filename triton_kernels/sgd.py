@@ -66,6 +66,6 @@ def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize,
            HAS_WEIGHT_DECAY=hyper["weight_decay"] != 0, q8=q8)  # fmt: skip
 
 
-def sgd_step_q8(params, grads, codes, absmax, maps, bits, first_flags, *args):
-    """int8 / int4 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state; bits 8 or 4."""
-    sgd_step(params, grads, codes, first_flags, *args, q8=(absmax, maps, bits))
+def sgd_step_q8(params, grads, codes, absmax, maps, state_dtype, first_flags, *args):
+    """int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): codes, absmax and maps one per state."""
+    sgd_step(params, grads, codes, first_flags, *args, q8=(absmax, maps, state_dtype))

@@ -1,14 +1,17 @@
-// Block-wise quantized optimizer states, int8 and int4 (docs/LOW_BIT_STATES.md), shared by the CPU and CUDA
-// bindings: the checks of a quantized step's lists and the Python entries <name>_step_q8 (`bits` 8 or 4).
+// Block-wise quantized optimizer states, int8, int4 and fp8 (docs/LOW_BIT_STATES.md, common/quant_format.h), shared
+// by the CPU and CUDA bindings: the checks of a quantized step's lists and the Python entries <name>_step_q8
+// (`state_dtype` "int8", "int4" or "fp8").
 //
-// A quantized state k is two tensors per param, codes (uint8, contiguous) and absmax (float32, one per block of
-// consecutive elements), and its map table (float32). int8: codes of the param's shape, blocks of 256, the table
-// kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then 65536 bytes
-// of lookup table and 4 of padding, see fusedopt/lowbit.py). int4: codes packed two per byte, (ceil(numel / 2),),
-// element 2j in the high nibble of byte j; blocks of 128; the table kQuant4MapSize floats (16 values, 15 midpoints,
-// a NaN). value = map[code] * absmax; a new value x of a block whose largest |x| is a gets the code
-// #{j : x / a >= mid[j]} (ties round up): a branchless binary search over the midpoints (CUDA, Triton, the torch
-// backend), or on the CPU the lookup table and one comparison (int8) or 15 vector comparisons (int4), the same codes.
+// A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of
+// consecutive elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the
+// table kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then 65536
+// bytes of lookup table and 4 of padding, see fusedopt/lowbit.py). int4: uint8 codes packed two per byte,
+// (ceil(numel / 2),), element 2j in the high nibble of byte j; blocks of 128; the table kQuant4MapSize floats (16
+// values, 15 midpoints, a NaN). fp8: float8_e4m3fn codes of the param's shape, blocks of 256, the table the 256
+// codes' values / 448, indexed by the code's bits. value = map[code] * absmax. A new value x of a block whose
+// largest |x| is a gets, for int8 / int4, the code #{j : x / a >= mid[j]} (ties round up): a branchless binary
+// search over the midpoints (CUDA, Triton, the torch backend), or on the CPU the lookup table and one comparison
+// (int8) or 15 vector comparisons (int4), the same codes; for fp8 the float8_e4m3fn of x / a * 448, to nearest even.
 // The engines dequantize a block, run the op's update on it and requantize it in the same pass (one read and one
 // write of the codes, no full-precision copy of the state).
 #pragma once
@@ -19,19 +22,26 @@
 #include <vector>
 
 #include "common/optim_binding.h"
+#include "common/quant_format.h"
 
 namespace fusedopt {
 
-constexpr int64_t kQuantBlock = 256;  // int8: values per absmax
-constexpr int64_t kQuantMapSize = 512 + 65536 / 4 + 1;  // code values, midpoints, lookup table, padding
-constexpr int64_t kQuant4Block = 128;  // int4: values per absmax
-constexpr int64_t kQuant4MapSize = 32;  // 16 code values, 15 midpoints and a NaN
+constexpr int64_t kQuantMapSize = 512 + 65536 / 4 + 1;  // int8: code values, midpoints, lookup table, padding
+constexpr int64_t kQuant4MapSize = 32;  // int4: 16 code values, 15 midpoints and a NaN
+constexpr int64_t kQuantFp8MapSize = 256;  // fp8: each code's value
 
-inline int64_t quant_block_size(int64_t bits) { return bits == 4 ? kQuant4Block : kQuantBlock; }
-inline int64_t quant_blocks(int64_t numel, int64_t bits = 8) {
-  return (numel + quant_block_size(bits) - 1) / quant_block_size(bits);
+inline QuantKind quant_kind(const std::string& state_dtype, const std::string& op) {
+  if (state_dtype == "int8") return QuantKind::kInt8;
+  if (state_dtype == "int4") return QuantKind::kInt4;
+  if (state_dtype == "fp8") return QuantKind::kFp8;
+  TORCH_CHECK(false, op, ": state_dtype must be 'int8', 'int4' or 'fp8', got '", state_dtype, "'");
 }
-inline int64_t quant_codes_numel(int64_t numel, int64_t bits) { return bits == 4 ? (numel + 1) / 2 : numel; }
+inline int64_t quant_map_size(QuantKind kind) {
+  return kind == QuantKind::kInt4 ? kQuant4MapSize : kind == QuantKind::kFp8 ? kQuantFp8MapSize : kQuantMapSize;
+}
+inline int64_t quant_blocks(int64_t numel, QuantKind kind) {
+  return (numel + quant_block_of(kind) - 1) / quant_block_of(kind);
+}
 
 // A quantized step's inputs after the checks. params and grads as in OptimStepInputs; codes[k], absmax[k] and
 // qmap[k] empty / undefined for an unused state.
@@ -43,7 +53,7 @@ struct OptimStepQ8Inputs {
   typename Op::Hyper hyper{};
   std::optional<at::Tensor> grad_divisor, found_inf;
   bool maximize = false, write_back_grads = false;
-  int64_t bits = 8;  // 8: int8 codes, 4: int4 codes
+  QuantKind kind = QuantKind::kInt8;
 };
 
 template <typename Op>
@@ -51,8 +61,8 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
                                           const TensorList& params, const TensorList& grads,
                                           const std::vector<TensorList>& codes,
                                           const std::vector<TensorList>& absmax, const TensorList& qmaps,
-                                          int64_t bits, const TensorList& scalars, const HyperValues& hyper,
-                                          bool maximize,
+                                          const std::string& state_dtype, const TensorList& scalars,
+                                          const HyperValues& hyper, bool maximize,
                                           const std::optional<at::Tensor>& grad_divisor,
                                           const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
   const char* name = op.c_str();
@@ -62,10 +72,10 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
   OptimStepQ8Inputs<Op> in;
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
   check_params(params, name);
-  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 (int8 states) or 4 (int4 states), got ", bits);
-  in.bits = bits;
-  const char* format = bits == 4 ? "int4" : "int8";
-  const int64_t map_size = bits == 4 ? kQuant4MapSize : kQuantMapSize;
+  const QuantKind kind = in.kind = quant_kind(state_dtype, op);
+  const char* format = state_dtype.c_str();
+  const int64_t map_size = quant_map_size(kind);
+  const at::ScalarType codes_dtype = kind == QuantKind::kFp8 ? at::kFloat8_e4m3fn : at::kByte;
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, op, ": quantized (", format,
               ") states need float32, bfloat16 or float16 params, got torch.float64");
   TORCH_CHECK(params[0].device().type() == device, op, ": params must be ",
@@ -86,23 +96,23 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
     for (size_t i = 0; i < params.size(); ++i) {
       const at::Tensor& c = codes[k][i];
       const at::Tensor& a = absmax[k][i];
-      const bool codes_ok = c.defined() && c.scalar_type() == at::kByte && c.is_contiguous() &&
+      const bool codes_ok = c.defined() && c.scalar_type() == codes_dtype && c.is_contiguous() &&
                             c.device() == params[i].device();
-      if (bits == 8) {
+      if (kind != QuantKind::kInt4) {
         TORCH_CHECK(codes_ok && c.sizes() == params[i].sizes(), op, ": ", sname, "[", i,
-                    "] codes must be a contiguous torch.uint8 tensor of its param's shape ", params[i].sizes(),
-                    " and device");
+                    "] codes must be a contiguous ", kind == QuantKind::kFp8 ? "torch.float8_e4m3fn" : "torch.uint8",
+                    " tensor of its param's shape ", params[i].sizes(), " and device (", format, ")");
       } else {
-        const int64_t packed = quant_codes_numel(params[i].numel(), bits);
+        const int64_t packed = (params[i].numel() + 1) / 2;
         TORCH_CHECK(codes_ok && c.dim() == 1 && c.numel() == packed, op, ": ", sname, "[", i,
                     "] codes must be a contiguous torch.uint8 tensor of ", packed,
                     " values (two 4-bit codes per byte) on its param's device");
       }
-      const int64_t blocks = quant_blocks(params[i].numel(), bits);
+      const int64_t blocks = quant_blocks(params[i].numel(), kind);
       TORCH_CHECK(a.defined() && a.scalar_type() == at::kFloat && a.dim() == 1 && a.numel() == blocks &&
                       a.is_contiguous() && a.device() == params[i].device(),
                   op, ": ", sname, "[", i, "] absmax must be a contiguous 1-D torch.float32 tensor of ", blocks,
-                  " values (one per ", quant_block_size(bits), " elements) on its param's device");
+                  " values (one per ", quant_block_of(kind), " elements) on its param's device");
     }
     in.codes[k] = codes[k];
     in.absmax[k] = absmax[k];
@@ -122,14 +132,14 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
   return in;
 }
 
-// <name>_step_q8(params, grads, codes, absmax, qmaps, bits, scalars, lr, lr_tensor, hyper, maximize, grad_divisor,
-// found_inf, write_back_grads): codes and absmax one list per state (an unused one empty), qmaps one map per state,
-// bits 8 (int8) or 4 (int4).
+// <name>_step_q8(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper, maximize,
+// grad_divisor, found_inf, write_back_grads): codes and absmax one list per state (an unused one empty), qmaps one
+// map per state, state_dtype "int8", "int4" or "fp8".
 template <typename Backend>
 void bind_optimizer_steps_q8(pybind11::module_& m) {
 #define FUSEDOPT_BIND_Q8(Op)                                                                              \
   m.def((std::string(Op::kName) + "_step_q8").c_str(), &Backend::template run_q8<Op>,                    \
-        "Engine-driven optimizer step with int8 / int4 block-wise quantized states");
+        "Engine-driven optimizer step with int8 / int4 / fp8 block-wise quantized states");
   FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND_Q8)
 #undef FUSEDOPT_BIND_Q8
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/master_bits.h"
+#include "common/quant_format.h"
 
 namespace fusedopt::cpu {
 
@@ -29,11 +30,11 @@ struct OptimStepArgs {
   bool maximize = false, write_back_grads = false;
   Hyper hyper{};
   // Block-wise quantized states (common/optim_q8.h, cpu/optim_engine_q8.h): when `absmax` is not empty, states[k]
-  // point at uint8 codes (qbits 8: one per element; 4: two per byte), absmax[k] at one float per block (256 or
-  // 128 elements) and qmap[k] at the state's map table.
+  // point at the codes (int8 / fp8: one byte per element; int4: two per byte), absmax[k] at one float per block
+  // (256 or 128 elements) and qmap[k] at the state's map table.
   std::vector<std::vector<float*>> absmax;
   std::vector<const float*> qmap;
-  int qbits = 8;
+  QuantKind qkind = QuantKind::kInt8;
   // Master weights (common/master_bits.h): one float32 master or int16 remainder per 16-bit param; the states are
   // then float32 (opmath) whatever the param's dtype.
   MasterKind master_kind = MasterKind::kNone;

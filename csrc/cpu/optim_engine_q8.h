@@ -1,4 +1,4 @@
-// The CPU engine's path for block-wise quantized states, int8 and int4 (common/optim_q8.h,
+// The CPU engine's path for block-wise quantized states, int8, int4 and fp8 (common/optim_q8.h,
 // docs/LOW_BIT_STATES.md). A chunk (32K elements, so block-aligned) is processed one quantization block (256 or 128
 // elements) at a time: each used state's codes are dequantized into a stack buffer in opmath, the op's update runs
 // on it through the engine's run_range (the same loads, stores and math as a full-precision step), then each
@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/quant_format.h"
 #include "cpu/vec_io.h"
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
@@ -146,12 +147,45 @@ inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* pac
   return absmax;
 }
 
+// fp8: the block's absmax (scale_block), then each code the float8_e4m3fn bits of v[i] / d * 448, to nearest even:
+// common/quant_format.h's e4m3fn_code, here a vector at a time in the same integer steps. `v` is overwritten.
+inline float quantize_block_fp8(float* v, int64_t n, uint8_t* codes) {
+  using V = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  constexpr int64_t kW = V::size();
+  const float absmax = scale_block(v, n);
+  int64_t i = 0;
+  alignas(64) int32_t c[kW];
+  for (; i + kW <= n; i += kW) {
+    const VI bits = at::vec::cast<int32_t>(V::loadu(v + i) * V(kFp8Max));
+    const VI abs_bits = bits & VI(0x7fffffff);
+    const VI normal = ((abs_bits + VI(0x7ffff) + ((abs_bits >> VI(20)) & VI(1))) >> VI(20)) - VI(120 << 3);
+    const VI significand = (abs_bits & VI(0x7fffff)) | VI(0x800000);
+    const VI shift = at::vec::minimum(VI(141) - (abs_bits >> VI(23)), VI(25));
+    const VI subnormal =
+        (significand + (VI(1) << (shift - VI(1))) - VI(1) + ((significand >> shift) & VI(1))) >> shift;
+    const VI is_normal = abs_bits >= VI(0x3c800000);  // all bits set where true
+    VI code = at::vec::minimum((normal & is_normal) | (subnormal & (is_normal ^ VI(-1))), VI(0x7e));
+    code = (code | ((bits >> VI(24)) & VI(0x80))) & (abs_bits <= VI(0x7f800000));  // NaN: code 0
+    code.store(c);
+    for (int64_t j = 0; j < kW; ++j) codes[i + j] = static_cast<uint8_t>(c[j]);
+  }
+  for (; i < n; ++i) {
+    uint32_t bits;
+    const float y = v[i] * kFp8Max;
+    std::memcpy(&bits, &y, sizeof(bits));
+    codes[i] = e4m3fn_code(bits);
+  }
+  return absmax;
+}
+
 template <typename Op, typename T>
 void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
                   opmath_t<T> grad_factor) {
   static_assert(std::is_same_v<opmath_t<T>, float>, "low-bit states: float32, bfloat16 and float16 params");
-  const bool int4 = a.qbits == 4;
-  const int64_t block = int4 ? kQBlock4 : kQBlock;
+  const bool int4 = a.qkind == QuantKind::kInt4;
+  const bool fp8 = a.qkind == QuantKind::kFp8;  // read like int8: map[code] * absmax
+  const int64_t block = quant_block_of(a.qkind);
   constexpr int kStates = Op::kStates;
   const auto c = chunk_coefs<Op, T>(a, t);
   std::array<uint8_t*, kSlots<Op>> codes{};
@@ -181,6 +215,8 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
       if (!codes[k]) continue;
       if (int4)
         absmax[k][q] = quantize_block4(buf[k], n, a.qmap[k] + kLevels4, codes[k] + b / 2);
+      else if (fp8)
+        absmax[k][q] = quantize_block_fp8(buf[k], n, codes[k] + b);
       else
         absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
                                       reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);

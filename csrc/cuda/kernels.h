@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/master_bits.h"
+#include "common/quant_format.h"
 
 namespace fusedopt::cuda {
 
@@ -48,12 +49,12 @@ void optim_step(const OptimLaunch<typename Op::Hyper>& args);
 template <typename Op>
 void norm_optim_step(const OptimLaunch<typename Op::Hyper>& args);
 
-// The step with int8 / int4 block-wise states (common/optim_q8.h, cuda/optim_engine_q8.cuh): codes[k] (uint8; bits
-// 4: two per byte) and absmax[k] (float32, one per 256 or 128 elements) per state, an unused state's lists empty;
-// qmap[k] the state's map.
+// The step with int8 / int4 / fp8 block-wise states (common/optim_q8.h, cuda/optim_engine_q8.cuh): codes[k] (one
+// byte per element; int4 two per byte) and absmax[k] (float32, one per 256 or 128 elements) per state, an unused
+// state's lists empty; qmap[k] the state's map.
 template <typename Hyper>
 struct OptimQ8Launch {
-  int bits = 8;
+  QuantKind kind = QuantKind::kInt8;
   const TensorList *params, *grads;
   std::vector<const TensorList*> codes, absmax;
   std::vector<const float*> qmap;

@@ -1,11 +1,12 @@
-// The CUDA engine's path for int8 / int4 block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md): one warp
-// per quantization block (int8: 256 elements, 8 consecutive values per lane; int4: 128, 4 per lane, so a lane's
-// codes are two whole bytes). Each lane dequantizes its values through the state's map (in shared memory), runs the
-// op's update (common/<op>_math.h) as the full-precision engine does, then the warp reduces the block's absmax by
-// shuffles (NaN if a value is NaN) and every lane requantizes its values by the branchless binary search over the
-// midpoints (8 or 4 steps, fusedopt/lowbit.py's definition); int4 codes are packed two per byte, the even element
-// in the high nibble. The table is [params, grads, codes..., scalars, absmax...]. Compile-checked; run by
-// scripts/gpu_check.sh on a GPU machine (int4 not yet run on a GPU).
+// The CUDA engine's path for int8 / int4 / fp8 block-wise states (common/optim_q8.h, docs/LOW_BIT_STATES.md): one
+// warp per quantization block (int8 and fp8: 256 elements, 8 consecutive values per lane; int4: 128, 4 per lane, so
+// a lane's codes are two whole bytes). Each lane dequantizes its values through the state's map (in shared memory),
+// runs the op's update (common/<op>_math.h) as the full-precision engine does, then the warp reduces the block's
+// absmax by shuffles (NaN if a value is NaN) and every lane requantizes its values by the branchless binary search
+// over the midpoints (8 or 4 steps, fusedopt/lowbit.py's definition), or for fp8 by common/quant_format.h's
+// e4m3fn_code; int4 codes are packed two per byte, the even element in the high nibble. The table is [params,
+// grads, codes..., scalars, absmax...]. Compile-checked; run by scripts/gpu_check.sh on a GPU machine (int4 and fp8
+// not yet run on a GPU).
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,23 +14,26 @@
 #include <cstdint>
 
 #include "common/optimizers.h"
+#include "common/quant_format.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 namespace fusedopt::cuda {
 
-// kBits 8 (int8) or 4 (int4): the block, the map's levels and each lane's share of a block.
-template <int kBits>
+// A format's block, the map's levels, the part of its table the kernel reads (values, and midpoints for the
+// searched formats) and each lane's share of a block.
+template <QuantKind kKind>
 struct QuantFormatCuda {
-  static constexpr int kBlock = kBits == 4 ? 128 : 256;
-  static constexpr int kLevels = 1 << kBits;
+  static constexpr int kBlock = kKind == QuantKind::kInt4 ? 128 : 256;
+  static constexpr int kLevels = kKind == QuantKind::kInt4 ? 16 : 256;
+  static constexpr int kMapSize = kKind == QuantKind::kFp8 ? kLevels : 2 * kLevels;
   static constexpr int kPerLane = kBlock / 32;  // even: a lane's int4 codes are whole bytes
 };
 
-// Element i's code: int8 one byte each; int4 element 2j the high nibble of byte j, 2j + 1 the low one.
-template <int kBits>
+// Element i's code: int8 / fp8 one byte each; int4 element 2j the high nibble of byte j, 2j + 1 the low one.
+template <QuantKind kKind>
 __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i) {
-  if constexpr (kBits == 4) {
+  if constexpr (kKind == QuantKind::kInt4) {
     const int byte = codes[i >> 1];
     return (i & 1) == 0 ? byte >> 4 : byte & 15;
   } else {
@@ -37,9 +41,9 @@ __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i) {
   }
 }
 
-template <typename Op, typename T, int kBits>
+template <typename Op, typename T, QuantKind kKind>
 struct OptimQ8Functor {
-  using F = QuantFormatCuda<kBits>;
+  using F = QuantFormatCuda<kKind>;
   using S = float;  // low-bit states take float32, bfloat16 and float16 params: opmath is float
   static constexpr int kStates = Op::kStates;
   static constexpr int kSlots = kStates > 0 ? kStates : 1;
@@ -52,13 +56,13 @@ struct OptimQ8Functor {
   const float* grad_divisor;
   const float* found_inf;
   bool maximize, write_back_grads;
-  const float* qmap[kSlots];  // per state: the levels' code values, then as many midpoints (device); null: unused
+  const float* qmap[kSlots];  // per state: the codes' values, then (int8 / int4) the midpoints (device); null: unused
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {
-    __shared__ float smap[kSlots][2 * F::kLevels];
+    __shared__ float smap[kSlots][F::kMapSize];
     for (int k = 0; k < kStates; ++k)
       if (qmap[k] != nullptr)
-        for (int i = threadIdx.x; i < 2 * F::kLevels; i += blockDim.x) smap[k][i] = qmap[k][i];
+        for (int i = threadIdx.x; i < F::kMapSize; i += blockDim.x) smap[k][i] = qmap[k][i];
     __syncthreads();
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     const double lr_value = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr;
@@ -86,7 +90,7 @@ struct OptimQ8Functor {
       for (int e = 0; e < F::kPerLane; ++e) {
         const int64_t i = base + e;
         for (int k = 0; k < kStates; ++k)
-          s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][load_code<kBits>(codes[k], i)] * absmax[k][q] : S(0);
+          s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][load_code<kKind>(codes[k], i)] * absmax[k][q] : S(0);
         if (i < end) {
           S p = param[i];
           S g = unscaled_grad<T>(grad[i], grad_factor, write_back_grads);
@@ -117,13 +121,17 @@ struct OptimQ8Functor {
           code[e] = 0;  // past the end: int4's padding nibble is 0
           if (base + e >= end) continue;
           const float x = __fdiv_rn(s[e][k], d);
+          if constexpr (kKind == QuantKind::kFp8) {
+            code[e] = e4m3fn_code(__float_as_uint(__fmul_rn(x, 448.0f)));
+          } else {
 #pragma unroll
-          for (int step = F::kLevels / 2; step >= 1; step >>= 1) code[e] += x >= mid[code[e] + step - 1] ? step : 0;
+            for (int step = F::kLevels / 2; step >= 1; step >>= 1) code[e] += x >= mid[code[e] + step - 1] ? step : 0;
+          }
         }
 #pragma unroll
-        for (int e = 0; e < F::kPerLane; e += (kBits == 4 ? 2 : 1)) {
+        for (int e = 0; e < F::kPerLane; e += (kKind == QuantKind::kInt4 ? 2 : 1)) {
           if (base + e >= end) continue;
-          if constexpr (kBits == 4) {
+          if constexpr (kKind == QuantKind::kInt4) {
             codes[k][(base + e) >> 1] = static_cast<uint8_t>((code[e] << 4) | code[e + 1]);
           } else {
             codes[k][base + e] = static_cast<uint8_t>(code[e]);
@@ -135,10 +143,10 @@ struct OptimQ8Functor {
   }
 };
 
-template <typename Op, typename T, int kBits>
-void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, 8>::kLists>& table,
+template <typename Op, typename T, QuantKind kKind>
+void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists>& table,
                const OptimQ8Launch<typename Op::Hyper>& a) {
-  OptimQ8Functor<Op, T, kBits> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize, a.write_back_grads,
+  OptimQ8Functor<Op, T, kKind> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize, a.write_back_grads,
                                   {}};
   for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
   launch(table, fn);
@@ -146,8 +154,8 @@ void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, 8>::kLists>& table,
 
 template <typename Op>
 void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
-  constexpr int kLists = OptimQ8Functor<Op, float, 8>::kLists;
-  constexpr int kScalarList = OptimQ8Functor<Op, float, 8>::kScalarList;
+  constexpr int kLists = OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists;
+  constexpr int kScalarList = OptimQ8Functor<Op, float, QuantKind::kInt8>::kScalarList;
   const auto& params = *a.params;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -164,10 +172,12 @@ void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
   if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fusedopt_optim_step_q8", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (a.bits == 4)
-        launch_q8<Op, scalar_t, 4>(table, a);
+      if (a.kind == QuantKind::kInt4)
+        launch_q8<Op, scalar_t, QuantKind::kInt4>(table, a);
+      else if (a.kind == QuantKind::kFp8)
+        launch_q8<Op, scalar_t, QuantKind::kFp8>(table, a);
       else
-        launch_q8<Op, scalar_t, 8>(table, a);
+        launch_q8<Op, scalar_t, QuantKind::kInt8>(table, a);
     } else {
       TORCH_CHECK(false, "fusedopt ", Op::kName, "_step_q8 (cuda): float64 params have no low-bit states");
     }

@@ -86,7 +86,7 @@ def step_cached(spec, cached, *, lr, hyper, maximize, grad_divisor=None, found_i
                   grad_divisor, found_inf, bool(write_back_grads), stochastic_round)  # fmt: skip
 
 
-# --- int8 / int4 block-wise states (docs/LOW_BIT_STATES.md): fusedopt::<op>_step_q8 ------------------------------
+# --- int8 / int4 / fp8 block-wise states (docs/LOW_BIT_STATES.md): fusedopt::<op>_step_q8 ------------------------
 _OPS_Q8: dict = {}
 
 
@@ -108,13 +108,13 @@ def _register_q8(spec) -> object:
 
     def impl(params, grads, *rest):
         codes, absmax, rest = list(rest[:n_states]), list(rest[n_states : 2 * n_states]), rest[2 * n_states :]
-        qmaps, bits, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
+        qmaps, state_dtype, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
         maximize, grad_divisor, found_inf, write_back_grads, backend = rest[n_hyper:]
         if not params:
             return
-        _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, bits, scalars, lr, lr_tensor, hyper, maximize,
-                                  grad_divisor, found_inf, write_back_grads)  # fmt: skip
+        _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper,
+                                  maximize, grad_divisor, found_inf, write_back_grads)  # fmt: skip
 
     return custom_op(spec.schema_q8())(impl)
 
@@ -128,8 +128,8 @@ def op_for_q8(spec):
 
 def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
             write_back_grads=False, backend="auto", state_dtype="int8"):  # fmt: skip
-    """The step with quantized states of `state_dtype` ("int8" or "int4"): codes and absmax one list per spec state
-    (an unused one empty)."""
+    """The step with quantized states of `state_dtype` ("int8", "int4" or "fp8"): codes and absmax one list per spec
+    state (an unused one empty)."""
     if not params:
         return
     from fusedopt import lowbit
@@ -139,6 +139,6 @@ def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize,
     backend = _backend.resolve(backend, device, spec.op)
     lr_float, lr_tensor = split_lr(lr, device)
     qmaps = [lowbit.qmap(s.signed, device, fmt) for s in spec.states]
-    op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, fmt.bits, scalars, lr_float, lr_tensor,
+    op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, fmt.name, scalars, lr_float, lr_tensor,
                     *_hyper_args(spec, hyper), bool(maximize), grad_divisor, found_inf, bool(write_back_grads),
                     backend)  # fmt: skip

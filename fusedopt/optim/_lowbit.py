@@ -1,13 +1,15 @@
-"""Block-wise quantized optimizer states for every spec-driven optimizer (`state_dtype="int8"` or `"int4"`,
+"""Block-wise quantized optimizer states for every spec-driven optimizer (`state_dtype="int8"`, `"int4"` or `"fp8"`,
 docs/LOW_BIT_STATES.md).
 
 A param whose GLOBAL size (a DTensor's full numel, so every rank decides alike) is at least MIN_QUANT_NUMEL keeps
-each state `key` as `key_codes` (uint8: int8 the param's shape, int4 packed two per byte, (ceil(numel / 2),)) and
-`key_absmax` (float32, one per block of 256 (int8) or 128 (int4) elements); smaller params, and every param of a
+each state `key` as `key_codes` (int8: uint8 of the param's shape; int4: uint8 packed two per byte,
+(ceil(numel / 2),); fp8: float8_e4m3fn of the param's shape) and `key_absmax` (float32, one per block of 256 (int8,
+fp8) or 128 (int4) elements); smaller params, and every param of a
 group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict converts each state to what this
 optimizer keeps for it (quantizes, dequantizes or changes the format), so full-precision state_dicts of torch.optim
 load here and `to_full_precision_state_dict` gives one torch.optim loads. int4 states of FSDP2 (DTensor) params are
-refused (int8's world-size independent state_dict form, fusedopt/optim/_lowbit_shards.py, has no int4 twin yet).
+refused (the world-size independent state_dict form of int8 and fp8, fusedopt/optim/_lowbit_shards.py, has no int4
+twin yet).
 """
 
 from __future__ import annotations
@@ -35,18 +37,8 @@ def _zeros_like_local(p: Tensor, dtype) -> Tensor:
     return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
 
-def _stored_format(codes: Tensor, numel: int) -> lowbit.QuantFormat:
-    """The format of stored codes of a (local) state of `numel` elements: int8 codes hold one per element, int4
-    codes one per two (the two differ for every quantized size, numel >= MIN_QUANT_NUMEL)."""
-    for fmt in lowbit.FORMATS.values():
-        if codes.numel() == fmt.codes_numel(numel):
-            return fmt
-    raise ValueError(f"quantized state codes of {codes.numel()} bytes match no format for a param of {numel} "
-                     "elements (int8: one byte per element, int4: one per two)")  # fmt: skip
-
-
 class LowBitStateMixin(FusedOptimizerMixin):
-    """The state side of state_dtype="int8" / "int4"; SpecOptimizerMixin steps a quantized bucket through
+    """The state side of state_dtype="int8" / "int4" / "fp8"; SpecOptimizerMixin steps a quantized bucket through
     fusedopt.ops.optim_step.step_q8."""
 
     def add_param_group(self, param_group: dict) -> None:
@@ -63,18 +55,19 @@ class LowBitStateMixin(FusedOptimizerMixin):
         return group.get("state_dtype") is not None and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel
 
     def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor, state_dtype: str) -> None:
-        """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map. int8 codes
-        follow a DTensor param's placement; int4 codes are a plain tensor (no DTensor params: refused here)."""
+        """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map. int8 and fp8
+        codes follow a DTensor param's placement; int4 codes are a plain tensor (no DTensor params: refused here)."""
         if state_dtype == "int4" and shards.is_dtensor(p):
             raise NotImplementedError(
                 f"fusedopt.optim.{type(self).__name__}: state_dtype='int4' for FSDP2 (DTensor) params is not supported "
-                "yet (its packed codes have no world-size independent state_dict form); use state_dtype='int8'"
+                "yet (its packed codes have no world-size independent state_dict form); use state_dtype='int8' or 'fp8'"
             )
         lp = local_tensor(p)
         c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
                                state_dtype)  # fmt: skip
-        if state_dtype == "int8":
-            codes = _zeros_like_local(p, torch.uint8)
+        fmt = lowbit.quant_format(state_dtype)
+        if fmt.bits == 8:
+            codes = _zeros_like_local(p, fmt.codes_dtype)
             local_tensor(codes).copy_(c)
             c = codes
         state[lowbit.codes_key(spec.key)] = c
@@ -86,7 +79,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
         lp = local_tensor(p)
         codes = local_tensor(state.pop(lowbit.codes_key(spec.key))).to(lp.device)
         absmax = state.pop(lowbit.absmax_key(spec.key)).to(lp.device)
-        fmt = _stored_format(codes, lp.numel())
+        fmt = lowbit.stored_format(codes, lp.numel())
         return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), dtype, fmt, lp.shape)
 
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
@@ -128,7 +121,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
 
     # --- state_dict ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's state_dict; the 8-bit states of DTensor (FSDP2) params in the world-size independent global
+        """torch's state_dict; the int8 / fp8 states of DTensor (FSDP2) params in the world-size independent global
         form (fusedopt/optim/_lowbit_shards.py). Collective under FSDP2 when such states exist: every rank calls
         it, as DCP's get_optimizer_state_dict does."""
         sd = super().state_dict()
@@ -142,7 +135,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
             for s in self.SPEC.states:
                 ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
                 if ck in st:
-                    table = lowbit.qmap(s.signed, local_tensor(p).device)
+                    table = lowbit.qmap(s.signed, local_tensor(p).device, shards.format_of(st[ck]))
                     st[ck], st[ak] = shards.to_global_form(p, st[ck], st[ak], table)
         return sd
 
@@ -171,13 +164,13 @@ class LowBitStateMixin(FusedOptimizerMixin):
         """Loaded codes and absmax as this param's step keeps them."""
         dev = local_tensor(p).device
         if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
-            return {k: (v.full_tensor() if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
+            return {k: (shards.full_tensor(v) if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
         signed = {s.key: s.signed for s in self.SPEC.states}
         out = {}
         for ck in sorted(k for k in q if k.endswith("_codes")):
             key = ck[: -len("_codes")]
             ak = lowbit.absmax_key(key)
-            table = lowbit.qmap(signed.get(key, True), dev)
+            table = lowbit.qmap(signed.get(key, True), dev, shards.format_of(q[ck]))
             out[ck], out[ak] = shards.from_global_form(p, q[ck], q[ak], table)
         return out
 
@@ -199,8 +192,8 @@ class LowBitStateMixin(FusedOptimizerMixin):
                     ck = lowbit.codes_key(s.key)
                     if quant and isinstance(st.get(s.key), Tensor):
                         self._quantize_into(p, st, s, st.pop(s.key), own)
-                    elif ck in st and (not quant or _stored_format(local_tensor(st[ck]), local_tensor(p).numel()).name
-                                       != own):  # fmt: skip
+                    elif ck in st and (not quant or lowbit.stored_format(local_tensor(st[ck]),
+                                                                         local_tensor(p).numel()).name != own):
                         if quant:
                             self._quantize_into(p, st, s, self._dequantize_from(p, st, s, torch.float32), own)
                         else:
@@ -217,12 +210,13 @@ def _signed_by_key() -> dict:
 
 
 def _int4_state(codes, absmax) -> bool:
-    """Whether stored codes are int4 (from the counts alone: int8 has one absmax per 256 codes, int4 one per 64)."""
+    """Whether stored codes are int4 (from the counts alone: int8 and fp8 have one absmax per 256 codes, int4 one
+    per 64)."""
     return not shards.is_dtensor(codes) and absmax.numel() != lowbit.num_blocks(codes.numel(), "int8")
 
 
 def to_full_precision_state_dict(opt_or_state_dict) -> dict:
-    """A state_dict with every int8 / int4 state dequantized to float32 under torch's key (`exp_avg`, ...) and
+    """A state_dict with every int8 / int4 / fp8 state dequantized to float32 under torch's key (`exp_avg`, ...) and
     state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
     its state_dict; the input is not modified. Under FSDP2 the states are DTensors with their param's placement
     (collective: every rank calls it). int4 codes do not record their param's shape: a state_dict holding int4
@@ -241,7 +235,7 @@ def to_full_precision_state_dict(opt_or_state_dict) -> dict:
             key = k[: -len("_codes")]
             codes, absmax = st[k], st[lowbit.absmax_key(key)]
             if not _int4_state(codes, absmax):
-                table = lowbit.qmap(signed.get(key, True), local_tensor(codes).device)
+                table = lowbit.qmap(signed.get(key, True), local_tensor(codes).device, shards.format_of(codes))
                 out[key] = shards.dequantize_global_form(codes, absmax, table)
                 continue
             if pid not in shapes:

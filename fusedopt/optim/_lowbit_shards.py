@@ -1,4 +1,4 @@
-"""8-bit states of FSDP2 (DTensor) params in state_dicts: the world-size independent "global block" form.
+"""int8 and fp8 states of FSDP2 (DTensor) params in state_dicts: the world-size independent "global block" form.
 
 At run time a rank quantizes its local shard on its own: blocks of 256 consecutive LOCAL elements, one absmax each,
 no communication in the step. A shard whose flat offset in the full param is a multiple of 256 has exactly the
@@ -54,16 +54,21 @@ def _local_blocks(offset: int, n: int, device) -> tuple:
     return start, torch.clamp(start + BLOCK, max=offset + n)
 
 
-def _quantize_against(values: Tensor, absmax_per_element: Tensor, table: Tensor) -> Tensor:
-    """The codes of `values` (flat float32) given each element's block absmax: step 2 of the definition
-    (fusedopt.lowbit: x / d with d = absmax, or 1 for a zero block; a NaN block's values get code 0)."""
+def format_of(codes) -> lowbit.QuantFormat:
+    """int8 or fp8 (both one code byte per element, blocks of 256), by the codes' dtype."""
+    return lowbit.FORMATS["fp8" if codes.dtype == torch.float8_e4m3fn else "int8"]
+
+
+def _quantize_against(values: Tensor, absmax_per_element: Tensor, table: Tensor, fmt) -> Tensor:
+    """The code bytes (uint8) of `values` (flat float32) given each element's block absmax: step 2 of the
+    definition (fusedopt.lowbit: x / d with d = absmax, or 1 for a zero block; a NaN block's values get code 0)."""
     d = torch.where(absmax_per_element > 0, absmax_per_element, 1.0)
-    return lowbit._search(values / d, table[BLOCK : 2 * BLOCK]).to(torch.uint8)
+    return lowbit.encode(values / d, table, fmt).to(torch.uint8)
 
 
 def _dequantize_with(codes: Tensor, absmax_per_element: Tensor, table: Tensor) -> Tensor:
     """map[codes] * absmax, float32, flat: fusedopt.lowbit.dequantize with each element's block absmax given."""
-    return table[:BLOCK][codes.reshape(-1).long()] * absmax_per_element
+    return table[:BLOCK][codes.reshape(-1).view(torch.uint8).long()] * absmax_per_element
 
 
 def _all_reduce_max(t: Tensor, mesh) -> None:
@@ -92,6 +97,7 @@ def to_global_form(p, codes, absmax: Tensor, table: Tensor) -> tuple:
     from torch.distributed.tensor import DTensor, Replicate
 
     offset, n, numel = flat_range(p)
+    fmt = format_of(codes)
     local_codes = codes._local_tensor.reshape(-1)
     dev = local_codes.device
     start, end = _local_blocks(offset, n, dev)
@@ -105,7 +111,7 @@ def to_global_form(p, codes, absmax: Tensor, table: Tensor) -> tuple:
     part = ~whole.repeat_interleave(BLOCK)[:n]  # elements to requantize against the global blocks
     straddles = bool(part.any())
     if straddles:
-        values = lowbit.dequantize(local_codes, absmax, table).reshape(-1)
+        values = lowbit.dequantize(local_codes, absmax, table, state_dtype=fmt).reshape(-1)
         g_elem = (offset + torch.arange(n, device=dev)) // BLOCK
         best.scatter_reduce_(0, g_elem[part], torch.nan_to_num(values[part].abs(), nan=0.0), "amax")
         nan.scatter_reduce_(0, g_elem[part], values[part].isnan().float(), "amax")
@@ -113,10 +119,10 @@ def to_global_form(p, codes, absmax: Tensor, table: Tensor) -> tuple:
     _all_reduce_max(nan, p.device_mesh)
     full = torch.where(nan > 0, float("nan"), best)
     if straddles:
-        requantized = _quantize_against(values[part], full[g_elem[part]], table)
-        local_codes = local_codes.clone()
-        local_codes[part] = requantized
-        codes = _as_dtensor_like(p, local_codes)
+        requantized = _quantize_against(values[part], full[g_elem[part]], table, fmt)
+        code_bytes = local_codes.view(torch.uint8).clone()  # (indexing takes no float8)
+        code_bytes[part] = requantized
+        codes = _as_dtensor_like(p, code_bytes.view(fmt.codes_dtype))
     replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
     return codes, replicated.redistribute(p.device_mesh, _block_placements(p))
 
@@ -125,12 +131,23 @@ def _full_blocks(absmax) -> Tensor:
     return absmax.full_tensor() if is_dtensor(absmax) else absmax  # collective for a DTensor
 
 
+def full_tensor(t) -> Tensor:
+    """The whole tensor of a DTensor; float8 codes gathered as bytes (gloo has no float8 collectives). Collective."""
+    if t.dtype != torch.float8_e4m3fn:
+        return t.full_tensor()
+    from torch.distributed.tensor import DTensor
+
+    as_bytes = DTensor.from_local(t._local_tensor.view(torch.uint8), t.device_mesh, t.placements, shape=t.shape,
+                                  stride=t.stride(), run_check=False)  # fmt: skip
+    return as_bytes.full_tensor().view(t.dtype)
+
+
 def _local_codes(p, codes) -> Tensor:
     """p's local shard of codes given as a DTensor (p's placement) or as the full tensor (a 1-rank checkpoint)."""
     if is_dtensor(codes):
         if codes.device_mesh == p.device_mesh and tuple(codes.placements) == tuple(p.placements):
             return codes._local_tensor.reshape(-1)
-        codes = codes.full_tensor()  # laid out otherwise: cut p's range from the whole (collective)
+        codes = full_tensor(codes)  # laid out otherwise: cut p's range from the whole (collective)
     offset, n, _ = flat_range(p)
     return codes.reshape(-1)[offset : offset + n]
 
@@ -139,6 +156,7 @@ def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
     """The run-time state (codes DTensor, local absmax) of a DTensor param from the global form (DTensors, or full
     plain tensors). Collective when absmax is a DTensor."""
     offset, n, numel = flat_range(p)
+    fmt = format_of(codes)
     full = _full_blocks(absmax)
     local_codes = _local_codes(p, codes)
     dev = p._local_tensor.device
@@ -152,9 +170,10 @@ def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
     local_absmax = full[start // BLOCK].clone()
     if not bool(inside.all()):
         values = _dequantize_with(local_codes, full[(offset + torch.arange(n, device=dev)) // BLOCK], table)
-        new_codes, new_absmax = lowbit.quantize(values, table)
+        new_codes, new_absmax = lowbit.quantize(values, table, fmt)
         keep = inside.repeat_interleave(BLOCK)[:n]
-        local_codes = torch.where(keep, local_codes, new_codes)
+        local_codes = torch.where(keep, local_codes.view(torch.uint8), new_codes.view(torch.uint8))
+        local_codes = local_codes.view(fmt.codes_dtype)
         local_absmax = torch.where(inside, local_absmax, new_absmax)
     return _as_dtensor_like(p, local_codes.contiguous()), local_absmax
 
@@ -162,7 +181,7 @@ def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
 def dequantize_global_form(codes, absmax, table: Tensor):
     """float32 values (a DTensor with the codes' placement for DTensor codes) of a state in the global form."""
     if not is_dtensor(codes):
-        return lowbit.dequantize(codes, absmax.to(codes.device), table)
+        return lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype=format_of(codes))
     offset, n, _ = flat_range(codes)
     local = codes._local_tensor.reshape(-1)
     full = _full_blocks(absmax).to(local.device)

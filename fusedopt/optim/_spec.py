@@ -82,11 +82,11 @@ class OptimizerSpec:
 
     def schema_q8(self) -> str:
         """<op>_step_q8: the state lists become codes and absmax lists (docs/LOW_BIT_STATES.md), plus one map per
-        state and the codes' width (8: int8, 4: int4)."""
+        state and the format's name (state_dtype: "int8", "int4" or "fp8")."""
         lists = ["params", "grads", *(f"{s.list_name}_codes" for s in self.states),
                  *(f"{s.list_name}_absmax" for s in self.states)]  # fmt: skip
         args = [f"Tensor(m{i}!)[] {name}" for i, name in enumerate(lists)]
-        args += ["Tensor[] qmaps", "int bits", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr",
+        args += ["Tensor[] qmaps", "str state_dtype", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr",
                  "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
         args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads", "str backend"]
@@ -160,7 +160,7 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         used = self.SPEC.used_states(hyper)
         args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
                     grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
-        if bucket.quantized:  # int8 / int4 states (fusedopt/optim/_lowbit.py): the list path
+        if bucket.quantized:  # int8 / int4 / fp8 states (fusedopt/optim/_lowbit.py): the list path
             codes, absmax = self._q8_lists(group, bucket, used)
             scalars = self._scalars(group, bucket)
             optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, backend=bucket.backend,

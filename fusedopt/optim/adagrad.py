@@ -16,8 +16,8 @@ SPEC = OptimizerSpec(
 
 class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
     """Drop-in for torch.optim.Adagrad. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8",
+    "int4" or "fp8" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
     stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
     masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 

@@ -34,8 +34,8 @@ ADAMW_SPEC = dataclasses.replace(SPEC, hyper_of=lambda g: _adam_hyper(g, True))
 
 class Adam(SpecOptimizerMixin, torch.optim.Adam):
     """Drop-in for torch.optim.Adam. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8",
+    "int4" or "fp8" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
     stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
     masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 
@@ -57,8 +57,8 @@ class Adam(SpecOptimizerMixin, torch.optim.Adam):
 
 class AdamW(SpecOptimizerMixin, torch.optim.AdamW):
     """Drop-in for torch.optim.AdamW. Extra keywords: backend="auto"|"cuda"|"triton"|"cpu"|"torch",
-    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8" or
-    "int4" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
+    max_grad_norm (clip_grad_norm_ folded into the step; the last norm is `last_grad_norm`), state_dtype="int8",
+    "int4" or "fp8" (block-wise quantized states, docs/LOW_BIT_STATES.md), bf16_stochastic_round (bf16 params stored by
     stochastic rounding, reproducible from stochastic_round_seed), and master_weights=True|"remainder" (exact float32
     masters of 16-bit params, docs/MASTER_WEIGHTS.md)."""
 

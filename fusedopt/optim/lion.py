@@ -24,7 +24,7 @@ SPEC = OptimizerSpec(
 class Lion(SpecOptimizerMixin, torch.optim.Optimizer):
     """Lion: update = sign(beta1 * m + (1 - beta1) * g); p = p * (1 - lr * wd) - lr * update;
     m = beta2 * m + (1 - beta2) * g. Keywords as torch.optim's optimizers plus backend=, max_grad_norm=,
-    state_dtype= ("int8" / "int4" states, docs/LOW_BIT_STATES.md) and bf16_stochastic_round= (with
+    state_dtype= ("int8" / "int4" / "fp8" states, docs/LOW_BIT_STATES.md) and bf16_stochastic_round= (with
     stochastic_round_seed=)."""
 
     SPEC = SPEC
