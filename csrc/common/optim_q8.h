@@ -61,6 +61,7 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
               " maps, the op has ", Op::kStates, " states");
   OptimStepQ8Inputs<Op> in;
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
+  if constexpr (HasQuantizedStatesFlag<typename Op::Hyper>::value) in.hyper.quantized_states = true;
   check_params(params, name);
   TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 (int8 states) or 4 (int4 states), got ", bits);
   in.bits = bits;
