@@ -161,7 +161,9 @@ def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
 def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
                  write_back_grads, stochastic_round=None):  # fmt: skip
     """torch.optim.RMSprop's update (single-tensor form); grad_avgs only when centered, momentum_buffers only with
-    momentum > 0."""
+    momentum > 0. hyper["quantized_states"] (set by fusedopt.lowbit.step_q8, not a hyperparameter): the centered
+    variance square_avg - grad_avg^2 is clamped at 0, as the two states are quantized apart (docs/LOW_BIT_STATES.md);
+    without it, torch's math exactly (a negative variance reads NaN)."""
     square_avgs, grad_avgs, momentum_buffers = states
     alpha, eps, weight_decay, momentum = hyper["alpha"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
     centered = bool(hyper["centered"])
@@ -180,7 +182,10 @@ def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
         sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
         if centered:
             ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
-            avg = sq.addcmul(ga, ga, value=-1).sqrt() + eps  # torch's form: one rounding (fma)
+            variance = sq.addcmul(ga, ga, value=-1)  # torch's form: one rounding (fma)
+            if hyper.get("quantized_states"):  # low-bit states, quantized apart: clamped at 0 (NaN stays NaN)
+                variance = variance.clamp_min(0)
+            avg = variance.sqrt() + eps
             _commit(grad_avgs[i], ga, skip)
         else:
             avg = sq.sqrt() + eps

@@ -47,7 +47,10 @@ def rmsprop_kernel(
         grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         grad_avg = lerp(grad_avg, grad, one_minus_alpha)
         store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, grad_avg, STATE_DTYPE, BLOCK, QUANT)
-        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps  # one rounding, as torch's addcmul
+        variance = tl.fma(-grad_avg, grad_avg, square_avg)  # one rounding, as torch's addcmul
+        if QUANT:  # low-bit states, quantized apart: clamped at 0, NaN stays NaN (full precision: torch's, unclamped)
+            variance = tl.maximum(variance, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        avg = tl.sqrt(variance) + eps
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:

@@ -12,6 +12,8 @@
 //   update<V>(coefs, param, grad, state)       one element (CUDA) or one SIMD vector (CPU)
 //   uses_state(h, k)  (optional)               false: state list k is unused under h (amsgrad off), passed empty
 //   kServesMasters    (optional, default true) false: the op refuses master weights (common/master_bits.h)
+//   Hyper::quantized_states (optional bool, not in fields()): set true by the low-bit step (common/optim_q8.h), so
+//                  the math may guard what quantization breaks (RMSprop's centered variance); false otherwise
 // The engines own everything else: loads and stores, the dtype switch, lr (float or device tensor), the grad
 // divisor (GradScaler and folded clipping), found_inf, maximize (grad negated before update), write_back_grads, and
 // the per-tensor scalar (the step incremented before the update; a first-step flag cleared after it).
@@ -64,5 +66,10 @@ template <typename Op, typename = void>
 struct ServesMasters : std::true_type {};
 template <typename Op>
 struct ServesMasters<Op, std::void_t<decltype(Op::kServesMasters)>> : std::bool_constant<Op::kServesMasters> {};
+
+template <typename H, typename = void>
+struct HasQuantizedStatesFlag : std::false_type {};
+template <typename H>
+struct HasQuantizedStatesFlag<H, std::void_t<decltype(std::declval<H&>().quantized_states = true)>> : std::true_type {};
 
 }  // namespace fusedopt

@@ -71,6 +71,7 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
               " maps, the op has ", Op::kStates, " states");
   OptimStepQ8Inputs<Op> in;
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
+  if constexpr (HasQuantizedStatesFlag<typename Op::Hyper>::value) in.hyper.quantized_states = true;
   check_params(params, name);
   const QuantKind kind = in.kind = quant_kind(state_dtype, op);
   const char* format = state_dtype.c_str();

@@ -8,6 +8,8 @@ namespace fusedopt {
 struct RmspropHyper {
   double alpha = 0.99, eps = 1e-8, weight_decay = 0.0, momentum = 0.0;
   bool centered = false;
+  // Not a hyperparameter (not in fields()): set by the low-bit path (common/optim_q8.h), off in full precision.
+  bool quantized_states = false;
   static constexpr std::array<HyperField<RmspropHyper>, 5> fields() {
     return {{{"alpha", &RmspropHyper::alpha},
              {"eps", &RmspropHyper::eps},
@@ -29,14 +31,14 @@ struct Rmsprop {
   template <typename S>
   struct Coefs {
     S lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
-    bool centered, use_momentum;
+    bool centered, use_momentum, clamp_variance;
   };
 
   template <typename V>
   FUSEDOPT_HOST_DEVICE static Coefs<scalar_of<V>> coefs(const Hyper& h, double lr, double /*step*/) {
     using S = scalar_of<V>;
     return {S(lr), S(h.alpha), S(1.0 - h.alpha), S(h.eps), S(h.weight_decay), S(h.momentum),
-            h.centered, h.momentum > 0};
+            h.centered, h.momentum > 0, h.quantized_states};
   }
 
   template <typename V>
@@ -49,7 +51,11 @@ struct Rmsprop {
       V& grad_avg = state[1];
       grad_avg = lerp(grad_avg, grad, c.one_minus_alpha);
       // One rounding, as torch's addcmul: an overflowing grad_avg^2 must not turn inf - inf into NaN.
-      avg = vsqrt(vfma(V(scalar_of<V>(0)) - grad_avg, grad_avg, square_avg)) + V(c.eps);
+      V variance = vfma(V(scalar_of<V>(0)) - grad_avg, grad_avg, square_avg);
+      // Low-bit states (docs/LOW_BIT_STATES.md): square_avg and grad_avg are quantized apart, so the difference
+      // can go below 0; it is clamped at 0 there (a NaN stays NaN). Full precision keeps torch's math, unclamped.
+      if (c.clamp_variance) variance = vmax_nan(variance, V(scalar_of<V>(0)));
+      avg = vsqrt(variance) + V(c.eps);
     } else {
       avg = vsqrt(square_avg) + V(c.eps);
     }

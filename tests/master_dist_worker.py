@@ -1,0 +1,230 @@
+"""The body of tests/test_master_distributed.py: master weights (`master_weights=True` and "remainder",
+docs/MASTER_WEIGHTS.md) of bf16 params sharded by FSDP2 on 2 gloo ranks, and their DCP checkpoints loaded on 2 ranks
+and on 1. Each rank writes {scenario: "ok" | traceback} to <out>/<world>-<rank>.json.
+
+The reference of a 2-rank run is the 1-rank optimizer fed the same full gradients (each step's sharded gradients
+gathered). The step is elementwise, so every element's math is the same on a shard as on the whole tensor: params,
+masters (or remainders) and states are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gloo
+import torch
+
+import fusedopt
+
+STEPS = 10  # parity steps
+SAVE_AT, RESUME_STEPS = 3, 3  # DCP: train 3 steps, save, 3 more (uninterrupted) vs 3 after loading
+MODES = {"fp32": True, "remainder": "remainder"}
+KW = {"lr": 1e-2, "weight_decay": 0.1}
+MASTER_KEY = {"fp32": "master_param", "remainder": "param_remainder"}
+# Linear layers (in, out), bf16. Sharded along dim 0 (out rows): 45 rows split 23 / 22; the last layer's single
+# row (and its 1-element bias) leaves rank 1 an empty shard.
+LAYERS = ((64, 128), (128, 45), (45, 4), (4, 1))
+
+
+def build(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in LAYERS:
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1]).to(torch.bfloat16)
+
+
+def fsdp(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full(t):
+    """The whole tensor (collective for a DTensor). gloo does not gather int16: a remainder goes as int32."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.dtype == torch.int16:
+        return t.to(torch.int32).full_tensor().to(torch.int16)
+    return t.full_tensor()
+
+
+def batch(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(8, LAYERS[0][0], generator=gen)
+    y = torch.randn(8, LAYERS[-1][1], generator=gen)
+    return x.to(torch.bfloat16), y.to(torch.bfloat16)
+
+
+def forward_backward(model, opt, rank: int, step: int) -> list:
+    """One backward on this rank's batch; returns the full (all-rank) gradients. Collective."""
+    x, y = batch(rank, step)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+    return [full(p.grad) for p in model.parameters()]
+
+
+def full_state(opt, p) -> dict:
+    """p's optimizer state as full tensors (collective for DTensors)."""
+    return {k: full(v).clone() for k, v in opt.state[p].items()}
+
+
+def _same(got, want, where: str) -> None:
+    assert got.dtype == want.dtype, f"{where}: {got.dtype} != {want.dtype}"
+    if not torch.equal(got, want):
+        diff = (got != want).sum() if got.shape == want.shape else "shapes"
+        raise AssertionError(f"{where}: differ ({diff} of {want.numel()}; got {got.flatten()[:4]}, want "
+                             f"{want.flatten()[:4]})")
+
+
+def check_equal_states(opt, params, ref, ref_params, where: str, mode: str) -> None:
+    for i, (p, rp) in enumerate(zip(params, ref_params)):
+        at = f"{where} param {i} {list(p.shape)}"
+        assert torch.equal(full(p.detach()), full(rp.detach())), f"{at}: params differ"
+        got, want = full_state(opt, p), full_state(ref, rp)
+        assert got.keys() == want.keys(), f"{at}: {sorted(got)} != {sorted(want)}"
+        assert MASTER_KEY[mode] in got, f"{at}: no {MASTER_KEY[mode]}"
+        for k, v in want.items():
+            _same(got[k], v, f"{at} {k}")
+
+
+def scenario_parity(mode: str, rank: int, mesh) -> None:
+    """10 AdamW steps on 2 ranks against the 1-rank optimizer fed the same gradients: params, masters / remainders
+    and states bit for bit; the master's state is a DTensor sharded as its param, the other states float32."""
+    model = build()
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    model = fsdp(model, mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
+    ref = fusedopt.optim.AdamW(ref_params, master_weights=MODES[mode], **KW)
+    for s in range(STEPS):
+        for rp, g in zip(ref_params, forward_backward(model, opt, rank, s)):
+            rp.grad = g
+        opt.step()
+        ref.step()
+    check_equal_states(opt, list(model.parameters()), ref, ref_params, f"parity {mode}", mode)
+    for p in model.parameters():
+        st = opt.state[p]
+        master = st[MASTER_KEY[mode]]
+        assert type(master).__name__ == "DTensor" and master.placements == p.placements, type(master)
+        assert master.to_local().shape == p.to_local().shape
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+    # the masters moved the params by updates a bf16 step alone would lose: not a vacuous comparison
+    start = build()
+    moved = [full(p.detach()) != q.detach() for p, q in zip(model.parameters(), start.parameters())]
+    assert any(bool(m.any()) for m in moved)
+    # the masters hold bits the bf16 params do not: a step that dropped them would not be bit-identical
+    for p in model.parameters():
+        m = full(opt.state[p][MASTER_KEY[mode]])
+        kept = m != full(p.detach()).float() if mode == "fp32" else m != 0
+        assert bool(kept.any()) or p.numel() == 1, list(p.shape)
+    if mode == "fp32":  # the param is the master rounded to nearest
+        for p in model.parameters():
+            assert torch.equal(full(p.detach()), full(opt.state[p]["master_param"]).to(torch.bfloat16))
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    return dcp, dsd
+
+
+def load_checkpoint(model, opt, path: str) -> None:
+    dcp, dsd = _dcp()
+    state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    dsd.set_model_state_dict(model, state["model"])
+    dsd.set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def scenario_dcp(mode: str, rank: int, mesh, ckpt_dir: str) -> None:
+    """Model and optimizer (masters included) saved with DCP on 2 ranks after 3 steps, loaded on 2 ranks into a
+    fresh model and optimizer: the next 3 steps equal the uninterrupted run's bit for bit (params, masters, states).
+    Rank 0 keeps what the 1-rank load checks."""
+    dcp, dsd = _dcp()
+    path = os.path.join(ckpt_dir, f"master-{mode}")
+    model = fsdp(build(), mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
+    for s in range(SAVE_AT):
+        forward_backward(model, opt, rank, s)
+        opt.step()
+    params = list(model.parameters())
+    saved = {"params": [full(p.detach()).clone() for p in params], "state": [full_state(opt, p) for p in params]}
+    dcp.save({"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)  # fmt: skip
+    grads = []
+    for s in range(SAVE_AT, SAVE_AT + RESUME_STEPS):
+        grads.append(forward_backward(model, opt, rank, s))
+        opt.step()
+    saved["grads"], saved["end"] = grads, [full(p.detach()) for p in params]
+    saved["end_state"] = [full_state(opt, p) for p in params]
+    fresh = fsdp(build(seed=1), mesh)  # other weights: the load must overwrite them
+    fresh_opt = fusedopt.optim.AdamW(fresh.parameters(), master_weights=MODES[mode], **KW)
+    load_checkpoint(fresh, fresh_opt, path)
+    for i, p in enumerate(fresh.parameters()):
+        assert torch.equal(full(p.detach()), saved["params"][i]), f"loaded param {i}"
+        got = full_state(fresh_opt, p)
+        assert got.keys() == saved["state"][i].keys(), f"loaded state {i}: {sorted(got)}"
+        for k, v in saved["state"][i].items():
+            _same(got[k], v, f"loaded state {i} {k}")
+    for s in range(SAVE_AT, SAVE_AT + RESUME_STEPS):
+        forward_backward(fresh, fresh_opt, rank, s)
+        fresh_opt.step()
+    check_equal_states(fresh_opt, list(fresh.parameters()), opt, params, f"dcp {mode}", mode)
+    if rank == 0:
+        torch.save(saved, path + ".expected.pt")
+
+
+def scenario_one_rank(mode: str, fsdp_on: bool, mesh, ckpt_dir: str) -> None:
+    """The 2-rank checkpoint loaded on 1 rank (FSDP2 on a 1-rank mesh, or a plain model): params, masters and
+    states as saved; fed the 2-rank run's next gradients, it ends where that run ended, bit for bit."""
+    from torch.distributed.tensor import distribute_tensor
+
+    path = os.path.join(ckpt_dir, f"master-{mode}")
+    saved = torch.load(path + ".expected.pt")
+    model = build(seed=1)
+    if fsdp_on:
+        model = fsdp(model, mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
+    load_checkpoint(model, opt, path)
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        assert torch.equal(full(p.detach()), saved["params"][i]), f"param {i}"
+        got = full_state(opt, p)
+        assert got.keys() == saved["state"][i].keys(), f"state {i}: {sorted(got)}"
+        for k, v in saved["state"][i].items():
+            _same(got[k], v, f"state {i} {k}")
+    for grads in saved["grads"]:
+        for p, g in zip(params, grads):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if fsdp_on else g
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(full(p.detach()), saved["end"][i]), f"end param {i}"
+        got = full_state(opt, p)
+        for k, v in saved["end_state"][i].items():
+            _same(got[k], v, f"end state {i} {k}")
+
+
+def scenarios(world: int, ckpt_dir: str) -> list:
+    out = []
+    for mode in MODES:
+        if world == 2:
+            out.append((f"parity-{mode}", lambda r, m, mode=mode: scenario_parity(mode, r, m)))
+            out.append((f"dcp-{mode}", lambda r, m, mode=mode: scenario_dcp(mode, r, m, ckpt_dir)))
+        else:
+            for on in (True, False):
+                fn = lambda r, m, mode=mode, on=on: scenario_one_rank(mode, on, m, ckpt_dir)
+                out.append((f"2to1-{'fsdp2' if on else 'plain'}-{mode}", fn))
+    return out
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    gloo.init(rank, world, port, timeout_s=120)
+    mesh = init_device_mesh("cpu", (world,))
+    gloo.run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
+                       os.path.join(out_dir, f"{world}-{rank}.json"))
