@@ -245,10 +245,11 @@ inline int code4_of(float x, const float* mid) {
 // The block's absmax (scale_block), then codes[i] = #{j : v[i] / d >= mid[j]}: what lowbit.quantize's 8-step binary
 // search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] is the code of the
 // lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is NaN:
-// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. `v` is overwritten (x = v / d).
+// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
+// (x = v / d); the AVX-512 one divides in registers and leaves it.
 inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // One pass for the absmax, one that divides and finds the codes (v is left as it was).
+  // One pass for the absmax, one that divides and finds the codes.
   const float absmax = avx512::block_absmax(v, n);
   const float d = absmax > 0.0f ? absmax : 1.0f;
   for (int64_t i = avx512::quantize(v, d, mid, lut, codes, n); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
@@ -279,8 +280,9 @@ inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t
 }
 
 // int4: the block's absmax (scale_block), then each code #{j < 15 : v[i] / d >= mid[j]} (lowbit.quantize's 4-step
-// binary search gives the same count) by 15 vector comparisons, no table (NaN compares false: code 0), packed two
-// per byte, a missing last element's nibble 0. `v` is overwritten.
+// binary search gives the same count; the portable path by 15 vector comparisons, the AVX-512 one by that search),
+// no table (NaN compares false: code 0), packed two per byte, a missing last element's nibble 0. The portable path
+// overwrites `v`.
 inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* packed) {
 #if defined(CPU_CAPABILITY_AVX512)
   const float absmax = avx512::block_absmax(v, n);
