@@ -15,6 +15,9 @@
 
 #include "common/quant_format.h"
 #include "cpu/vec_io.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
@@ -29,12 +32,140 @@ constexpr bool kHasGather = true;  // at::vec::gather is one instruction (and ho
 constexpr bool kHasGather = false;
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 (F, BW, VL, DQ) bodies of the helpers below: whole vectors of 16 here, a block's partial tail by the
+// portable scalar code.
+namespace avx512 {
+
+constexpr int64_t kW = 16;
+
+// max |v[i]| over the block, compared as bits (sign cleared): a NaN's bits exceed inf's, which exceed every finite
+// value's, so one integer max finds the absmax and any NaN (returned as the canonical quiet NaN).
+inline float block_absmax(const float* v, int64_t n) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_loadu_si512(v + i), magnitude));
+  if (i < n) {
+    const __mmask16 tail = _cvtu32_mask16((1u << (n - i)) - 1);
+    acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, v + i), magnitude));
+  }
+  const uint32_t bits = _mm512_reduce_max_epu32(acc);
+  if (bits > 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
+  float absmax;
+  std::memcpy(&absmax, &bits, sizeof(absmax));
+  return absmax;
+}
+
+// table[index] for a 256-float table and indices 0..255, by permutes instead of a gather: each of the 8
+// two-register permutes looks up one 32-float slice (index bits 0-4), then index bits 5, 6 and 7 pick the slice.
+inline __m512 lookup256(const float* table, __m512i index) {
+  __m512 slice[8];
+  for (int k = 0; k < 8; ++k)
+    slice[k] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), index, _mm512_loadu_ps(table + 32 * k + 16));
+  const __mmask16 bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+  for (int k = 0; k < 8; k += 2) slice[k] = _mm512_mask_mov_ps(slice[k], bit5, slice[k + 1]);
+  const __mmask16 bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
+  slice[0] = _mm512_mask_mov_ps(slice[0], bit6, slice[2]);
+  slice[4] = _mm512_mask_mov_ps(slice[4], bit6, slice[6]);
+  return _mm512_mask_mov_ps(slice[0], _mm512_test_epi32_mask(index, _mm512_set1_epi32(128)), slice[4]);
+}
+
+// int8 codes -> values, 16 at a time: the bytes widened to gather indices in one instruction.
+inline int64_t dequantize(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(index, map, sizeof(float)), scale));
+  }
+  return i;
+}
+
+// int4 codes -> values, 32 (16 bytes) at a time: the 16-value map sits in one register, so a permute is the lookup.
+inline int64_t dequantize4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
+  const __m512 table = _mm512_loadu_ps(map);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  // Element 2j is byte j's high nibble, 2j + 1 its low one: interleave the high nibbles (0-15) with the low (16-31).
+  const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
+    const __m512i high = _mm512_srli_epi32(bytes, 4);
+    const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    const __m512i code0 = _mm512_permutex2var_epi32(high, first_half, low);
+    const __m512i code1 = _mm512_permutex2var_epi32(high, second_half, low);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(code0, table), scale));
+    _mm512_storeu_ps(out + i + kW, _mm512_mul_ps(_mm512_permutexvar_ps(code1, table), scale));
+  }
+  return i;
+}
+
+// The int8 codes of 16 values of x = v / d, as int32 (see quantize_block): the table's code by a byte-scaled gather
+// (4 bytes at each byte index, the low one ours), plus one where x reaches the midpoint above it (lookup256). A NaN
+// needs no mask: a division's NaN is quiet, and the table gives code 0 to every quiet NaN's bucket and the
+// comparison adds nothing.
+inline __m512i codes16(const float* v, __m512 divisor, const float* mid, const uint8_t* lut) {
+  const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v), divisor);  // a true division: the codes are exact
+  const __m512i bucket = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
+  const __m512i code = _mm512_and_si512(_mm512_i32gather_epi32(bucket, lut, 1), _mm512_set1_epi32(0xff));
+  const __mmask16 up = _mm512_cmp_ps_mask(x, lookup256(mid, code), _CMP_GE_OQ);
+  return _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+}
+
+// int8 codes of x = v / d for whole vectors: 64 at a time narrowed by two packing steps (cheaper than four narrowing
+// stores), then 16 at a time. Returns how many it wrote.
+inline int64_t quantize(const float* v, float d, const float* mid, const uint8_t* lut, uint8_t* codes, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
+  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, mid, lut),
+                                                codes16(v + i + kW, divisor, mid, lut));
+    const __m512i words23 = _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, mid, lut),
+                                                codes16(v + i + 3 * kW, divisor, mid, lut));
+    const __m512i bytes = _mm512_packus_epi16(words01, words23);
+    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(pack_order, bytes));
+  }
+  for (; i + kW <= n; i += kW)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(codes16(v + i, divisor, mid, lut)));
+  return i;
+}
+
+// int4 codes of x = v / d, 16 at a time: the 4-step binary search of lowbit._search with the 16 midpoints (the
+// last a NaN, never passed) in one register, then each pair of codes packed into a byte by 64-bit shifts.
+inline int64_t quantize4(const float* v, float d, const float* mid, uint8_t* packed, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  const __m512 mids = _mm512_loadu_ps(mid);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v + i), divisor);  // a true division: the codes are exact
+    __m512i code = _mm512_setzero_si512();
+    for (int step = kLevels4 / 2; step >= 1; step /= 2) {
+      const __m512 threshold = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), mids);
+      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(x, threshold, _CMP_GE_OQ), code, _mm512_set1_epi32(step));
+    }
+    // a 64-bit lane holds codes 2j (low half) and 2j + 1 (high half): (2j << 4) | (2j + 1) in its low byte
+    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+  return i;
+}
+
+}  // namespace avx512
+#endif
+
 // out[i] = map[codes[i]] * absmax.
 inline void dequantize_block(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  i = avx512::dequantize(codes, absmax, map, out, n);
+#else
   using V = at::vec::Vectorized<float>;
   using VI = at::vec::Vectorized<int32_t>;
   constexpr int64_t kW = V::size();
-  int64_t i = 0;
   if constexpr (kHasGather) {
     alignas(64) int32_t idx[kW];
     for (; i + kW <= n; i += kW) {
@@ -42,12 +173,16 @@ inline void dequantize_block(const uint8_t* codes, float absmax, const float* ma
       (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
     }
   }
+#endif
   for (; i < n; ++i) out[i] = map[codes[i]] * absmax;
 }
 
 // int4: out[i] = map[code i] * absmax, codes two per byte (element 2j in the high nibble of byte j).
 inline void dequantize_block4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
   int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  i = avx512::dequantize4(packed, absmax, map, out, n);  // i is even
+#else
   if constexpr (kHasGather) {  // as dequantize_block: the nibbles as gather indices (i and the width are even)
     using V = at::vec::Vectorized<float>;
     using VI = at::vec::Vectorized<int32_t>;
@@ -61,6 +196,7 @@ inline void dequantize_block4(const uint8_t* packed, float absmax, const float* 
       (at::vec::gather<sizeof(float)>(map, VI::loadu(idx)) * V(absmax)).store(out + i);
     }
   }
+#endif
   for (; i + 1 < n; i += 2) {
     out[i] = map[packed[i / 2] >> 4] * absmax;
     out[i + 1] = map[packed[i / 2] & 15] * absmax;
@@ -92,11 +228,34 @@ inline float scale_block(float* v, int64_t n) {
   return absmax;
 }
 
+// x's int8 code by the lookup table (quantize_block); NaN: 0.
+inline uint8_t code_of(float x, const float* mid, const uint8_t* lut) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint8_t c = lut[bits >> 16];
+  return x == x ? static_cast<uint8_t>(c + (x >= mid[c] ? 1 : 0)) : uint8_t(0);
+}
+
+// x's int4 code: #{j < 15 : x >= mid[j]} (NaN: 0).
+inline int code4_of(float x, const float* mid) {
+  int c = 0;
+  for (int j = 0; j < kLevels4 - 1; ++j) c += x >= mid[j] ? 1 : 0;
+  return c;
+}
+
 // The block's absmax (scale_block), then codes[i] = #{j : v[i] / d >= mid[j]}: what lowbit.quantize's 8-step binary
 // search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] is the code of the
 // lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is NaN:
-// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. `v` is overwritten (x = v / d).
+// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
+// (x = v / d); the AVX-512 one divides in registers and leaves it.
 inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // One pass for the absmax, one that divides and finds the codes.
+  const float absmax = avx512::block_absmax(v, n);
+  const float d = absmax > 0.0f ? absmax : 1.0f;
+  for (int64_t i = avx512::quantize(v, d, mid, lut, codes, n); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
+  return absmax;
+#else
   using V = at::vec::Vectorized<float>;
   constexpr int64_t kW = V::size();
   const float absmax = scale_block(v, n);
@@ -116,20 +275,25 @@ inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t
       for (int64_t j = 0; j < kW; ++j) codes[i + j] = static_cast<uint8_t>(c[j]);
     }
   }
-  for (; i < n; ++i) {  // independent lookups: the loads of neighbouring elements overlap
-    const float x = v[i];
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    const uint8_t c = lut[bits >> 16];
-    codes[i] = x == x ? static_cast<uint8_t>(c + (x >= mid[c] ? 1 : 0)) : uint8_t(0);
-  }
+  for (; i < n; ++i) codes[i] = code_of(v[i], mid, lut);  // independent lookups: neighbouring loads overlap
   return absmax;
+#endif
 }
 
 // int4: the block's absmax (scale_block), then each code #{j < 15 : v[i] / d >= mid[j]} (lowbit.quantize's 4-step
-// binary search gives the same count) by 15 vector comparisons, no table (NaN compares false: code 0), packed two
-// per byte, a missing last element's nibble 0. `v` is overwritten.
+// binary search gives the same count; the portable path by 15 vector comparisons, the AVX-512 one by that search),
+// no table (NaN compares false: code 0), packed two per byte, a missing last element's nibble 0. The portable path
+// overwrites `v`.
 inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* packed) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const float absmax = avx512::block_absmax(v, n);
+  const float d = absmax > 0.0f ? absmax : 1.0f;
+  for (int64_t i = avx512::quantize4(v, d, mid, packed, n); i < n; i += 2) {  // i is even
+    const int second = i + 1 < n ? code4_of(v[i + 1] / d, mid) : 0;
+    packed[i / 2] = static_cast<uint8_t>((code4_of(v[i] / d, mid) << 4) | second);
+  }
+  return absmax;
+#else
   using V = at::vec::Vectorized<float>;
   using VI = at::vec::Vectorized<int32_t>;
   constexpr int64_t kW = V::size();
@@ -145,6 +309,7 @@ inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* pac
   for (int64_t i = 0; i + 1 < n; i += 2) packed[i / 2] = static_cast<uint8_t>((code[i] << 4) | code[i + 1]);
   if (n % 2 != 0) packed[n / 2] = static_cast<uint8_t>(code[n - 1] << 4);
   return absmax;
+#endif
 }
 
 // fp8: the block's absmax (scale_block), then each code the float8_e4m3fn bits of v[i] / d * 448, to nearest even:
