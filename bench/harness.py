@@ -44,13 +44,14 @@ class Impl:
 
 @dataclass
 class Target:
-    """A goal from shared/TARGETS.md, checked against the best fusedopt row of a case.
+    """A goal from shared/TARGETS.md, checked against the best fusedopt row of a case (or the row `impl` names).
     kind: "vs" (speed-up over the peer named `peer` >= value), "copy" (% of copy >= value), "ms" (time <= value),
     "mem" (peak extra GiB <= value), "mem_beyond_grads" (peak extra GiB, less the grads the call returns, <= value)."""
 
     kind: str
     value: float
     peer: str = ""
+    impl: str = ""  # the fusedopt row judged (a prefix of its name, e.g. "fusedopt int8"); "": the fastest one
 
     def describe(self) -> str:
         return {

@@ -132,11 +132,13 @@ def finish_case(rows: list[Row]) -> None:
 
 
 def check_targets(case: Case, rows: list[Row]) -> list[dict]:
-    """Each target of the case, judged on its best fusedopt row (None when either side was not measured)."""
+    """Each target of the case, judged on its best fusedopt row, or the row it names (None when either side was not
+    measured)."""
     ours = [r for r in rows if r.kind == "fusedopt" and r.ms is not None]
-    best = min(ours, key=lambda r: r.ms) if ours else None
+    fastest = min(ours, key=lambda r: r.ms) if ours else None
     out = []
     for t in case.targets:
+        best = next((r for r in ours if r.impl.startswith(t.impl)), None) if t.impl else fastest
         got, met = None, None
         if best is not None:
             if t.kind == "vs":

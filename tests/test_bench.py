@@ -162,3 +162,16 @@ def test_bench_runs_on_cuda(tmp_path, monkeypatch):
     assert eager.ms > 0 and eager.peak_bytes >= 256 * 32000 * 2  # at least the grad it returns
     paths = report.write_results(rows, [adam, ce], env, targets, tmp_path, report.run_meta(env))
     assert json.loads(paths["json"].read_text())["meta"]["gpu"]
+
+
+def test_a_target_judges_the_row_it_names():
+    """A target with `impl` is judged on that fusedopt row, not on the case's fastest one (the low-bit case's int8
+    goal must not be met by its faster int4 row)."""
+    case = harness.Case("q", "optim", "op", 0, "", [], targets=[harness.Target("vs", 0.6, "full", impl="fusedopt int8"),
+                                                               harness.Target("vs", 0.6, "full")])  # fmt: skip
+    rows = [harness.Row("q", "op", "fusedopt int8 (cpu)", "fusedopt", ms=50.0),
+            harness.Row("q", "op", "fusedopt int4 (cpu)", "fusedopt", ms=30.0),
+            harness.Row("q", "op", "full", "peer", ms=25.0)]  # fmt: skip
+    named, fastest = runner.check_targets(case, rows)
+    assert named["impl"] == "fusedopt int8 (cpu)" and named["value"] == 0.5 and named["met"] is False
+    assert fastest["impl"] == "fusedopt int4 (cpu)" and fastest["met"] is True
