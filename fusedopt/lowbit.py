@@ -32,7 +32,7 @@ from fusedopt import _checks
 
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 LUT_SHIFT = 16  # int8's CPU lookup table: lut[float32 bits >> 16]
-LUT_FLOATS = 65536 // 4 + 1  # its 65536 bytes and 4 of padding (the vector path reads 4 bytes at each byte index)
+LUT_FLOATS = 65536  # its entries, one 32-bit word each (stored in the float32 table as bits)
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,12 @@ def _search(scaled: Tensor, mid: Tensor, levels: int = 256) -> Tensor:
 
 
 def _lookup_table(mid: Tensor) -> Tensor:
-    """lut[b] = the code of the lowest float32 whose bits >> 16 are b (for a negative b, the most negative), so
-    code(x) = lut[b] + (x >= mid[lut[b]]) for every non-NaN x of bucket b: each bucket holds at most one midpoint
-    (checked here)."""
+    """One int32 word per bucket b of float32s (bits >> 16 = b): code | (threshold << 8). code = the code of the
+    bucket's lowest float (for a negative b, the most negative), so code(x) = code + (x >= mid[code]) for every
+    non-NaN x of bucket b: each bucket holds at most one midpoint (checked here). When mid[code] lies in the bucket,
+    x >= mid[code] is an integer comparison of the low 16 bits: for b >= 0, (bits(x) & 0xffff) >= threshold; for
+    b < 0 (larger magnitude, smaller value), (0xffff - (bits(x) & 0xffff)) >= threshold. Otherwise threshold is
+    0x10000, never reached. So the CPU kernel finds a code with one lookup and no midpoint read."""
     b = torch.arange(2 ** (32 - LUT_SHIFT), dtype=torch.int64)
     low = (1 << LUT_SHIFT) - 1
     neg = b >= 2 ** (31 - LUT_SHIFT)
@@ -156,7 +159,12 @@ def _lookup_table(mid: Tensor) -> Tensor:
     lut = _search(lo, mid)
     finite = ~(lo.isnan() | hi.isnan())
     assert int((_search(hi, mid) - lut)[finite].max()) <= 1, "a lookup bucket holds two midpoints"
-    return lut.to(torch.uint8)
+    above = mid[lut]  # the first midpoint above the bucket's lowest float (mid[255] is NaN)
+    above_bits = above.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    inside = finite & ~above.isnan() & ((above_bits >> LUT_SHIFT) == b)
+    low = above_bits & 0xFFFF
+    threshold = torch.where(inside, torch.where(neg, 0xFFFF - low, low), 0x10000)
+    return (lut | (threshold << 8)).to(torch.int32)
 
 
 @functools.cache
@@ -169,7 +177,7 @@ def _table_cpu(signed: bool, state_dtype: str) -> Tensor:
     mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
     parts = [values, mid]
     if fmt.bits == 8:
-        parts += [_lookup_table(mid).view(torch.float32), torch.zeros(1)]
+        parts += [_lookup_table(mid).view(torch.float32)]
     return torch.cat(parts)
 
 

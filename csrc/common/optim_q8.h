@@ -2,18 +2,18 @@
 // by the CPU and CUDA bindings: the checks of a quantized step's lists and the Python entries <name>_step_q8
 // (`state_dtype` "int8", "int4" or "fp8").
 //
-// A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of
-// consecutive elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the
-// table kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then 65536
-// bytes of lookup table and 4 of padding, see fusedopt/lowbit.py). int4: uint8 codes packed two per byte,
+// A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of consecutive
+// elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the table
+// kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then the 65536
+// 32-bit words of the CPU's lookup table, see fusedopt/lowbit.py _lookup_table). int4: uint8 codes packed two per byte,
 // (ceil(numel / 2),), element 2j in the high nibble of byte j; blocks of 128; the table kQuant4MapSize floats (16
-// values, 15 midpoints, a NaN). fp8: float8_e4m3fn codes of the param's shape, blocks of 256, the table the 256
-// codes' values / 448, indexed by the code's bits. value = map[code] * absmax. A new value x of a block whose
-// largest |x| is a gets, for int8 / int4, the code #{j : x / a >= mid[j]} (ties round up): a branchless binary
-// search over the midpoints (CUDA, Triton, the torch backend), or on the CPU the lookup table and one comparison
-// (int8) or 15 vector comparisons (int4), the same codes; for fp8 the float8_e4m3fn of x / a * 448, to nearest even.
-// The engines dequantize a block, run the op's update on it and requantize it in the same pass (one read and one
-// write of the codes, no full-precision copy of the state).
+// values, 15 midpoints, a NaN). fp8: float8_e4m3fn codes of the param's shape, blocks of 256, the table the 256 codes'
+// values / 448, indexed by the code's bits. value = map[code] * absmax. A new value x of a block whose largest |x| is a
+// gets, for int8 / int4, the code #{j : x / a >= mid[j]} (ties round up): a branchless binary search over the midpoints
+// (CUDA, Triton, the torch backend), or on the CPU the lookup table and one comparison (int8) or 15 vector comparisons
+// (int4), the same codes; for fp8 the float8_e4m3fn of x / a * 448, to nearest even. The engines dequantize a block,
+// run the op's update on it and requantize it in the same pass (one read and one write of the codes, no full-precision
+// copy of the state).
 #pragma once
 #include <torch/extension.h>
 
@@ -26,7 +26,7 @@
 
 namespace fusedopt {
 
-constexpr int64_t kQuantMapSize = 512 + 65536 / 4 + 1;  // int8: code values, midpoints, lookup table, padding
+constexpr int64_t kQuantMapSize = 512 + 65536;  // int8: code values, midpoints, lookup table (32-bit words)
 constexpr int64_t kQuant4MapSize = 32;  // int4: 16 code values, 15 midpoints and a NaN
 constexpr int64_t kQuantFp8MapSize = 256;  // fp8: each code's value
 

@@ -57,20 +57,6 @@ inline float block_absmax(const float* v, int64_t n) {
   return absmax;
 }
 
-// table[index] for a 256-float table and indices 0..255, by permutes instead of a gather: each of the 8
-// two-register permutes looks up one 32-float slice (index bits 0-4), then index bits 5, 6 and 7 pick the slice.
-inline __m512 lookup256(const float* table, __m512i index) {
-  __m512 slice[8];
-  for (int k = 0; k < 8; ++k)
-    slice[k] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), index, _mm512_loadu_ps(table + 32 * k + 16));
-  const __mmask16 bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
-  for (int k = 0; k < 8; k += 2) slice[k] = _mm512_mask_mov_ps(slice[k], bit5, slice[k + 1]);
-  const __mmask16 bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
-  slice[0] = _mm512_mask_mov_ps(slice[0], bit6, slice[2]);
-  slice[4] = _mm512_mask_mov_ps(slice[4], bit6, slice[6]);
-  return _mm512_mask_mov_ps(slice[0], _mm512_test_epi32_mask(index, _mm512_set1_epi32(128)), slice[4]);
-}
-
 // int8 codes -> values, 16 at a time: the bytes widened to gather indices in one instruction.
 inline int64_t dequantize(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
   const __m512 scale = _mm512_set1_ps(absmax);
@@ -102,35 +88,38 @@ inline int64_t dequantize4(const uint8_t* packed, float absmax, const float* map
   return i;
 }
 
-// The int8 codes of 16 values of x = v / d, as int32 (see quantize_block): the table's code by a byte-scaled gather
-// (4 bytes at each byte index, the low one ours), plus one where x reaches the midpoint above it (lookup256). A NaN
-// needs no mask: a division's NaN is quiet, and the table gives code 0 to every quiet NaN's bucket and the
-// comparison adds nothing.
-inline __m512i codes16(const float* v, __m512 divisor, const float* mid, const uint8_t* lut) {
+// The int8 codes of 16 values of x = v / d, as int32 (see quantize_block): one gather of the bucket's word (code and
+// threshold, fusedopt/lowbit.py _lookup_table), plus one where x's low 16 bits (reversed for a negative x) reach
+// the threshold: x >= the midpoint above the code, without reading it. A NaN needs no mask: a division's NaN is
+// quiet, and the table gives every quiet NaN's bucket code 0 and an unreachable threshold.
+inline __m512i codes16(const float* v, __m512 divisor, const uint32_t* lut) {
   const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v), divisor);  // a true division: the codes are exact
-  const __m512i bucket = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
-  const __m512i code = _mm512_and_si512(_mm512_i32gather_epi32(bucket, lut, 1), _mm512_set1_epi32(0xff));
-  const __mmask16 up = _mm512_cmp_ps_mask(x, lookup256(mid, code), _CMP_GE_OQ);
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i word = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), lut, 4);
+  const __m512i low16 = _mm512_set1_epi32(0xffff);
+  const __m512i position = _mm512_xor_si512(_mm512_and_si512(bits, low16),
+                                            _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16));
+  const __mmask16 up = _mm512_cmpge_epu32_mask(position, _mm512_srli_epi32(word, 8));
+  const __m512i code = _mm512_and_si512(word, _mm512_set1_epi32(0xff));
   return _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
 }
 
 // int8 codes of x = v / d for whole vectors: 64 at a time narrowed by two packing steps (cheaper than four narrowing
 // stores), then 16 at a time. Returns how many it wrote.
-inline int64_t quantize(const float* v, float d, const float* mid, const uint8_t* lut, uint8_t* codes, int64_t n) {
+inline int64_t quantize(const float* v, float d, const uint32_t* lut, uint8_t* codes, int64_t n) {
   const __m512 divisor = _mm512_set1_ps(d);
   // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
   const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, mid, lut),
-                                                codes16(v + i + kW, divisor, mid, lut));
-    const __m512i words23 = _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, mid, lut),
-                                                codes16(v + i + 3 * kW, divisor, mid, lut));
+    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, lut), codes16(v + i + kW, divisor, lut));
+    const __m512i words23 =
+        _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, lut), codes16(v + i + 3 * kW, divisor, lut));
     const __m512i bytes = _mm512_packus_epi16(words01, words23);
     _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(pack_order, bytes));
   }
   for (; i + kW <= n; i += kW)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(codes16(v + i, divisor, mid, lut)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(codes16(v + i, divisor, lut)));
   return i;
 }
 
@@ -229,10 +218,10 @@ inline float scale_block(float* v, int64_t n) {
 }
 
 // x's int8 code by the lookup table (quantize_block); NaN: 0.
-inline uint8_t code_of(float x, const float* mid, const uint8_t* lut) {
+inline uint8_t code_of(float x, const float* mid, const uint32_t* lut) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  const uint8_t c = lut[bits >> 16];
+  const uint8_t c = static_cast<uint8_t>(lut[bits >> 16] & 0xffU);
   return x == x ? static_cast<uint8_t>(c + (x >= mid[c] ? 1 : 0)) : uint8_t(0);
 }
 
@@ -244,30 +233,31 @@ inline int code4_of(float x, const float* mid) {
 }
 
 // The block's absmax (scale_block), then codes[i] = #{j : v[i] / d >= mid[j]}: what lowbit.quantize's 8-step binary
-// search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] is the code of the
-// lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is NaN:
-// never passed). A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
+// search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] holds the code of
+// the lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is
+// NaN: never passed); the AVX-512 path compares x's low bits with the word's threshold instead of the midpoint.
+// A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
 // (x = v / d); the AVX-512 one divides in registers and leaves it.
-inline float quantize_block(float* v, int64_t n, const float* mid, const uint8_t* lut, uint8_t* codes) {
+inline float quantize_block(float* v, int64_t n, const float* mid, const uint32_t* lut, uint8_t* codes) {
 #if defined(CPU_CAPABILITY_AVX512)
   // One pass for the absmax, one that divides and finds the codes.
   const float absmax = avx512::block_absmax(v, n);
   const float d = absmax > 0.0f ? absmax : 1.0f;
-  for (int64_t i = avx512::quantize(v, d, mid, lut, codes, n); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
+  for (int64_t i = avx512::quantize(v, d, lut, codes, n); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
   return absmax;
 #else
   using V = at::vec::Vectorized<float>;
   constexpr int64_t kW = V::size();
   const float absmax = scale_block(v, n);
   int64_t i = 0;
-  if constexpr (kHasGather) {  // the same lookup, a vector at a time: lut bytes by a byte-scaled gather
+  if constexpr (kHasGather) {  // the same lookup, a vector at a time: the words' low bytes by a gather
     using VI = at::vec::Vectorized<int32_t>;
     alignas(64) int32_t c[kW];
     for (; i + kW <= n; i += kW) {
       const V x = V::loadu(v + i);
       const VI index = at::vec::cast<int32_t>(x) >> VI(16);  // arithmetic shift: mask the sign's copies off
-      const auto* lut4 = reinterpret_cast<const float*>(lut);  // 4 bytes at each byte index: the low one is ours
-      const VI code = at::vec::cast<int32_t>(at::vec::gather<1>(lut4, index & VI(0xffff))) & VI(0xff);
+      const auto* words = reinterpret_cast<const float*>(lut);
+      const VI code = at::vec::cast<int32_t>(at::vec::gather<4>(words, index & VI(0xffff))) & VI(0xff);
       const V t = at::vec::gather<sizeof(float)>(mid, code);
       const VI up = at::vec::cast<int32_t>(x >= t) & VI(1);  // NaN compares false
       const VI keep = at::vec::cast<int32_t>(x == x);        // NaN: code 0
@@ -384,7 +374,7 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
         absmax[k][q] = quantize_block_fp8(buf[k], n, codes[k] + b);
       else
         absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
-                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
+                                      reinterpret_cast<const uint32_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
     }
   }
 }
