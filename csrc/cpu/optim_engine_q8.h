@@ -302,17 +302,25 @@ inline float quantize_block4(float* v, int64_t n, const float* mid, uint8_t* pac
 #endif
 }
 
-// fp8: the block's absmax (scale_block), then each code the float8_e4m3fn bits of v[i] / d * 448, to nearest even:
-// common/quant_format.h's e4m3fn_code, here a vector at a time in the same integer steps. `v` is overwritten.
+// fp8: the block's absmax, then each code the float8_e4m3fn bits of v[i] / d * 448, to nearest even:
+// common/quant_format.h's e4m3fn_code, here a vector at a time in the same integer steps. The portable path divides
+// `v` in place first (scale_block); the AVX-512 one divides in registers and leaves it.
 inline float quantize_block_fp8(float* v, int64_t n, uint8_t* codes) {
   using V = at::vec::Vectorized<float>;
   using VI = at::vec::Vectorized<int32_t>;
   constexpr int64_t kW = V::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  const float absmax = avx512::block_absmax(v, n);
+  const float d = absmax > 0.0f ? absmax : 1.0f;
+  const auto scaled = [d](V x) { return x / V(d); };  // a true division: the codes are exact
+#else
   const float absmax = scale_block(v, n);
+  const float d = 1.0f;  // v is divided already
+  const auto scaled = [](V x) { return x; };
+#endif
   int64_t i = 0;
-  alignas(64) int32_t c[kW];
   for (; i + kW <= n; i += kW) {
-    const VI bits = at::vec::cast<int32_t>(V::loadu(v + i) * V(kFp8Max));
+    const VI bits = at::vec::cast<int32_t>(scaled(V::loadu(v + i)) * V(kFp8Max));
     const VI abs_bits = bits & VI(0x7fffffff);
     const VI normal = ((abs_bits + VI(0x7ffff) + ((abs_bits >> VI(20)) & VI(1))) >> VI(20)) - VI(120 << 3);
     const VI significand = (abs_bits & VI(0x7fffff)) | VI(0x800000);
@@ -322,12 +330,17 @@ inline float quantize_block_fp8(float* v, int64_t n, uint8_t* codes) {
     const VI is_normal = abs_bits >= VI(0x3c800000);  // all bits set where true
     VI code = at::vec::minimum((normal & is_normal) | (subnormal & (is_normal ^ VI(-1))), VI(0x7e));
     code = (code | ((bits >> VI(24)) & VI(0x80))) & (abs_bits <= VI(0x7f800000));  // NaN: code 0
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(__m512i(code)));
+#else
+    alignas(64) int32_t c[kW];
     code.store(c);
     for (int64_t j = 0; j < kW; ++j) codes[i + j] = static_cast<uint8_t>(c[j]);
+#endif
   }
   for (; i < n; ++i) {
     uint32_t bits;
-    const float y = v[i] * kFp8Max;
+    const float y = (v[i] / d) * kFp8Max;
     std::memcpy(&bits, &y, sizeof(bits));
     codes[i] = e4m3fn_code(bits);
   }
