@@ -74,26 +74,10 @@ def batch(model, rank: int, step: int):
     return torch.randn(8, model[0].in_features, generator=gen), torch.randn(8, model[-1].out_features, generator=gen)
 
 
-def fsdp(model, mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+fsdp = gloo.shard_linears
 
 
-def full(t):
-    """The whole tensor of a DTensor (float8 gathered as bytes: gloo has no float8 collectives)."""
-    if not hasattr(t, "full_tensor"):
-        return t
-    if t.dtype == torch.float8_e4m3fn:
-        from torch.distributed.tensor import DTensor
-
-        local = t._local_tensor.view(torch.uint8)
-        return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(),
-                                  run_check=False).full_tensor().view(t.dtype)  # fmt: skip
-    return t.full_tensor()
+full = gloo.full
 
 
 def same(a, b) -> bool:
@@ -208,19 +192,8 @@ def scenario_parity(name: str, kind: str, rank: int, mesh) -> None:
                 assert same(full(torch_opt.state[p][k]), full(v)), f"{names[i]} {k}"
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict as dsd
-
-    return dcp, dsd
-
-
-def load_checkpoint(model, opt, path: str) -> None:
-    dcp, dsd = _dcp()
-    state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
-    dsd.set_model_state_dict(model, state["model"])
-    dsd.set_optimizer_state_dict(model, opt, state["optim"])
+_dcp = gloo.dcp_modules
+load_checkpoint = gloo.load_checkpoint
 
 
 def runtime_state(opt, p) -> dict:
@@ -383,9 +356,4 @@ def scenarios(world: int, ckpt_dir: str) -> list:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    gloo.init(rank, world, port, timeout_s=120)
-    mesh = init_device_mesh("cpu", (world,))
-    gloo.run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
-                       os.path.join(out_dir, f"{world}-{rank}.json"))
+    gloo.run_mesh_worker(rank, world, port, out_dir, scenarios)

@@ -34,22 +34,10 @@ def build(seed: int = 0) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers[:-1]).to(torch.bfloat16)
 
 
-def fsdp(model, mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+fsdp = gloo.shard_linears
 
 
-def full(t):
-    """The whole tensor (collective for a DTensor). gloo does not gather int16: a remainder goes as int32."""
-    if not hasattr(t, "full_tensor"):
-        return t
-    if t.dtype == torch.int16:
-        return t.to(torch.int32).full_tensor().to(torch.int16)
-    return t.full_tensor()
+full = gloo.full
 
 
 def batch(rank: int, step: int):
@@ -125,19 +113,8 @@ def scenario_parity(mode: str, rank: int, mesh) -> None:
             assert torch.equal(full(p.detach()), full(opt.state[p]["master_param"]).to(torch.bfloat16))
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict as dsd
-
-    return dcp, dsd
-
-
-def load_checkpoint(model, opt, path: str) -> None:
-    dcp, dsd = _dcp()
-    state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
-    dsd.set_model_state_dict(model, state["model"])
-    dsd.set_optimizer_state_dict(model, opt, state["optim"])
+_dcp = gloo.dcp_modules
+load_checkpoint = gloo.load_checkpoint
 
 
 def scenario_dcp(mode: str, rank: int, mesh, ckpt_dir: str) -> None:
@@ -222,9 +199,4 @@ def scenarios(world: int, ckpt_dir: str) -> list:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    gloo.init(rank, world, port, timeout_s=120)
-    mesh = init_device_mesh("cpu", (world,))
-    gloo.run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
-                       os.path.join(out_dir, f"{world}-{rank}.json"))
+    gloo.run_mesh_worker(rank, world, port, out_dir, scenarios)

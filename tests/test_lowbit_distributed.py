@@ -10,9 +10,6 @@ Two spawns (2 processes, then 1), every scenario in each: a spawn costs seconds 
 
 from __future__ import annotations
 
-import json
-import os
-
 import gloo
 import lowbit_dist_worker
 import pytest
@@ -23,18 +20,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("lowbit_dist")
-    per_world = {}
-    for world in (2, 1):  # the 1-rank run loads what the 2-rank run saved
-        mp.spawn(lowbit_dist_worker.worker, args=(world, gloo.free_port(), str(out)), nprocs=world, join=True)
-        per_rank = []
-        for rank in range(world):
-            with open(os.path.join(out, f"{world}-{rank}.json")) as f:
-                per_rank.append(json.load(f))
-        per_world[world] = per_rank
-    return per_world
+    return gloo.spawn_worlds(lowbit_dist_worker.worker, str(tmp_path_factory.mktemp("lowbit_dist")))  # 2 ranks, then 1
 
 
 SCENARIOS = [(world, name) for world in (2, 1) for name, _ in lowbit_dist_worker.scenarios(world, "")]
@@ -42,12 +28,8 @@ SCENARIOS = [(world, name) for world in (2, 1) for name, _ in lowbit_dist_worker
 
 @pytest.mark.parametrize(("world", "scenario"), SCENARIOS, ids=[f"{w}ranks-{n}" for w, n in SCENARIOS])
 def test_lowbit_distributed(results, world, scenario):
-    for rank, res in enumerate(results[world]):
-        assert scenario in res, f"rank {rank} of {world} did not run {scenario}"
-        assert res[scenario] == "ok", f"rank {rank} of {world}:\n{res[scenario]}"
+    gloo.assert_scenario_ok(results, world, scenario)
 
 
 def test_every_scenario_ran(results):
-    for world, per_rank in results.items():
-        names = {n for w, n in SCENARIOS if w == world}
-        assert all(set(r) == names for r in per_rank), world
+    gloo.assert_every_scenario_ran(results, SCENARIOS)
