@@ -124,3 +124,10 @@ def run_mesh_worker(rank: int, world: int, port: int, out_dir: str, scenarios) -
     mesh = init_device_mesh("cpu", (world,))
     run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
                   os.path.join(out_dir, f"{world}-{rank}.json"))  # fmt: skip
+
+
+def same(a, b) -> bool:
+    """torch.equal, also for float8 codes (bit for bit; torch.equal takes no float8)."""
+    if a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)

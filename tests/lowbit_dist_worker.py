@@ -80,11 +80,7 @@ fsdp = gloo.shard_linears
 full = gloo.full
 
 
-def same(a, b) -> bool:
-    """torch.equal, also for float8 codes (bit for bit; torch.equal takes no float8)."""
-    if a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
+same = gloo.same
 
 
 def forward_backward(model, opt, rank: int, step: int) -> list:

@@ -11,6 +11,7 @@ import inspect
 import pytest
 import torch
 from conftest import cpu_backends
+from gloo import same
 from optim_db import ENGINE_DRIVEN, OPTIM_DB, case_id
 
 import fusedopt
@@ -58,13 +59,6 @@ def _run(info, kw, backend, dtype, steps=5, params=None, state_dtype="int8"):
 
 def _q8_state(opt, p):
     return {k: v for k, v in opt.state[p].items() if k.endswith(("_codes", "_absmax"))}
-
-
-def same(a, b) -> bool:
-    """torch.equal, also for float8 codes (bit for bit; torch.equal takes no float8)."""
-    if a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
 
 
 def codes_of(codes, p, state_dtype):
