@@ -34,9 +34,23 @@ Capability capability() {
   return cached;
 }
 
+bool byte_permutes() {
+  static const bool cached = [] {
+#if defined(__x86_64__) && !defined(_MSC_VER)
+    // FUSEDOPT_CPU_CAPABILITY=avx512 asks for the base AVX-512 (F, BW, VL, DQ) paths: lower, so honoured
+    const char* env = std::getenv("FUSEDOPT_CPU_CAPABILITY");
+    const bool base_asked = env != nullptr && std::strcmp(env, "avx512") == 0;
+    return capability() == Capability::AVX512 && __builtin_cpu_supports("avx512vbmi") && !base_asked;
+#else
+    return false;
+#endif
+  }();
+  return cached;
+}
+
 const char* capability_name() {
   switch (capability()) {
-    case Capability::AVX512: return "avx512";
+    case Capability::AVX512: return byte_permutes() ? "avx512_vbmi" : "avx512";
     case Capability::AVX2: return "avx2";
     default: return "default";
   }

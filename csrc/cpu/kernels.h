@@ -146,6 +146,7 @@ FUSEDOPT_DECLARE_CPU_KERNELS(AVX512)
 
 enum class Capability { DEFAULT, AVX2, AVX512 };
 Capability capability();          // best ISA of this CPU, lowered by FUSEDOPT_CPU_CAPABILITY=default|avx2
+bool byte_permutes();             // AVX-512 VBMI byte permutes too (not with FUSEDOPT_CPU_CAPABILITY=avx512)
 const char* capability_name();
 
 }  // namespace fusedopt::cpu

@@ -15,16 +15,19 @@
 
 #include "common/quant_format.h"
 #include "cpu/vec_io.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine {
+constexpr int64_t kQBlock = 256;   // int8's block, the largest
+constexpr int64_t kQBlock4 = 128;  // int4's
+constexpr int kLevels4 = 16;
+}  // namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine
+
 #if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
+#include "cpu/quant_avx512.h"  // the AVX-512 bodies of the helpers below
 #endif
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 namespace optim_engine {
-
-constexpr int64_t kQBlock = 256;   // int8's block, the largest
-constexpr int64_t kQBlock4 = 128;  // int4's
-constexpr int kLevels4 = 16;
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 constexpr bool kHasGather = true;  // at::vec::gather is one instruction (and honours a byte scale)
@@ -33,124 +36,18 @@ constexpr bool kHasGather = false;
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX-512 (F, BW, VL, DQ) bodies of the helpers below: whole vectors of 16 here, a block's partial tail by the
-// portable scalar code.
-namespace avx512 {
-
-constexpr int64_t kW = 16;
-
-// max |v[i]| over the block, compared as bits (sign cleared): a NaN's bits exceed inf's, which exceed every finite
-// value's, so one integer max finds the absmax and any NaN (returned as the canonical quiet NaN).
-inline float block_absmax(const float* v, int64_t n) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
-  __m512i acc = _mm512_setzero_si512();
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_loadu_si512(v + i), magnitude));
-  if (i < n) {
-    const __mmask16 tail = _cvtu32_mask16((1u << (n - i)) - 1);
-    acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, v + i), magnitude));
-  }
-  const uint32_t bits = _mm512_reduce_max_epu32(acc);
-  if (bits > 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
-  float absmax;
-  std::memcpy(&absmax, &bits, sizeof(absmax));
-  return absmax;
-}
-
-// int8 codes -> values, 16 at a time: the bytes widened to gather indices in one instruction.
-inline int64_t dequantize(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
-  const __m512 scale = _mm512_set1_ps(absmax);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(index, map, sizeof(float)), scale));
-  }
-  return i;
-}
-
-// int4 codes -> values, 32 (16 bytes) at a time: the 16-value map sits in one register, so a permute is the lookup.
-inline int64_t dequantize4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
-  const __m512 table = _mm512_loadu_ps(map);
-  const __m512 scale = _mm512_set1_ps(absmax);
-  // Element 2j is byte j's high nibble, 2j + 1 its low one: interleave the high nibbles (0-15) with the low (16-31).
-  const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
-  int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
-    const __m512i high = _mm512_srli_epi32(bytes, 4);
-    const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
-    const __m512i code0 = _mm512_permutex2var_epi32(high, first_half, low);
-    const __m512i code1 = _mm512_permutex2var_epi32(high, second_half, low);
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(code0, table), scale));
-    _mm512_storeu_ps(out + i + kW, _mm512_mul_ps(_mm512_permutexvar_ps(code1, table), scale));
-  }
-  return i;
-}
-
-// The int8 codes of 16 values of x = v / d, as int32 (see quantize_block): one gather of the bucket's word (code and
-// threshold, fusedopt/lowbit.py _lookup_table), plus one where x's low 16 bits (reversed for a negative x) reach
-// the threshold: x >= the midpoint above the code, without reading it. A NaN needs no mask: a division's NaN is
-// quiet, and the table gives every quiet NaN's bucket code 0 and an unreachable threshold.
-inline __m512i codes16(const float* v, __m512 divisor, const uint32_t* lut) {
-  const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v), divisor);  // a true division: the codes are exact
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i word = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), lut, 4);
-  const __m512i low16 = _mm512_set1_epi32(0xffff);
-  const __m512i position = _mm512_xor_si512(_mm512_and_si512(bits, low16),
-                                            _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16));
-  const __mmask16 up = _mm512_cmpge_epu32_mask(position, _mm512_srli_epi32(word, 8));
-  const __m512i code = _mm512_and_si512(word, _mm512_set1_epi32(0xff));
-  return _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
-}
-
-// int8 codes of x = v / d for whole vectors: 64 at a time narrowed by two packing steps (cheaper than four narrowing
-// stores), then 16 at a time. Returns how many it wrote.
-inline int64_t quantize(const float* v, float d, const uint32_t* lut, uint8_t* codes, int64_t n) {
-  const __m512 divisor = _mm512_set1_ps(d);
-  // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
-  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, lut), codes16(v + i + kW, divisor, lut));
-    const __m512i words23 =
-        _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, lut), codes16(v + i + 3 * kW, divisor, lut));
-    const __m512i bytes = _mm512_packus_epi16(words01, words23);
-    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(pack_order, bytes));
-  }
-  for (; i + kW <= n; i += kW)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(codes16(v + i, divisor, lut)));
-  return i;
-}
-
-// int4 codes of x = v / d, 16 at a time: the 4-step binary search of lowbit._search with the 16 midpoints (the
-// last a NaN, never passed) in one register, then each pair of codes packed into a byte by 64-bit shifts.
-inline int64_t quantize4(const float* v, float d, const float* mid, uint8_t* packed, int64_t n) {
-  const __m512 divisor = _mm512_set1_ps(d);
-  const __m512 mids = _mm512_loadu_ps(mid);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v + i), divisor);  // a true division: the codes are exact
-    __m512i code = _mm512_setzero_si512();
-    for (int step = kLevels4 / 2; step >= 1; step /= 2) {
-      const __m512 threshold = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), mids);
-      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(x, threshold, _CMP_GE_OQ), code, _mm512_set1_epi32(step));
-    }
-    // a 64-bit lane holds codes 2j (low half) and 2j + 1 (high half): (2j << 4) | (2j + 1) in its low byte
-    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm512_cvtepi64_epi8(pairs));
-  }
-  return i;
-}
-
-}  // namespace avx512
+using BytePlanes = avx512::BytePlanes;
+#else
+struct BytePlanes {};  // byte permutes are AVX-512 VBMI only
 #endif
 
-// out[i] = map[codes[i]] * absmax.
-inline void dequantize_block(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
+// out[i] = map[codes[i]] * absmax; by byte permutes where `planes` (the map's, cpu::byte_permutes()) is given.
+inline void dequantize_block(const uint8_t* codes, float absmax, const float* map, const BytePlanes* planes,
+                             float* out, int64_t n) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  i = avx512::dequantize(codes, absmax, map, out, n);
+  if (planes != nullptr) i = avx512::dequantize_vbmi(codes, absmax, *planes, out, n);
+  i += avx512::dequantize(codes + i, absmax, map, out + i, n - i);
 #else
   using V = at::vec::Vectorized<float>;
   using VI = at::vec::Vectorized<int32_t>;
@@ -364,6 +261,15 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
     absmax[k] = a.absmax[k][t];
   }
   alignas(64) float buf[kSlots<Op>][kQBlock];
+  std::array<BytePlanes, kSlots<Op>> planes;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool permutes = !int4 && byte_permutes();  // int8 and fp8 codes index a 256-float map
+  if (permutes)
+    for (int k = 0; k < kStates; ++k)
+      if (codes[k]) avx512::split_bytes(a.qmap[k], planes[k]);
+#else
+  constexpr bool permutes = false;
+#endif
   std::array<float*, kSlots<Op>> state{};
   auto* param = static_cast<T*>(a.param[t]);
   auto* grad = static_cast<T*>(a.grad[t]);
@@ -376,7 +282,7 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
       if (int4)
         dequantize_block4(codes[k] + b / 2, absmax[k][q], a.qmap[k], buf[k], n);
       else
-        dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], buf[k], n);
+        dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], permutes ? &planes[k] : nullptr, buf[k], n);
     }
     run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor, b, param_round_key(a, t));
     for (int k = 0; k < kStates; ++k) {

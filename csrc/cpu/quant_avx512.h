@@ -1,0 +1,194 @@
+// The AVX-512 bodies of the low-bit engine's block helpers (cpu/optim_engine_q8.h): whole vectors here, a block's
+// partial tail by the portable scalar code there. The byte-permute (VBMI) variants run only where the CPU has them
+// (cpu::byte_permutes()).
+// Included only from cpu/optim_engine_q8.h (after its constants), for CPU_CAPABILITY_AVX512.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine::avx512 {
+
+constexpr int64_t kW = 16;
+
+// max |v[i]| over the block, compared as bits (sign cleared): a NaN's bits exceed inf's, which exceed every finite
+// value's, so one integer max finds the absmax and any NaN (returned as the canonical quiet NaN).
+inline float block_absmax(const float* v, int64_t n) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_loadu_si512(v + i), magnitude));
+  if (i < n) {
+    const __mmask16 tail = _cvtu32_mask16((1u << (n - i)) - 1);
+    acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, v + i), magnitude));
+  }
+  const uint32_t bits = _mm512_reduce_max_epu32(acc);
+  if (bits > 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
+  float absmax;
+  std::memcpy(&absmax, &bits, sizeof(absmax));
+  return absmax;
+}
+
+// int8 codes -> values, 16 at a time: the bytes widened to gather indices in one instruction.
+inline int64_t dequantize(const uint8_t* codes, float absmax, const float* map, float* out, int64_t n) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(index, map, sizeof(float)), scale));
+  }
+  return i;
+}
+
+// --- VBMI: byte permutes (Ice Lake and later; used where cpu::byte_permutes()) --------------------------------------
+// A 256-float map as four 256-byte planes, plane p holding byte p of every value: two 128-byte permutes and a blend
+// on the code's top bit look up one byte of 64 codes at once, where a gather looks up 16 whole values. The planes
+// are made once per chunk.
+#define FUSEDOPT_TARGET_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+
+struct BytePlanes {
+  alignas(64) uint8_t plane[4][256];
+};
+
+FUSEDOPT_TARGET_VBMI inline void split_bytes(const float* map, BytePlanes& out) {
+  for (int i = 0; i < 256; i += kW) {
+    const __m512i bits = _mm512_loadu_si512(map + i);
+    for (int p = 0; p < 4; ++p)
+      _mm_store_si128(reinterpret_cast<__m128i*>(out.plane[p] + i),
+                      _mm512_cvtepi32_epi8(_mm512_srli_epi32(bits, 8 * p)));  // truncates: byte p
+  }
+}
+
+// int8 / fp8 codes -> values (map[code] * absmax), 64 at a time. Returns how many it wrote.
+FUSEDOPT_TARGET_VBMI inline int64_t dequantize_vbmi(const uint8_t* codes, float absmax, const BytePlanes& planes,
+                                                    float* out, int64_t n) {
+  __m512i table[4][4];  // [plane][quarter]: 64 bytes each
+  for (int p = 0; p < 4; ++p)
+    for (int q = 0; q < 4; ++q) table[p][q] = _mm512_load_si512(planes.plane[p] + 64 * q);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  // The byte and word unpacks below interleave within 128-bit lanes: output vector k, lane l, holds the bytes at
+  // 16l + 4k .. 16l + 4k + 3. Moving code 16k + 4l + j there first (a 4 x 4 transpose of 4-byte groups) makes
+  // output vector k hold elements 16k .. 16k + 15 in order.
+  const __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    const __m512i index = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(codes + i));
+    const __mmask64 upper = _mm512_movepi8_mask(index);  // codes 128-255
+    __m512i byte[4];
+    for (int p = 0; p < 4; ++p)
+      byte[p] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(table[p][0], index, table[p][1]),
+                                       _mm512_permutex2var_epi8(table[p][2], index, table[p][3]));
+    const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]), high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]), high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    const __m512i value[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
+                              _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + i + k * kW, _mm512_mul_ps(_mm512_castsi512_ps(value[k]), scale));
+  }
+  return i;
+}
+
+// int4 codes -> values, 32 (16 bytes) at a time: the 16-value map sits in one register, so a permute is the lookup.
+inline int64_t dequantize4(const uint8_t* packed, float absmax, const float* map, float* out, int64_t n) {
+  const __m512 table = _mm512_loadu_ps(map);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  // Element 2j is byte j's high nibble, 2j + 1 its low one: interleave the high nibbles (0-15) with the low (16-31).
+  const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
+    const __m512i high = _mm512_srli_epi32(bytes, 4);
+    const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    const __m512i code0 = _mm512_permutex2var_epi32(high, first_half, low);
+    const __m512i code1 = _mm512_permutex2var_epi32(high, second_half, low);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(code0, table), scale));
+    _mm512_storeu_ps(out + i + kW, _mm512_mul_ps(_mm512_permutexvar_ps(code1, table), scale));
+  }
+  return i;
+}
+
+// Where 16 values x fall in the int8 lookup table (see quantize_block): the gathered word of x's bucket (code and
+// threshold, fusedopt/lowbit.py _lookup_table) and x's position in the bucket, its low 16 bits (reversed for a
+// negative x, so that a larger position is a larger x).
+struct Lookup16 {
+  __m512i word, position;
+};
+inline Lookup16 look_up(__m512 x, const uint32_t* lut) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i low16 = _mm512_set1_epi32(0xffff);
+  return {_mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), lut, 4),
+          _mm512_xor_si512(_mm512_and_si512(bits, low16), _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16))};
+}
+
+// The code: the word's, plus one where x reaches the threshold (x >= the midpoint above the code, without reading
+// it). A NaN needs no mask: a quiet NaN's bucket has code 0 and an unreachable threshold.
+inline __m512i code16(const Lookup16& at) {
+  const __mmask16 up = _mm512_cmpge_epu32_mask(at.position, _mm512_srli_epi32(at.word, 8));
+  const __m512i code = _mm512_and_si512(at.word, _mm512_set1_epi32(0xff));
+  return _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+}
+
+// The int8 codes of 16 values of x = v / d (the float32 quotient, correctly rounded), as int32. x is first taken as
+// v * (1 / d), which (d normal and below 2^126) is within one ulp of it: one step of x's bits at most, so the code
+// can differ only where x's position is next to the threshold or at a bucket's edge. Those vectors (about 1 in 300)
+// are redone with the true division; the division is the slowest instruction here otherwise.
+inline __m512i codes16(const float* v, __m512 divisor, __m512 reciprocal, const uint32_t* lut) {
+  const __m512 y = _mm512_loadu_ps(v);
+  Lookup16 at = look_up(_mm512_mul_ps(y, reciprocal), lut);
+  const __m512i threshold = _mm512_srli_epi32(at.word, 8);
+  const __m512i offset = _mm512_sub_epi32(at.position, threshold);  // -1 or 0: one step from the other side
+  const __mmask16 near = _mm512_cmple_epu32_mask(_mm512_add_epi32(offset, _mm512_set1_epi32(1)), _mm512_set1_epi32(1));
+  const __m512i edge = _mm512_add_epi32(at.position, _mm512_set1_epi32(1));  // position 0xffff or 0: 0x10000 or 1
+  const __mmask16 at_edge = _mm512_cmpeq_epi32_mask(_mm512_and_si512(edge, _mm512_set1_epi32(0xfffe)), _mm512_setzero_si512());
+  if (__builtin_expect(_kortestz_mask16_u8(near, at_edge) == 0, 0)) at = look_up(_mm512_div_ps(y, divisor), lut);
+  return code16(at);
+}
+
+// int8 codes of x = v / d for whole vectors: 64 at a time narrowed by two packing steps (cheaper than four narrowing
+// stores), then 16 at a time. Returns how many it wrote. d outside [2^-126, 2^126] (its reciprocal not a normal
+// float32, or infinite) takes the true division throughout.
+inline int64_t quantize(const float* v, float d, const uint32_t* lut, uint8_t* codes, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  const bool reciprocal_ok = d >= 0x1p-126f && d <= 0x1p126f;
+  // 0 / 0 = NaN marks every value as next to a threshold: the division's codes
+  const __m512 reciprocal = reciprocal_ok ? _mm512_set1_ps(1.0f / d) : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
+  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, reciprocal, lut),
+                                                codes16(v + i + kW, divisor, reciprocal, lut));
+    const __m512i words23 = _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, reciprocal, lut),
+                                                codes16(v + i + 3 * kW, divisor, reciprocal, lut));
+    const __m512i bytes = _mm512_packus_epi16(words01, words23);
+    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(pack_order, bytes));
+  }
+  for (; i + kW <= n; i += kW)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(codes16(v + i, divisor, reciprocal, lut)));
+  return i;
+}
+
+// int4 codes of x = v / d, 16 at a time: the 4-step binary search of lowbit._search with the 16 midpoints (the
+// last a NaN, never passed) in one register, then each pair of codes packed into a byte by 64-bit shifts.
+inline int64_t quantize4(const float* v, float d, const float* mid, uint8_t* packed, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  const __m512 mids = _mm512_loadu_ps(mid);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(v + i), divisor);  // a true division: the codes are exact
+    __m512i code = _mm512_setzero_si512();
+    for (int step = kLevels4 / 2; step >= 1; step /= 2) {
+      const __m512 threshold = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), mids);
+      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(x, threshold, _CMP_GE_OQ), code, _mm512_set1_epi32(step));
+    }
+    // a 64-bit lane holds codes 2j (low half) and 2j + 1 (high half): (2j << 4) | (2j + 1) in its low byte
+    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+  return i;
+}
+
+}  // namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine::avx512
