@@ -66,12 +66,13 @@ struct CpuOptimBackend {
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                     bool write_back_grads) {
+                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cpu)";
     if (params.empty()) return;
     ContiguousScope scope;
     const auto in = check_optim_step_q8<Op>(op, at::kCPU, scope, params, grads, codes, absmax, qmaps, state_dtype,
-                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads);
+                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+                                            stochastic_round);
     OptimStepArgs<typename Op::Hyper> a;
     a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
     a.hyper = in.hyper;
@@ -84,6 +85,7 @@ struct CpuOptimBackend {
     a.write_back_grads = in.write_back_grads;
     a.grad_divisor = float_ptr(in.grad_divisor);
     a.found_inf = float_ptr(in.found_inf);
+    a.stochastic_round = in.stochastic_round ? in.stochastic_round->template data_ptr<int64_t>() : nullptr;
     a.states.resize(Op::kStates);
     a.absmax.resize(Op::kStates);
     a.qmap.assign(Op::kStates, nullptr);

@@ -59,12 +59,13 @@ struct CudaOptimBackend {
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                     bool write_back_grads) {
+                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;
     const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, state_dtype,
-                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads);
+                                            scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+                                            stochastic_round);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     OptimQ8Launch<typename Op::Hyper> a{};
     a.kind = in.kind;
@@ -80,6 +81,7 @@ struct CudaOptimBackend {
     a.lr_ptr = float_ptr(lr_dev);
     a.grad_divisor = float_ptr(in.grad_divisor);
     a.found_inf = float_ptr(in.found_inf);
+    a.stochastic_round = in.stochastic_round ? in.stochastic_round->template data_ptr<int64_t>() : nullptr;
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;

@@ -188,12 +188,14 @@ def test_loading_the_other_format_converts(saved, loaded):
     assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)
 
 
-@pytest.mark.parametrize("state_dtype", FORMATS)
-def test_q8_op_passes_opcheck(state_dtype):
-    """fusedopt::adam_step_q8's schema (`str state_dtype` included), fake kernel and aliasing, for each format."""
+@pytest.mark.parametrize(("state_dtype", "rounding"), [(f, False) for f in FORMATS] + [("int8", True)])
+def test_q8_op_passes_opcheck(state_dtype, rounding):
+    """fusedopt::adam_step_q8's schema (`str state_dtype` and `Tensor? stochastic_round` included), fake kernel and
+    aliasing, for each format, and with bf16 params stored by stochastic rounding."""
     spec = fusedopt.optim.adam.SPEC
     fmt = lowbit.FORMATS[state_dtype]
-    params = [torch.randn(5000), torch.randn(300)]
+    dtype = torch.bfloat16 if rounding else torch.float32
+    params = [torch.randn(5000, dtype=dtype), torch.randn(300, dtype=dtype)]
     codes, absmax = [], []
     for s in spec.states:
         pairs = [lowbit.quantize(torch.rand(p.shape) * (1 if not s.signed else 2) - (1 if s.signed else 0),
@@ -202,8 +204,9 @@ def test_q8_op_passes_opcheck(state_dtype):
         absmax.append([a for _, a in pairs])
     qmaps = [lowbit.qmap(s.signed, "cpu", fmt) for s in spec.states]
     hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # amsgrad on: every state list in use
-    args = (params, [torch.randn(p.shape) for p in params], *codes, *absmax, qmaps, fmt.name,
-            [torch.zeros(()) for _ in params], 0.01, None, *hyper, False, None, None, False, "cpu")  # fmt: skip
+    args = (params, [torch.randn(p.shape, dtype=dtype) for p in params], *codes, *absmax, qmaps, fmt.name,
+            [torch.zeros(()) for _ in params], 0.01, None, *hyper, False, None, None, False,
+            torch.tensor([3, 4]) if rounding else None, "cpu")  # fmt: skip
     optim_step.op_for_q8(spec)  # registered on first use
     # opcheck's schema check compares tensors with ops float8 lacks (mul): fp8 runs the other checks; the schema's
     # mutation annotations are the same for every format and checked with int8 and int4

@@ -253,20 +253,20 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     used = used if used is not None else (True,) * len(states)
     has_scalars = scalar == "step" or (scalar == "first_flag" and bool(scalars))  # flags: none may be set
     scalar_lists = {SCALAR_LISTS[scalar]: scalars} if has_scalars else None
+    op_name = f"fusedopt {op}_step{'' if q8 is None else '_q8'} (triton)"
     if q8 is None:
         lists = {"grads": grads, **{name: s for name, s, on in zip(state_names, states, used) if on}}
-        _checks.check_step(f"fusedopt {op}_step (triton)", params, lists, scalar_lists, masters=masters,
+        _checks.check_step(op_name, params, lists, scalar_lists, masters=masters,
                            stochastic_round=stochastic_round)  # fmt: skip
     else:
         from fusedopt import lowbit
 
-        name = f"fusedopt {op}_step_q8 (triton)"
-        _checks.check_step(name, params, {"grads": grads}, scalar_lists)
+        _checks.check_step(op_name, params, {"grads": grads}, scalar_lists)
         states = [s if on else [] for s, on in zip(states, used)]
-        lowbit.check_q8(name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1], state_names,
-                        q8[2])  # fmt: skip
+        lowbit.check_q8(op_name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1],
+                        state_names, q8[2])  # fmt: skip
     if stochastic_round is not None:
-        _checks.check_stochastic_round(f"fusedopt {op}_step (triton)", params, stochastic_round)
+        _checks.check_stochastic_round(op_name, params, stochastic_round)
     dtype, device = params[0].dtype, params[0].device
     write_back_grads = write_back_grads and grad_divisor is not None
     copies = ContiguousCopies()

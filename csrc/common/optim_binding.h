@@ -68,6 +68,19 @@ struct OptimStepInputs {
   bool maximize = false, write_back_grads = false;
 };
 
+// The [seed, counter] of bf16 stochastic rounding (common/stochastic_round.h), checked; nullopt when not asked.
+inline std::optional<at::Tensor> checked_stochastic_round(const std::optional<at::Tensor>& stochastic_round,
+                                                          const TensorList& params, const std::string& op) {
+  if (!stochastic_round.has_value() || !stochastic_round->defined()) return std::nullopt;
+  const at::Tensor& sr = *stochastic_round;
+  TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, op, ": stochastic rounding applies to bfloat16 params, got ",
+              dtype_name(params[0].scalar_type()));
+  TORCH_CHECK(sr.scalar_type() == at::kLong && sr.numel() == 2 && sr.is_contiguous() &&
+                  sr.device() == params[0].device(),
+              op, ": stochastic_round must be a contiguous int64 tensor [seed, counter] on the params' device");
+  return sr;
+}
+
 template <typename Op>
 OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType device, ContiguousScope& scope,
                                      const TensorList& params, const TensorList& grads,
@@ -115,15 +128,7 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
   in.grad_divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", name);
   in.found_inf = scalar_tensor_arg(found_inf, params[0], "found_inf", name);
   in.write_back_grads = write_back_grads && in.grad_divisor.has_value();
-  if (stochastic_round.has_value() && stochastic_round->defined()) {
-    const at::Tensor& sr = *stochastic_round;
-    TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, op, ": stochastic rounding applies to bfloat16 params, got ",
-                dtype_name(params[0].scalar_type()));
-    TORCH_CHECK(sr.scalar_type() == at::kLong && sr.numel() == 2 && sr.is_contiguous() &&
-                    sr.device() == params[0].device(),
-                op, ": stochastic_round must be a contiguous int64 tensor [seed, counter] on the params' device");
-    in.stochastic_round = sr;
-  }
+  in.stochastic_round = checked_stochastic_round(stochastic_round, params, op);
   const size_t n = params.size();
   in.params.reserve(n);
   in.grads.reserve(n);

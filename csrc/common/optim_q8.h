@@ -52,6 +52,7 @@ struct OptimStepQ8Inputs {
   std::array<at::Tensor, Op::kStates> qmap;
   typename Op::Hyper hyper{};
   std::optional<at::Tensor> grad_divisor, found_inf;
+  std::optional<at::Tensor> stochastic_round;  // int64 [seed, counter], bf16 params only
   bool maximize = false, write_back_grads = false;
   QuantKind kind = QuantKind::kInt8;
 };
@@ -64,7 +65,8 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
                                           const std::string& state_dtype, const TensorList& scalars,
                                           const HyperValues& hyper, bool maximize,
                                           const std::optional<at::Tensor>& grad_divisor,
-                                          const std::optional<at::Tensor>& found_inf, bool write_back_grads) {
+                                          const std::optional<at::Tensor>& found_inf, bool write_back_grads,
+                                          const std::optional<at::Tensor>& stochastic_round) {
   const char* name = op.c_str();
   TORCH_CHECK(codes.size() == Op::kStates && absmax.size() == Op::kStates && qmaps.size() == Op::kStates, op, ": ",
               codes.size(), " code lists, ", absmax.size(), " absmax lists and ", qmaps.size(),
@@ -125,6 +127,7 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
   in.grad_divisor = scalar_tensor_arg(grad_divisor, params[0], "grad_divisor", name);
   in.found_inf = scalar_tensor_arg(found_inf, params[0], "found_inf", name);
   in.write_back_grads = write_back_grads && in.grad_divisor.has_value();
+  in.stochastic_round = checked_stochastic_round(stochastic_round, params, op);
   for (size_t i = 0; i < params.size(); ++i) {
     in.params.push_back(scope.write(params[i]));
     in.grads.push_back(scope.grad(grads[i], in.write_back_grads));
@@ -134,7 +137,7 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
 }
 
 // <name>_step_q8(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper, maximize,
-// grad_divisor, found_inf, write_back_grads): codes and absmax one list per state (an unused one empty), qmaps one
+// grad_divisor, found_inf, write_back_grads, stochastic_round): codes and absmax one list per state (an unused one empty), qmaps one
 // map per state, state_dtype "int8", "int4" or "fp8".
 template <typename Backend>
 void bind_optimizer_steps_q8(pybind11::module_& m) {

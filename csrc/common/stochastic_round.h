@@ -8,8 +8,12 @@
 // largest finite one can round to inf, as round-up does.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "common/value_ops.h"
+#if defined(__CUDACC__)
+#include <c10/util/BFloat16.h>
+#endif
 
 namespace fusedopt {
 
@@ -37,5 +41,19 @@ FUSEDOPT_HOST_DEVICE inline uint16_t stochastic_round_bf16_bits(uint32_t bits, u
   const uint32_t r = mix32(key ^ static_cast<uint32_t>(i) ^ mix32(static_cast<uint32_t>(i >> 32)));
   return static_cast<uint16_t>((bits + (r & 0xffffU)) >> 16);
 }
+
+#if defined(__CUDACC__)
+// A CUDA engine's stored param: a bf16 param by stochastic rounding when `stochastic`, else the dtype's rounding.
+// `value` is in opmath (float for a bf16 param).
+template <typename T, typename S>
+__device__ __forceinline__ T stored_param(S value, bool stochastic, uint32_t key, int64_t index) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    static_assert(std::is_same_v<S, float>, "bf16 params update in float32");
+    if (stochastic)
+      return at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(value), key, index), at::BFloat16::from_bits());
+  }
+  return T(value);
+}
+#endif
 
 }  // namespace fusedopt

@@ -63,6 +63,7 @@ struct OptimQ8Launch {
   const float* lr_ptr;
   const float* grad_divisor;
   const float* found_inf;
+  const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
   Hyper hyper;
 };

@@ -62,13 +62,7 @@ struct OptimFunctor {
       param = at::BFloat16(high, at::BFloat16::from_bits());
       return;
     }
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (stochastic_round != nullptr) {
-        param = at::BFloat16(stochastic_round_bf16_bits(__float_as_uint(p), sr_key, index), at::BFloat16::from_bits());
-        return;
-      }
-    }
-    param = T(p);
+    param = stored_param<T>(p, stochastic_round != nullptr, sr_key, index);
   }
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {

@@ -15,6 +15,7 @@
 
 #include "common/optimizers.h"
 #include "common/quant_format.h"
+#include "common/stochastic_round.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -55,6 +56,7 @@ struct OptimQ8Functor {
   const float* lr_ptr;
   const float* grad_divisor;
   const float* found_inf;
+  const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
   const float* qmap[kSlots];  // per state: the codes' values, then (int8 / int4) the midpoints (device); null: unused
 
@@ -69,6 +71,8 @@ struct OptimQ8Functor {
     const float* scalar = tab.template ptr<float>(kScalarList, t);
     const auto c = Op::template coefs<S>(hyper, lr_value, scalar != nullptr ? static_cast<double>(*scalar) : 0.0);
     const S grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
+    const uint32_t sr_key =
+        stochastic_round != nullptr ? stochastic_round_key(stochastic_round[0], stochastic_round[1], t) : 0;
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     uint8_t* codes[kSlots];
@@ -96,7 +100,7 @@ struct OptimQ8Functor {
           S g = unscaled_grad<T>(grad[i], grad_factor, write_back_grads);
           if (maximize) g = -g;
           Op::template update<S>(c, p, g, s[e]);
-          param[i] = T(p);
+          param[i] = stored_param<T>(p, stochastic_round != nullptr, sr_key, i);
         }
       }
       for (int k = 0; k < kStates; ++k) {
@@ -146,8 +150,8 @@ struct OptimQ8Functor {
 template <typename Op, typename T, QuantKind kKind>
 void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists>& table,
                const OptimQ8Launch<typename Op::Hyper>& a) {
-  OptimQ8Functor<Op, T, kKind> fn{a.hyper, a.lr, a.lr_ptr, a.grad_divisor, a.found_inf, a.maximize, a.write_back_grads,
-                                  {}};
+  OptimQ8Functor<Op, T, kKind> fn{a.hyper,     a.lr,       a.lr_ptr,           a.grad_divisor, a.found_inf,
+                                  a.stochastic_round, a.maximize, a.write_back_grads, {}};
   for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
   launch(table, fn);
 }

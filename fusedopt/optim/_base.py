@@ -94,9 +94,6 @@ class FusedOptimizerMixin:
             from fusedopt import lowbit
 
             self._fusedopt_extra_defaults["state_dtype"] = lowbit.check_state_dtype(state_dtype)
-            if bf16_stochastic_round:
-                raise ValueError(f"bf16_stochastic_round with state_dtype={state_dtype!r} is not supported yet: the "
-                                 "low-bit kernels store params by round-to-nearest")  # fmt: skip
         self._bucket_cache: dict = {}
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self._stochastic_round_seed = int(stochastic_round_seed)

@@ -89,7 +89,8 @@ class OptimizerSpec:
         args += ["Tensor[] qmaps", "str state_dtype", f"Tensor(s!)[] {self.scalar_list or 'steps'}", "float lr",
                  "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
-        args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads", "str backend"]
+        args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads",
+                 "Tensor? stochastic_round", "str backend"]
         return f"{self.op}_step_q8({', '.join(args)}) -> ()"
 
 
@@ -159,7 +160,8 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         hyper = self.SPEC.hyper_values(group)
         used = self.SPEC.used_states(hyper)
         args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
-                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads)  # fmt: skip
+                    grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
+                    stochastic_round=self._stochastic_round_state(bucket))  # fmt: skip
         if bucket.quantized:  # int8 / int4 / fp8 states (fusedopt/optim/_lowbit.py): the list path
             codes, absmax = self._q8_lists(group, bucket, used)
             scalars = self._scalars(group, bucket)
@@ -169,7 +171,6 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         masters = self._masters(group, bucket)  # first: making them turns the states float32
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
-        args["stochastic_round"] = self._stochastic_round_state(bucket)
         # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
         # First-step flags live for one step, and master weights are not held there: those steps take the list path.
         fast = not masters and (self.SPEC.scalar != "first_flag" or not scalars)
