@@ -137,8 +137,8 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
 }
 
 // <name>_step_q8(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper, maximize,
-// grad_divisor, found_inf, write_back_grads, stochastic_round): codes and absmax one list per state (an unused one empty), qmaps one
-// map per state, state_dtype "int8", "int4" or "fp8".
+// grad_divisor, found_inf, write_back_grads, stochastic_round): codes and absmax one list per state (an unused one
+// empty), qmaps one map per state, state_dtype "int8", "int4" or "fp8", stochastic_round [seed, counter] or None.
 template <typename Backend>
 void bind_optimizer_steps_q8(pybind11::module_& m) {
 #define FUSEDOPT_BIND_Q8(Op)                                                                              \

@@ -84,7 +84,8 @@ FUSEDOPT_TARGET_VBMI inline int64_t dequantize_vbmi(const uint8_t* codes, float 
     const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]), high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
     const __m512i value[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
                               _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
-    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + i + k * kW, _mm512_mul_ps(_mm512_castsi512_ps(value[k]), scale));
+    for (int k = 0; k < 4; ++k)
+      _mm512_storeu_ps(out + i + k * kW, _mm512_mul_ps(_mm512_castsi512_ps(value[k]), scale));
   }
   return i;
 }
@@ -131,17 +132,19 @@ inline __m512i code16(const Lookup16& at) {
 }
 
 // The int8 codes of 16 values of x = v / d (the float32 quotient, correctly rounded), as int32. x is first taken as
-// v * (1 / d), which (d normal and below 2^126) is within one ulp of it: one step of x's bits at most, so the code
+// v * (1 / d), which (d in [2^-126, 2^126]) is within one ulp of it: one step of x's bits at most, so the code
 // can differ only where x's position is next to the threshold or at a bucket's edge. Those vectors (about 1 in 300)
 // are redone with the true division; the division is the slowest instruction here otherwise.
 inline __m512i codes16(const float* v, __m512 divisor, __m512 reciprocal, const uint32_t* lut) {
   const __m512 y = _mm512_loadu_ps(v);
   Lookup16 at = look_up(_mm512_mul_ps(y, reciprocal), lut);
   const __m512i threshold = _mm512_srli_epi32(at.word, 8);
-  const __m512i offset = _mm512_sub_epi32(at.position, threshold);  // -1 or 0: one step from the other side
-  const __mmask16 near = _mm512_cmple_epu32_mask(_mm512_add_epi32(offset, _mm512_set1_epi32(1)), _mm512_set1_epi32(1));
-  const __m512i edge = _mm512_add_epi32(at.position, _mm512_set1_epi32(1));  // position 0xffff or 0: 0x10000 or 1
-  const __mmask16 at_edge = _mm512_cmpeq_epi32_mask(_mm512_and_si512(edge, _mm512_set1_epi32(0xfffe)), _mm512_setzero_si512());
+  // position - threshold in {-1, 0} (one step from the other side): offset + 1 in {0, 1}, compared unsigned
+  const __m512i offset = _mm512_add_epi32(_mm512_sub_epi32(at.position, threshold), _mm512_set1_epi32(1));
+  const __mmask16 near = _mm512_cmple_epu32_mask(offset, _mm512_set1_epi32(1));
+  // position 0xffff or 0 (one step may cross into the next bucket): position + 1 is 0x10000 or 1
+  const __m512i edge = _mm512_and_si512(_mm512_add_epi32(at.position, _mm512_set1_epi32(1)), _mm512_set1_epi32(0xfffe));
+  const __mmask16 at_edge = _mm512_cmpeq_epi32_mask(edge, _mm512_setzero_si512());
   if (__builtin_expect(_kortestz_mask16_u8(near, at_edge) == 0, 0)) at = look_up(_mm512_div_ps(y, divisor), lut);
   return code16(at);
 }
@@ -152,8 +155,9 @@ inline __m512i codes16(const float* v, __m512 divisor, __m512 reciprocal, const 
 inline int64_t quantize(const float* v, float d, const uint32_t* lut, uint8_t* codes, int64_t n) {
   const __m512 divisor = _mm512_set1_ps(d);
   const bool reciprocal_ok = d >= 0x1p-126f && d <= 0x1p126f;
-  // 0 / 0 = NaN marks every value as next to a threshold: the division's codes
-  const __m512 reciprocal = reciprocal_ok ? _mm512_set1_ps(1.0f / d) : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  // otherwise a NaN reciprocal: a number times it is that NaN, whose position (0) is a bucket's edge, so every
+  // vector is redone with the division (a NaN v gets code 0 either way)
+  const __m512 reciprocal = _mm512_set1_ps(reciprocal_ok ? 1.0f / d : std::numeric_limits<float>::quiet_NaN());
   // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
   const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   int64_t i = 0;
