@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     env.deadline = t0 + limit if limit else 0.0
     meta = report.run_meta(env)
+    if args.ops:
+        meta["ops"] = args.ops  # the files are named after the selection (report.write_results)
     print(f"fusedopt bench on {report.describe_machine(meta)}{' (--quick)' if args.quick else ''}", file=sys.stderr)
     env.copy_gbps = harness.copy_bandwidth(env)
     total = sum(len(c.impls) for c in cases)

@@ -246,10 +246,12 @@ def case_record(c: Case) -> dict:
 
 
 def write_results(rows, cases, env, targets, out_dir: Path, meta: dict) -> dict:
-    """Writes <out_dir>/<date>.json, .md and .png and returns their paths."""
+    """Writes <out_dir>/<date>.json, .md and .png and returns their paths. A run of selected cases (meta["ops"],
+    from --ops) is named after them, <date>-<ops>, so it never overwrites the day's full run."""
     meta.setdefault("load_end", load_average())
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = meta["date"] + ("-quick" if env.quick else "")
+    ops = "+".join(t for t in re.split(r"[^A-Za-z0-9_.-]+", meta.get("ops") or "") if t)
+    stem = meta["date"] + (f"-{ops}" if ops else "") + ("-quick" if env.quick else "")
     title = f"fusedopt bench, {meta['device_slug']}{' (--quick)' if env.quick else ''}"
     paths = {k: out_dir / f"{stem}.{k}" for k in ("json", "md", "png")}
     payload = {

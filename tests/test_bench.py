@@ -70,6 +70,10 @@ def test_harness_writes_sane_results(env, tmp_path, interleave):
     assert "| op | impl | ms | GB/s | % of copy | vs best peer | peak extra | note |" in md
     assert "Byte model:" in md and "torch fused" in md
     assert paths["png"].stat().st_size > 1000
+    # a run of selected cases (--ops) is named after them: it never overwrites the day's full run
+    partial = report.write_results(rows, cases, env, targets, tmp_path, {**meta, "ops": "adam,ce"})
+    assert partial["json"].name == f"{meta['date']}-adam+ce{'-quick' if env.quick else ''}.json"
+    assert json.loads(paths["json"].read_text())["meta"].get("ops") is None
     table = report.console_table(rows, cases, env)
     assert "vs best peer" in table and "torch eager" in table
 
