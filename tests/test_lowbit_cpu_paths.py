@@ -120,9 +120,9 @@ def _isas() -> list:
 
 @pytest.mark.parametrize("isa", _isas())
 def test_every_isa_quantizes_as_defined(isa):
-    env = {**os.environ, "FUSEDOPT_CPU_CAPABILITY": isa.replace("avx512_vbmi", "")}
-    if isa == "avx512_vbmi":
-        env.pop("FUSEDOPT_CPU_CAPABILITY")
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_CPU_CAPABILITY"}
+    if isa != "avx512_vbmi":  # the best: nothing to lower
+        env["FUSEDOPT_CPU_CAPABILITY"] = isa
     out = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

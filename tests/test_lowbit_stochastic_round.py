@@ -121,14 +121,21 @@ def test_gpt_finetune_int8_bf16_tracks_fp32():
 
 
 @pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
-def test_the_q8_op_refuses_it_for_float32_params(backend):
+def test_the_q8_op_refuses_bad_rounding_input(backend):
+    """float32 params with a rounding state, and a rounding state that is not int64 [seed, counter]: the same
+    messages as the full-precision op's, on every backend."""
     spec = fusedopt.SGD.SPEC
     hyper = {"momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
-    p, codes, absmax = torch.zeros(300), torch.zeros(300, dtype=torch.uint8), torch.ones(2)
+    codes, absmax = torch.zeros(300, dtype=torch.uint8), torch.ones(2)
+    step = lambda p, state: optim_step.step_q8(spec, [p], [torch.ones_like(p)], [[codes]], [[absmax]], [], lr=0.1,
+                                               hyper=hyper, maximize=False, stochastic_round=state, backend=backend)
     with pytest.raises(RuntimeError, match=rf"fusedopt sgd_step_q8 \({backend}\): stochastic rounding applies to "
                                            r"bfloat16 params, got torch.float32"):  # fmt: skip
-        optim_step.step_q8(spec, [p], [torch.ones(300)], [[codes]], [[absmax]], [], lr=0.1, hyper=hyper,
-                           maximize=False, stochastic_round=torch.tensor([1, 2]), backend=backend)  # fmt: skip
+        step(torch.zeros(300), torch.tensor([1, 2]))
+    not_seed_counter = (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.zeros(4).long()[::2])
+    for bad in not_seed_counter:
+        with pytest.raises(RuntimeError, match=r"stochastic_round must be a contiguous int64 tensor \[seed, counter\]"):
+            step(torch.zeros(300, dtype=torch.bfloat16), bad)
 
 
 def test_grad_scaler_skip_leaves_params_and_codes():

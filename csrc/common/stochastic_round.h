@@ -34,6 +34,11 @@ FUSEDOPT_HOST_DEVICE inline uint32_t stochastic_round_key(int64_t seed, int64_t 
   return mix32(seed_mix ^ mix32(static_cast<uint32_t>(counter) + 0x9E3779B9U * static_cast<uint32_t>(tensor + 1)));
 }
 
+// The key of tensor `tensor` from an optimizer's [seed, counter] state; 0 when there is none (round to nearest).
+FUSEDOPT_HOST_DEVICE inline uint32_t stochastic_round_key(const int64_t* state, int64_t tensor) {
+  return state != nullptr ? stochastic_round_key(state[0], state[1], tensor) : 0;
+}
+
 // The bfloat16 bits of `bits` (a float32's), stochastically rounded; `index` is the element's index in its tensor.
 FUSEDOPT_HOST_DEVICE inline uint16_t stochastic_round_bf16_bits(uint32_t bits, uint32_t key, int64_t index) {
   if ((bits & 0x7fffffffU) > 0x7f800000U) return static_cast<uint16_t>((bits >> 16) | 0x40U);  // NaN, quiet

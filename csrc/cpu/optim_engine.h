@@ -39,8 +39,7 @@ void store_stochastic_bf16(const B& block, c10::BFloat16* dst, int64_t count, ui
 // The stochastic-rounding key of tensor t (0 when the step rounds to nearest).
 template <typename Hyper>
 uint32_t param_round_key(const OptimStepArgs<Hyper>& a, int64_t t) {
-  const int64_t* sr = a.stochastic_round;
-  return sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
+  return stochastic_round_key(a.stochastic_round, t);
 }
 
 // A 16-bit param's exact value in the master-weight modes (common/master_bits.h), at element 0 of the range; both

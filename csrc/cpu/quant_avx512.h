@@ -196,3 +196,5 @@ inline int64_t quantize4(const float* v, float d, const float* mid, uint8_t* pac
 }
 
 }  // namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine::avx512
+
+#undef FUSEDOPT_TARGET_VBMI

@@ -107,8 +107,7 @@ struct Stage2 : Common<Op, T> {
     const auto c = this->coefs(tab, t);
     const S step = S(step_size);
     const S grad_factor = this->grad_divisor != nullptr ? S(1.0 / static_cast<double>(*this->grad_divisor)) : S(1);
-    const int64_t* sr = this->stochastic_round;
-    const uint32_t sr_key = sr != nullptr ? stochastic_round_key(sr[0], sr[1], t) : 0;
+    const uint32_t sr_key = stochastic_round_key(this->stochastic_round, t);
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     T* state[Op::kStates];

@@ -72,7 +72,7 @@ struct OptimFunctor {
     const auto c = Op::template coefs<S>(hyper, lr_value, scalar != nullptr ? static_cast<double>(*scalar) : 0.0);
     const S grad_factor = grad_divisor != nullptr ? S(1.0 / static_cast<double>(*grad_divisor)) : S(1);
     const uint32_t sr_key =
-        stochastic_round != nullptr ? stochastic_round_key(stochastic_round[0], stochastic_round[1], t) : 0;
+        stochastic_round_key(stochastic_round, t);
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
     StateT* state[kSlots];
