@@ -66,13 +66,14 @@ struct CpuOptimBackend {
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
+                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round,
+                     const TensorList& masters) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cpu)";
     if (params.empty()) return;
     ContiguousScope scope;
     const auto in = check_optim_step_q8<Op>(op, at::kCPU, scope, params, grads, codes, absmax, qmaps, state_dtype,
                                             scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads,
-                                            stochastic_round);
+                                            stochastic_round, masters);
     OptimStepArgs<typename Op::Hyper> a;
     a.kind = scalar_kind(params[0].scalar_type(), op.c_str());
     a.hyper = in.hyper;
@@ -90,12 +91,14 @@ struct CpuOptimBackend {
     a.absmax.resize(Op::kStates);
     a.qmap.assign(Op::kStates, nullptr);
     a.qkind = in.kind;
+    a.master_kind = in.master_kind;
     for (int k = 0; k < Op::kStates; ++k)
       if (!in.codes[k].empty()) a.qmap[k] = in.qmap[k].template data_ptr<float>();
     for (size_t i = 0; i < in.params.size(); ++i) {
       a.numel.push_back(in.params[i].numel());
       a.param.push_back(in.params[i].data_ptr());
       a.grad.push_back(in.grads[i].data_ptr());
+      if (!in.masters.empty()) a.master.push_back(in.masters[i].data_ptr());
       for (int k = 0; k < Op::kStates; ++k) {
         if (in.codes[k].empty()) continue;
         a.states[k].push_back(in.codes[k][i].data_ptr());

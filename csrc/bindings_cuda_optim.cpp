@@ -59,13 +59,14 @@ struct CudaOptimBackend {
                      const TensorList& scalars, double lr, const std::optional<at::Tensor>& lr_tensor,
                      const HyperValues& hyper, bool maximize,
                      const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& found_inf,
-                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round) {
+                     bool write_back_grads, const std::optional<at::Tensor>& stochastic_round,
+                     const TensorList& masters) {
     const std::string op = std::string("fusedopt ") + Op::kName + "_step_q8 (cuda)";
     if (params.empty()) return;
     ContiguousScope scope;
     const auto in = check_optim_step_q8<Op>(op, at::kCUDA, scope, params, grads, codes, absmax, qmaps, state_dtype,
                                             scalars, hyper, maximize, grad_divisor, found_inf, write_back_grads,
-                                            stochastic_round);
+                                            stochastic_round, masters);
     const auto lr_dev = scalar_tensor_arg(lr_tensor, params[0], "lr", op.c_str());
     OptimQ8Launch<typename Op::Hyper> a{};
     a.kind = in.kind;
@@ -85,6 +86,8 @@ struct CudaOptimBackend {
     a.maximize = in.maximize;
     a.write_back_grads = in.write_back_grads;
     a.hyper = in.hyper;
+    a.master_kind = in.master_kind;
+    a.masters = &in.masters;
     fusedopt::cuda::optim_step_q8<Op>(a);
   }
 };

@@ -308,22 +308,33 @@ def check_q8(op: str, params, codes, absmaxes, qmaps, state_names, state_dtype: 
                                    f"values (one per {fmt.block} elements) on its param's device")  # fmt: skip
 
 
-def step_q8(fp_step, op: str, state_names, params, grads, codes, absmaxes, qmaps, state_dtype, scalars, lr,
-            lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
-            stochastic_round=None) -> None:  # fmt: skip
+def step_q8(fp_step, spec, params, grads, codes, absmaxes, qmaps, state_dtype, scalars, lr, lr_tensor, hyper,
+            maximize, grad_divisor, found_inf, write_back_grads, stochastic_round=None,
+            masters=()) -> None:  # fmt: skip
     """The plain-torch quantized step: dequantize each used state to float32, run the op's full-precision reference
     on it with hyper["quantized_states"] = True (what quantization breaks, the reference guards: RMSprop's centered
-    variance), quantize back (unless found_inf skipped the step: requantizing is not the identity)."""
-    name = f"fusedopt {op}_step_q8 (torch)"
-    check_q8(name, params, codes, absmaxes, qmaps, state_names, state_dtype)
+    variance), on the float32 masters under master weights (fusedopt.master_weights.step_with_masters), quantize
+    back (unless found_inf skipped the step: requantizing is not the identity)."""
+    name = f"fusedopt {spec.op}_step_q8 (torch)"
+    check_q8(name, params, codes, absmaxes, qmaps, [s.list_name for s in spec.states], state_dtype)
+    if masters:
+        if not spec.serves_masters:
+            _checks.refuse_masters(name, masters)
+        _checks.check_masters(name, params, masters, stochastic_round)
     if stochastic_round is not None:
         _checks.check_stochastic_round(name, params, stochastic_round)
     fmt = format_of_op_arg(state_dtype, name)
     states = [[dequantize(c, a, t, state_dtype=fmt, shape=p.shape) for c, a, p in zip(cs, ams, params)]
               for cs, ams, t in zip(codes, absmaxes, qmaps)]  # fmt: skip
+    args = (params, grads, states, scalars, lr, lr_tensor, {**hyper, "quantized_states": True}, maximize,
+            grad_divisor, found_inf, write_back_grads, stochastic_round)  # fmt: skip
     with _checks.states_in_opmath():
-        fp_step(params, grads, states, scalars, lr, lr_tensor, {**hyper, "quantized_states": True}, maximize,
-                grad_divisor, found_inf, write_back_grads, stochastic_round)  # fmt: skip
+        if masters:
+            from fusedopt import master_weights
+
+            master_weights.step_with_masters(fp_step, spec, *args, masters)
+        else:
+            fp_step(*args)
     keep = None if found_inf is None else found_inf.reshape(()) != 0
     for cs, ams, vals, table in zip(codes, absmaxes, states, qmaps):
         for c, a, v in zip(cs, ams, vals):

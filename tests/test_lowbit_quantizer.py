@@ -188,14 +188,19 @@ def test_loading_the_other_format_converts(saved, loaded):
     assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)
 
 
-@pytest.mark.parametrize(("state_dtype", "rounding"), [(f, False) for f in FORMATS] + [("int8", True)])
-def test_q8_op_passes_opcheck(state_dtype, rounding):
-    """fusedopt::adam_step_q8's schema (`str state_dtype` and `Tensor? stochastic_round` included), fake kernel and
-    aliasing, for each format, and with bf16 params stored by stochastic rounding."""
+@pytest.mark.parametrize(("state_dtype", "param_mode"),
+                         [(f, "fp32") for f in FORMATS] + [("int8", "rounding"), ("int8", "master"),
+                                                           ("int4", "remainder")])  # fmt: skip
+def test_q8_op_passes_opcheck(state_dtype, param_mode):
+    """fusedopt::adam_step_q8's schema (`str state_dtype`, `Tensor? stochastic_round` and the mutated `masters`
+    included), fake kernel and aliasing, for each format, with bf16 params stored by stochastic rounding, and with
+    float32 masters or int16 remainders."""
     spec = fusedopt.optim.adam.SPEC
     fmt = lowbit.FORMATS[state_dtype]
-    dtype = torch.bfloat16 if rounding else torch.float32
+    dtype = torch.float32 if param_mode == "fp32" else torch.bfloat16
     params = [torch.randn(5000, dtype=dtype), torch.randn(300, dtype=dtype)]
+    masters = {"master": [p.float() for p in params],
+               "remainder": [torch.randint(-2**15, 2**15, p.shape, dtype=torch.int16) for p in params]}  # fmt: skip
     codes, absmax = [], []
     for s in spec.states:
         pairs = [lowbit.quantize(torch.rand(p.shape) * (1 if not s.signed else 2) - (1 if s.signed else 0),
@@ -206,7 +211,8 @@ def test_q8_op_passes_opcheck(state_dtype, rounding):
     hyper = [True if h in spec.flags else 0.1 for h in spec.hyper]  # amsgrad on: every state list in use
     args = (params, [torch.randn(p.shape, dtype=dtype) for p in params], *codes, *absmax, qmaps, fmt.name,
             [torch.zeros(()) for _ in params], 0.01, None, *hyper, False, None, None, False,
-            torch.tensor([3, 4]) if rounding else None, "cpu")  # fmt: skip
+            torch.tensor([3, 4]) if param_mode == "rounding" else None, masters.get(param_mode, []),
+            "cpu")  # fmt: skip
     optim_step.op_for_q8(spec)  # registered on first use
     # opcheck's schema check compares tensors with ops float8 lacks (mul): fp8 runs the other checks; the schema's
     # mutation annotations are the same for every format and checked with int8 and int4

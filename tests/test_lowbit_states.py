@@ -390,7 +390,7 @@ def test_errors():
         with pytest.raises(RuntimeError, match=r"state_dtype must be 'int8', 'int4' or 'fp8', got 'int2'"):
             optim_step.op_for_q8(spec)([p], [g], packed, packed, [], [torch.zeros(3)], [torch.zeros(3)], [],
                                        [lowbit.qmap(True, "cpu", "int4")] * 3, "int2", [torch.zeros(())], 0.1, None,
-                                       *optim_step._hyper_args(spec, hyper), False, None, None, False, None,
+                                       *optim_step._hyper_args(spec, hyper), False, None, None, False, None, [],
                                        backend)  # fmt: skip
     assert _backend.usable("cpu", "cpu")
 

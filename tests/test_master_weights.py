@@ -274,8 +274,6 @@ def test_bad_options_are_refused():
         fusedopt.AdamW([half], master_weights="remainder")
     with pytest.raises(ValueError, match="Invalid master_weights value"):
         fusedopt.AdamW([bf], master_weights="fp64")
-    with pytest.raises(ValueError, match="state_dtype"):
-        fusedopt.AdamW([bf], master_weights=True, state_dtype="int8")
     with pytest.raises(ValueError, match="exclude each other"):
         fusedopt.AdamW([bf], master_weights=True, bf16_stochastic_round=True)
     for cls in (fusedopt.optim.Muon, fusedopt.optim.LAMB, fusedopt.optim.Adafactor):

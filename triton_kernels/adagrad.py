@@ -32,7 +32,7 @@ def adagrad_kernel(
     STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, N_STATES, DTYPE, OPMATH, MASTER, QUANT)
     state_sum = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, STATE_DTYPE, OPMATH, QUANT)
     grad = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                      WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
@@ -46,7 +46,7 @@ def adagrad_kernel(
     state_sum = state_sum + grad * grad
     param = param + neg_clr * (grad / (tl.sqrt(state_sum) + eps))
 
-    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER, QUANT)
     store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SUM, N_STATES, state_sum, STATE_DTYPE, BLOCK, QUANT)
 
 

@@ -21,7 +21,7 @@ def muon_update_kernel(
     STATE_DTYPE: tl.constexpr = None,
 ):  # fmt: skip
     t, offs, mask = program_block(numel_ptr, block_tensor_ptr, block_start_ptr, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    param = load_param(addrs_ptr, n_tensors, t, offs, mask, 0, DTYPE, OPMATH, MASTER)
+    param = load_param(addrs_ptr, n_tensors, t, offs, mask, 0, DTYPE, OPMATH, MASTER, QUANT)
     ortho = load_grad(addrs_ptr, n_tensors, t, offs, mask, grad_divisor_ptr, DTYPE, OPMATH, HAS_DIVISOR,
                       WRITE_BACK_GRADS, MAXIMIZE)  # fmt: skip
 
@@ -32,7 +32,7 @@ def muon_update_kernel(
     param = param * decay
     param = param + ortho * neg_lr
 
-    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, 0, DTYPE, STOCHASTIC_ROUND, MASTER)
+    commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, 0, DTYPE, STOCHASTIC_ROUND, MASTER, QUANT)
 
 
 def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,

@@ -11,13 +11,13 @@ MAXIMIZE, HAS_DIVISOR, HAS_FOUND_INF, WRITE_BACK_GRADS, BLOCK, STOCHASTIC_ROUND,
 QUANT: tl.constexpr = False, MASTER: tl.constexpr = 0, STATE_DTYPE: tl.constexpr = None last (the launch always
 passes STATE_DTYPE, the state lists' dtype). It reads the param with `load_param` and writes it with `commit_param`
 (bf16 stochastic rounding when asked; master weights: docs/MASTER_WEIGHTS.md, MASTER 1 a float32 master, 2 an int16
-remainder, in the table row after the scalars).
+remainder, in the table's last row), both given QUANT to find that row.
 
 int8 / int4 / fp8 states (docs/LOW_BIT_STATES.md): an op kernel reads and writes each state through `load_state` /
 `store_state`, which with QUANT (Q_INT8, Q_INT4 or Q_FP8; 0 for full precision) dequantize the codes and
 requantize per 256- or 128-element block (tl.max over the values reshaped to (BLOCK // block, block)). The table
-then holds [params, grads, codes..., scalars, absmax..., maps...], one row each per state (the map's address
-repeated per tensor): `launch(..., q8=(absmax, maps, state_dtype))` builds it."""
+then holds [params, grads, codes..., scalars, absmax..., maps...(, masters)], one row each per state (the map's
+address repeated per tensor): `launch(..., q8=(absmax, maps, state_dtype))` builds it."""
 
 from __future__ import annotations
 
@@ -181,21 +181,27 @@ def store_param(p_ptr, offs, mask, param, t, sr_ptr, DTYPE: tl.constexpr, STOCHA
 
 
 @triton.jit
-def _master_row(n_states):
-    return ROW_FIRST_STATE + n_states + 1
+def _master_row(n_states, QUANT: tl.constexpr):
+    """After the scalars; with low-bit states after the absmax and map rows."""
+    if QUANT:
+        row = ROW_FIRST_STATE + 3 * n_states + 1
+    else:
+        row = ROW_FIRST_STATE + n_states + 1
+    return row
 
 
 @triton.jit
 def load_param(addrs_ptr, n_tensors, t, offs, mask, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-               MASTER: tl.constexpr):  # fmt: skip
+               MASTER: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
     """The param in opmath: loaded, or (MASTER 1) its float32 master, or (MASTER 2) the bf16 param joined with its
     int16 remainder (csrc/common/master_bits.h: (param bits << 16) + remainder, 32-bit wrap-around)."""
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
+    m_row = _master_row(n_states, QUANT)
     if MASTER == 1:
-        value = tl.load(list_ptr(addrs_ptr, _master_row(n_states), n_tensors, t, tl.float32) + offs, mask=mask)
+        value = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, mask=mask)
     elif MASTER == 2:
         high = tl.load(p_ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int64) & 0xFFFF
-        low = tl.load(list_ptr(addrs_ptr, _master_row(n_states), n_tensors, t, tl.int16) + offs, mask=mask, other=0)
+        low = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.int16) + offs, mask=mask, other=0)
         bits = ((high << 16) + low.to(tl.int64)) & 0xFFFFFFFF
         value = bits.to(tl.uint32).to(tl.float32, bitcast=True)
     else:
@@ -205,7 +211,7 @@ def load_param(addrs_ptr, n_tensors, t, offs, mask, n_states, DTYPE: tl.constexp
 
 @triton.jit
 def commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, n_states, DTYPE: tl.constexpr,
-                 STOCHASTIC_ROUND: tl.constexpr, MASTER: tl.constexpr):  # fmt: skip
+                 STOCHASTIC_ROUND: tl.constexpr, MASTER: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
     """The updated param: store_param's, or (MASTER 1) to the master and the param rounded to nearest even, or
     (MASTER 2) split into the bf16 param (rounded half away from zero) and its remainder; a NaN gives a quiet NaN
     param and remainder 0 (csrc/common/master_bits.h)."""
@@ -216,7 +222,7 @@ def commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, n_states, D
         x = param.to(tl.float32)
         bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         nan_bits = ((bits >> 16) | 0x40) & 0xFFFF
-        m_row = _master_row(n_states)
+        m_row = _master_row(n_states, QUANT)
         if MASTER == 1:
             tl.store(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, x, mask=mask)
             if tl.bfloat16 == DTYPE:  # to nearest even by the bits: the interpreter's cast truncates
@@ -261,7 +267,8 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     else:
         from fusedopt import lowbit
 
-        _checks.check_step(op_name, params, {"grads": grads}, scalar_lists)
+        _checks.check_step(op_name, params, {"grads": grads}, scalar_lists, masters=masters,
+                           stochastic_round=stochastic_round)  # fmt: skip
         states = [s if on else [] for s, on in zip(states, used)]
         lowbit.check_q8(op_name, params, states, [a if on else [] for a, on in zip(q8[0], used)], q8[1],
                         state_names, q8[2])  # fmt: skip
@@ -274,14 +281,14 @@ def launch(kernel, spec_names: tuple, params, grads, states, scalars, lr, lr_ten
     states = [(copies.write(s) if q8 is None else s) if on else [] for s, on in zip(states, used)]
     grads = copies.write(grads) if write_back_grads else copies.read(grads)
     lists = [params, grads, *states, scalars if has_scalars else []]
-    master = 0
-    if masters:
-        lists.append(copies.write(list(masters)))
-        master = 1 if masters[0].dtype == torch.float32 else 2
     if q8 is not None:
         lists += [a if on else [] for a, on in zip(q8[0], used)]
         lists += [[m] * len(params) if on else [] for m, on in zip(q8[1], used)]
         constexprs["QUANT"] = QUANT_IDS[q8[2]]
+    master = 0
+    if masters:  # the last row (_master_row)
+        lists.append(copies.write(list(masters)))
+        master = 1 if masters[0].dtype == torch.float32 else 2
     table = TensorTable(lists, BLOCK)
     scalar_row = ROW_FIRST_STATE + len(states)
     if scalar == "step":

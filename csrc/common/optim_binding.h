@@ -81,6 +81,24 @@ inline std::optional<at::Tensor> checked_stochastic_round(const std::optional<at
   return sr;
 }
 
+// Master weights (common/master_bits.h): 16-bit params, one float32 master or int16 remainder (bf16) per param, no
+// stochastic rounding; kNone when `masters` is empty. Shared by the full-precision and the low-bit (optim_q8.h) steps.
+template <typename Op>
+MasterKind checked_masters(const std::string& op, const TensorList& params, const TensorList& masters,
+                           const std::optional<at::Tensor>& stochastic_round) {
+  if (masters.empty()) return MasterKind::kNone;
+  TORCH_CHECK(ServesMasters<Op>::value, op, ": master weights are not supported by this optimizer");
+  const at::ScalarType pt = params[0].scalar_type(), mt = masters[0].scalar_type();
+  TORCH_CHECK(pt == at::kBFloat16 || pt == at::kHalf, op, ": master weights apply to bfloat16 and float16 params, got ",
+              dtype_name(pt));
+  TORCH_CHECK(mt == at::kFloat || (mt == at::kShort && pt == at::kBFloat16), op,
+              ": masters must be float32 copies, or int16 remainders of bfloat16 params; got ", dtype_name(mt));
+  check_list(masters, params, "masters", op.c_str(), mt);
+  TORCH_CHECK(!(stochastic_round.has_value() && stochastic_round->defined()), op,
+              ": stochastic rounding does not apply with master weights (the params are the rounded masters)");
+  return mt == at::kFloat ? MasterKind::kFloat32 : MasterKind::kRemainder;
+}
+
 template <typename Op>
 OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType device, ContiguousScope& scope,
                                      const TensorList& params, const TensorList& grads,
@@ -94,21 +112,10 @@ OptimStepInputs<Op> check_optim_step(const std::string& op, at::DeviceType devic
   in.hyper = fill_hyper<typename Op::Hyper>(hyper, op);
   check_params(params, name);
   check_list(grads, params, "grads", name);
-  // Master weights: 16-bit params, float32 states, and one float32 master or int16 remainder (bf16) per param.
+  // Master weights: the states are then float32 whatever the params' dtype.
+  in.master_kind = checked_masters<Op>(op, params, masters, stochastic_round);
   std::optional<at::ScalarType> state_dtype;
-  if (!masters.empty()) {
-    TORCH_CHECK(ServesMasters<Op>::value, op, ": master weights are not supported by this optimizer");
-    const at::ScalarType pt = params[0].scalar_type(), mt = masters[0].scalar_type();
-    TORCH_CHECK(pt == at::kBFloat16 || pt == at::kHalf, op,
-                ": master weights apply to bfloat16 and float16 params, got ", dtype_name(pt));
-    TORCH_CHECK(mt == at::kFloat || (mt == at::kShort && pt == at::kBFloat16), op,
-                ": masters must be float32 copies, or int16 remainders of bfloat16 params; got ", dtype_name(mt));
-    check_list(masters, params, "masters", name, mt);
-    TORCH_CHECK(!(stochastic_round.has_value() && stochastic_round->defined()), op,
-                ": stochastic rounding does not apply with master weights (the params are the rounded masters)");
-    in.master_kind = mt == at::kFloat ? MasterKind::kFloat32 : MasterKind::kRemainder;
-    state_dtype = at::kFloat;
-  }
+  if (in.master_kind != MasterKind::kNone) state_dtype = at::kFloat;
   std::array<bool, Op::kStates> used{};
   for (int k = 0; k < Op::kStates; ++k) {
     used[k] = state_used<Op>(in.hyper, k);

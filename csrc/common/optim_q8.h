@@ -53,6 +53,8 @@ struct OptimStepQ8Inputs {
   typename Op::Hyper hyper{};
   std::optional<at::Tensor> grad_divisor, found_inf;
   std::optional<at::Tensor> stochastic_round;  // int64 [seed, counter], bf16 params only
+  TensorList masters;  // float32 masters or int16 remainders of 16-bit params (optim_binding.h), or empty
+  MasterKind master_kind = MasterKind::kNone;
   bool maximize = false, write_back_grads = false;
   QuantKind kind = QuantKind::kInt8;
 };
@@ -66,7 +68,8 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
                                           const HyperValues& hyper, bool maximize,
                                           const std::optional<at::Tensor>& grad_divisor,
                                           const std::optional<at::Tensor>& found_inf, bool write_back_grads,
-                                          const std::optional<at::Tensor>& stochastic_round) {
+                                          const std::optional<at::Tensor>& stochastic_round,
+                                          const TensorList& masters) {
   const char* name = op.c_str();
   TORCH_CHECK(codes.size() == Op::kStates && absmax.size() == Op::kStates && qmaps.size() == Op::kStates, op, ": ",
               codes.size(), " code lists, ", absmax.size(), " absmax lists and ", qmaps.size(),
@@ -84,6 +87,7 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
   TORCH_CHECK(params[0].device().type() == device, op, ": params must be ",
               device == at::kCPU ? "on the CPU" : "CUDA tensors", ", got ", params[0].device());
   check_list(grads, params, "grads", name);
+  in.master_kind = checked_masters<Op>(op, params, masters, stochastic_round);
   for (int k = 0; k < Op::kStates; ++k) {
     if (!state_used<Op>(in.hyper, k)) continue;
     const std::string sname = Op::kStateNames[k];
@@ -132,13 +136,15 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
     in.params.push_back(scope.write(params[i]));
     in.grads.push_back(scope.grad(grads[i], in.write_back_grads));
   }
+  for (const auto& t : masters) in.masters.push_back(scope.write(t));
   if (has_scalars) in.scalars = scalars;
   return in;
 }
 
 // <name>_step_q8(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper, maximize,
-// grad_divisor, found_inf, write_back_grads, stochastic_round): codes and absmax one list per state (an unused one
-// empty), qmaps one map per state, state_dtype "int8", "int4" or "fp8", stochastic_round [seed, counter] or None.
+// grad_divisor, found_inf, write_back_grads, stochastic_round, masters): codes and absmax one list per state (an
+// unused one empty), qmaps one map per state, state_dtype "int8", "int4" or "fp8", stochastic_round [seed, counter]
+// or None, masters empty or one float32 master / int16 remainder per 16-bit param.
 template <typename Backend>
 void bind_optimizer_steps_q8(pybind11::module_& m) {
 #define FUSEDOPT_BIND_Q8(Op)                                                                              \

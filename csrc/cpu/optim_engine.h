@@ -147,6 +147,15 @@ void run_range(const OptimStepArgs<typename Op::Hyper>& a, const C& c, T* param,
   }
 }
 
+// Tensor t's master at element `first` (both null without master weights).
+template <typename Hyper>
+MasterPtrs master_at(const OptimStepArgs<Hyper>& a, int64_t t, int64_t first) {
+  MasterPtrs master;
+  if (a.master_kind == MasterKind::kFloat32) master.fp32 = static_cast<float*>(a.master[t]) + first;
+  if (a.master_kind == MasterKind::kRemainder) master.remainder = static_cast<int16_t*>(a.master[t]) + first;
+  return master;
+}
+
 // The master-weight modes: states in opmath (float32), the param's value from its master (common/master_bits.h).
 template <typename Op, typename T>
 void run_chunk_master(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t begin, int64_t end,
@@ -154,11 +163,9 @@ void run_chunk_master(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int
   std::array<opmath_t<T>*, kSlots<Op>> state{};
   for (int k = 0; k < Op::kStates; ++k)
     state[k] = a.states[k].empty() ? nullptr : static_cast<opmath_t<T>*>(a.states[k][t]) + begin;
-  MasterPtrs master;
-  if (a.master_kind == MasterKind::kFloat32) master.fp32 = static_cast<float*>(a.master[t]) + begin;
-  if (a.master_kind == MasterKind::kRemainder) master.remainder = static_cast<int16_t*>(a.master[t]) + begin;
   run_range<Op, T, opmath_t<T>>(a, chunk_coefs<Op, T>(a, t), static_cast<T*>(a.param[t]) + begin,
-                                static_cast<T*>(a.grad[t]) + begin, state, end - begin, grad_factor, begin, 0, master);
+                                static_cast<T*>(a.grad[t]) + begin, state, end - begin, grad_factor, begin, 0,
+                                master_at(a, t, begin));
 }
 
 template <typename Op, typename T>

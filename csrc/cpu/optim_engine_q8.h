@@ -1,9 +1,9 @@
 // The CPU engine's path for block-wise quantized states, int8, int4 and fp8 (common/optim_q8.h,
 // docs/LOW_BIT_STATES.md). A chunk (32K elements, so block-aligned) is processed one quantization block (256 or 128
 // elements) at a time: each used state's codes are dequantized into a stack buffer in opmath, the op's update runs
-// on it through the engine's run_range (the same loads, stores and math as a full-precision step), then each
-// state's block gets its new absmax and every value the nearest code. One read and one write of the codes; no
-// full-precision state in memory.
+// on it through the engine's run_range (the same loads, stores and math as a full-precision step; under master
+// weights the param is read from and written to its master), then each state's block gets its new absmax and every
+// value the nearest code. One read and one write of the codes; no full-precision state in memory.
 // Included only from cpu/optim_engine.h.
 #pragma once
 #include <algorithm>
@@ -284,7 +284,8 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
       else
         dequantize_block(codes[k] + b, absmax[k][q], a.qmap[k], permutes ? &planes[k] : nullptr, buf[k], n);
     }
-    run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor, b, param_round_key(a, t));
+    run_range<Op, T, float>(a, c, param + b, grad + b, state, n, grad_factor, b, param_round_key(a, t),
+                            master_at(a, t, b));
     for (int k = 0; k < kStates; ++k) {
       if (!codes[k]) continue;
       if (int4)

@@ -66,6 +66,8 @@ struct OptimQ8Launch {
   const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
   Hyper hyper;
+  MasterKind master_kind = MasterKind::kNone;  // master weights of 16-bit params (common/master_bits.h)
+  const TensorList* masters = nullptr;         // float32 masters or int16 remainders; empty without
 };
 template <typename Op>
 void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& args);

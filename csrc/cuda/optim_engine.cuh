@@ -17,6 +17,35 @@
 
 namespace fusedopt::cuda {
 
+// A param's value in opmath: from its float32 master, the bf16 param joined with its int16 remainder, or the param.
+template <MasterKind M, typename T, typename S, typename MasterT>
+__device__ __forceinline__ S load_param_value(const T& param, const MasterT* master, int64_t index) {
+  if constexpr (M == MasterKind::kFloat32) {
+    return master[index];
+  } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
+    return __uint_as_float(join_master_bits(param.x, master[index]));
+  } else {
+    return S(param);
+  }
+}
+
+// The updated value: to the master and the param rounded to nearest, split into the param and its remainder, or to
+// the param (stored_param: bf16 by stochastic rounding when `stochastic`).
+template <MasterKind M, typename T, typename S, typename MasterT>
+__device__ __forceinline__ void store_param_value(S p, T& param, MasterT* master, int64_t index, bool stochastic,
+                                                  uint32_t sr_key) {
+  if constexpr (M == MasterKind::kFloat32) {
+    master[index] = p;
+    param = T(p);
+  } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
+    uint16_t high;
+    split_master_bits(__float_as_uint(p), high, master[index]);
+    param = at::BFloat16(high, at::BFloat16::from_bits());
+  } else {
+    param = stored_param<T>(p, stochastic, sr_key, index);
+  }
+}
+
 template <typename Op, typename T, MasterKind M = MasterKind::kNone>
 struct OptimFunctor {
   using S = at::opmath_type<T>;
@@ -41,28 +70,11 @@ struct OptimFunctor {
   // the tensor) and `sr_key` feed stochastic rounding.
   __device__ __forceinline__ void element(const typename Op::template Coefs<S>& c, S grad_factor, T& param, T& grad,
                                           S* state, int64_t index, uint32_t sr_key, MasterT* master = nullptr) const {
-    S p;
-    if constexpr (M == MasterKind::kFloat32) {
-      p = master[index];
-    } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
-      p = __uint_as_float(join_master_bits(param.x, master[index]));
-    } else {
-      p = param;
-    }
+    S p = load_param_value<M, T, S>(param, master, index);
     S g = unscaled_grad<T>(grad, grad_factor, write_back_grads);
     if (maximize) g = -g;
     Op::template update<S>(c, p, g, state);
-    if constexpr (M == MasterKind::kFloat32) {
-      master[index] = p;
-      param = T(p);
-      return;
-    } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
-      uint16_t high;
-      split_master_bits(__float_as_uint(p), high, master[index]);
-      param = at::BFloat16(high, at::BFloat16::from_bits());
-      return;
-    }
-    param = stored_param<T>(p, stochastic_round != nullptr, sr_key, index);
+    store_param_value<M>(p, param, master, index, stochastic_round != nullptr, sr_key);
   }
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {

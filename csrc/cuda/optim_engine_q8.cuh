@@ -5,7 +5,8 @@
 // absmax by shuffles (NaN if a value is NaN) and every lane requantizes its values by the branchless binary search
 // over the midpoints (8 or 4 steps, fusedopt/lowbit.py's definition), or for fp8 by common/quant_format.h's
 // e4m3fn_code; int4 codes are packed two per byte, the even element in the high nibble. The table is [params,
-// grads, codes..., scalars, absmax...]. Compile-checked; run by scripts/gpu_check.sh on a GPU machine (int4 and fp8
+// grads, codes..., scalars, absmax..., masters]; under master weights (a runtime kind, warp-uniform: no further
+// instantiations) the param is read from and written to its master as optim_engine.cuh does. Compile-checked; run by scripts/gpu_check.sh on a GPU machine (int4 and fp8
 // not yet run on a GPU).
 #pragma once
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include "common/stochastic_round.h"
 #include "cuda/kernels.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/optim_engine.cuh"
 
 namespace fusedopt::cuda {
 
@@ -48,8 +50,9 @@ struct OptimQ8Functor {
   using S = float;  // low-bit states take float32, bfloat16 and float16 params: opmath is float
   static constexpr int kStates = Op::kStates;
   static constexpr int kSlots = kStates > 0 ? kStates : 1;
-  static constexpr int kLists = 2 * kStates + 3;  // params, grads, codes..., scalars, absmax...
+  static constexpr int kLists = 2 * kStates + 4;  // params, grads, codes..., scalars, absmax..., masters
   static constexpr int kScalarList = kStates + 2;
+  static constexpr int kMasterList = 2 * kStates + 3;
 
   typename Op::Hyper hyper;
   double lr;
@@ -59,6 +62,23 @@ struct OptimQ8Functor {
   const int64_t* stochastic_round;  // [seed, counter]: bf16 params stored by stochastic rounding, or null
   bool maximize, write_back_grads;
   const float* qmap[kSlots];  // per state: the codes' values, then (int8 / int4) the midpoints (device); null: unused
+  MasterKind master_kind;     // kFloat32 / kRemainder: 16-bit params with masters (the bindings check the dtypes)
+
+  // The param's value and its store, through its master when there is one.
+  __device__ __forceinline__ S load_param(const T& param, void* master, int64_t i) const {
+    if (master_kind == MasterKind::kFloat32)
+      return load_param_value<MasterKind::kFloat32, T, S>(param, static_cast<const float*>(master), i);
+    if (master_kind == MasterKind::kRemainder)
+      return load_param_value<MasterKind::kRemainder, T, S>(param, static_cast<const int16_t*>(master), i);
+    return S(param);
+  }
+  __device__ __forceinline__ void store_param(S p, T& param, void* master, int64_t i, uint32_t sr_key) const {
+    if (master_kind == MasterKind::kFloat32)
+      return store_param_value<MasterKind::kFloat32>(p, param, static_cast<float*>(master), i, false, sr_key);
+    if (master_kind == MasterKind::kRemainder)
+      return store_param_value<MasterKind::kRemainder>(p, param, static_cast<int16_t*>(master), i, false, sr_key);
+    param = stored_param<T>(p, stochastic_round != nullptr, sr_key, i);
+  }
 
   __device__ void operator()(const TensorTable<kLists>& tab, int64_t t, int64_t begin, int64_t end) const {
     __shared__ float smap[kSlots][F::kMapSize];
@@ -75,6 +95,7 @@ struct OptimQ8Functor {
         stochastic_round_key(stochastic_round, t);
     T* param = tab.template ptr<T>(0, t);
     T* grad = tab.template ptr<T>(1, t);
+    void* master = tab.template ptr<char>(kMasterList, t);  // null without master weights
     uint8_t* codes[kSlots];
     float* absmax[kSlots];
     for (int k = 0; k < kStates; ++k) {
@@ -96,11 +117,11 @@ struct OptimQ8Functor {
         for (int k = 0; k < kStates; ++k)
           s[e][k] = (codes[k] != nullptr && i < end) ? smap[k][load_code<kKind>(codes[k], i)] * absmax[k][q] : S(0);
         if (i < end) {
-          S p = param[i];
+          S p = load_param(param[i], master, i);
           S g = unscaled_grad<T>(grad[i], grad_factor, write_back_grads);
           if (maximize) g = -g;
           Op::template update<S>(c, p, g, s[e]);
-          param[i] = stored_param<T>(p, stochastic_round != nullptr, sr_key, i);
+          store_param(p, param[i], master, i, sr_key);
         }
       }
       for (int k = 0; k < kStates; ++k) {
@@ -151,7 +172,7 @@ template <typename Op, typename T, QuantKind kKind>
 void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists>& table,
                const OptimQ8Launch<typename Op::Hyper>& a) {
   OptimQ8Functor<Op, T, kKind> fn{a.hyper,     a.lr,       a.lr_ptr,           a.grad_divisor, a.found_inf,
-                                  a.stochastic_round, a.maximize, a.write_back_grads, {}};
+                                  a.stochastic_round, a.maximize, a.write_back_grads, {},       a.master_kind};
   for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
   launch(table, fn);
 }
@@ -171,6 +192,8 @@ void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
     lists[kScalarList + 1 + k] = a.absmax[k];
   }
   lists[kScalarList] = a.scalars;
+  const TensorList no_masters;
+  lists[OptimQ8Functor<Op, float, QuantKind::kInt8>::kMasterList] = a.masters != nullptr ? a.masters : &no_masters;
   auto table = build_table<kLists>(lists);
   const bool has_scalars = !a.scalars->empty();
   if (Op::kScalar == TensorScalar::kStep && has_scalars) update_scalars(table, kScalarList, a.found_inf, 1.0f, 1.0f);

@@ -95,7 +95,7 @@ def _q8_kernel(spec, backend: str):
         from fusedopt import lowbit, reference
 
         fp_step = getattr(reference, f"{spec.op}_step")
-        return functools.partial(lowbit.step_q8, fp_step, spec.op, [s.list_name for s in spec.states])
+        return functools.partial(lowbit.step_q8, fp_step, spec)
     kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step_q8", None)
     if kernel is None:
         raise NotImplementedError(f"fusedopt {spec.op}_step_q8: low-bit states are not implemented on the "
@@ -110,11 +110,12 @@ def _register_q8(spec) -> object:
         codes, absmax, rest = list(rest[:n_states]), list(rest[n_states : 2 * n_states]), rest[2 * n_states :]
         qmaps, state_dtype, scalars, lr, lr_tensor, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
         hyper = dict(zip(spec.hyper, rest[:n_hyper]))
-        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, backend = rest[n_hyper:]
+        maximize, grad_divisor, found_inf, write_back_grads, stochastic_round, masters, backend = rest[n_hyper:]
         if not params:
             return
         _q8_kernel(spec, backend)(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper,
-                                  maximize, grad_divisor, found_inf, write_back_grads, stochastic_round)  # fmt: skip
+                                  maximize, grad_divisor, found_inf, write_back_grads, stochastic_round,
+                                  masters)  # fmt: skip
 
     return custom_op(spec.schema_q8())(impl)
 
@@ -127,9 +128,9 @@ def op_for_q8(spec):
 
 
 def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
-            write_back_grads=False, stochastic_round=None, backend="auto", state_dtype="int8"):  # fmt: skip
+            write_back_grads=False, stochastic_round=None, masters=(), backend="auto", state_dtype="int8"):  # fmt: skip
     """The step with quantized states of `state_dtype` ("int8", "int4" or "fp8"): codes and absmax one list per spec
-    state (an unused one empty); `stochastic_round` as in `step` (bf16 params)."""
+    state (an unused one empty); `stochastic_round` and `masters` as in `step`."""
     if not params:
         return
     from fusedopt import lowbit
@@ -141,4 +142,4 @@ def step_q8(spec, params, grads, codes, absmax, scalars, *, lr, hyper, maximize,
     qmaps = [lowbit.qmap(s.signed, device, fmt) for s in spec.states]
     op_for_q8(spec)(params, grads, *codes, *absmax, qmaps, fmt.name, scalars, lr_float, lr_tensor,
                     *_hyper_args(spec, hyper), bool(maximize), grad_divisor, found_inf, bool(write_back_grads),
-                    stochastic_round, backend)  # fmt: skip
+                    stochastic_round, list(masters), backend)  # fmt: skip

@@ -91,7 +91,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
             return self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), state_dtype)
         fmt = lowbit.quant_format(state_dtype)
         fill = 0.0 if spec.fill is None else float(group[spec.fill])
-        one = torch.full((fmt.block,), fill, dtype=p.dtype, device=p.device)
+        one = torch.full((fmt.block,), fill, dtype=self._full_precision_state_dtype(group, p), device=p.device)
         c, a = lowbit.quantize(one, lowbit.qmap(spec.signed, p.device, state_dtype), state_dtype)
         n = p.numel()
         first = c.reshape(-1)[:1]  # a tensor, not a Python int: no host sync on a GPU's first step

@@ -1,11 +1,12 @@
 """Master weights for 16-bit params, the optimizer side (`master_weights=`, docs/MASTER_WEIGHTS.md).
 
-A param group option, like state_dtype:
+A param group option, like state_dtype (and combined with it):
 - `master_weights=True` (or "fp32"): each bfloat16/float16 param keeps a float32 copy, state["master_param"];
 - `master_weights="remainder"` (bfloat16 params): state["param_remainder"], int16, the low half of the float32
   master (fusedopt/master_weights.py); the bf16 param is the high half.
-Such a param's other states (exp_avg, ...) are float32. The kernels read the param's value from its master and
-write both back in the same pass; float32/float64 params of the group step as usual (they are their own master).
+Such a param's other states (exp_avg, ...) are float32, or low-bit codes under state_dtype. The kernels read the
+param's value from its master and write both back in the same pass; float32/float64 params of the group step as
+usual (they are their own master).
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ class MasterWeightsMixin(FusedOptimizerMixin):
         if mode is None:
             return
         name = type(self).__name__
-        if group.get("state_dtype") is not None:
-            raise ValueError(f"fusedopt.optim.{name}: master_weights with state_dtype={group['state_dtype']!r} is not "
-                             "supported yet")  # fmt: skip
         if getattr(self, "bf16_stochastic_round", False):
             raise ValueError(f"fusedopt.optim.{name}: master_weights and bf16_stochastic_round exclude each other "
                              "(with a master, the bf16 param is the master rounded to nearest)")  # fmt: skip
@@ -146,7 +144,9 @@ class MasterWeightsMixin(FusedOptimizerMixin):
 
 
 def _float32_states(st: dict) -> None:
-    """The states beside a master in float32 (step and the master itself aside)."""
+    """The states beside a master in float32 (step, the master itself and low-bit codes and absmax aside: fp8 codes
+    are a floating dtype)."""
     for k, v in list(st.items()):
-        if k not in MASTER_KEYS.values() and k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+        kept = k in MASTER_KEYS.values() or k == "step" or k.endswith(("_codes", "_absmax"))
+        if not kept and isinstance(v, Tensor) and v.is_floating_point():
             st[k] = v.to(torch.float32)

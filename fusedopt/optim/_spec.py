@@ -82,7 +82,7 @@ class OptimizerSpec:
 
     def schema_q8(self) -> str:
         """<op>_step_q8: the state lists become codes and absmax lists (docs/LOW_BIT_STATES.md), plus one map per
-        state and the format's name (state_dtype: "int8", "int4" or "fp8")."""
+        state and the format's name (state_dtype: "int8", "int4" or "fp8"); `masters` as in <op>_step."""
         lists = ["params", "grads", *(f"{s.list_name}_codes" for s in self.states),
                  *(f"{s.list_name}_absmax" for s in self.states)]  # fmt: skip
         args = [f"Tensor(m{i}!)[] {name}" for i, name in enumerate(lists)]
@@ -90,7 +90,7 @@ class OptimizerSpec:
                  "Tensor? lr_tensor"]
         args += [f"{'bool' if h in self.flags else 'float'} {h}" for h in self.hyper]
         args += ["bool maximize", "Tensor? grad_divisor", "Tensor? found_inf", "bool write_back_grads",
-                 "Tensor? stochastic_round", "str backend"]
+                 "Tensor? stochastic_round", "Tensor(z!)[] masters", "str backend"]
         return f"{self.op}_step_q8({', '.join(args)}) -> ()"
 
 
@@ -119,6 +119,12 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
     @property
     def HAS_STEP(self) -> bool:
         return self.SPEC.has_step
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # MasterWeightsMixin puts a master-weight param's float32 states back after LowBitStateMixin converted the
+        # loaded ones (torch had cast them to the param's dtype): a quantized param's are quantized now, from float32.
+        self._convert_states()
 
     def _new_state_buffer(self, group: dict, p, spec: StateSpec):
         dtype = self._full_precision_state_dtype(group, p)  # float32 beside a master
@@ -162,13 +168,13 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
         args = dict(lr=group["lr"], hyper=hyper, maximize=bool(group.get("maximize", False)),
                     grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
                     stochastic_round=self._stochastic_round_state(bucket))  # fmt: skip
+        masters = self._masters(group, bucket)  # first: making them turns the states float32
         if bucket.quantized:  # int8 / int4 / fp8 states (fusedopt/optim/_lowbit.py): the list path
             codes, absmax = self._q8_lists(group, bucket, used)
             scalars = self._scalars(group, bucket)
-            optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, backend=bucket.backend,
-                               state_dtype=group["state_dtype"], **args)  # fmt: skip
+            optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, masters=masters,
+                               backend=bucket.backend, state_dtype=group["state_dtype"], **args)  # fmt: skip
             return
-        masters = self._masters(group, bucket)  # first: making them turns the states float32
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
         # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
