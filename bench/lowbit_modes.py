@@ -1,6 +1,7 @@
 """The optimizer-state modes of the low-bit bench (bench/optim_lowbit.py): fusedopt's and its peers' (torchao,
 bitsandbytes), one entry each in `adamw_modes()`. A later mode (int4, fp8, bf16 + fp32 master, bf16 + int16
-remainder, int8 beside a master) is one more entry there: the memory table, the step-time case and the tests pick it up.
+remainder, int8 with stochastic rounding or a master) is one more entry there: the memory table, the step-time case
+and the tests pick it up.
 
 Each mode says how its library lays out AdamW's two states (`StateLayout`, read from the library's source: the block
 size, the size under which a param keeps full-precision state, the maps it keeps), so the Llama-2-7B row is computed
@@ -119,7 +120,10 @@ def adamw_modes() -> list[StateMode]:
                       param_dtype=torch.bfloat16, master_weights=True),
         fusedopt_mode("bf16 + int16 remainder", StateLayout(32, fallback_itemsize=4, extra_bytes_per_elt=2),
                       param_dtype=torch.bfloat16, master_weights="remainder"),
-        # Both at once: int8 codes beside the exact master (a small param's states float32, as beside any master).
+        # Low-bit states with bf16 params: rounded stochastically (a small param's states bf16), or beside the exact
+        # master (a small param's states float32, as beside any master).
+        fusedopt_mode("bf16 + int8 + stochastic rounding", StateLayout(8), param_dtype=torch.bfloat16,
+                      state_dtype="int8", bf16_stochastic_round=True),
         fusedopt_mode("bf16 + int8 + fp32 master", StateLayout(8, fallback_itemsize=4, extra_bytes_per_elt=4),
                       param_dtype=torch.bfloat16, state_dtype="int8", master_weights=True),
         fusedopt_mode("bf16 + int8 + int16 remainder", StateLayout(8, fallback_itemsize=4, extra_bytes_per_elt=2),

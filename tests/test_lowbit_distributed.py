@@ -1,7 +1,8 @@
-"""8-bit optimizer states (state_dtype="int8") under FSDP2 with 2 gloo ranks on the CPU, and their DCP
-checkpoints loaded on 2 ranks and on 1 (tests/lowbit_dist_worker.py holds the scenarios):
+"""Low-bit optimizer states (int8, fp8, int4) under FSDP2 with 2 gloo ranks on the CPU, and their DCP checkpoints
+loaded on 2 ranks and on 1 (tests/lowbit_dist_worker.py holds the scenarios):
 - the 2-rank state equals the 1-rank state (same precision decision always; bit for bit where the shards' blocks
-  coincide with the 1-rank blocks, close where they do not), for AdamW and SGD with momentum;
+  coincide with the 1-rank blocks; where they do not, bit for bit with one process stepping each shard as a param,
+  and close to the 1-rank run for int8 and fp8), for AdamW and SGD with momentum;
 - a DCP (and a full state_dict) round trip on 2 ranks resumes exactly like the uninterrupted run;
 - the same checkpoint loaded on 1 rank (FSDP2 on one rank, and a plain model) holds the saved state and continues
   like the 2-rank run.

@@ -160,8 +160,8 @@ def test_int4_packing_and_search():
 @pytest.mark.parametrize(("saved", "loaded"), [("int8", "int4"), ("int4", "int8"), ("fp8", "int4"), ("int4", "fp8")])
 def test_loading_the_other_format_converts(saved, loaded):
     """The optimizer's state_dtype wins: a checkpoint of the other format is dequantized and requantized on load
-    (within the loaded map's step), and to_full_precision_state_dict needs the optimizer for int4 states (their
-    codes do not record the param's shape)."""
+    (within the loaded map's step); int4's state_dict holds a code per element (to_full_precision_state_dict needs
+    the optimizer only for an earlier version's packed codes, which still load)."""
     info = next(i for i in ENGINE_DRIVEN if i.name == "AdamW")
     params, opt = _run(info, {"lr": 1e-2}, "cpu", torch.float32, steps=3, state_dtype=saved)
     other = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype=loaded,
@@ -182,8 +182,20 @@ def test_loading_the_other_format_converts(saved, loaded):
         full = fusedopt.optim.to_full_precision_state_dict(sd)
         assert full["state"][0]["exp_avg"].shape == params[0].shape
     int4_opt = opt if saved == "int4" else other
+    int4_sd = int4_opt.state_dict()  # int4 codes one per element, of the param's shape (the FSDP2 global form)
+    assert int4_sd["state"][0]["exp_avg_codes"].shape == (80, 64)
+    assert int4_opt.state[int4_opt.param_groups[0]["params"][0]]["exp_avg_codes"].shape == (80 * 64 // 2,)
+    from_sd = fusedopt.optim.to_full_precision_state_dict(int4_sd)["state"][0]["exp_avg"]
+    assert torch.equal(from_sd, fusedopt.optim.to_full_precision_state_dict(int4_opt)["state"][0]["exp_avg"])
+    packed = copy.deepcopy(int4_sd)  # an earlier version's: packed codes, which do not record the shape
+    packed["state"][0]["exp_avg_codes"] = lowbit.pack4(packed["state"][0]["exp_avg_codes"])
     with pytest.raises(ValueError, match="pass the optimizer, not its state_dict"):
-        fusedopt.optim.to_full_precision_state_dict(int4_opt.state_dict())
+        fusedopt.optim.to_full_precision_state_dict(packed)
+    resumed = info.fused([p.detach().clone().requires_grad_() for p in params], backend="cpu", state_dtype="int4",
+                         lr=1e-2)  # fmt: skip
+    resumed.load_state_dict(packed)  # and it still loads
+    assert torch.equal(resumed.state[resumed.param_groups[0]["params"][0]]["exp_avg_codes"],
+                       int4_opt.state[int4_opt.param_groups[0]["params"][0]]["exp_avg_codes"])  # fmt: skip
     int8_opt = other if saved == "int4" else opt  # or fp8: codes of the param's shape
     assert fusedopt.optim.to_full_precision_state_dict(int8_opt.state_dict())["state"][0]["exp_avg"].shape == (80, 64)
 

@@ -7,9 +7,8 @@ each state `key` as `key_codes` (int8: uint8 of the param's shape; int4: uint8 p
 fp8) or 128 (int4) elements); smaller params, and every param of a
 group with state_dtype=None, keep torch's full-precision `key`. Loading a state_dict converts each state to what this
 optimizer keeps for it (quantizes, dequantizes or changes the format), so full-precision state_dicts of torch.optim
-load here and `to_full_precision_state_dict` gives one torch.optim loads. int4 states of FSDP2 (DTensor) params are
-refused (the world-size independent state_dict form of int8 and fp8, fusedopt/optim/_lowbit_shards.py, has no int4
-twin yet).
+load here and `to_full_precision_state_dict` gives one torch.optim loads. The states of FSDP2 (DTensor) params take
+a world-size independent form in state_dicts (fusedopt/optim/_lowbit_shards.py).
 """
 
 from __future__ import annotations
@@ -56,12 +55,8 @@ class LowBitStateMixin(FusedOptimizerMixin):
 
     def _quantize_into(self, p: Tensor, state: dict, spec, value: Tensor, state_dtype: str) -> None:
         """state[key_codes], state[key_absmax] <- value (p's local shape), quantized with spec's map. int8 and fp8
-        codes follow a DTensor param's placement; int4 codes are a plain tensor (no DTensor params: refused here)."""
-        if state_dtype == "int4" and shards.is_dtensor(p):
-            raise NotImplementedError(
-                f"fusedopt.optim.{type(self).__name__}: state_dtype='int4' for FSDP2 (DTensor) params is not supported "
-                "yet (its packed codes have no world-size independent state_dict form); use state_dtype='int8' or 'fp8'"
-            )
+        codes follow a DTensor param's placement; int4 codes are a plain tensor (a DTensor param's: its local shard's
+        packed bytes)."""
         lp = local_tensor(p)
         c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
                                state_dtype)  # fmt: skip
@@ -121,22 +116,28 @@ class LowBitStateMixin(FusedOptimizerMixin):
 
     # --- state_dict ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's state_dict; the int8 / fp8 states of DTensor (FSDP2) params in the world-size independent global
-        form (fusedopt/optim/_lowbit_shards.py). Collective under FSDP2 when such states exist: every rank calls
-        it, as DCP's get_optimizer_state_dict does."""
+        """torch's state_dict; the low-bit states of DTensor (FSDP2) params in the world-size independent global
+        form (fusedopt/optim/_lowbit_shards.py), and int4 codes one per element (of the param's shape) as that form
+        has them, for every param. Collective under FSDP2 when such states exist: every rank calls it, as DCP's
+        get_optimizer_state_dict does."""
         sd = super().state_dict()
         ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(ids, params):
+        params = ((p, g) for g in self.param_groups for p in g["params"])
+        for pid, (p, group) in zip(ids, params):
             st = sd["state"].get(pid)
-            if not st or not shards.is_dtensor(p) or not any(_is_q8_key(k) for k in st):
+            if not st or group.get("state_dtype") is None or not any(_is_q8_key(k) for k in st):
                 continue
+            fmt = lowbit.quant_format(group["state_dtype"])  # the run-time states are in the group's format
+            dtensor = shards.is_dtensor(p)
+            if not dtensor and fmt.bits == 8:
+                continue  # int8 / fp8 codes of a plain param are the global form already
             st = sd["state"][pid] = dict(st)  # torch's state_dict shares the per-param dicts with self.state
             for s in self.SPEC.states:
                 ck, ak = lowbit.codes_key(s.key), lowbit.absmax_key(s.key)
-                if ck in st:
-                    table = lowbit.qmap(s.signed, local_tensor(p).device, shards.format_of(st[ck]))
-                    st[ck], st[ak] = shards.to_global_form(p, st[ck], st[ak], table)
+                if ck in st and dtensor:
+                    st[ck], st[ak] = shards.to_global_form(p, st[ck], st[ak], s.signed, fmt)
+                elif ck in st:  # int4: a code per element, of the param's shape
+                    st[ck] = lowbit.unpack4(st[ck], p.numel()).to(torch.uint8).view(p.shape)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -164,14 +165,18 @@ class LowBitStateMixin(FusedOptimizerMixin):
         """Loaded codes and absmax as this param's step keeps them."""
         dev = local_tensor(p).device
         if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
-            return {k: (shards.full_tensor(v) if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
+            out = {k: (shards.full_tensor(v) if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
+            for ck in [k for k in out if k.endswith("_codes")]:  # int4's global form, a code per element: packed
+                codes, absmax = out[ck], out[lowbit.absmax_key(ck[: -len("_codes")])]
+                if codes.numel() == p.numel() and shards.global_format(codes, absmax, p.numel()).bits == 4:
+                    out[ck] = lowbit.pack4(codes)
+            return out
         signed = {s.key: s.signed for s in self.SPEC.states}
         out = {}
         for ck in sorted(k for k in q if k.endswith("_codes")):
             key = ck[: -len("_codes")]
             ak = lowbit.absmax_key(key)
-            table = lowbit.qmap(signed.get(key, True), dev, shards.format_of(q[ck]))
-            out[ck], out[ak] = shards.from_global_form(p, q[ck], q[ak], table)
+            out[ck], out[ak] = shards.from_global_form(p, q[ck], q[ak], signed.get(key, True))
         return out
 
     def _after_load_state_dict(self) -> None:
@@ -209,18 +214,12 @@ def _signed_by_key() -> dict:
     return {s.key: s.signed for m in (adagrad, adam, lion, rmsprop, sgd) for s in m.SPEC.states}
 
 
-def _int4_state(codes, absmax) -> bool:
-    """Whether stored codes are int4 (from the counts alone: int8 and fp8 have one absmax per 256 codes, int4 one
-    per 64)."""
-    return not shards.is_dtensor(codes) and absmax.numel() != lowbit.num_blocks(codes.numel(), "int8")
-
-
 def to_full_precision_state_dict(opt_or_state_dict) -> dict:
     """A state_dict with every int8 / int4 / fp8 state dequantized to float32 under torch's key (`exp_avg`, ...) and
     state_dtype=None in the groups: torch.optim (and fusedopt without state_dtype) load it. Takes an optimizer or
     its state_dict; the input is not modified. Under FSDP2 the states are DTensors with their param's placement
-    (collective: every rank calls it). int4 codes do not record their param's shape: a state_dict holding int4
-    states needs the optimizer (a ValueError says so)."""
+    (collective: every rank calls it). Packed int4 codes (a state_dict of an earlier version) do not record their
+    param's shape: such a state_dict needs the optimizer (a ValueError says so)."""
     is_opt = hasattr(opt_or_state_dict, "state_dict")
     sd = opt_or_state_dict.state_dict() if is_opt else opt_or_state_dict
     shapes = {}
@@ -234,15 +233,13 @@ def to_full_precision_state_dict(opt_or_state_dict) -> dict:
         for k in sorted(k for k in st if isinstance(k, str) and k.endswith("_codes")):  # sorted: collective
             key = k[: -len("_codes")]
             codes, absmax = st[k], st[lowbit.absmax_key(key)]
-            if not _int4_state(codes, absmax):
-                table = lowbit.qmap(signed.get(key, True), local_tensor(codes).device, shards.format_of(codes))
-                out[key] = shards.dequantize_global_form(codes, absmax, table)
-                continue
-            if pid not in shapes:
+            # int4 codes packed two per byte (a checkpoint of an earlier version): one absmax per 64 of them
+            packed = not shards.is_dtensor(codes) and absmax.numel() == lowbit.num_blocks(2 * codes.numel(), "int4")
+            if packed and pid not in shapes:
                 raise ValueError(f"to_full_precision_state_dict: state {pid} holds int4 {key} states, whose codes do "
                                  "not record the param's shape: pass the optimizer, not its state_dict")
-            table = lowbit.qmap(signed.get(key, True), codes.device, "int4")
-            out[key] = lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype="int4", shape=shapes[pid])
+            out[key] = shards.dequantize_global_form(codes, absmax, signed.get(key, True),
+                                                     shapes[pid] if packed else None)  # fmt: skip
         state[pid] = out
     groups = [{**g, "state_dtype": None} if "state_dtype" in g else dict(g) for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}

@@ -1,12 +1,17 @@
-"""int8 and fp8 states of FSDP2 (DTensor) params in state_dicts: the world-size independent "global block" form.
+"""Low-bit states (int8, int4, fp8) of FSDP2 (DTensor) params in state_dicts: the world-size independent "global
+block" form.
 
-At run time a rank quantizes its local shard on its own: blocks of 256 consecutive LOCAL elements, one absmax each,
-no communication in the step. A shard whose flat offset in the full param is a multiple of 256 has exactly the
-1-rank blocks (the last one maybe shorter); other shards have blocks that straddle two 1-rank blocks.
+At run time a rank quantizes its local shard on its own: blocks of `block` (256; int4 128) consecutive LOCAL
+elements, one absmax each, no communication in the step. A shard whose flat offset in the full param is a multiple
+of the block has exactly the 1-rank blocks (the last one maybe shorter); other shards have blocks that straddle two
+1-rank blocks. int8 and fp8 codes are a DTensor with the param's placement; int4 codes, two per byte, are the local
+shard's packed bytes (a plain tensor: a shard of odd size has no whole-byte place in the full tensor).
 
 A state_dict holds the 1-rank form, whatever the world size: `<key>_codes` a DTensor with the param's placement,
-`<key>_absmax` a DTensor of the FULL param's block count (ceil(numel / 256)), sharded along dim 0. The value of
-global element i is map[codes[i]] * absmax[i // 256], as on one process, so DCP can reshard it (2 -> 1 rank).
+one code per element (int4's unpacked, a uint8 each), `<key>_absmax` a DTensor of the FULL param's block count
+(ceil(numel / block)), sharded along dim 0. The value of global element i is map[codes[i]] * absmax[i // block],
+as on one process, so DCP can reshard it (2 -> 1 rank). (int4's global form takes a byte per code, twice its
+run-time size: the price of a layout every world size can cut.)
 - Saving: a local block that is a whole global block keeps its codes and absmax as they are (bit-exact). Elements
   of the other blocks are dequantized, each global block's absmax is the max over the ranks that hold part of it
   (an all-reduce), and they are requantized against it (within the map's resolution).
@@ -25,8 +30,6 @@ from torch import Tensor
 
 from fusedopt import lowbit
 
-BLOCK = lowbit.QUANT_BLOCK
-
 
 def is_dtensor(t) -> bool:
     return hasattr(t, "_local_tensor")
@@ -41,22 +44,43 @@ def flat_range(p) -> tuple:
     local_shape, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
     if len(shape) > 1 and (tuple(local_shape[1:]) != shape[1:] or any(offset[1:])):
         raise NotImplementedError(
-            f"fusedopt: 8-bit states of a DTensor param are supported for shards along dim 0 (FSDP2), got placements "
+            f"fusedopt: low-bit states of a DTensor param are supported for shards along dim 0 (FSDP2), got placements "
             f"{p.placements} for shape {list(shape)}"
         )
     row = math.prod(shape[1:])
     return (offset[0] * row if shape else 0), math.prod(local_shape), p.numel()
 
 
-def _local_blocks(offset: int, n: int, device) -> tuple:
+def _local_blocks(offset: int, n: int, block: int, device) -> tuple:
     """Start and end (global flat index) of each local block of a shard at `offset` with n elements."""
-    start = offset + torch.arange(0, n, BLOCK, device=device)
-    return start, torch.clamp(start + BLOCK, max=offset + n)
+    start = offset + torch.arange(0, n, block, device=device)
+    return start, torch.clamp(start + block, max=offset + n)
 
 
-def format_of(codes) -> lowbit.QuantFormat:
-    """int8 or fp8 (both one code byte per element, blocks of 256), by the codes' dtype."""
-    return lowbit.FORMATS["fp8" if codes.dtype == torch.float8_e4m3fn else "int8"]
+def global_format(codes, absmax, numel: int) -> lowbit.QuantFormat:
+    """The format of a state as a state_dict holds it, for a param of `numel` elements (at least MIN_QUANT_NUMEL, so
+    the counts differ): fp8 by the codes' dtype; int4 by its packed codes (a 1-rank checkpoint) or its absmax count
+    (one per 128 elements, the global form); else int8."""
+    if codes.dtype == torch.float8_e4m3fn:
+        return lowbit.FORMATS["fp8"]
+    int4 = lowbit.FORMATS["int4"]
+    if codes.numel() == int4.codes_numel(numel) or absmax.numel() == int4.num_blocks(numel):
+        return int4
+    return lowbit.FORMATS["int8"]
+
+
+def _code_bytes(codes: Tensor, n: int, fmt) -> Tensor:
+    """One uint8 code per element (flat, n of them): int4's unpacked, float8's bits."""
+    if fmt.bits == 4:
+        return lowbit.unpack4(codes, n).to(torch.uint8)
+    return codes.reshape(-1).view(torch.uint8)
+
+
+def _run_time_codes(p, code_bytes: Tensor, fmt):
+    """The codes as the step keeps them: a DTensor like p (int8, fp8), or the packed local bytes (int4)."""
+    if fmt.bits == 4:
+        return lowbit.pack4(code_bytes).contiguous()
+    return _as_dtensor_like(p, code_bytes.contiguous().view(fmt.codes_dtype))
 
 
 def _quantize_against(values: Tensor, absmax_per_element: Tensor, table: Tensor, fmt) -> Tensor:
@@ -66,9 +90,9 @@ def _quantize_against(values: Tensor, absmax_per_element: Tensor, table: Tensor,
     return lowbit.encode(values / d, table, fmt).to(torch.uint8)
 
 
-def _dequantize_with(codes: Tensor, absmax_per_element: Tensor, table: Tensor) -> Tensor:
-    """map[codes] * absmax, float32, flat: fusedopt.lowbit.dequantize with each element's block absmax given."""
-    return table[:BLOCK][codes.reshape(-1).view(torch.uint8).long()] * absmax_per_element
+def _dequantize_with(code_bytes: Tensor, absmax_per_element: Tensor, table: Tensor, fmt) -> Tensor:
+    """map[code] * absmax, float32, flat: fusedopt.lowbit.dequantize with each element's block absmax given."""
+    return table[: fmt.levels][code_bytes.long()] * absmax_per_element
 
 
 def _all_reduce_max(t: Tensor, mesh) -> None:
@@ -91,38 +115,39 @@ def _as_dtensor_like(p, local: Tensor):
                               stride=p.stride())  # fmt: skip
 
 
-def to_global_form(p, codes, absmax: Tensor, table: Tensor) -> tuple:
-    """(codes DTensor, absmax DTensor of the full param's blocks) for a DTensor param's run-time state (codes a
-    DTensor, absmax its local blocks). Collective: every rank of p's mesh calls it for the same param."""
+def to_global_form(p, codes, absmax: Tensor, signed: bool, fmt) -> tuple:
+    """(codes DTensor, absmax DTensor of the full param's blocks) for a DTensor param's run-time state of format
+    `fmt` with a signed or unsigned map. Collective: every rank of p's mesh calls it for the same param."""
     from torch.distributed.tensor import DTensor, Replicate
 
     offset, n, numel = flat_range(p)
-    fmt = format_of(codes)
-    local_codes = codes._local_tensor.reshape(-1)
+    block = fmt.block
+    local_codes = _code_bytes(codes._local_tensor if is_dtensor(codes) else codes, n, fmt)
     dev = local_codes.device
-    start, end = _local_blocks(offset, n, dev)
-    whole = (start % BLOCK == 0) & ((end - start == BLOCK) | (end == numel))  # a local block = a global block
-    nb = lowbit.num_blocks(numel)
+    table = lowbit.qmap(signed, dev, fmt)
+    start, end = _local_blocks(offset, n, block, dev)
+    whole = (start % block == 0) & ((end - start == block) | (end == numel))  # a local block = a global block
+    nb = fmt.num_blocks(numel)
     best, nan = torch.zeros(nb, device=dev), torch.zeros(nb, device=dev)
     absmax = absmax.to(dev)
-    g_whole = start[whole] // BLOCK
+    g_whole = start[whole] // block
     best[g_whole] = torch.nan_to_num(absmax[whole], nan=0.0)
     nan[g_whole] = absmax[whole].isnan().float()
-    part = ~whole.repeat_interleave(BLOCK)[:n]  # elements to requantize against the global blocks
+    part = ~whole.repeat_interleave(block)[:n]  # elements to requantize against the global blocks
     straddles = bool(part.any())
     if straddles:
-        values = lowbit.dequantize(local_codes, absmax, table, state_dtype=fmt).reshape(-1)
-        g_elem = (offset + torch.arange(n, device=dev)) // BLOCK
+        local_absmax = absmax.repeat_interleave(block)[:n]
+        values = _dequantize_with(local_codes, local_absmax, table, fmt)
+        g_elem = (offset + torch.arange(n, device=dev)) // block
         best.scatter_reduce_(0, g_elem[part], torch.nan_to_num(values[part].abs(), nan=0.0), "amax")
         nan.scatter_reduce_(0, g_elem[part], values[part].isnan().float(), "amax")
     _all_reduce_max(best, p.device_mesh)
     _all_reduce_max(nan, p.device_mesh)
     full = torch.where(nan > 0, float("nan"), best)
     if straddles:
-        requantized = _quantize_against(values[part], full[g_elem[part]], table, fmt)
-        code_bytes = local_codes.view(torch.uint8).clone()  # (indexing takes no float8)
-        code_bytes[part] = requantized
-        codes = _as_dtensor_like(p, code_bytes.view(fmt.codes_dtype))
+        local_codes = local_codes.clone()
+        local_codes[part] = _quantize_against(values[part], full[g_elem[part]], table, fmt)
+    codes = _as_dtensor_like(p, local_codes.view(fmt.codes_dtype))
     replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
     return codes, replicated.redistribute(p.device_mesh, _block_placements(p))
 
@@ -142,48 +167,60 @@ def full_tensor(t) -> Tensor:
     return as_bytes.full_tensor().view(t.dtype)
 
 
-def _local_codes(p, codes) -> Tensor:
-    """p's local shard of codes given as a DTensor (p's placement) or as the full tensor (a 1-rank checkpoint)."""
+def _local_codes(p, codes, fmt) -> Tensor:
+    """p's local shard of codes, one uint8 per element, given as a DTensor (p's placement) or as the full tensor (a
+    1-rank checkpoint; int4 packed)."""
+    offset, n, numel = flat_range(p)
     if is_dtensor(codes):
         if codes.device_mesh == p.device_mesh and tuple(codes.placements) == tuple(p.placements):
-            return codes._local_tensor.reshape(-1)
+            return codes._local_tensor.reshape(-1).view(torch.uint8)
         codes = full_tensor(codes)  # laid out otherwise: cut p's range from the whole (collective)
-    offset, n, _ = flat_range(p)
-    return codes.reshape(-1)[offset : offset + n]
+    elif fmt.bits == 4 and codes.numel() == fmt.codes_numel(numel):
+        codes = lowbit.unpack4(codes, numel).to(torch.uint8)
+    return codes.reshape(-1).view(torch.uint8)[offset : offset + n]
 
 
-def from_global_form(p, codes, absmax, table: Tensor) -> tuple:
-    """The run-time state (codes DTensor, local absmax) of a DTensor param from the global form (DTensors, or full
-    plain tensors). Collective when absmax is a DTensor."""
+def from_global_form(p, codes, absmax, signed: bool) -> tuple:
+    """The run-time state (codes: a DTensor, or int4's packed local bytes; local absmax) of a DTensor param from the
+    global form (DTensors, or full plain tensors) of a state with a signed or unsigned map. Blocks inside one global
+    block keep their codes and take its absmax; straddling ones are requantized over the local block. Collective
+    when absmax is a DTensor."""
     offset, n, numel = flat_range(p)
-    fmt = format_of(codes)
+    fmt = global_format(codes, absmax, numel)
+    block = fmt.block
     full = _full_blocks(absmax)
-    local_codes = _local_codes(p, codes)
+    local_codes = _local_codes(p, codes, fmt)
     dev = p._local_tensor.device
     full, local_codes = full.to(dev), local_codes.to(dev)
-    if full.numel() != lowbit.num_blocks(numel) or local_codes.numel() != n:
-        raise ValueError(f"8-bit state of a param of shape {list(p.shape)}: expected {lowbit.num_blocks(numel)} absmax "
-                         f"values (one per 256 elements of the whole param) and {n} local codes, got "
+    if full.numel() != fmt.num_blocks(numel) or local_codes.numel() != n:
+        raise ValueError(f"{fmt.name} state of a param of shape {list(p.shape)}: expected {fmt.num_blocks(numel)} "
+                         f"absmax values (one per {block} elements of the whole param) and {n} local codes, got "
                          f"{full.numel()} and {local_codes.numel()}")  # fmt: skip
-    start, end = _local_blocks(offset, n, dev)
-    inside = start // BLOCK == (end - 1) // BLOCK  # keeps its codes, the global block's absmax
-    local_absmax = full[start // BLOCK].clone()
+    table = lowbit.qmap(signed, dev, fmt)
+    start, end = _local_blocks(offset, n, block, dev)
+    inside = start // block == (end - 1) // block
+    local_absmax = full[start // block].clone()
     if not bool(inside.all()):
-        values = _dequantize_with(local_codes, full[(offset + torch.arange(n, device=dev)) // BLOCK], table)
+        values = _dequantize_with(local_codes, full[(offset + torch.arange(n, device=dev)) // block], table, fmt)
         new_codes, new_absmax = lowbit.quantize(values, table, fmt)
-        keep = inside.repeat_interleave(BLOCK)[:n]
-        local_codes = torch.where(keep, local_codes.view(torch.uint8), new_codes.view(torch.uint8))
-        local_codes = local_codes.view(fmt.codes_dtype)
+        keep = inside.repeat_interleave(block)[:n]
+        local_codes = torch.where(keep, local_codes, _code_bytes(new_codes, n, fmt))
         local_absmax = torch.where(inside, local_absmax, new_absmax)
-    return _as_dtensor_like(p, local_codes.contiguous()), local_absmax
+    return _run_time_codes(p, local_codes, fmt), local_absmax
 
 
-def dequantize_global_form(codes, absmax, table: Tensor):
-    """float32 values (a DTensor with the codes' placement for DTensor codes) of a state in the global form."""
+def dequantize_global_form(codes, absmax, signed: bool, shape=None):
+    """float32 values (a DTensor with the codes' placement for DTensor codes) of a state in the global form, or of a
+    plain 1-rank checkpoint's (int4's packed codes need the param's `shape`)."""
+    numel = codes.numel() if is_dtensor(codes) or shape is None else math.prod(shape)
+    fmt = global_format(codes, absmax, numel)
+    table = lowbit.qmap(signed, codes.device, fmt)
     if not is_dtensor(codes):
-        return lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype=format_of(codes))
+        if fmt.bits == 4 and codes.numel() == numel:  # one code per element: packed for lowbit.dequantize
+            codes, shape = lowbit.pack4(codes), codes.shape
+        return lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype=fmt, shape=shape)
     offset, n, _ = flat_range(codes)
-    local = codes._local_tensor.reshape(-1)
+    local = codes._local_tensor.reshape(-1).view(torch.uint8)
     full = _full_blocks(absmax).to(local.device)
-    values = _dequantize_with(local, full[(offset + torch.arange(n, device=local.device)) // BLOCK], table)
+    values = _dequantize_with(local, full[(offset + torch.arange(n, device=local.device)) // fmt.block], table, fmt)
     return _as_dtensor_like(codes, values)
