@@ -1,10 +1,11 @@
 """The body of tests/test_master_distributed.py: master weights (`master_weights=True` and "remainder",
-docs/MASTER_WEIGHTS.md) of bf16 params sharded by FSDP2 on 2 gloo ranks, and their DCP checkpoints loaded on 2 ranks
-and on 1. Each rank writes {scenario: "ok" | traceback} to <out>/<world>-<rank>.json.
+docs/MASTER_WEIGHTS.md) of bf16 params sharded by FSDP2 on 2 gloo ranks, also beside int8 states, and their DCP
+checkpoints loaded on 2 ranks and on 1. Each rank writes {scenario: "ok" | traceback} to <out>/<world>-<rank>.json.
 
 The reference of a 2-rank run is the 1-rank optimizer fed the same full gradients (each step's sharded gradients
 gathered). The step is elementwise, so every element's math is the same on a shard as on the whole tensor: params,
-masters (or remainders) and states are compared bit for bit.
+masters (or remainders) and states are compared bit for bit (int8 states on a model whose shards hold whole blocks
+of 256: tests/lowbit_dist_worker.py).
 """
 
 from __future__ import annotations
@@ -13,23 +14,30 @@ import os
 
 import gloo
 import torch
+import torch.distributed as dist
 
 import fusedopt
 
 STEPS = 10  # parity steps
 SAVE_AT, RESUME_STEPS = 3, 3  # DCP: train 3 steps, save, 3 more (uninterrupted) vs 3 after loading
-MODES = {"fp32": True, "remainder": "remainder"}
+MODES = {  # the optimizer's mode keywords
+    "fp32": {"master_weights": True},
+    "remainder": {"master_weights": "remainder"},
+    "int8-remainder": {"master_weights": "remainder", "state_dtype": "int8"},
+}
 KW = {"lr": 1e-2, "weight_decay": 0.1}
-MASTER_KEY = {"fp32": "master_param", "remainder": "param_remainder"}
+MASTER_KEY = {True: "master_param", "remainder": "param_remainder"}
 # Linear layers (in, out), bf16. Sharded along dim 0 (out rows): 45 rows split 23 / 22; the last layer's single
-# row (and its 1-element bias) leaves rank 1 an empty shard.
+# row (and its 1-element bias) leaves rank 1 an empty shard. With int8 states: 64 rows split 32 / 32 (4096 elements
+# each: whole blocks of 256) in place of the 45.
 LAYERS = ((64, 128), (128, 45), (45, 4), (4, 1))
+LAYERS_INT8 = ((64, 128), (128, 64), (64, 4), (4, 1))
 
 
-def build(seed: int = 0) -> torch.nn.Sequential:
+def build(seed: int = 0, mode: str = "fp32") -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers = []
-    for a, b in LAYERS:
+    for a, b in LAYERS_INT8 if "state_dtype" in MODES[mode] else LAYERS:
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     return torch.nn.Sequential(*layers[:-1]).to(torch.bfloat16)
 
@@ -38,6 +46,10 @@ fsdp = gloo.shard_linears
 
 
 full = gloo.full
+
+
+def master_key(mode: str) -> str:
+    return MASTER_KEY[MODES[mode]["master_weights"]]
 
 
 def batch(rank: int, step: int):
@@ -56,8 +68,16 @@ def forward_backward(model, opt, rank: int, step: int) -> list:
 
 
 def full_state(opt, p) -> dict:
-    """p's optimizer state as full tensors (collective for DTensors)."""
-    return {k: full(v).clone() for k, v in opt.state[p].items()}
+    """p's optimizer state as full tensors (collective for DTensors; an int8 state's absmax, one per local block, is
+    gathered in rank order)."""
+    out = {}
+    for k, v in opt.state[p].items():
+        if k.endswith("_absmax") and hasattr(p, "full_tensor"):
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, v)
+            v = torch.cat(parts)
+        out[k] = full(v).clone()
+    return out
 
 
 def _same(got, want, where: str) -> None:
@@ -74,7 +94,7 @@ def check_equal_states(opt, params, ref, ref_params, where: str, mode: str) -> N
         assert torch.equal(full(p.detach()), full(rp.detach())), f"{at}: params differ"
         got, want = full_state(opt, p), full_state(ref, rp)
         assert got.keys() == want.keys(), f"{at}: {sorted(got)} != {sorted(want)}"
-        assert MASTER_KEY[mode] in got, f"{at}: no {MASTER_KEY[mode]}"
+        assert master_key(mode) in got, f"{at}: no {master_key(mode)}"
         for k, v in want.items():
             _same(got[k], v, f"{at} {k}")
 
@@ -82,11 +102,11 @@ def check_equal_states(opt, params, ref, ref_params, where: str, mode: str) -> N
 def scenario_parity(mode: str, rank: int, mesh) -> None:
     """10 AdamW steps on 2 ranks against the 1-rank optimizer fed the same gradients: params, masters / remainders
     and states bit for bit; the master's state is a DTensor sharded as its param, the other states float32."""
-    model = build()
+    model = build(mode=mode)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
     model = fsdp(model, mesh)
-    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
-    ref = fusedopt.optim.AdamW(ref_params, master_weights=MODES[mode], **KW)
+    opt = fusedopt.optim.AdamW(model.parameters(), **MODES[mode], **KW)
+    ref = fusedopt.optim.AdamW(ref_params, **MODES[mode], **KW)
     for s in range(STEPS):
         for rp, g in zip(ref_params, forward_backward(model, opt, rank, s)):
             rp.grad = g
@@ -95,20 +115,22 @@ def scenario_parity(mode: str, rank: int, mesh) -> None:
     check_equal_states(opt, list(model.parameters()), ref, ref_params, f"parity {mode}", mode)
     for p in model.parameters():
         st = opt.state[p]
-        master = st[MASTER_KEY[mode]]
+        master = st[master_key(mode)]
         assert type(master).__name__ == "DTensor" and master.placements == p.placements, type(master)
         assert master.to_local().shape == p.to_local().shape
-        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+        quantized = "state_dtype" in MODES[mode] and p.numel() >= 4096
+        assert ("exp_avg_codes" in st) == quantized, (mode, list(p.shape))
+        assert quantized or (st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32)
     # the masters moved the params by updates a bf16 step alone would lose: not a vacuous comparison
-    start = build()
+    start = build(mode=mode)
     moved = [full(p.detach()) != q.detach() for p, q in zip(model.parameters(), start.parameters())]
     assert any(bool(m.any()) for m in moved)
     # the masters hold bits the bf16 params do not: a step that dropped them would not be bit-identical
     for p in model.parameters():
-        m = full(opt.state[p][MASTER_KEY[mode]])
-        kept = m != full(p.detach()).float() if mode == "fp32" else m != 0
+        m = full(opt.state[p][master_key(mode)])
+        kept = m != full(p.detach()).float() if MODES[mode]["master_weights"] is True else m != 0
         assert bool(kept.any()) or p.numel() == 1, list(p.shape)
-    if mode == "fp32":  # the param is the master rounded to nearest
+    if MODES[mode]["master_weights"] is True:  # the param is the master rounded to nearest
         for p in model.parameters():
             assert torch.equal(full(p.detach()), full(opt.state[p]["master_param"]).to(torch.bfloat16))
 
@@ -123,8 +145,8 @@ def scenario_dcp(mode: str, rank: int, mesh, ckpt_dir: str) -> None:
     Rank 0 keeps what the 1-rank load checks."""
     dcp, dsd = _dcp()
     path = os.path.join(ckpt_dir, f"master-{mode}")
-    model = fsdp(build(), mesh)
-    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
+    model = fsdp(build(mode=mode), mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), **MODES[mode], **KW)
     for s in range(SAVE_AT):
         forward_backward(model, opt, rank, s)
         opt.step()
@@ -138,8 +160,8 @@ def scenario_dcp(mode: str, rank: int, mesh, ckpt_dir: str) -> None:
         opt.step()
     saved["grads"], saved["end"] = grads, [full(p.detach()) for p in params]
     saved["end_state"] = [full_state(opt, p) for p in params]
-    fresh = fsdp(build(seed=1), mesh)  # other weights: the load must overwrite them
-    fresh_opt = fusedopt.optim.AdamW(fresh.parameters(), master_weights=MODES[mode], **KW)
+    fresh = fsdp(build(seed=1, mode=mode), mesh)  # other weights: the load must overwrite them
+    fresh_opt = fusedopt.optim.AdamW(fresh.parameters(), **MODES[mode], **KW)
     load_checkpoint(fresh, fresh_opt, path)
     for i, p in enumerate(fresh.parameters()):
         assert torch.equal(full(p.detach()), saved["params"][i]), f"loaded param {i}"
@@ -162,10 +184,10 @@ def scenario_one_rank(mode: str, fsdp_on: bool, mesh, ckpt_dir: str) -> None:
 
     path = os.path.join(ckpt_dir, f"master-{mode}")
     saved = torch.load(path + ".expected.pt")
-    model = build(seed=1)
+    model = build(seed=1, mode=mode)
     if fsdp_on:
         model = fsdp(model, mesh)
-    opt = fusedopt.optim.AdamW(model.parameters(), master_weights=MODES[mode], **KW)
+    opt = fusedopt.optim.AdamW(model.parameters(), **MODES[mode], **KW)
     load_checkpoint(model, opt, path)
     params = list(model.parameters())
     for i, p in enumerate(params):

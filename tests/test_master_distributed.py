@@ -1,5 +1,6 @@
-"""Master weights (`master_weights=True` and "remainder") of bf16 params under FSDP2 with 2 gloo ranks on the CPU,
-and their DCP checkpoints loaded on 2 ranks and on 1 (tests/master_dist_worker.py holds the scenarios):
+"""Master weights (`master_weights=True` and "remainder", and "remainder" beside int8 states) of bf16 params under
+FSDP2 with 2 gloo ranks on the CPU, and their DCP checkpoints loaded on 2 ranks and on 1 (tests/master_dist_worker.py
+holds the scenarios):
 - 10 AdamW steps on 2 ranks equal the 1-rank optimizer fed the same gradients, bit for bit (params, masters or
   remainders, states);
 - a DCP round trip on 2 ranks resumes exactly like the uninterrupted run;
