@@ -86,6 +86,19 @@ def full(t):
     return t.full_tensor()
 
 
+def optimizer_state(opt, p) -> dict:
+    """p's optimizer state as whole tensors, copies (collective for DTensors); a low-bit state's absmax, one per
+    block of the local shard (a plain tensor on each rank), is gathered in rank order."""
+    out = {}
+    for k, v in opt.state[p].items():
+        if k.endswith("_absmax") and hasattr(p, "full_tensor"):
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, v)
+            v = torch.cat(parts)
+        out[k] = full(v).clone()
+    return out
+
+
 def dcp_modules():
     """(torch.distributed.checkpoint, its state_dict helpers)."""
     import torch.distributed.checkpoint as dcp

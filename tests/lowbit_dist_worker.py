@@ -258,16 +258,7 @@ _dcp = gloo.dcp_modules
 load_checkpoint = gloo.load_checkpoint
 
 
-def runtime_state(opt, p) -> dict:
-    """p's state as the step keeps it, full tensors (codes gathered; absmax is per shard: gathered in rank order)."""
-    out = {}
-    for k, v in opt.state[p].items():
-        if k.endswith("_absmax") and hasattr(p, "full_tensor"):
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, v)
-            v = torch.cat(parts)
-        out[k] = full(v)
-    return out
+runtime_state = gloo.optimizer_state  # p's state as the step keeps it, whole tensors
 
 
 def scenario_dcp(name: str, kind: str, rank: int, mesh, ckpt_dir: str) -> None:

@@ -14,7 +14,6 @@ import os
 
 import gloo
 import torch
-import torch.distributed as dist
 
 import fusedopt
 
@@ -67,17 +66,7 @@ def forward_backward(model, opt, rank: int, step: int) -> list:
     return [full(p.grad) for p in model.parameters()]
 
 
-def full_state(opt, p) -> dict:
-    """p's optimizer state as full tensors (collective for DTensors; an int8 state's absmax, one per local block, is
-    gathered in rank order)."""
-    out = {}
-    for k, v in opt.state[p].items():
-        if k.endswith("_absmax") and hasattr(p, "full_tensor"):
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, v)
-            v = torch.cat(parts)
-        out[k] = full(v).clone()
-    return out
+full_state = gloo.optimizer_state
 
 
 def _same(got, want, where: str) -> None:
