@@ -272,3 +272,30 @@ def test_non_finite_grads_as_in_the_float32_run():
     torch.testing.assert_close(_master(opt, p), runs[None][1].detach(), rtol=0, atol=0, equal_nan=True)
     for k, v in _q8_state(runs[None][0], runs[None][1]).items():
         assert torch.equal(opt.state[p][k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("mode", [None, *MODES])
+def test_compiled_step_equals_eager(mode):
+    """torch.compile (aot_eager: the q8 custom op through functionalization, as inductor; one graph, fullgraph) of an
+    int8 step, alone and beside a master: codes, absmax, params and masters the same bits as eager."""
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).bfloat16()) for n in (7, 5000)]
+        extra = {"master_weights": mode} if mode is not None else {}
+        opt = fusedopt.AdamW(params, lr=0.01, backend="cpu", state_dtype="int8", **extra)
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
+        gen = torch.Generator().manual_seed(8)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            step()
+        runs.append((opt, params))
+    torch._dynamo.reset()
+    (opt_e, ps_e), (opt_c, ps_c) = runs
+    assert "exp_avg_codes" in opt_c.state[ps_c[1]]
+    for a, b in zip(ps_e, ps_c):
+        assert torch.equal(a, b)
+        assert opt_e.state[a].keys() == opt_c.state[b].keys()
+        for k, v in opt_e.state[a].items():
+            assert torch.equal(v, opt_c.state[b][k]), k
