@@ -18,6 +18,7 @@ import inspect
 import pytest
 import torch
 from test_lowbit_states import FORMATS, Q8, Q8_BACKENDS, _compare, _q8_state
+from test_master_weights import eager_and_compiled_runs
 
 import fusedopt
 from fusedopt import lowbit, master_weights
@@ -286,21 +287,9 @@ def test_non_finite_grads_as_in_the_float32_run():
 def test_compiled_step_equals_eager(mode):
     """torch.compile (aot_eager: the q8 custom op through functionalization, as inductor; one graph, fullgraph) of an
     int8 step, alone and beside a master: codes, absmax, params and masters the same bits as eager."""
-    torch._dynamo.reset()
-    runs = []
-    for compiled in (False, True):
-        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).bfloat16()) for n in (7, 5000)]
-        extra = {"master_weights": mode} if mode is not None else {}
-        opt = fusedopt.AdamW(params, lr=0.01, backend="cpu", state_dtype="int8", **extra)
-        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
-        gen = torch.Generator().manual_seed(8)
-        for _ in range(4):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).bfloat16()
-            step()
-        runs.append((opt, params))
-    torch._dynamo.reset()
-    (opt_e, ps_e), (opt_c, ps_c) = runs
+    extra = {"master_weights": mode} if mode is not None else {}
+    make = lambda params: fusedopt.AdamW(params, lr=0.01, backend="cpu", state_dtype="int8", **extra)
+    (opt_e, ps_e), (opt_c, ps_c) = eager_and_compiled_runs(make, (7, 5000), fullgraph=True)
     assert "exp_avg_codes" in opt_c.state[ps_c[1]]
     for a, b in zip(ps_e, ps_c):
         assert torch.equal(a, b)

@@ -366,16 +366,15 @@ def test_an_int8_checkpoint_loads_into_master_weights():
     opt.step()
 
 
-@pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
-def test_compiled_step_equals_eager(mode):
-    """torch.compile (aot_eager: the custom op through functionalization, as inductor) of a master-weight step: the
-    op with its masters list in the graph, the same bits as eager."""
+def eager_and_compiled_runs(make, sizes, fullgraph: bool) -> list:
+    """[(optimizer, params)] of 4 steps on bf16 params of `sizes` with the same grads: eager, then its step under
+    torch.compile (aot_eager: the custom op through functionalization, as inductor)."""
     torch._dynamo.reset()
     runs = []
     for compiled in (False, True):
-        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).bfloat16()) for n in (7, 300)]
-        opt = fusedopt.AdamW(params, lr=0.01, backend="cpu", master_weights=mode)
-        step = torch.compile(opt.step, backend="aot_eager", fullgraph=False) if compiled else opt.step
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n).bfloat16()) for n in sizes]
+        opt = make(params)
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=fullgraph) if compiled else opt.step
         gen = torch.Generator().manual_seed(8)
         for _ in range(4):
             for p in params:
@@ -383,7 +382,15 @@ def test_compiled_step_equals_eager(mode):
             step()
         runs.append((opt, params))
     torch._dynamo.reset()
-    (opt_e, ps_e), (opt_c, ps_c) = runs
+    return runs
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["fp32", "remainder"])
+def test_compiled_step_equals_eager(mode):
+    """torch.compile (aot_eager: the custom op through functionalization, as inductor) of a master-weight step: the
+    op with its masters list in the graph, the same bits as eager."""
+    make = lambda params: fusedopt.AdamW(params, lr=0.01, backend="cpu", master_weights=mode)
+    (opt_e, ps_e), (opt_c, ps_c) = eager_and_compiled_runs(make, (7, 300), fullgraph=False)
     for a, b in zip(ps_e, ps_c):
         assert torch.equal(a, b) and torch.equal(_master(opt_e, a), _master(opt_c, b))
 
