@@ -14,6 +14,7 @@ from __future__ import annotations
 import gloo
 import lowbit_dist_worker
 import pytest
+import torch
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -34,3 +35,38 @@ def test_lowbit_distributed(results, world, scenario):
 
 def test_every_scenario_ran(results):
     gloo.assert_every_scenario_ran(results, SCENARIOS)
+
+
+@pytest.mark.parametrize("state_dtype", ["int4", "int8", "fp8"])
+def test_one_element_shard_keeps_its_format(state_dtype):
+    """A shard of one element has one byte of codes in int8 and in int4 alike: the state conversion that
+    load_state_dict runs (_convert_states) must tell them apart by the codes' kind (int4's are plain tensors), not
+    read int4's packed byte as an int8 code and requantize it (it did: the absmax moved by 20%). One process on a
+    fake 4100-rank group: rank 0 holds one row of a (4100, 1) param, quantized by its global size. The fake
+    group's collectives carry no data, so only this conversion, which has none, is checked here."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import fusedopt
+    from fusedopt.optim._base import local_tensor
+
+    world = 4100
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        row = lambda: DTensor.from_local(torch.randn(1, 1, generator=gen), mesh, [Shard(0)],
+                                         shape=torch.Size([world, 1]), stride=(1, 1))  # fmt: skip
+        p = torch.nn.Parameter(row())
+        opt = fusedopt.AdamW([p], lr=0.1, state_dtype=state_dtype)
+        for _ in range(3):
+            p.grad = row()
+            opt.step()
+        state = opt.state[p]
+        assert isinstance(state["exp_avg_codes"], DTensor) == (state_dtype != "int4")
+        before = {k: local_tensor(v).clone() for k, v in state.items()}
+        opt._convert_states()
+        for k, v in before.items():
+            assert torch.equal(local_tensor(state[k]), v), k
+    finally:
+        dist.destroy_process_group()

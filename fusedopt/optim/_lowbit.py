@@ -72,9 +72,10 @@ class LowBitStateMixin(FusedOptimizerMixin):
         """Pops state[key_codes] and state[key_absmax] (either format) and returns the values in `dtype`, of p's
         local shape."""
         lp = local_tensor(p)
-        codes = local_tensor(state.pop(lowbit.codes_key(spec.key))).to(lp.device)
+        stored = state.pop(lowbit.codes_key(spec.key))
+        fmt = _runtime_format(p, stored)
+        codes = local_tensor(stored).to(lp.device)
         absmax = state.pop(lowbit.absmax_key(spec.key)).to(lp.device)
-        fmt = lowbit.stored_format(codes, lp.numel())
         return lowbit.dequantize(codes, absmax, lowbit.qmap(spec.signed, lp.device, fmt), dtype, fmt, lp.shape)
 
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
@@ -197,8 +198,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
                     ck = lowbit.codes_key(s.key)
                     if quant and isinstance(st.get(s.key), Tensor):
                         self._quantize_into(p, st, s, st.pop(s.key), own)
-                    elif ck in st and (not quant or lowbit.stored_format(local_tensor(st[ck]),
-                                                                         local_tensor(p).numel()).name != own):
+                    elif ck in st and (not quant or _runtime_format(p, st[ck]).name != own):
                         if quant:
                             self._quantize_into(p, st, s, self._dequantize_from(p, st, s, torch.float32), own)
                         else:
@@ -206,6 +206,15 @@ class LowBitStateMixin(FusedOptimizerMixin):
                             buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                             local_tensor(buf).copy_(self._dequantize_from(p, st, s, dtype))
                             st[s.key] = buf
+
+
+def _runtime_format(p: Tensor, codes: Tensor) -> lowbit.QuantFormat:
+    """The format of p's run-time codes. A DTensor param's int8 and fp8 codes are DTensors, its int4 codes a plain
+    tensor of its shard's packed bytes: that tells them apart, where the count cannot (a shard of one element has one
+    byte of codes in both). A plain param is quantized only from MIN_QUANT_NUMEL elements, where the counts differ."""
+    if shards.is_dtensor(p) and not shards.is_dtensor(codes):
+        return lowbit.FORMATS["int4"]
+    return lowbit.stored_format(local_tensor(codes), local_tensor(p).numel())
 
 
 def _signed_by_key() -> dict:
