@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 MAX_JOBS ?= 2
 export MAX_JOBS
+# pytest processes (pytest-xdist), a test file per process so a file's fixtures (spawned gloo worlds) run once.
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads of one process sleep instead of spinning while the other holds the cores
+# (spinning made the CPU-kernel tests 1.5x slower than one process).
+TEST_WORKERS ?= 2
 
 .PHONY: all venv build test test-fast bench bench-quick lint info clean
 
@@ -23,7 +27,7 @@ build: $(DEPS_STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
 test: build
-	$(PY) -m pytest -q tests --junitxml=build/junit.xml
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --junitxml=build/junit.xml
 
 bench: build
 	$(PY) -m bench
