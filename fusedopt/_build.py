@@ -43,10 +43,7 @@ CPU_SOURCES = (
     # Each capability TU compiles every CPU kernel for one ISA (see csrc/cpu/capability/all_kernels.inc).
     + _glob("cpu/capability/*.cpp")
 )
-# The longest compiles first: ninja starts the objects in this order, and cuda/optimizers.cu (every optimizer's
-# kernels for three targets, about 400 s here) listed last ran alone for 5 minutes while the other job sat idle.
-_LONGEST_FIRST = ["cuda/optimizers.cu"]
-CUDA_SOURCES = _LONGEST_FIRST + [f for f in _glob("bindings_cuda*.cpp") + _glob("cuda/*.cu") if f not in _LONGEST_FIRST]
+CUDA_SOURCES = _glob("bindings_cuda*.cpp") + _glob("cuda/*.cu")
 
 # -ffp-contract=off: no fused multiply-add unless the math asks for one (vfma), so the CPU kernels round as torch's
 # reference code does (GCC would otherwise contract the generic vector ops of the intrinsics).
