@@ -11,6 +11,8 @@ Two spawns (2 processes, then 1), every scenario in each: a spawn costs seconds 
 
 from __future__ import annotations
 
+import contextlib
+
 import gloo
 import lowbit_dist_worker
 import pytest
@@ -37,18 +39,15 @@ def test_every_scenario_ran(results):
     gloo.assert_every_scenario_ran(results, SCENARIOS)
 
 
-@pytest.mark.parametrize("state_dtype", ["int4", "int8", "fp8"])
-def test_one_element_shard_keeps_its_format(state_dtype):
-    """A shard of one element has one byte of codes in int8 and in int4 alike: the state conversion that
-    load_state_dict runs (_convert_states) must tell them apart by the codes' kind (int4's are plain tensors), not
-    read int4's packed byte as an int8 code and requantize it (it did: the absmax moved by 20%). One process on a
-    fake 4100-rank group: rank 0 holds one row of a (4100, 1) param, quantized by its global size. The fake
-    group's collectives carry no data, so only this conversion, which has none, is checked here."""
+@contextlib.contextmanager
+def one_element_shard_optimizer(state_dtype):
+    """AdamW with `state_dtype` states after 3 steps on rank 0's shard of a (4100, 1) param, on a fake 4100-rank
+    group: the shard holds one element (one row), the param is quantized by its global size. One process; the fake
+    group's collectives carry no data, so only code without collectives can be checked on it."""
     from torch.distributed.tensor import DTensor, Shard, init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import fusedopt
-    from fusedopt.optim._base import local_tensor
 
     world = 4100
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
@@ -62,11 +61,66 @@ def test_one_element_shard_keeps_its_format(state_dtype):
         for _ in range(3):
             p.grad = row()
             opt.step()
+        yield opt, p
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_codes_kind(state, key, state_dtype):
+    """int8 and fp8 codes follow the DTensor param's placement; int4's are its shard's packed bytes, plain."""
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(state[key], DTensor) == (state_dtype != "int4"), key
+
+
+@pytest.mark.parametrize("state_dtype", ["int4", "int8", "fp8"])
+def test_one_element_shard_keeps_its_format(state_dtype):
+    """A shard of one element has one byte of codes in int8 and in int4 alike: the state conversion that
+    load_state_dict runs (_convert_states) must tell them apart by the codes' kind (int4's are plain tensors), not
+    read int4's packed byte as an int8 code and requantize it (it did: the absmax moved by 20%)."""
+    from fusedopt.optim._base import local_tensor
+
+    with one_element_shard_optimizer(state_dtype) as (opt, p):
         state = opt.state[p]
-        assert isinstance(state["exp_avg_codes"], DTensor) == (state_dtype != "int4")
+        _assert_codes_kind(state, "exp_avg_codes", state_dtype)
         before = {k: local_tensor(v).clone() for k, v in state.items()}
         opt._convert_states()
         for k, v in before.items():
             assert torch.equal(local_tensor(state[k]), v), k
-    finally:
-        dist.destroy_process_group()
+
+
+SWITCHES = [("int4", "int8"), ("int8", "int4"), ("int4", "fp8"), ("fp8", "int4"), ("int8", "fp8")]
+
+
+@pytest.mark.parametrize(("old", "new"), SWITCHES, ids=[f"{a}-to-{b}" for a, b in SWITCHES])
+def test_one_element_shard_switches_format(old, new):
+    """A group's state_dtype changed (as a load into an optimizer of another format does): each one-element state is
+    read in its old format (_dequantize_from) and requantized in the new one. The result must be the old values, as
+    the old format's definition reads them, quantized by the new format's definition, bit for bit; the step count and
+    every other state are kept."""
+    from fusedopt import lowbit
+    from fusedopt.optim._base import local_tensor
+
+    with one_element_shard_optimizer(old) as (opt, p):
+        state = opt.state[p]
+        shape = local_tensor(p).shape
+        expected = {}
+        for spec in opt.SPEC.states:
+            ck, ak = lowbit.codes_key(spec.key), lowbit.absmax_key(spec.key)
+            if ck not in state:  # max_exp_avg_sq without amsgrad
+                continue
+            values = lowbit.dequantize(local_tensor(state[ck]), state[ak], lowbit.qmap(spec.signed, "cpu", old),
+                                       torch.float32, old, shape)  # fmt: skip
+            assert values.abs().min() > 0, "a zero state would read the same in every format"
+            expected[ck], expected[ak] = lowbit.quantize(values, lowbit.qmap(spec.signed, "cpu", new), new)
+        step = state["step"].clone()
+        opt.param_groups[0]["state_dtype"] = new
+        opt._convert_states()
+        assert torch.equal(state["step"], step)
+        assert set(state) == set(expected) | {"step"}
+        for k, want in expected.items():
+            got = local_tensor(state[k])
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert torch.equal(got.view(torch.uint8) if k.endswith("_codes") else got,
+                               want.view(torch.uint8) if k.endswith("_codes") else want), k  # fmt: skip
+        _assert_codes_kind(state, "exp_avg_codes", new)
