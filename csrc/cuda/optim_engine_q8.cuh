@@ -168,14 +168,24 @@ struct OptimQ8Functor {
   }
 };
 
+template <typename Op>
+using Q8Table = DeviceTable<OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists>;
+
 template <typename Op, typename T, QuantKind kKind>
-void launch_q8(const DeviceTable<OptimQ8Functor<Op, float, QuantKind::kInt8>::kLists>& table,
-               const OptimQ8Launch<typename Op::Hyper>& a) {
+void launch_q8(const Q8Table<Op>& table, const OptimQ8Launch<typename Op::Hyper>& a) {
   OptimQ8Functor<Op, T, kKind> fn{a.hyper,     a.lr,       a.lr_ptr,           a.grad_divisor, a.found_inf,
                                   a.stochastic_round, a.maximize, a.write_back_grads, {},       a.master_kind};
   for (int k = 0; k < Op::kStates; ++k) fn.qmap[k] = a.qmap[k];
   launch(table, fn);
 }
+
+// One format's launches for every param dtype, as explicit instantiations (Prefix empty) or declarations of them
+// (Prefix extern). fp8's kernels are compiled in a translation unit of their own (cuda/optimizers_fp8.cu), so that
+// a two-job build compiles them beside the rest (cuda/optimizers.cu, which declares them extern).
+#define FUSEDOPT_Q8_LAUNCHES(Prefix, Op, Kind)                                                                 \
+  Prefix template void launch_q8<Op, float, Kind>(const Q8Table<Op>&, const OptimQ8Launch<Op::Hyper>&);        \
+  Prefix template void launch_q8<Op, at::Half, Kind>(const Q8Table<Op>&, const OptimQ8Launch<Op::Hyper>&);     \
+  Prefix template void launch_q8<Op, at::BFloat16, Kind>(const Q8Table<Op>&, const OptimQ8Launch<Op::Hyper>&);
 
 template <typename Op>
 void optim_step_q8(const OptimQ8Launch<typename Op::Hyper>& a) {
