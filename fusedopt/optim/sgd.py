@@ -58,6 +58,11 @@ class SGD(SpecOptimizerMixin, torch.optim.SGD):
         self._first_flags[p] = torch.ones((), dtype=torch.float32, device=local_tensor(p).device)
         return super()._new_state_buffer(group, p, spec)
 
+    def _new_q8_state(self, group: dict, p, spec: StateSpec, state: dict) -> None:
+        # A quantized buffer starts from the grad too: without the flag, dampening scaled the first step's grad
+        self._first_flags[p] = torch.ones((), dtype=torch.float32, device=local_tensor(p).device)
+        super()._new_q8_state(group, p, spec, state)
+
     def _scalars(self, group, bucket: Bucket) -> list:
         """The first-step flags, or [] when no param of the bucket is on its first step."""
         if group["momentum"] == 0:
