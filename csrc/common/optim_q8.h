@@ -1,6 +1,6 @@
 // Block-wise quantized optimizer states, int8, int4 and fp8 (docs/LOW_BIT_STATES.md, common/quant_format.h), shared
-// by the CPU and CUDA bindings: the checks of a quantized step's lists and the Python entries <name>_step_q8
-// (`state_dtype` "int8", "int4" or "fp8").
+// by the CPU and CUDA bindings: the checks of a quantized step's lists and the Python entries <name>_step_q8 and
+// <name>_step_q8_bucket (`state_dtype` "int8", "int4" or "fp8").
 //
 // A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of consecutive
 // elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the table
@@ -23,6 +23,7 @@
 
 #include "common/optim_binding.h"
 #include "common/quant_format.h"
+#include "common/tensor_bucket.h"
 
 namespace fusedopt {
 
@@ -141,15 +142,41 @@ OptimStepQ8Inputs<Op> check_optim_step_q8(const std::string& op, at::DeviceType 
   return in;
 }
 
+// The same step on a TensorBucket [params, codes..., absmax..., scalars] (one codes and one absmax list per state,
+// an unused one empty), without masters; false (nothing done) if a param has no grad. The lists are checked as
+// <name>_step_q8 checks them, every step.
+template <typename Backend, typename Op>
+bool optim_step_q8_bucket_entry(TensorBucket& b, const TensorList& qmaps, const std::string& state_dtype, double lr,
+                                const std::optional<at::Tensor>& lr_tensor, const HyperValues& hyper, bool maximize,
+                                const std::optional<at::Tensor>& grad_divisor,
+                                const std::optional<at::Tensor>& found_inf, bool write_back_grads,
+                                const std::optional<at::Tensor>& stochastic_round) {
+  const TensorList* grads = b.grads();
+  if (grads == nullptr) return false;
+  std::vector<TensorList> codes, absmax;
+  for (int k = 0; k < Op::kStates; ++k) {
+    codes.push_back(b.list(1 + k));
+    absmax.push_back(b.list(1 + Op::kStates + k));
+  }
+  Backend::template run_q8<Op>(b.list(0), *grads, codes, absmax, qmaps, state_dtype, b.list(1 + 2 * Op::kStates), lr,
+                               lr_tensor, hyper, maximize, grad_divisor, found_inf, write_back_grads,
+                               stochastic_round, TensorList{});
+  b.release_grads();
+  return true;
+}
+
 // <name>_step_q8(params, grads, codes, absmax, qmaps, state_dtype, scalars, lr, lr_tensor, hyper, maximize,
 // grad_divisor, found_inf, write_back_grads, stochastic_round, masters): codes and absmax one list per state (an
 // unused one empty), qmaps one map per state, state_dtype "int8", "int4" or "fp8", stochastic_round [seed, counter]
-// or None, masters empty or one float32 master / int16 remainder per 16-bit param.
+// or None, masters empty or one float32 master / int16 remainder per 16-bit param. <name>_step_q8_bucket(bucket,
+// qmaps, state_dtype, lr, ...): the same on a TensorBucket, as optim_step_bucket_entry.
 template <typename Backend>
 void bind_optimizer_steps_q8(pybind11::module_& m) {
 #define FUSEDOPT_BIND_Q8(Op)                                                                              \
   m.def((std::string(Op::kName) + "_step_q8").c_str(), &Backend::template run_q8<Op>,                    \
-        "Engine-driven optimizer step with int8 / int4 / fp8 block-wise quantized states");
+        "Engine-driven optimizer step with int8 / int4 / fp8 block-wise quantized states");             \
+  m.def((std::string(Op::kName) + "_step_q8_bucket").c_str(), &optim_step_q8_bucket_entry<Backend, Op>, \
+        "The low-bit step on a TensorBucket; False if a grad is None");
   FUSEDOPT_FOR_EACH_OPTIMIZER(FUSEDOPT_BIND_Q8)
 #undef FUSEDOPT_BIND_Q8
 }

@@ -65,24 +65,35 @@ def step(spec, params, grads, states, scalars, *, lr, hyper, maximize, grad_divi
                  grad_divisor, found_inf, bool(write_back_grads), stochastic_round, list(masters), backend)  # fmt: skip
 
 
-def cached_bucket(spec, params, states, scalars, *, backend: str):
-    """The bucket's lists [params, states..., scalars] held in C++ across steps (cpu and cuda backends, plain
-    tensors), or None where the list path must be used."""
+def cached_bucket(spec, params, states, scalars, *, backend: str, state_dtype=None):
+    """The bucket's lists held in C++ across steps (cpu and cuda backends, plain tensors), as (the kernel bound to
+    them, device), or None where the list path must be used. The lists are [params, states..., scalars]; with
+    `state_dtype` ("int8", "int4" or "fp8") `states` are the codes lists then the absmax lists, one of each per spec
+    state, and the kernel is <op>_step_q8_bucket."""
     if backend not in ("cpu", "cuda") or not params or hasattr(params[0], "_local_tensor"):
         return None
     ext = _backend.kernels(backend, spec.op)
-    bucket = ext.TensorBucket([params, *states, scalars])
-    return getattr(ext, f"{spec.op}_step_bucket"), bucket, params[0].device
+    if state_dtype is None:
+        kernel, leading = getattr(ext, f"{spec.op}_step_bucket", None), ()
+    else:
+        from fusedopt import lowbit
+
+        fmt = lowbit.quant_format(state_dtype)
+        kernel = getattr(ext, f"{spec.op}_step_q8_bucket", None)
+        leading = ([lowbit.qmap(s.signed, params[0].device, fmt) for s in spec.states], fmt.name)
+    if kernel is None:
+        return None
+    return functools.partial(kernel, ext.TensorBucket([params, *states, scalars]), *leading), params[0].device
 
 
 def step_cached(spec, cached, *, lr, hyper, maximize, grad_divisor=None, found_inf=None,
                 write_back_grads=False, stochastic_round=None) -> bool:  # fmt: skip
     """One step on a cached_bucket, the grads read in C++. False (nothing done) if a param has no grad."""
-    kernel, bucket, device = cached
+    kernel, device = cached
     lr_float, lr_tensor = split_lr(lr, device)
     if lr_tensor is not None and device.type == "cpu":
         lr_float, lr_tensor = float(lr_tensor), None
-    return kernel(bucket, lr_float, lr_tensor, {name: float(hyper[name]) for name in spec.hyper}, bool(maximize),
+    return kernel(lr_float, lr_tensor, {name: float(hyper[name]) for name in spec.hyper}, bool(maximize),
                   grad_divisor, found_inf, bool(write_back_grads), stochastic_round)  # fmt: skip
 
 

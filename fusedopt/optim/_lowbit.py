@@ -111,6 +111,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
                         self._new_q8_state(group, p, s, self.state[p])
                 bucket.state_lists[ck] = [local_tensor(self.state[p][ck]) for p in bucket.params]
                 bucket.state_lists[ak] = [self.state[p][ak] for p in bucket.params]
+                bucket.extra.pop("cpp_buckets", None)  # the C++-held lists predate these
             codes.append(bucket.state_lists[ck] if on else [])
             absmax.append(bucket.state_lists[ak] if on else [])
         return codes, absmax

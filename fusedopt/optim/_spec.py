@@ -169,25 +169,34 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
                     grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
                     stochastic_round=self._stochastic_round_state(bucket))  # fmt: skip
         masters = self._masters(group, bucket)  # first: making them turns the states float32
-        if bucket.quantized:  # int8 / int4 / fp8 states (fusedopt/optim/_lowbit.py): the list path
+        if bucket.quantized:  # int8 / int4 / fp8 states (fusedopt/optim/_lowbit.py)
             codes, absmax = self._q8_lists(group, bucket, used)
             scalars = self._scalars(group, bucket)
-            optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, masters=masters,
-                               backend=bucket.backend, state_dtype=group["state_dtype"], **args)  # fmt: skip
+            lists, state_dtype = [*codes, *absmax], group["state_dtype"]
+            make = lambda: optim_step.cached_bucket(self.SPEC, bucket.local_params, lists, scalars,
+                                                    backend=bucket.backend, state_dtype=state_dtype)  # fmt: skip
+            if not self._step_cached(bucket, ("q8", used), masters, scalars, make, args):
+                optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, masters=masters,
+                                   backend=bucket.backend, state_dtype=group["state_dtype"], **args)  # fmt: skip
             return
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
-        # Eager fast path: the lists live in C++ and the grads are read there; torch.compile traces the op instead.
-        # First-step flags live for one step, and master weights are not held there: those steps take the list path.
-        fast = not masters and (self.SPEC.scalar != "first_flag" or not scalars)
-        if fast and not torch.compiler.is_compiling():
-            cpp_buckets = bucket.extra.setdefault("cpp_buckets", {})
-            if used not in cpp_buckets:
-                cpp_buckets[used] = optim_step.cached_bucket(
-                    self.SPEC, bucket.local_params, states, scalars, backend=bucket.backend
-                )
-            cached = cpp_buckets[used]
-            if cached is not None and optim_step.step_cached(self.SPEC, cached, **args):
-                return
+        make = lambda: optim_step.cached_bucket(self.SPEC, bucket.local_params, states, scalars, backend=bucket.backend)
+        if self._step_cached(bucket, used, masters, scalars, make, args):
+            return
         optim_step.step(self.SPEC, bucket.local_params, grads, states, scalars, masters=masters, backend=bucket.backend,
                         **args)  # fmt: skip
+
+    def _step_cached(self, bucket: Bucket, key, masters, scalars, make, args: dict) -> bool:
+        """The eager fast path: the bucket's lists live in C++ (made by `make` once per `key`: the used-state mask)
+        and the grads are read there; True if it stepped. torch.compile traces the op instead; first-step flags live
+        for one step and master weights are not held there, so those steps take the list path."""
+        if masters or (self.SPEC.scalar == "first_flag" and scalars) or torch.compiler.is_compiling():
+            return False
+        from fusedopt.ops import optim_step
+
+        cpp_buckets = bucket.extra.setdefault("cpp_buckets", {})
+        if key not in cpp_buckets:
+            cpp_buckets[key] = make()
+        cached = cpp_buckets[key]
+        return cached is not None and optim_step.step_cached(self.SPEC, cached, **args)

@@ -1,0 +1,153 @@
+"""The eager fast path of low-bit steps: a bucket's params, codes, absmax and steps held in C++ (TensorBucket,
+<op>_step_q8_bucket), the grads read there. It must step exactly as the list path (<op>_step_q8 through the
+registered op) does, bit for bit, and it must not outlive the tensors it holds (load_state_dict replaces them).
+The fused kernels themselves are checked against the definition in test_lowbit_states.py, which now runs this path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt.ops import optim_step
+
+SHAPES = [(80, 64), (5000,), (7, 9)]  # two quantized params (whole blocks; a tail), one below MIN_QUANT_NUMEL
+CASES = {
+    "AdamW-amsgrad": (fusedopt.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    "Adam-lr_tensor": (fusedopt.Adam, dict(lr=torch.tensor(0.01))),
+    "SGD-nesterov": (fusedopt.SGD, dict(lr=0.01, momentum=0.9, nesterov=True)),  # first-step flags
+    "RMSprop-centered": (fusedopt.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
+    "Lion": (fusedopt.Lion, dict(lr=0.001, weight_decay=0.1)),
+    "Adagrad": (fusedopt.Adagrad, dict(lr=0.01)),
+}
+STEPS = 20
+
+
+def _params(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def _set_grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * (1 + step % 3)).to(p.dtype)
+
+
+def _list_path_only(opt):
+    """The optimizer's steps take the list path: its fast path declines every step."""
+    opt._step_cached = lambda *args, **kwargs: False
+    return opt
+
+
+def _make(name, state_dtype, dtype=torch.float32, **extra):
+    cls, kw = CASES[name]
+    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    params = _params(dtype)
+    return params, cls(params, backend="cpu", state_dtype=state_dtype, **kw, **extra)
+
+
+def _assert_same(opt_a, params_a, opt_b, params_b):
+    for p, q in zip(params_a, params_b):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].view(-1).view(torch.uint8),
+                                                                  sb[k].view(-1).view(torch.uint8)), k  # fmt: skip
+
+
+@pytest.fixture
+def list_path_calls(monkeypatch):
+    """Counts the steps that went through optim_step.step_q8 (the list path)."""
+    calls = []
+    real = optim_step.step_q8
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optim_step, "step_q8", counting)
+    return calls
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_path_steps_like_the_list_path(name, state_dtype, list_path_calls):
+    """20 steps on each path: params and every state tensor (codes, absmax, the full-precision state of the small
+    param, steps) equal bit for bit; after the first step (SGD's first-step flags take the list path then) the fast
+    optimizer never calls the list path, the other one every step."""
+    fast_params, fast = _make(name, state_dtype)
+    slow_params, slow = _make(name, state_dtype)
+    _list_path_only(slow)
+    for step in range(STEPS):
+        _set_grads(fast_params, step)
+        _set_grads(slow_params, step)
+        before = len(list_path_calls)
+        fast.step()
+        if step > 0:
+            assert len(list_path_calls) == before, "the fast optimizer took the list path"
+        slow.step()
+        assert len(list_path_calls) == before + 1 + (step == 0 and name.startswith("SGD"))
+    _assert_same(fast, fast_params, slow, slow_params)
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("int8", "int8"), ("int8", "int4"), ("fp8", "int8")])
+def test_fast_path_follows_load_state_dict(saved, loaded):
+    """load_state_dict replaces the state tensors (and converts them to the group's format): the fast path must step
+    the new ones. The optimizer loads a checkpoint of its own earlier state, in `saved` format, and must then step
+    like an optimizer on the list path that loaded the same checkpoint."""
+    params, opt = _make("AdamW-amsgrad", saved)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    for step in range(3, 6):  # moves the state the C++ bucket holds
+        _set_grads(params, step)
+        opt.step()
+    if loaded != saved:
+        params, opt = _make("AdamW-amsgrad", loaded)
+        for step in range(2):  # a fast path made before the load
+            _set_grads(params, step)
+            opt.step()
+    ref_params, ref = _make("AdamW-amsgrad", loaded)
+    _list_path_only(ref)
+    with torch.no_grad():
+        for p, q, v in zip(params, ref_params, values):
+            p.copy_(v)
+            q.copy_(v)
+    opt.load_state_dict(copy.deepcopy(checkpoint))
+    ref.load_state_dict(copy.deepcopy(checkpoint))
+    for step in range(6, 6 + STEPS):
+        _set_grads(params, step)
+        _set_grads(ref_params, step)
+        opt.step()
+        ref.step()
+    _assert_same(opt, params, ref, ref_params)
+
+
+def test_fast_path_with_bf16_stochastic_rounding():
+    """bf16 params rounded stochastically from int8 states: the fast path passes the same [seed, counter]."""
+    fast_params, fast = _make("AdamW-amsgrad", "int8", torch.bfloat16, bf16_stochastic_round=True)
+    slow_params, slow = _make("AdamW-amsgrad", "int8", torch.bfloat16, bf16_stochastic_round=True)
+    _list_path_only(slow)
+    for step in range(STEPS):
+        _set_grads(fast_params, step)
+        _set_grads(slow_params, step)
+        fast.step()
+        slow.step()
+    _assert_same(fast, fast_params, slow, slow_params)
+    assert not torch.equal(fast_params[0], _params(torch.bfloat16)[0])
+
+
+def test_fast_path_declines_master_weights(list_path_calls):
+    """Master weights are not held in C++: those steps take the list path (and stay exact)."""
+    params, opt = _make("AdamW-amsgrad", "int8", torch.bfloat16, master_weights=True)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    assert len(list_path_calls) == 3
