@@ -25,15 +25,15 @@ CASES = {
 STEPS = 20
 
 
-def _params(dtype=torch.float32):
+def _params(dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+    return [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in SHAPES]
 
 
 def _set_grads(params, step):
     g = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = (torch.randn(p.shape, generator=g) * (1 + step % 3)).to(p.dtype)
+        p.grad = (torch.randn(p.shape, generator=g) * (1 + step % 3)).to(p.device, p.dtype)
 
 
 def _list_path_only(opt):
@@ -42,11 +42,11 @@ def _list_path_only(opt):
     return opt
 
 
-def _make(name, state_dtype, dtype=torch.float32, **extra):
+def _make(name, state_dtype, dtype=torch.float32, device="cpu", **extra):
     cls, kw = CASES[name]
-    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    params = _params(dtype)
-    return params, cls(params, backend="cpu", state_dtype=state_dtype, **kw, **extra)
+    kw = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    params = _params(dtype, device)
+    return params, cls(params, backend=device, state_dtype=state_dtype, **kw, **extra)
 
 
 def _assert_same(opt_a, params_a, opt_b, params_b):
@@ -74,14 +74,18 @@ def list_path_calls(monkeypatch):
     return calls
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fast_path_steps_like_the_list_path(name, state_dtype, list_path_calls):
-    """20 steps on each path: params and every state tensor (codes, absmax, the full-precision state of the small
-    param, steps) equal bit for bit; after the first step (SGD's first-step flags take the list path then) the fast
-    optimizer never calls the list path, the other one every step."""
-    fast_params, fast = _make(name, state_dtype)
-    slow_params, slow = _make(name, state_dtype)
+def test_fast_path_steps_like_the_list_path(name, state_dtype, device, list_path_calls):
+    """20 steps on each path (backend cpu or cuda): params and every state tensor (codes, absmax, the
+    full-precision state of the small param, steps) equal bit for bit; after the first step (SGD's first-step flags
+    take the list path then) the fast optimizer never calls the list path, the other one every step."""
+    fast_params, fast = _make(name, state_dtype, device=device)
+    slow_params, slow = _make(name, state_dtype, device=device)
     _list_path_only(slow)
     for step in range(STEPS):
         _set_grads(fast_params, step)
