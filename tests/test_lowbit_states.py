@@ -203,31 +203,6 @@ def test_found_inf_leaves_codes(backend, state_dtype):
 
 
 @pytest.mark.parametrize("state_dtype", FORMATS)
-@pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_buffer_starts_from_the_grad(backend, state_dtype, nesterov):
-    """torch.optim.SGD's first step sets the momentum buffer to the grad, undamped. A quantized buffer started at
-    zero instead (first-step flags were set only for full-precision buffers), so with dampening the first update was
-    (1 - dampening) times torch's. After the first step the params equal torch's, and the buffer is the grad
-    quantized, bit for bit."""
-    p = torch.randn(5000, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    q = p.detach().clone().requires_grad_()
-    kw = dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=False, weight_decay=0.01)
-    if nesterov:
-        kw.update(dampening=0.0, nesterov=True)  # torch: nesterov needs zero dampening
-    fused = fusedopt.SGD([p], backend=backend, state_dtype=state_dtype, **kw)
-    ref = torch.optim.SGD([q], **kw)
-    p.grad = torch.randn(5000, generator=torch.Generator().manual_seed(1))
-    q.grad = p.grad.clone()
-    fused.step()
-    ref.step()
-    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    codes, absmax = lowbit.quantize(ref.state[q]["momentum_buffer"], lowbit.qmap(True, "cpu", state_dtype), state_dtype)
-    state = fused.state[p]
-    assert same(state["momentum_buffer_codes"], codes) and same(state["momentum_buffer_absmax"], absmax)
-
-
-@pytest.mark.parametrize("state_dtype", FORMATS)
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
 def test_non_contiguous_params(backend, state_dtype):
     base = torch.randn(100, 80)

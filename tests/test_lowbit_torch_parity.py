@@ -1,0 +1,57 @@
+"""Low-bit steps against torch.optim itself, where they must agree exactly: the first step. New quantized states
+are exact constants and a step updates the params from the state values before they are requantized, so the first
+step of every option equals torch.optim's. test_lowbit_states.py compares with fusedopt's own plain-torch definition
+(the same state init on both sides), which cannot see a state that starts wrong (SGD's momentum buffer did)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gloo import same
+from test_lowbit_states import CASES, FORMATS, IDS, Q8_BACKENDS, _grads, _params
+
+import fusedopt
+from fusedopt import lowbit
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(("info", "kw"), CASES, ids=IDS)
+def test_first_step_equals_torch_optim(info, kw, backend, state_dtype):
+    """Every option of every optimizer with low-bit states, one step on the four params of test_lowbit_states
+    (three quantized, one small), against torch.optim in float64."""
+    params = _params(torch.float32)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    fused = info.fused(params, backend=backend, state_dtype=state_dtype, **kw)
+    ref = info.reference(ref_params, **kw)
+    for p, q, g in zip(params, ref_params, _grads(params, 0)):
+        p.grad, q.grad = g, g.double()
+    fused.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.double(), q, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_buffer_starts_from_the_grad(backend, state_dtype, nesterov):
+    """torch.optim.SGD's first step sets the momentum buffer to the grad, undamped. A quantized buffer started at
+    zero instead (first-step flags were set only for full-precision buffers), so with dampening the first update was
+    (1 - dampening) times torch's. After the first step the params equal torch's, and the buffer is the grad
+    quantized, bit for bit."""
+    p = torch.randn(5000, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=False, weight_decay=0.01)
+    if nesterov:
+        kw.update(dampening=0.0, nesterov=True)  # torch: nesterov needs zero dampening
+    fused = fusedopt.SGD([p], backend=backend, state_dtype=state_dtype, **kw)
+    ref = torch.optim.SGD([q], **kw)
+    p.grad = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    q.grad = p.grad.clone()
+    fused.step()
+    ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    codes, absmax = lowbit.quantize(ref.state[q]["momentum_buffer"], lowbit.qmap(True, "cpu", state_dtype), state_dtype)
+    state = fused.state[p]
+    assert same(state["momentum_buffer_codes"], codes) and same(state["momentum_buffer_absmax"], absmax)
