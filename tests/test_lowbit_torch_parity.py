@@ -11,7 +11,7 @@ from gloo import same
 from test_lowbit_states import CASES, FORMATS, IDS, Q8_BACKENDS, _grads, _params
 
 import fusedopt
-from fusedopt import lowbit
+from fusedopt import lowbit, master_weights
 
 
 @pytest.mark.parametrize("state_dtype", FORMATS)
@@ -55,3 +55,28 @@ def test_sgd_buffer_starts_from_the_grad(backend, state_dtype, nesterov):
     codes, absmax = lowbit.quantize(ref.state[q]["momentum_buffer"], lowbit.qmap(True, "cpu", state_dtype), state_dtype)
     state = fused.state[p]
     assert same(state["momentum_buffer_codes"], codes) and same(state["momentum_buffer_absmax"], absmax)
+
+
+@pytest.mark.parametrize("master", [True, "remainder"], ids=["fp32_master", "remainder"])
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize(("info", "kw"), CASES, ids=IDS)
+def test_first_step_with_master_weights_equals_torch_optim(info, kw, state_dtype, master):
+    """bf16 params with low-bit states and an exact master (a float32 copy, or the int16 remainder joined with the
+    param): after one step the master equals torch.optim's step of the same values in float64, and the bf16 param
+    is the master rounded as its mode defines (float32 master: to nearest even; remainder: master_weights.split,
+    ties away from zero)."""
+    params = _params(torch.bfloat16)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    fused = info.fused(params, backend="cpu", state_dtype=state_dtype, master_weights=master, **kw)
+    ref = info.reference(ref_params, **kw)
+    for p, q, g in zip(params, ref_params, _grads(params, 0)):
+        p.grad, q.grad = g, g.double()
+    fused.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        st = fused.state[p]
+        exact = st["master_param"] if master is True else master_weights.join(p, st["param_remainder"])
+        assert exact.dtype == torch.float32
+        torch.testing.assert_close(exact.double(), q, rtol=2e-6, atol=2e-6)
+        rounded = exact.to(torch.bfloat16) if master is True else master_weights.split(exact)[0]
+        assert torch.equal(p, rounded)
