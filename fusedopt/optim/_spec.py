@@ -177,7 +177,7 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
                                                     backend=bucket.backend, state_dtype=state_dtype)  # fmt: skip
             if not self._step_cached(bucket, ("q8", used), masters, scalars, make, args):
                 optim_step.step_q8(self.SPEC, bucket.local_params, grads, codes, absmax, scalars, masters=masters,
-                                   backend=bucket.backend, state_dtype=group["state_dtype"], **args)  # fmt: skip
+                                   backend=bucket.backend, state_dtype=state_dtype, **args)  # fmt: skip
             return
         states = self._state_lists(group, bucket, used)
         scalars = self._scalars(group, bucket)
