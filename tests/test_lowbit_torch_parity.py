@@ -14,20 +14,27 @@ import fusedopt
 from fusedopt import lowbit, master_weights
 
 
-@pytest.mark.parametrize("state_dtype", FORMATS)
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize(("info", "kw"), CASES, ids=IDS)
-def test_first_step_equals_torch_optim(info, kw, backend, state_dtype):
-    """Every option of every optimizer with low-bit states, one step on the four params of test_lowbit_states
-    (three quantized, one small), against torch.optim in float64."""
-    params = _params(torch.float32)
+def _first_step(info, kw, dtype, **fused_kw):
+    """One step of the fused optimizer on the params of test_lowbit_states (three quantized, one small) in `dtype`,
+    and of torch.optim on the same values in float64, with the same grads: (fused params, fused optimizer, reference
+    params)."""
+    params = _params(dtype)
     ref_params = [p.detach().double().requires_grad_() for p in params]
-    fused = info.fused(params, backend=backend, state_dtype=state_dtype, **kw)
+    fused = info.fused(params, **fused_kw, **kw)
     ref = info.reference(ref_params, **kw)
     for p, q, g in zip(params, ref_params, _grads(params, 0)):
         p.grad, q.grad = g, g.double()
     fused.step()
     ref.step()
+    return params, fused, ref_params
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(("info", "kw"), CASES, ids=IDS)
+def test_first_step_equals_torch_optim(info, kw, backend, state_dtype):
+    """Every option of every optimizer with low-bit states, float32 params, against torch.optim in float64."""
+    params, _, ref_params = _first_step(info, kw, torch.float32, backend=backend, state_dtype=state_dtype)
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.double(), q, rtol=2e-6, atol=2e-6)
 
@@ -65,14 +72,8 @@ def test_first_step_with_master_weights_equals_torch_optim(info, kw, state_dtype
     param): after one step the master equals torch.optim's step of the same values in float64, and the bf16 param
     is the master rounded as its mode defines (float32 master: to nearest even; remainder: master_weights.split,
     ties away from zero)."""
-    params = _params(torch.bfloat16)
-    ref_params = [p.detach().double().requires_grad_() for p in params]
-    fused = info.fused(params, backend="cpu", state_dtype=state_dtype, master_weights=master, **kw)
-    ref = info.reference(ref_params, **kw)
-    for p, q, g in zip(params, ref_params, _grads(params, 0)):
-        p.grad, q.grad = g, g.double()
-    fused.step()
-    ref.step()
+    params, fused, ref_params = _first_step(info, kw, torch.bfloat16, backend="cpu", state_dtype=state_dtype,
+                                            master_weights=master)  # fmt: skip
     for p, q in zip(params, ref_params):
         st = fused.state[p]
         exact = st["master_param"] if master is True else master_weights.join(p, st["param_remainder"])
