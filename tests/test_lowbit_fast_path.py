@@ -155,3 +155,51 @@ def test_fast_path_declines_master_weights(list_path_calls):
         _set_grads(params, step)
         opt.step()
     assert len(list_path_calls) == 3
+
+
+def _bad_step(case: str, fast: bool):
+    """Two int8 AdamW steps, the second on bad input; (the error's message, or None; the param and state after)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 80, generator=gen)
+    p = torch.nn.Parameter(base.t() if case == "non-contiguous param" else base.clone())
+    opt = fusedopt.AdamW([p], lr=0.01, state_dtype="int8", backend="cpu")
+    if not fast:
+        _list_path_only(opt)
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    grad = torch.randn(p.shape, generator=gen)
+    if case == "resized param":
+        p.data = torch.randn(90, 64, generator=gen)
+        grad = torch.randn(90, 64, generator=gen)
+    elif case == "non-contiguous grad":
+        grad = torch.randn(p.shape[::-1], generator=gen).t()
+    elif case in ("nan grad", "inf grad"):
+        grad[3, 4] = float(case[:3])
+    elif case == "huge grad":
+        grad.fill_(3e38)
+    p.grad = grad
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e), p.detach().clone(), dict(opt.state[p])
+    return None, p.detach().clone(), dict(opt.state[p])
+
+
+BAD = ["resized param", "non-contiguous param", "non-contiguous grad", "nan grad", "inf grad", "huge grad"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_fast_path_bad_input_as_the_list_path(case):
+    """Bad and edge input through the C++-held lists: the same checks run every step, so a resized param gets the
+    list path's error (its codes no longer fit; nothing is read past them), and NaN, inf, huge grads and
+    non-contiguous tensors give the same params and states bit for bit."""
+    fast_error, fast_param, fast_state = _bad_step(case, fast=True)
+    list_error, list_param, list_state = _bad_step(case, fast=False)
+    assert fast_error == list_error
+    if case == "resized param":
+        assert "codes must be a contiguous torch.uint8 tensor of its param's shape [90, 64]" in fast_error
+        return
+    assert fast_error is None
+    assert torch.equal(fast_param.view(torch.int32), list_param.view(torch.int32))  # NaN payloads too
+    for k, v in fast_state.items():
+        assert torch.equal(v.view(-1).view(torch.uint8), list_state[k].view(-1).view(torch.uint8)), k

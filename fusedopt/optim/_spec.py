@@ -190,8 +190,11 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
     def _step_cached(self, bucket: Bucket, key, masters, scalars, make, args: dict) -> bool:
         """The eager fast path: the bucket's lists live in C++ (made by `make` once per `key`: the used-state mask)
         and the grads are read there; True if it stepped. torch.compile traces the op instead; first-step flags live
-        for one step and master weights are not held there, so those steps take the list path."""
+        for one step and master weights are not held there, so those steps take the list path, as do DTensor
+        params: the C++ bucket reads grads from the local shards, which hold none."""
         if masters or (self.SPEC.scalar == "first_flag" and scalars) or torch.compiler.is_compiling():
+            return False
+        if bucket.local_params and bucket.local_params[0] is not bucket.params[0]:  # DTensor params
             return False
         from fusedopt.ops import optim_step
 

@@ -54,13 +54,16 @@ class SGD(SpecOptimizerMixin, torch.optim.SGD):
         self._first_flags.clear()
         super()._after_load_state_dict()
 
-    def _new_state_buffer(self, group: dict, p, spec: StateSpec):
+    def _flag_first_step(self, p) -> None:
+        """A new momentum buffer, full precision or quantized, starts from the grad on p's next step."""
         self._first_flags[p] = torch.ones((), dtype=torch.float32, device=local_tensor(p).device)
+
+    def _new_state_buffer(self, group: dict, p, spec: StateSpec):
+        self._flag_first_step(p)
         return super()._new_state_buffer(group, p, spec)
 
     def _new_q8_state(self, group: dict, p, spec: StateSpec, state: dict) -> None:
-        # A quantized buffer starts from the grad too: without the flag, dampening scaled the first step's grad
-        self._first_flags[p] = torch.ones((), dtype=torch.float32, device=local_tensor(p).device)
+        self._flag_first_step(p)  # without it a quantized buffer started at zero: dampening scaled the first grad
         super()._new_q8_state(group, p, spec, state)
 
     def _scalars(self, group, bucket: Bucket) -> list:
