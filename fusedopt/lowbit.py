@@ -91,14 +91,23 @@ def quant_format(state_dtype) -> QuantFormat:
 def stored_format(codes: Tensor, numel: int) -> QuantFormat:
     """The format of stored codes of a state of `numel` elements: fp8 by the codes' dtype; int8 one uint8 code per
     element, int4 one per two (they differ for every quantized size, numel >= MIN_QUANT_NUMEL)."""
-    if codes.dtype == torch.float8_e4m3fn:
-        return FORMATS["fp8"]
     for fmt in FORMATS.values():
         if codes.dtype == fmt.codes_dtype and codes.numel() == fmt.codes_numel(numel):
             return fmt
     raise ValueError(f"quantized state codes of {codes.numel()} {codes.dtype} values match no format for a param of "
                      f"{numel} elements (int8: one uint8 per element, int4: one per two, fp8: one float8_e4m3fn per "
                      "element)")  # fmt: skip
+
+
+def check_absmax(absmax: Tensor, numel: int, state_dtype, what: str) -> None:
+    """absmax of a state of `numel` elements must be 1-D float32, one value per block: another count could broadcast
+    (one value scaling every block) or leave blocks unscaled, a corrupt state with no error."""
+    fmt = quant_format(state_dtype)
+    blocks = fmt.num_blocks(numel)
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() != blocks:
+        raise ValueError(f"{what}: absmax must be a 1-D torch.float32 tensor of {blocks} values ({fmt.name}: one "
+                         f"per {fmt.block} of {numel} elements), got {absmax.dtype} of shape "
+                         f"{list(absmax.shape)}")  # fmt: skip
 
 
 def check_state_dtype(state_dtype) -> str | None:
@@ -244,6 +253,8 @@ def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype 
     """map[codes] * absmax per block, float32 math, in `dtype`: of codes' shape (int8) or of `shape` (int4, whose
     packed codes do not record it; default: 2 * codes.numel() elements)."""
     fmt = quant_format(state_dtype)
+    if codes.dtype not in (torch.uint8, fmt.codes_dtype):  # a view of wider codes as uint8 would read their bytes
+        raise ValueError(f"{fmt.name} codes must be torch.uint8 or {fmt.codes_dtype}, got {codes.dtype}")
     if fmt.bits == 4:
         shape = torch.Size(shape) if shape is not None else torch.Size([2 * codes.numel()])
         n = shape.numel()
@@ -253,6 +264,7 @@ def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype 
     else:
         shape, n = codes.shape, codes.numel()
         index = codes.reshape(-1).view(torch.uint8).long()
+    check_absmax(absmax, n, fmt, f"dequantize {fmt.name} codes")
     vals = table[: fmt.levels][index]
     pad = fmt.num_blocks(n) * fmt.block - n
     vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, fmt.block) * absmax[:, None]

@@ -58,6 +58,9 @@ class LowBitStateMixin(FusedOptimizerMixin):
         codes follow a DTensor param's placement; int4 codes are a plain tensor (a DTensor param's: its local shard's
         packed bytes)."""
         lp = local_tensor(p)
+        if local_tensor(value).numel() != lp.numel():  # a loaded state of another size: quantize would not say
+            raise ValueError(f"fusedopt.optim.{type(self).__name__}: state {spec.key!r} of shape {list(value.shape)} "
+                             f"does not fit its param of shape {list(p.shape)}")  # fmt: skip
         c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
                                state_dtype)  # fmt: skip
         fmt = lowbit.quant_format(state_dtype)
@@ -164,14 +167,21 @@ class LowBitStateMixin(FusedOptimizerMixin):
         self._bucket_cache.clear()
 
     def _runtime_q8_state(self, p: Tensor, q: dict) -> dict:
-        """Loaded codes and absmax as this param's step keeps them."""
+        """Loaded codes and absmax as this param's step keeps them. A corrupt state (a key without its pair, codes or
+        absmax of a count no format has) is a ValueError here, not a kernel's error at the next step or a silent
+        broadcast in a conversion."""
+        _check_pairs(q, f"load_state_dict: the state of a param of shape {list(p.shape)}")
         dev = local_tensor(p).device
         if not shards.is_dtensor(p):  # an FSDP2 state_dict into a plain param: the whole tensors (collective)
-            out = {k: (shards.full_tensor(v) if shards.is_dtensor(v) else v).to(dev) for k, v in sorted(q.items())}
-            for ck in [k for k in out if k.endswith("_codes")]:  # int4's global form, a code per element: packed
-                codes, absmax = out[ck], out[lowbit.absmax_key(ck[: -len("_codes")])]
+            out = {k: (shards.full_tensor(v) if shards.is_dtensor(v) else v).to(dev).contiguous()  # as steps take
+                   for k, v in sorted(q.items())}
+            for ck in [k for k in out if k.endswith("_codes")]:
+                ak = lowbit.absmax_key(ck[: -len("_codes")])
+                codes, absmax = out[ck], out[ak]
                 if codes.numel() == p.numel() and shards.global_format(codes, absmax, p.numel()).bits == 4:
-                    out[ck] = lowbit.pack4(codes)
+                    out[ck] = codes = lowbit.pack4(shards.checked_int4_codes(codes, ck))  # the global form: packed
+                fmt = lowbit.stored_format(codes, p.numel())
+                lowbit.check_absmax(absmax, p.numel(), fmt, f"{ak} of a param of shape {list(p.shape)}")
             return out
         signed = {s.key: s.signed for s in self.SPEC.states}
         out = {}
@@ -209,6 +219,15 @@ class LowBitStateMixin(FusedOptimizerMixin):
                             st[s.key] = buf
 
 
+def _check_pairs(q: dict, where: str) -> None:
+    """Each quantized state needs both its codes and its absmax (q: the low-bit keys of one param's state)."""
+    for key in sorted({k.rsplit("_", 1)[0] for k in q}):
+        have = [k in q for k in (lowbit.codes_key(key), lowbit.absmax_key(key))]
+        if not all(have):
+            given, missing = (lowbit.codes_key(key), lowbit.absmax_key(key))[:: 1 if have[0] else -1]
+            raise ValueError(f"{where} has {given!r} but no {missing!r}")
+
+
 def _runtime_format(p: Tensor, codes: Tensor) -> lowbit.QuantFormat:
     """The format of p's run-time codes. A DTensor param's int8 and fp8 codes are DTensors, its int4 codes a plain
     tensor of its shard's packed bytes: that tells them apart, where the count cannot (a shard of one element has one
@@ -240,6 +259,7 @@ def to_full_precision_state_dict(opt_or_state_dict) -> dict:
     state = {}
     for pid, st in sd["state"].items():
         out = {k: v for k, v in st.items() if not _is_q8_key(k)}
+        _check_pairs({k: v for k, v in st.items() if _is_q8_key(k)}, f"to_full_precision_state_dict: state {pid}")
         for k in sorted(k for k in st if isinstance(k, str) and k.endswith("_codes")):  # sorted: collective
             key = k[: -len("_codes")]
             codes, absmax = st[k], st[lowbit.absmax_key(key)]

@@ -167,6 +167,14 @@ def full_tensor(t) -> Tensor:
     return as_bytes.full_tensor().view(t.dtype)
 
 
+def checked_int4_codes(codes: Tensor, what: str) -> Tensor:
+    """int4 codes one per element (the global form) are uint8 in 0..15: a larger one would spill into its
+    neighbour's nibble when packed. Load time: the value check may sync."""
+    if codes.dtype != torch.uint8 or bool((codes > 15).any()):
+        raise ValueError(f"int4 {what} must be torch.uint8 codes 0..15, one per element")
+    return codes
+
+
 def _local_codes(p, codes, fmt) -> Tensor:
     """p's local shard of codes, one uint8 per element, given as a DTensor (p's placement) or as the full tensor (a
     1-rank checkpoint; int4 packed)."""
@@ -190,6 +198,8 @@ def from_global_form(p, codes, absmax, signed: bool) -> tuple:
     block = fmt.block
     full = _full_blocks(absmax)
     local_codes = _local_codes(p, codes, fmt)
+    if fmt.bits == 4:
+        checked_int4_codes(local_codes, "codes")
     dev = p._local_tensor.device
     full, local_codes = full.to(dev), local_codes.to(dev)
     if full.numel() != fmt.num_blocks(numel) or local_codes.numel() != n:
@@ -217,7 +227,7 @@ def dequantize_global_form(codes, absmax, signed: bool, shape=None):
     table = lowbit.qmap(signed, codes.device, fmt)
     if not is_dtensor(codes):
         if fmt.bits == 4 and codes.numel() == numel:  # one code per element: packed for lowbit.dequantize
-            codes, shape = lowbit.pack4(codes), codes.shape
+            codes, shape = lowbit.pack4(checked_int4_codes(codes, "codes")), codes.shape
         return lowbit.dequantize(codes, absmax.to(codes.device), table, state_dtype=fmt, shape=shape)
     offset, n, _ = flat_range(codes)
     local = codes._local_tensor.reshape(-1).view(torch.uint8)
