@@ -185,3 +185,46 @@ def test_triton_backend_refuses_capture():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"), torch.cuda.graph(graph):
         opt.step()
+
+
+LOWBIT = [(fusedopt.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "capturable": True}),
+          (fusedopt.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True})]  # fmt: skip
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize(("cls", "kwargs"), LOWBIT, ids=[c.__name__ for c, _ in LOWBIT])
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_captured_lowbit_step_replays_like_eager(cls, kwargs, backend, state_dtype):
+    """Low-bit states (docs/LOW_BIT_STATES.md) under capture: the captured step dequantizes, updates and requantizes
+    the codes and absmax in place, so every replay equals an eager twin of the same format and backend, bit for bit
+    (params, codes, absmax, step). Two quantized params (one past a chunk) and one small full-precision one."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    base = [torch.randn(s, device="cuda", generator=gen) for s in [(5000,), (70000,), (33, 65)]]
+    params = [torch.nn.Parameter(b.clone()) for b in base]
+    twins = [torch.nn.Parameter(b.clone()) for b in base]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fused = cls(params, backend=backend, state_dtype=state_dtype, **kwargs)
+    eager = cls(twins, backend=backend, state_dtype=state_dtype, **kwargs)
+
+    def new_grads(_=None):
+        for p, q in zip(params, twins):
+            p.grad.copy_(torch.randn(p.shape, device="cuda", generator=gen))
+            q.grad = p.grad.clone()
+
+    _warmup(lambda i: (new_grads(), fused.step(), eager.step()), WARMUP)
+    assert any(k.endswith("_codes") for k in fused.state[params[0]]), "the states are not quantized"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.step()
+    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    for r in range(REPLAYS):
+        new_grads()
+        graph.replay()
+        eager.step()
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(params, twins)):
+            assert torch.equal(p, q), f"replay {r + 1}: param {i}"
+            assert fused.state[p].keys() == eager.state[q].keys()
+            for k, v in eager.state[q].items():
+                assert torch.equal(bits(fused.state[p][k]), bits(v)), f"replay {r + 1}: param {i} {k}"
