@@ -70,6 +70,7 @@ class FusedOptimizerMixin:
     OP_NAME = "optimizer"
     HAS_STEP = True  # state carries 'step' (SGD's does not)
     LAZY_STATE = False  # True: _step_bucket creates the state itself (SGD, as torch does)
+    SERVES_STATE_DTYPE = False  # low-bit states (fusedopt/optim/_lowbit.py); the others refuse a group's state_dtype
     _step_supports_amp_scaling = True
 
     def _fusedopt_setup(self, backend: str | None, differentiable: bool, max_grad_norm: float | None = None,
@@ -81,6 +82,7 @@ class FusedOptimizerMixin:
         # Per-step results live in a dict, not in attributes: torch.compile (Dynamo) drops attribute writes made on
         # an optimizer inside a compiled step, but replays dict writes.
         self._fusedopt_stats: dict = {}
+        self._group_state_dtypes: dict = {}  # group index -> the state_dtype its states were made in
         if differentiable:
             raise NotImplementedError(
                 f"fusedopt.optim.{type(self).__name__} does not support differentiable=True: its fused kernels "
@@ -110,8 +112,18 @@ class FusedOptimizerMixin:
         for key, value in getattr(self, "_fusedopt_extra_defaults", {}).items():
             self.param_groups[-1].setdefault(key, value)
             self.defaults.setdefault(key, value)
+        self._follow_state_dtype(len(self.param_groups) - 1, self.param_groups[-1])
         if hasattr(self, "_bucket_cache"):
             self._bucket_cache.clear()
+
+    def _follow_state_dtype(self, gi: int, group: dict) -> None:
+        """A group's state_dtype, checked when the group is added and at every step (torch.optim users set group
+        keys between steps). Without an 8-bit path it is refused, as the constructor refuses the keyword: ignoring
+        it would keep full-precision states the user meant to save."""
+        if group.get("state_dtype") is not None:
+            name, state_dtype = type(self).__name__, group["state_dtype"]
+            raise ValueError(f"fusedopt.optim.{name} does not support state_dtype={state_dtype!r} (it has no low-bit "
+                             "state path): use state_dtype=None")  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -149,6 +161,7 @@ class FusedOptimizerMixin:
     # --- buckets --------------------------------------------------------------------------------------------
     def _buckets(self, gi: int, group: dict, with_grad: list) -> list:
         """Buckets for the params of `group` that have a grad; cached until that set changes."""
+        self._follow_state_dtype(gi, group)
         key = (gi, len(group["params"]), tuple(with_grad) if len(with_grad) != len(group["params"]) else None)
         cached = self._bucket_cache.get(key)
         if cached is not None and cached[0] is group["params"]:

@@ -40,15 +40,28 @@ class LowBitStateMixin(FusedOptimizerMixin):
     """The state side of state_dtype="int8" / "int4" / "fp8"; SpecOptimizerMixin steps a quantized bucket through
     fusedopt.ops.optim_step.step_q8."""
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group.get("state_dtype") is not None and any(p.dtype == torch.float64 for p in group["params"]):
+    SERVES_STATE_DTYPE = True  # LAMB and Muon, on the spec engine without an 8-bit path, set it back
+
+    def _follow_state_dtype(self, gi: int, group: dict) -> None:
+        """As FusedOptimizerMixin's, for the optimizers that serve low-bit states: a new or changed state_dtype is
+        validated, and a change between steps converts the states already made, as a load does (_convert_states);
+        kept as they were, they were stepped in their old format, or refused by a kernel."""
+        if not self.SERVES_STATE_DTYPE:
+            return super()._follow_state_dtype(gi, group)
+        state_dtype = group.get("state_dtype")
+        if self._group_state_dtypes.get(gi, "") == state_dtype:
+            return
+        state_dtype = group["state_dtype"] = lowbit.check_state_dtype(state_dtype)
+        if state_dtype is not None and any(p.dtype == torch.float64 for p in group["params"]):
             raise ValueError(
-                f"fusedopt.optim.{type(self).__name__}: state_dtype={group['state_dtype']!r} does not support "
-                "float64 params (low-bit states are for float32, bfloat16 and float16 params); put them in a param "
-                "group with state_dtype=None"
+                f"fusedopt.optim.{type(self).__name__}: state_dtype={state_dtype!r} does not support float64 params "
+                "(low-bit states are for float32, bfloat16 and float16 params); put them in a param group with "
+                "state_dtype=None"
             )
+        if gi in self._group_state_dtypes:
+            self._convert_states()
+            self._bucket_cache.clear()
+        self._group_state_dtypes[gi] = state_dtype
 
     def _quantized_state(self, group: dict, p: Tensor) -> bool:
         return group.get("state_dtype") is not None and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel

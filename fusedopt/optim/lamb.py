@@ -48,6 +48,7 @@ class LAMB(SpecOptimizerMixin, torch.optim.Optimizer):
     `set_grad_none` makes zero_grad() set grads to None (torch's default too).
     State per param: `step` (float32 on the param's device), `exp_avg`, `exp_avg_sq`."""
 
+    SERVES_STATE_DTYPE = False  # no 8-bit path: a group's state_dtype is refused
     SPEC = SPEC
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,

@@ -53,6 +53,7 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
     """torch.optim.Muon with fused elementwise kernels and the Newton-Schulz iteration batched across same-shaped
     matrices. Keywords as torch's, plus backend= and max_grad_norm= (a clip folded into the momentum kernel)."""
 
+    SERVES_STATE_DTYPE = False  # no 8-bit path: a group's state_dtype is refused
     SPEC = SPEC
     EXTRA_SPECS = (UPDATE_SPEC,)
 

@@ -1,0 +1,104 @@
+"""A param group's state_dtype set between steps (torch.optim users change group keys in place): the next step
+converts the states already made, exactly as loading the state_dict into an optimizer of the new format does
+(docs/LOW_BIT_STATES.md). Before, the C++-held buckets went on stepping the old format (the cpu backend), the torch
+backend's kernel refused the old codes, and a switch to None was an "Invalid state_dtype" error. Optimizers without
+a low-bit path refuse the key in a group, as their constructors refuse the keyword (Muon made a quantized buffer
+beside the full-precision one it stepped)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import cpu_backends
+
+import fusedopt
+
+SWITCHES = [("int8", "int4"), ("int4", "int8"), ("int8", "fp8"), ("fp8", "int4"), ("int8", None), (None, "int8"),
+            (None, "int4")]  # fmt: skip
+OPTIMIZERS = [(fusedopt.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+              (fusedopt.SGD, {"lr": 0.01, "momentum": 0.9, "dampening": 0.3})]  # fmt: skip
+BACKENDS = [b for b in cpu_backends() if b != "triton"]  # the interpreted Triton backend: too slow for 12 steps here
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).requires_grad_() for s in [(5000,), (80, 64), (7, 9)]]
+
+
+def _steps(opt, params, first, count):
+    for s in range(first, first + count):
+        g = torch.Generator().manual_seed(100 + s)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
+@pytest.mark.parametrize(("old", "new"), SWITCHES, ids=[f"{a}-to-{b}" for a, b in SWITCHES])
+def test_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
+    switched_params = _params()
+    switched = cls(switched_params, backend=backend, state_dtype=old, **kw)
+    _steps(switched, switched_params, 0, 3)
+    loaded_params = [p.detach().clone().requires_grad_() for p in switched_params]
+    loaded = cls(loaded_params, backend=backend, state_dtype=new, **kw)
+    loaded.load_state_dict(copy.deepcopy(switched.state_dict()))
+    switched.param_groups[0]["state_dtype"] = new
+    _steps(switched, switched_params, 3, 3)
+    _steps(loaded, loaded_params, 3, 3)
+    for i, (p, q) in enumerate(zip(switched_params, loaded_params)):
+        assert torch.equal(p, q), f"param {i}"
+        state, want = switched.state[p], loaded.state[q]
+        assert state.keys() == want.keys(), f"param {i}"
+        for k, v in want.items():
+            assert _bits(state[k]).dtype == _bits(v).dtype and torch.equal(_bits(state[k]), _bits(v)), f"param {i} {k}"
+    big = switched.state[switched_params[0]]
+    key = "exp_avg" if cls is fusedopt.AdamW else "momentum_buffer"
+    if new is None:
+        assert key in big and f"{key}_codes" not in big
+    else:
+        fmt = fusedopt.lowbit.FORMATS[new]
+        assert key not in big and big[f"{key}_codes"].dtype == fmt.codes_dtype
+        assert big[f"{key}_codes"].numel() == fmt.codes_numel(5000)
+
+
+def test_bad_switches_are_refused():
+    params = _params()
+    opt = fusedopt.AdamW(params, backend="cpu", state_dtype="int8")
+    _steps(opt, params, 0, 1)
+    opt.param_groups[0]["state_dtype"] = "int2"
+    with pytest.raises(ValueError, match="Invalid state_dtype: 'int2'"):
+        opt.step()
+    wide = [torch.randn(5000, dtype=torch.float64, requires_grad=True)]
+    opt = fusedopt.AdamW(wide, backend="cpu")
+    _steps(opt, wide, 0, 1)
+    opt.param_groups[0]["state_dtype"] = "int8"
+    with pytest.raises(ValueError, match="does not support float64 params"):
+        opt.step()
+
+
+def _muon_params():
+    return [torch.randn(80, 64, requires_grad=True)]
+
+
+REFUSING = [(fusedopt.LAMB, _params), (fusedopt.optim.Muon, _muon_params), (fusedopt.Adafactor, _params)]
+
+
+@pytest.mark.parametrize(("cls", "make"), REFUSING, ids=[c.__name__ for c, _ in REFUSING])
+def test_optimizers_without_low_bit_states_refuse_a_group_state_dtype(cls, make):
+    params = make()
+    opt = cls(params, backend="cpu")
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not support state_dtype='int8'"):
+        opt.add_param_group({"params": make(), "state_dtype": "int8"})
+    _steps(opt, params, 0, 1)
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["state_dtype"] = "int4"
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not support state_dtype='int4'"):
+        _steps(opt, params, 1, 1)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "refused, yet stepped"
