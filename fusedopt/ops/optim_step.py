@@ -109,8 +109,8 @@ def _q8_kernel(spec, backend: str):
         return functools.partial(lowbit.step_q8, fp_step, spec)
     kernel = getattr(_backend.kernels(backend, spec.op), f"{spec.op}_step_q8", None)
     if kernel is None:
-        raise NotImplementedError(f"fusedopt {spec.op}_step_q8: low-bit states are not implemented on the "
-                                  f"{backend!r} backend (cpu, triton and torch have them)")  # fmt: skip
+        raise NotImplementedError(f"fusedopt {spec.op}_step_q8: {spec.op} has no low-bit state path on the "
+                                  f"{backend!r} backend")  # fmt: skip
     return kernel
 
 
