@@ -82,7 +82,7 @@ class FusedOptimizerMixin:
         # Per-step results live in a dict, not in attributes: torch.compile (Dynamo) drops attribute writes made on
         # an optimizer inside a compiled step, but replays dict writes.
         self._fusedopt_stats: dict = {}
-        self._group_state_dtypes: dict = {}  # group index -> the state_dtype its states were made in
+        self._group_options: dict = {}  # (group index, option) -> the value its states were last made for
         if differentiable:
             raise NotImplementedError(
                 f"fusedopt.optim.{type(self).__name__} does not support differentiable=True: its fused kernels "
@@ -112,15 +112,16 @@ class FusedOptimizerMixin:
         for key, value in getattr(self, "_fusedopt_extra_defaults", {}).items():
             self.param_groups[-1].setdefault(key, value)
             self.defaults.setdefault(key, value)
-        self._follow_state_dtype(len(self.param_groups) - 1, self.param_groups[-1])
+        self._follow_group_options(len(self.param_groups) - 1, self.param_groups[-1])
         if hasattr(self, "_bucket_cache"):
             self._bucket_cache.clear()
 
-    def _follow_state_dtype(self, gi: int, group: dict) -> None:
-        """A group's state_dtype, checked when the group is added and at every step (torch.optim users set group
-        keys between steps). Without an 8-bit path it is refused, as the constructor refuses the keyword: ignoring
-        it would keep full-precision states the user meant to save."""
-        if group.get("state_dtype") is not None:
+    def _follow_group_options(self, gi: int, group: dict) -> None:
+        """The group's storage options (state_dtype; master_weights in optim/_master.py), checked when the group is
+        added and at every step: torch.optim users set group keys between steps, and a changed option converts the
+        states at the next step. Here: without a low-bit path state_dtype is refused, as the constructor refuses the
+        keyword (ignored, it would keep the full-precision states the user meant to save)."""
+        if group.get("state_dtype") is not None and not self.SERVES_STATE_DTYPE:
             name, state_dtype = type(self).__name__, group["state_dtype"]
             raise ValueError(f"fusedopt.optim.{name} does not support state_dtype={state_dtype!r} (it has no low-bit "
                              "state path): use state_dtype=None")  # fmt: skip
@@ -161,7 +162,7 @@ class FusedOptimizerMixin:
     # --- buckets --------------------------------------------------------------------------------------------
     def _buckets(self, gi: int, group: dict, with_grad: list) -> list:
         """Buckets for the params of `group` that have a grad; cached until that set changes."""
-        self._follow_state_dtype(gi, group)
+        self._follow_group_options(gi, group)
         key = (gi, len(group["params"]), tuple(with_grad) if len(with_grad) != len(group["params"]) else None)
         cached = self._bucket_cache.get(key)
         if cached is not None and cached[0] is group["params"]:

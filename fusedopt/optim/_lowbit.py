@@ -42,14 +42,15 @@ class LowBitStateMixin(FusedOptimizerMixin):
 
     SERVES_STATE_DTYPE = True  # LAMB and Muon, on the spec engine without an 8-bit path, set it back
 
-    def _follow_state_dtype(self, gi: int, group: dict) -> None:
-        """As FusedOptimizerMixin's, for the optimizers that serve low-bit states: a new or changed state_dtype is
-        validated, and a change between steps converts the states already made, as a load does (_convert_states);
-        kept as they were, they were stepped in their old format, or refused by a kernel."""
+    def _follow_group_options(self, gi: int, group: dict) -> None:
+        """A new or changed state_dtype is validated; a change between steps converts the states already made, as a
+        load does (_convert_states): kept as they were, they were stepped in their old format, or refused by a
+        kernel."""
+        super()._follow_group_options(gi, group)
         if not self.SERVES_STATE_DTYPE:
-            return super()._follow_state_dtype(gi, group)
+            return
         state_dtype = group.get("state_dtype")
-        if self._group_state_dtypes.get(gi, "") == state_dtype:
+        if self._group_options.get((gi, "state_dtype"), "") == state_dtype:
             return
         state_dtype = group["state_dtype"] = lowbit.check_state_dtype(state_dtype)
         if state_dtype is not None and any(p.dtype == torch.float64 for p in group["params"]):
@@ -58,10 +59,10 @@ class LowBitStateMixin(FusedOptimizerMixin):
                 "(low-bit states are for float32, bfloat16 and float16 params); put them in a param group with "
                 "state_dtype=None"
             )
-        if gi in self._group_state_dtypes:
+        if (gi, "state_dtype") in self._group_options:
             self._convert_states()
             self._bucket_cache.clear()
-        self._group_state_dtypes[gi] = state_dtype
+        self._group_options[gi, "state_dtype"] = state_dtype
 
     def _quantized_state(self, group: dict, p: Tensor) -> bool:
         return group.get("state_dtype") is not None and p.numel() >= lowbit.MIN_QUANT_NUMEL  # DTensor: global numel

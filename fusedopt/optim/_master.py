@@ -34,22 +34,30 @@ def check_master_weights(value) -> str | None:
 class MasterWeightsMixin(FusedOptimizerMixin):
     """State creation, bucket lists and state_dict handling of master weights."""
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if "master_weights" not in group:
+    def _follow_group_options(self, gi: int, group: dict) -> None:
+        """A new or changed master_weights is validated and normalized; a change between steps converts the states
+        at the next step, as a load into an optimizer of the new mode does (_convert_masters)."""
+        super()._follow_group_options(gi, group)
+        value = group.get("master_weights")
+        seen = self._group_options.get((gi, "master_weights"), "")
+        if seen == value:
             return
-        mode = group["master_weights"] = check_master_weights(group["master_weights"])
-        if mode is None:
-            return
-        name = type(self).__name__
-        if getattr(self, "bf16_stochastic_round", False):
-            raise ValueError(f"fusedopt.optim.{name}: master_weights and bf16_stochastic_round exclude each other "
-                             "(with a master, the bf16 param is the master rounded to nearest)")  # fmt: skip
-        if mode == "remainder" and any(p.dtype == torch.float16 for p in group["params"]):
-            raise ValueError(f"fusedopt.optim.{name}: master_weights='remainder' needs bfloat16 params (a float16 "
-                             "param is not the high half of a float32); use master_weights=True "
-                             "for float16")  # fmt: skip
+        mode = check_master_weights(value)
+        if "master_weights" in group:
+            group["master_weights"] = mode
+        if mode is not None:
+            name = type(self).__name__
+            if getattr(self, "bf16_stochastic_round", False):
+                raise ValueError(f"fusedopt.optim.{name}: master_weights and bf16_stochastic_round exclude each other "
+                                 "(with a master, the bf16 param is the master rounded to nearest)")  # fmt: skip
+            if mode == "remainder" and any(p.dtype == torch.float16 for p in group["params"]):
+                raise ValueError(f"fusedopt.optim.{name}: master_weights='remainder' needs bfloat16 params (a float16 "
+                                 "param is not the high half of a float32); use master_weights=True "
+                                 "for float16")  # fmt: skip
+        if seen != "" and seen != mode:
+            self._convert_masters()
+            self._bucket_cache.clear()
+        self._group_options[gi, "master_weights"] = mode
 
     def _master_mode(self, group: dict, p: Tensor) -> str | None:
         """The param's master kind: the group's, for a 16-bit param; else None."""
@@ -121,9 +129,13 @@ class MasterWeightsMixin(FusedOptimizerMixin):
                 if not st:
                     continue
                 mode = self._master_mode(group, p)
-                if mode is None:
+                if mode is None:  # states in the param's dtype, as torch keeps them (a load's are cast already)
                     for k in MASTER_KEYS.values():
                         st.pop(k, None)
+                    for k, v in list(st.items()):
+                        if k != "step" and not k.endswith(("_codes", "_absmax")) and isinstance(v, Tensor) \
+                                and v.is_floating_point():  # fmt: skip
+                            st[k] = v.to(self._full_precision_state_dtype(group, p))
                     continue
                 lp = local_tensor(p)
                 if mode == "fp32" and "master_param" not in st:

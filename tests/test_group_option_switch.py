@@ -1,9 +1,11 @@
-"""A param group's state_dtype set between steps (torch.optim users change group keys in place): the next step
-converts the states already made, exactly as loading the state_dict into an optimizer of the new format does
-(docs/LOW_BIT_STATES.md). Before, the C++-held buckets went on stepping the old format (the cpu backend), the torch
-backend's kernel refused the old codes, and a switch to None was an "Invalid state_dtype" error. Optimizers without
-a low-bit path refuse the key in a group, as their constructors refuse the keyword (Muon made a quantized buffer
-beside the full-precision one it stepped)."""
+"""A param group's state_dtype or master_weights set between steps (torch.optim users change group keys in place):
+the next step converts the states already made, exactly as loading the state_dict into an optimizer of the new
+format or mode does (docs/LOW_BIT_STATES.md, docs/MASTER_WEIGHTS.md). Before, for state_dtype the C++-held buckets
+went on stepping the old format (the cpu backend), the torch backend's kernel refused the old codes, and a switch
+to None was an "Invalid state_dtype" error; master_weights=True or False set in a group was a KeyError at the step,
+and "fp32" -> "remainder" dropped the master's low bits. Optimizers without a low-bit path refuse state_dtype in a
+group, as their constructors refuse the keyword (Muon made a quantized buffer beside the full-precision one it
+stepped)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ OPTIMIZERS = [(fusedopt.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True
 BACKENDS = [b for b in cpu_backends() if b != "triton"]  # the interpreted Triton backend: too slow for 12 steps here
 
 
-def _params():
+def _params(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=g).requires_grad_() for s in [(5000,), (80, 64), (7, 9)]]
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in [(5000,), (80, 64), (7, 9)]]
 
 
 def _steps(opt, params, first, count):
@@ -39,17 +41,16 @@ def _bits(t):
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
-@pytest.mark.parametrize(("old", "new"), SWITCHES, ids=[f"{a}-to-{b}" for a, b in SWITCHES])
-def test_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
-    switched_params = _params()
-    switched = cls(switched_params, backend=backend, state_dtype=old, **kw)
+def _switch_and_load(cls, kw, backend, option, old, new, dtype=torch.float32):
+    """3 steps with group option `old`, then 3 with `new` set in the group; beside them, the state_dict after the
+    first 3 loaded into an optimizer made with `new`, and 3 steps. Params and every state must agree bit for bit."""
+    switched_params = _params(dtype)
+    switched = cls(switched_params, backend=backend, **{option: old}, **kw)
     _steps(switched, switched_params, 0, 3)
     loaded_params = [p.detach().clone().requires_grad_() for p in switched_params]
-    loaded = cls(loaded_params, backend=backend, state_dtype=new, **kw)
+    loaded = cls(loaded_params, backend=backend, **{option: new}, **kw)
     loaded.load_state_dict(copy.deepcopy(switched.state_dict()))
-    switched.param_groups[0]["state_dtype"] = new
+    switched.param_groups[0][option] = new
     _steps(switched, switched_params, 3, 3)
     _steps(loaded, loaded_params, 3, 3)
     for i, (p, q) in enumerate(zip(switched_params, loaded_params)):
@@ -58,7 +59,14 @@ def test_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
         assert state.keys() == want.keys(), f"param {i}"
         for k, v in want.items():
             assert _bits(state[k]).dtype == _bits(v).dtype and torch.equal(_bits(state[k]), _bits(v)), f"param {i} {k}"
-    big = switched.state[switched_params[0]]
+    return switched.state[switched_params[0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
+@pytest.mark.parametrize(("old", "new"), SWITCHES, ids=[f"{a}-to-{b}" for a, b in SWITCHES])
+def test_state_dtype_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
+    big = _switch_and_load(cls, kw, backend, "state_dtype", old, new)
     key = "exp_avg" if cls is fusedopt.AdamW else "momentum_buffer"
     if new is None:
         assert key in big and f"{key}_codes" not in big
@@ -66,6 +74,21 @@ def test_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
         fmt = fusedopt.lowbit.FORMATS[new]
         assert key not in big and big[f"{key}_codes"].dtype == fmt.codes_dtype
         assert big[f"{key}_codes"].numel() == fmt.codes_numel(5000)
+
+
+MASTER_SWITCHES = [(False, True), (True, False), (True, "remainder"), ("remainder", True), ("remainder", False),
+                   (False, "remainder")]  # fmt: skip
+MASTER_KEY = {True: "master_param", "remainder": "param_remainder", False: None}
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
+@pytest.mark.parametrize(("old", "new"), MASTER_SWITCHES, ids=[f"{a}-to-{b}" for a, b in MASTER_SWITCHES])
+def test_master_weights_switch_equals_loading_into_the_new_mode(old, new, cls, kw, backend, state_dtype):
+    big = _switch_and_load(cls, {**kw, "state_dtype": state_dtype}, backend, "master_weights", old, new,
+                           torch.bfloat16)  # fmt: skip
+    assert {k for k in big if k in ("master_param", "param_remainder")} == {MASTER_KEY[new]} - {None}
 
 
 def test_bad_switches_are_refused():
@@ -80,6 +103,15 @@ def test_bad_switches_are_refused():
     _steps(opt, wide, 0, 1)
     opt.param_groups[0]["state_dtype"] = "int8"
     with pytest.raises(ValueError, match="does not support float64 params"):
+        opt.step()
+    halves = _params(torch.float16)
+    opt = fusedopt.AdamW(halves, backend="cpu", master_weights=True)
+    _steps(opt, halves, 0, 1)
+    opt.param_groups[0]["master_weights"] = "bogus"
+    with pytest.raises(ValueError, match="Invalid master_weights value: 'bogus'"):
+        opt.step()
+    opt.param_groups[0]["master_weights"] = "remainder"
+    with pytest.raises(ValueError, match="master_weights='remainder' needs bfloat16 params"):
         opt.step()
 
 
