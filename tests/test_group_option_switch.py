@@ -1,11 +1,12 @@
-"""A param group's state_dtype or master_weights set between steps (torch.optim users change group keys in place):
-the next step converts the states already made, exactly as loading the state_dict into an optimizer of the new
-format or mode does (docs/LOW_BIT_STATES.md, docs/MASTER_WEIGHTS.md). Before, for state_dtype the C++-held buckets
-went on stepping the old format (the cpu backend), the torch backend's kernel refused the old codes, and a switch
-to None was an "Invalid state_dtype" error; master_weights=True or False set in a group was a KeyError at the step,
-and "fp32" -> "remainder" dropped the master's low bits. Optimizers without a low-bit path refuse state_dtype in a
-group, as their constructors refuse the keyword (Muon made a quantized buffer beside the full-precision one it
-stepped)."""
+"""A param group's state_dtype, master_weights or backend set between steps (torch.optim users change group keys
+in place): the next step converts the states already made, exactly as loading the state_dict into an optimizer of
+the new format, mode or backend does (docs/LOW_BIT_STATES.md, docs/MASTER_WEIGHTS.md). Before, for state_dtype the
+C++-held buckets went on stepping the old format (the cpu backend), the torch backend's kernel refused the old
+codes, and a switch to None was an "Invalid state_dtype" error; master_weights=True or False set in a group was a
+KeyError at the step, and "fp32" -> "remainder" dropped the master's low bits; a new backend was ignored (the
+buckets were cached). Optimizers without a low-bit path refuse state_dtype in a group, as their constructors refuse
+the keyword (Muon made a quantized buffer beside the full-precision one it stepped). A load keeps the optimizer's
+own backend, as it keeps its state_dtype and master_weights."""
 
 from __future__ import annotations
 
@@ -91,12 +92,53 @@ def test_master_weights_switch_equals_loading_into_the_new_mode(old, new, cls, k
     assert {k for k in big if k in ("master_param", "param_remainder")} == {MASTER_KEY[new]} - {None}
 
 
+BACKEND_SWITCHES = [(a, b) for a in BACKENDS for b in BACKENDS if a != b]
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+@pytest.mark.parametrize(("old", "new"), BACKEND_SWITCHES, ids=[f"{a}-to-{b}" for a, b in BACKEND_SWITCHES])
+def test_backend_switch_equals_loading_into_the_new_backend(old, new, state_dtype):
+    """The group's backend set between steps takes effect at the next step (the cached buckets ignored it)."""
+    switched_params = _params()
+    switched = fusedopt.AdamW(switched_params, backend=old, state_dtype=state_dtype)
+    _steps(switched, switched_params, 0, 3)
+    loaded_params = [p.detach().clone().requires_grad_() for p in switched_params]
+    loaded = fusedopt.AdamW(loaded_params, backend=new, state_dtype=state_dtype)
+    loaded.load_state_dict(copy.deepcopy(switched.state_dict()))
+    switched.param_groups[0]["backend"] = new
+    _steps(switched, switched_params, 3, 3)
+    _steps(loaded, loaded_params, 3, 3)
+    assert {b.backend for b in switched._buckets(0, switched.param_groups[0], range(3))} == {new}
+    for i, (p, q) in enumerate(zip(switched_params, loaded_params)):
+        assert torch.equal(p, q), f"param {i}"
+        for k, v in loaded.state[q].items():
+            assert torch.equal(switched.state[p][k], v), f"param {i} {k}"
+
+
+def test_load_keeps_the_optimizers_backend():
+    """torch's load_state_dict sets each group's keys to the checkpoint's: a backend="cuda" checkpoint loaded on a
+    CPU machine would fail its first step. The optimizer's own backend wins."""
+    params = _params()
+    saved = fusedopt.AdamW(params, backend="cpu")
+    _steps(saved, params, 0, 1)
+    sd = copy.deepcopy(saved.state_dict())
+    sd["param_groups"][0]["backend"] = "cuda"  # as saved on a GPU machine
+    fresh = fusedopt.AdamW([p.detach().clone().requires_grad_() for p in params], backend="torch")
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["backend"] == "torch"
+    _steps(fresh, fresh.param_groups[0]["params"], 1, 1)  # cuda would refuse these CPU tensors
+
+
 def test_bad_switches_are_refused():
     params = _params()
     opt = fusedopt.AdamW(params, backend="cpu", state_dtype="int8")
     _steps(opt, params, 0, 1)
     opt.param_groups[0]["state_dtype"] = "int2"
     with pytest.raises(ValueError, match="Invalid state_dtype: 'int2'"):
+        opt.step()
+    opt.param_groups[0]["state_dtype"] = "int8"
+    opt.param_groups[0]["backend"] = "bogus"
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
         opt.step()
     wide = [torch.randn(5000, dtype=torch.float64, requires_grad=True)]
     opt = fusedopt.AdamW(wide, backend="cpu")

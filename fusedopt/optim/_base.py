@@ -127,7 +127,12 @@ class FusedOptimizerMixin:
                              "state path): use state_dtype=None")  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # The backend belongs to the machine the optimizer runs on, not to the checkpoint: torch's load would set each
+        # group's to the saved one (a backend="cuda" checkpoint would then fail its first step on a CPU machine).
+        own = [g.get("backend") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, own):
+            group["backend"] = backend
         self._after_load_state_dict()
 
     def _after_load_state_dict(self) -> None:
@@ -163,7 +168,9 @@ class FusedOptimizerMixin:
     def _buckets(self, gi: int, group: dict, with_grad: list) -> list:
         """Buckets for the params of `group` that have a grad; cached until that set changes."""
         self._follow_group_options(gi, group)
-        key = (gi, len(group["params"]), tuple(with_grad) if len(with_grad) != len(group["params"]) else None)
+        # the group's backend too: set between steps, it takes effect (buckets resolve it, and validate the name)
+        key = (gi, len(group["params"]), tuple(with_grad) if len(with_grad) != len(group["params"]) else None,
+               group.get("backend"))  # fmt: skip
         cached = self._bucket_cache.get(key)
         if cached is not None and cached[0] is group["params"]:
             return cached[1]
