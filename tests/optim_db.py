@@ -299,7 +299,7 @@ OPTIM_DB = (
         not_applicable={"fsdp2": "LAMB's trust ratio needs each param's global norm and fusedopt's kernels see "
                                  "FSDP2's local shards: LAMB raises NotImplementedError on DTensor params (checked)",
                         "int8": "the two-pass engine has no 8-bit state path (no lamb_step_q8): LAMB refuses "
-                                "state_dtype with ValueError (checked in test_lowbit_states.py)"},
+                                "state_dtype with ValueError (checked in test_lowbit_errors.py)"},
     ),
     OptimInfo(
         "Adafactor", fusedopt.Adafactor, torch.optim.Adafactor, "adafactor_step",
@@ -310,7 +310,7 @@ OPTIM_DB = (
                      "FSDP2's local shards: Adafactor raises NotImplementedError on DTensor params (checked)",
             # test_max_grad_norm's one-step 16-bit check (folded clip vs clip_grad_norm_ then step)
             "int8": "fusedopt::adafactor_step has no 8-bit path for its factored states: Adafactor refuses "
-                    "state_dtype with ValueError (checked in test_lowbit_states.py)",
+                    "state_dtype with ValueError (checked in test_lowbit_errors.py)",
             "stochastic_round": "fusedopt::adafactor_step stores params by round-to-nearest (not on the spec engine): "
                                 "Adafactor refuses bf16_stochastic_round=True with ValueError (checked in "
                                 "test_stochastic_round.py)",

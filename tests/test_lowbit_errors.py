@@ -1,8 +1,9 @@
-"""Loading a corrupt low-bit state_dict (docs/LOW_BIT_STATES.md, "state_dict"): every corruption is a ValueError at
-load that names what is wrong, into an optimizer of the same format, of another format and of full precision, and
-in to_full_precision_state_dict. Before these checks some of them loaded and stepped without an error: one absmax
-value broadcast over every block in a format conversion, int4 codes of another dtype were packed as they were, a
-state without its codes started again from zero."""
+"""Errors of the low-bit states (docs/LOW_BIT_STATES.md): bad state_dtype values and params, the kernels' checks at
+the op boundary, the optimizers that have no low-bit path, and loading a corrupt low-bit state_dict. Every
+corruption is a ValueError at load that names what is wrong, into an optimizer of the same format, of another format
+and of full precision, and in to_full_precision_state_dict. Before those checks some corruptions loaded and stepped
+without an error: one absmax value broadcast over every block in a format conversion, int4 codes of another dtype
+were packed as they were, a state without its codes started again from zero."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import copy
 import pytest
 import torch
 from gloo import same
+from test_lowbit_states import FORMATS, Q8_BACKENDS, REFUSING
 
 import fusedopt
-from fusedopt import lowbit
+from fusedopt import _backend, lowbit
+from fusedopt.ops import optim_step
 
-FORMATS = ["int8", "int4", "fp8"]
 OTHER = {"int8": "int4", "int4": "fp8", "fp8": "int8"}
 NUMEL = 5000  # 20 blocks of 256 (int8, fp8), 40 of 128 (int4)
 
@@ -45,6 +47,59 @@ def _int4_code_16(st):
     codes = st["exp_avg_codes"].clone()
     codes[7] = 16  # spills into the neighbour's nibble when packed
     st["exp_avg_codes"] = codes
+
+
+def test_errors():
+    for bad in ("int2", "fp16", "float8_e4m3fn", 8, "INT4"):
+        with pytest.raises(ValueError, match="Invalid state_dtype"):
+            fusedopt.Adam([torch.zeros(3, requires_grad=True)], state_dtype=bad)
+    for state_dtype in FORMATS:
+        with pytest.raises(ValueError, match="does not support float64 params"):
+            fusedopt.AdamW([torch.zeros(5000, dtype=torch.float64, requires_grad=True)], state_dtype=state_dtype)
+    spec = fusedopt.optim.adam.SPEC
+    hyper = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+             "decoupled_weight_decay": False}  # fmt: skip
+    p, g = torch.zeros(300), torch.zeros(300)
+    good = ([torch.zeros(300, dtype=torch.uint8)], [torch.zeros(2)])
+    for backend in [*Q8_BACKENDS, "torch"]:
+        bad_codes = [[torch.zeros(300, dtype=torch.int8)], good[0], []]
+        with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] codes must be a contiguous torch.uint8 tensor"):
+            optim_step.step_q8(spec, [p], [g], bad_codes, [good[1], good[1], []], [torch.zeros(())], lr=0.1,
+                               hyper=hyper, maximize=False, backend=backend)  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] absmax must be .* of 2 values"):
+            optim_step.step_q8(spec, [p], [g], [good[0], good[0], []], [good[1], [torch.zeros(3)], []],
+                               [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend)  # fmt: skip
+        with pytest.raises(RuntimeError, match="need float32, bfloat16 or float16 params"):
+            optim_step.step_q8(spec, [p.double()], [g.double()], [good[0], good[0], []], [good[1], good[1], []],
+                               [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend)  # fmt: skip
+        # int4: int8-sized codes, and int8's absmax count (int4 blocks are 128: 3 values)
+        with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] codes must be a contiguous torch.uint8 tensor of 150 "
+                                               r"values \(two 4-bit codes per byte\)"):  # fmt: skip
+            optim_step.step_q8(spec, [p], [g], [good[0], good[0], []], [[torch.zeros(3)]] * 2 + [[]],
+                               [torch.zeros(())], lr=0.1, hyper=hyper, maximize=False, backend=backend,
+                               state_dtype="int4")  # fmt: skip
+        packed = [torch.zeros(150, dtype=torch.uint8)]
+        with pytest.raises(RuntimeError, match=r"absmax must be .* of 3 values \(one per 128 elements\)"):
+            optim_step.step_q8(spec, [p], [g], [packed, packed, []], [good[1], good[1], []], [torch.zeros(())],
+                               lr=0.1, hyper=hyper, maximize=False, backend=backend, state_dtype="int4")  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"state_dtype must be 'int8', 'int4' or 'fp8', got 'int2'"):
+            optim_step.op_for_q8(spec)([p], [g], packed, packed, [], [torch.zeros(3)], [torch.zeros(3)], [],
+                                       [lowbit.qmap(True, "cpu", "int4")] * 3, "int2", [torch.zeros(())], 0.1, None,
+                                       *optim_step._hyper_args(spec, hyper), False, None, None, False, None, [],
+                                       backend)  # fmt: skip
+    assert _backend.usable("cpu", "cpu")
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("info", REFUSING)
+def test_optimizers_without_8bit_states_refuse_them(info, state_dtype):
+    """LAMB (two-pass engine) and Adafactor (its own op) have no low-bit path: state_dtype raises, not ignored."""
+    p = torch.zeros(5000, requires_grad=True)
+    with pytest.raises(ValueError, match="state_dtype"):
+        info.fused([p], backend="torch", state_dtype=state_dtype, **info.cases[0])
+
+
+# --- corrupt state_dicts -------------------------------------------------------------------------------------------
 
 
 # (name, mutation of param 0's state, the error's words); codes as the state_dict holds them (int4: one per element)
