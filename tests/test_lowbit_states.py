@@ -1,7 +1,8 @@
 """Block-wise quantized optimizer states (state_dtype="int8", "int4" and "fp8", docs/LOW_BIT_STATES.md), for every
 optimizer of the registry: the fused kernels against the plain-torch definition (fusedopt/lowbit.py), the quantizer
-itself, state_dict conversions both ways, the small-tensor threshold, quality on a tiny model, and the errors. Each
-test runs for each format; tests/test_lowbit_int4.py has what only int4 needs (its maps, packing, conversions)."""
+itself, state_dict conversions both ways, the small-tensor threshold, quality on a tiny model. Each test runs for
+each format; the quantizer's own tests (maps, int4 packing) are in test_lowbit_quantizer.py, the errors in
+test_lowbit_errors.py."""
 
 from __future__ import annotations
 
