@@ -72,6 +72,39 @@ def test_reproducible_and_seeded():
     assert not all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, c)), "the seed does not change the rounding"
 
 
+RESUME_CASES = [pytest.param(i.values[0], sd, id=f"{i.id}-{sd}") for i in INFOS for sd in (None, "int8")
+                if sd is None or "int8" not in i.values[0].not_applicable]  # fmt: skip
+
+
+@pytest.mark.parametrize(("info", "state_dtype"), RESUME_CASES)
+def test_resumed_run_continues_the_random_stream(info, state_dtype):
+    """A state_dict carries each bucket's counter (stochastic_round_counters, a group key): 3 steps, save, load into
+    a new optimizer, 3 steps give the bits of 6 uninterrupted steps (before, the loaded streams restarted at 0)."""
+    import copy
+
+    kw = {"bf16_stochastic_round": True, "stochastic_round_seed": 5, "state_dtype": state_dtype, **info.cases[0]}
+    shapes = [*SHAPES, (80, 64)]  # (80, 64): quantized under int8
+    runs = []
+    for resume in (False, True):
+        fused, ref = make_params(shapes, torch.bfloat16)
+        opt = info.fused(fused, backend="cpu", **kw)
+        gen = torch.Generator().manual_seed(3)
+        for s in range(6):
+            if resume and s == 3:
+                saved = copy.deepcopy(opt.state_dict())
+                fused = [p.detach().clone().requires_grad_() for p in fused]
+                opt = info.fused(fused, backend="cpu", **kw)
+                opt.load_state_dict(saved)
+            set_grads(fused, ref, gen, s)
+            opt.step()
+        runs.append((opt, fused))
+    (whole, whole_params), (resumed, resumed_params) = runs
+    for i, (p, q) in enumerate(zip(whole_params, resumed_params)):
+        assert torch.equal(_bits(p), _bits(q)), f"param {i}"
+        for k, v in whole.state[p].items():
+            assert torch.equal(resumed.state[q][k], v), f"param {i} {k}"
+
+
 def test_rounding_is_unbiased_and_exact_values_stay():
     state = torch.tensor([11, 4])
     for value, below in ((1.0 + 2**-10, 1.0), (-3.0 - 2**-6, -3.0), (1e-30 * 1.3, None)):

@@ -63,6 +63,9 @@ def _passes(params: list, idx: list) -> list:
     return passes
 
 
+ROUND_COUNTERS = "stochastic_round_counters"  # a param group's key in state_dicts: "pass:positions" -> counter
+
+
 class FusedOptimizerMixin:
     """Shared machinery. Subclasses set STATE_KEYS and OP_NAME and implement _init_state and _step_bucket."""
 
@@ -126,13 +129,28 @@ class FusedOptimizerMixin:
             raise ValueError(f"fusedopt.optim.{name} does not support state_dtype={state_dtype!r} (it has no low-bit "
                              "state path): use state_dtype=None")  # fmt: skip
 
+    def state_dict(self) -> dict:
+        """torch's, plus each group's stochastic-rounding counters (bf16_stochastic_round) under ROUND_COUNTERS, so
+        a resumed run draws the random stream the uninterrupted one would. Reads the counters: one sync per call."""
+        sd = super().state_dict()
+        for (gi, index, pass_index), state in self._stochastic_round_states.items():
+            counters = sd["param_groups"][gi].setdefault(ROUND_COUNTERS, {})
+            counters[f"{pass_index}:{','.join(map(str, index))}"] = int(state[1])
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         # The backend belongs to the machine the optimizer runs on, not to the checkpoint: torch's load would set each
         # group's to the saved one (a backend="cuda" checkpoint would then fail its first step on a CPU machine).
         own = [g.get("backend") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, backend in zip(self.param_groups, own):
+        self._stochastic_round_states = {}  # the checkpoint's counters, or new streams (torch.optim's has none)
+        for gi, (group, backend) in enumerate(zip(self.param_groups, own)):
             group["backend"] = backend
+            for where, counter in group.pop(ROUND_COUNTERS, {}).items():
+                pass_index, index = where.split(":")
+                key = (gi, tuple(int(i) for i in index.split(",")), int(pass_index))
+                state = self._new_stochastic_round_state(key, local_tensor(group["params"][key[1][0]]).device)
+                state[1] = int(counter)
         self._after_load_state_dict()
 
     def _after_load_state_dict(self) -> None:
@@ -222,11 +240,14 @@ class FusedOptimizerMixin:
             key = (bucket.group_index, tuple(bucket.index), bucket.pass_index)
             state = self._stochastic_round_states.get(key)
             if state is None:
-                seed = (self._stochastic_round_seed * 0x9E3779B9 + zlib.crc32(repr(key).encode())) & (2**63 - 1)
-                state = torch.tensor([seed, 0], dtype=torch.int64, device=bucket.device)
-                self._stochastic_round_states[key] = state
+                state = self._new_stochastic_round_state(key, bucket.device)
             bucket.extra["stochastic_round"] = state
         state[1:].add_(1)
+        return state
+
+    def _new_stochastic_round_state(self, key: tuple, device) -> Tensor:
+        seed = (self._stochastic_round_seed * 0x9E3779B9 + zlib.crc32(repr(key).encode())) & (2**63 - 1)
+        state = self._stochastic_round_states[key] = torch.tensor([seed, 0], dtype=torch.int64, device=device)
         return state
 
     def _grads_of(self, bucket: Bucket, grads: list) -> list:
