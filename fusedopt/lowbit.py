@@ -253,8 +253,9 @@ def dequantize(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype 
     """map[codes] * absmax per block, float32 math, in `dtype`: of codes' shape (int8) or of `shape` (int4, whose
     packed codes do not record it; default: 2 * codes.numel() elements)."""
     fmt = quant_format(state_dtype)
-    if codes.dtype not in (torch.uint8, fmt.codes_dtype):  # a view of wider codes as uint8 would read their bytes
-        raise ValueError(f"{fmt.name} codes must be torch.uint8 or {fmt.codes_dtype}, got {codes.dtype}")
+    allowed = dict.fromkeys((torch.uint8, fmt.codes_dtype))  # a view of wider codes as uint8 would read their bytes
+    if codes.dtype not in allowed:
+        raise ValueError(f"{fmt.name} codes must be {' or '.join(map(str, allowed))}, got {codes.dtype}")
     if fmt.bits == 4:
         shape = torch.Size(shape) if shape is not None else torch.Size([2 * codes.numel()])
         n = shape.numel()

@@ -46,6 +46,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), **tol(dtype, reduction), msg=lambda m: f"{msg}: {m}")
 
 
+def assert_same_steps(opt_a, params_a, opt_b, params_b, where: str = "") -> None:
+    """Two optimizers' params and every state tensor equal bit for bit (compared as bytes: NaN payloads and float8
+    codes too), with the same state keys and dtypes."""
+    bits = lambda t: t.detach().reshape(-1).view(torch.uint8)
+    for i, (p, q) in enumerate(zip(params_a, params_b)):
+        assert p.dtype == q.dtype and torch.equal(bits(p), bits(q)), f"{where}: param {i}"
+        state_a, state_b = opt_a.state[p], opt_b.state[q]
+        assert state_a.keys() == state_b.keys(), f"{where}: param {i} state keys"
+        for k, v in state_b.items():
+            if isinstance(v, torch.Tensor):
+                assert state_a[k].dtype == v.dtype and torch.equal(bits(state_a[k]), bits(v)), f"{where}: param {i} {k}"
+
+
 def cpu_backends() -> list:
     """Backends that run on CPU tensors in this process: cpu and torch always, triton under TRITON_INTERPRET=1."""
     return [name for name in ("cpu", "torch", "triton") if _backend.usable(name, "cpu")]

@@ -14,7 +14,8 @@ import copy
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import assert_same_steps, cpu_backends
+from test_lowbit_fast_path import _params, _set_grads
 
 import fusedopt
 
@@ -25,56 +26,41 @@ OPTIMIZERS = [(fusedopt.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True
 BACKENDS = [b for b in cpu_backends() if b != "triton"]  # the interpreted Triton backend: too slow for 12 steps here
 
 
-def _params(dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in [(5000,), (80, 64), (7, 9)]]
-
-
 def _steps(opt, params, first, count):
     for s in range(first, first + count):
-        g = torch.Generator().manual_seed(100 + s)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        _set_grads(params, s)
         opt.step()
 
 
-def _bits(t):
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-def _switch_and_load(cls, kw, backend, option, old, new, dtype=torch.float32):
+def _switch_and_load(cls, kw, option, old, new, dtype=torch.float32):
     """3 steps with group option `old`, then 3 with `new` set in the group; beside them, the state_dict after the
     first 3 loaded into an optimizer made with `new`, and 3 steps. Params and every state must agree bit for bit."""
     switched_params = _params(dtype)
-    switched = cls(switched_params, backend=backend, **{option: old}, **kw)
+    switched = cls(switched_params, **{**kw, option: old})
     _steps(switched, switched_params, 0, 3)
     loaded_params = [p.detach().clone().requires_grad_() for p in switched_params]
-    loaded = cls(loaded_params, backend=backend, **{option: new}, **kw)
+    loaded = cls(loaded_params, **{**kw, option: new})
     loaded.load_state_dict(copy.deepcopy(switched.state_dict()))
     switched.param_groups[0][option] = new
     _steps(switched, switched_params, 3, 3)
     _steps(loaded, loaded_params, 3, 3)
-    for i, (p, q) in enumerate(zip(switched_params, loaded_params)):
-        assert torch.equal(p, q), f"param {i}"
-        state, want = switched.state[p], loaded.state[q]
-        assert state.keys() == want.keys(), f"param {i}"
-        for k, v in want.items():
-            assert _bits(state[k]).dtype == _bits(v).dtype and torch.equal(_bits(state[k]), _bits(v)), f"param {i} {k}"
-    return switched.state[switched_params[0]]
+    assert_same_steps(switched, switched_params, loaded, loaded_params, f"{option} {old} -> {new}")
+    return switched, switched_params[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
 @pytest.mark.parametrize(("old", "new"), SWITCHES, ids=[f"{a}-to-{b}" for a, b in SWITCHES])
 def test_state_dtype_switch_equals_loading_into_the_new_format(old, new, cls, kw, backend):
-    big = _switch_and_load(cls, kw, backend, "state_dtype", old, new)
+    opt, p = _switch_and_load(cls, {"backend": backend, **kw}, "state_dtype", old, new)
+    big = opt.state[p]
     key = "exp_avg" if cls is fusedopt.AdamW else "momentum_buffer"
     if new is None:
         assert key in big and f"{key}_codes" not in big
     else:
         fmt = fusedopt.lowbit.FORMATS[new]
         assert key not in big and big[f"{key}_codes"].dtype == fmt.codes_dtype
-        assert big[f"{key}_codes"].numel() == fmt.codes_numel(5000)
+        assert big[f"{key}_codes"].numel() == fmt.codes_numel(p.numel())
 
 
 MASTER_SWITCHES = [(False, True), (True, False), (True, "remainder"), ("remainder", True), ("remainder", False),
@@ -87,8 +73,9 @@ MASTER_KEY = {True: "master_param", "remainder": "param_remainder", False: None}
 @pytest.mark.parametrize(("cls", "kw"), OPTIMIZERS, ids=[c.__name__ for c, _ in OPTIMIZERS])
 @pytest.mark.parametrize(("old", "new"), MASTER_SWITCHES, ids=[f"{a}-to-{b}" for a, b in MASTER_SWITCHES])
 def test_master_weights_switch_equals_loading_into_the_new_mode(old, new, cls, kw, backend, state_dtype):
-    big = _switch_and_load(cls, {**kw, "state_dtype": state_dtype}, backend, "master_weights", old, new,
-                           torch.bfloat16)  # fmt: skip
+    opt, p = _switch_and_load(cls, {"backend": backend, "state_dtype": state_dtype, **kw}, "master_weights", old, new,
+                              torch.bfloat16)  # fmt: skip
+    big = opt.state[p]
     assert {k for k in big if k in ("master_param", "param_remainder")} == {MASTER_KEY[new]} - {None}
 
 
@@ -99,20 +86,8 @@ BACKEND_SWITCHES = [(a, b) for a in BACKENDS for b in BACKENDS if a != b]
 @pytest.mark.parametrize(("old", "new"), BACKEND_SWITCHES, ids=[f"{a}-to-{b}" for a, b in BACKEND_SWITCHES])
 def test_backend_switch_equals_loading_into_the_new_backend(old, new, state_dtype):
     """The group's backend set between steps takes effect at the next step (the cached buckets ignored it)."""
-    switched_params = _params()
-    switched = fusedopt.AdamW(switched_params, backend=old, state_dtype=state_dtype)
-    _steps(switched, switched_params, 0, 3)
-    loaded_params = [p.detach().clone().requires_grad_() for p in switched_params]
-    loaded = fusedopt.AdamW(loaded_params, backend=new, state_dtype=state_dtype)
-    loaded.load_state_dict(copy.deepcopy(switched.state_dict()))
-    switched.param_groups[0]["backend"] = new
-    _steps(switched, switched_params, 3, 3)
-    _steps(loaded, loaded_params, 3, 3)
-    assert {b.backend for b in switched._buckets(0, switched.param_groups[0], range(3))} == {new}
-    for i, (p, q) in enumerate(zip(switched_params, loaded_params)):
-        assert torch.equal(p, q), f"param {i}"
-        for k, v in loaded.state[q].items():
-            assert torch.equal(switched.state[p][k], v), f"param {i} {k}"
+    opt, _ = _switch_and_load(fusedopt.AdamW, {"state_dtype": state_dtype}, "backend", old, new)
+    assert {b.backend for b in opt._buckets(0, opt.param_groups[0], range(3))} == {new}
 
 
 def test_load_keeps_the_optimizers_backend():

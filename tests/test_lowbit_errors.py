@@ -106,7 +106,8 @@ def test_optimizers_without_8bit_states_refuse_them(info, state_dtype):
 CORRUPTIONS = [
     ("codes-truncated", _set("exp_avg_codes", lambda c: c.reshape(-1)[:100].clone()), "match no format"),
     ("codes-doubled", _set("exp_avg_codes", lambda c: torch.cat([c.reshape(-1)] * 2)), "match no format"),
-    ("codes-float32", _set("exp_avg_codes", lambda c: c.view(torch.uint8).float()), "codes|match no format"),
+    ("codes-float32", _set("exp_avg_codes", lambda c: c.view(torch.uint8).float()),
+     "codes must be torch.uint8|match no format"),
     ("absmax-one-value", _set("exp_avg_absmax", lambda a: a[:1].clone()), "absmax must be a 1-D torch.float32"),
     ("absmax-float64", _set("exp_avg_absmax", lambda a: a.double()), "absmax must be a 1-D torch.float32"),
     ("absmax-2d", _set("exp_avg_absmax", lambda a: a.view(1, -1)), "absmax must be a 1-D torch.float32"),

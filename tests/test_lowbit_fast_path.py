@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_same_steps
 
 import fusedopt
 from fusedopt.ops import optim_step
@@ -49,17 +50,6 @@ def _make(name, state_dtype, dtype=torch.float32, device="cpu", **extra):
     return params, cls(params, backend=device, state_dtype=state_dtype, **kw, **extra)
 
 
-def _assert_same(opt_a, params_a, opt_b, params_b):
-    for p, q in zip(params_a, params_b):
-        assert torch.equal(p, q)
-        sa, sb = opt_a.state[p], opt_b.state[q]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            if isinstance(sa[k], torch.Tensor):
-                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].view(-1).view(torch.uint8),
-                                                                  sb[k].view(-1).view(torch.uint8)), k  # fmt: skip
-
-
 @pytest.fixture
 def list_path_calls(monkeypatch):
     """Counts the steps that went through optim_step.step_q8 (the list path)."""
@@ -96,7 +86,7 @@ def test_fast_path_steps_like_the_list_path(name, state_dtype, device, list_path
             assert len(list_path_calls) == before, "the fast optimizer took the list path"
         slow.step()
         assert len(list_path_calls) == before + 1 + (step == 0 and name.startswith("SGD"))
-    _assert_same(fast, fast_params, slow, slow_params)
+    assert_same_steps(fast, fast_params, slow, slow_params)
 
 
 @pytest.mark.parametrize(("saved", "loaded"), [("int8", "int8"), ("int8", "int4"), ("fp8", "int8")])
@@ -131,7 +121,7 @@ def test_fast_path_follows_load_state_dict(saved, loaded):
         _set_grads(ref_params, step)
         opt.step()
         ref.step()
-    _assert_same(opt, params, ref, ref_params)
+    assert_same_steps(opt, params, ref, ref_params)
 
 
 def test_fast_path_with_bf16_stochastic_rounding():
@@ -144,7 +134,7 @@ def test_fast_path_with_bf16_stochastic_rounding():
         _set_grads(slow_params, step)
         fast.step()
         slow.step()
-    _assert_same(fast, fast_params, slow, slow_params)
+    assert_same_steps(fast, fast_params, slow, slow_params)
     assert not torch.equal(fast_params[0], _params(torch.bfloat16)[0])
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import assert_same_steps, cpu_backends
+from test_lowbit_fast_path import _params
 
 import fusedopt
 
@@ -14,28 +15,11 @@ FORMATS = ["int8", "int4", "fp8"]
 BACKENDS = [b for b in cpu_backends() if b != "triton"]  # interpreted Triton: minutes for a compiled trajectory
 
 
-def _params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).requires_grad_() for s in [(5000,), (80, 64), (7, 9)]]
-
-
 def _set_grads(params, step):
     g = torch.Generator().manual_seed(100 + step)
     for k, p in enumerate(params):
         grad = torch.randn(p.shape, generator=g)
         p.grad = None if (step + k) % 4 == 3 else grad  # some missing: the bucket set changes, a recompile
-
-
-def _bits(t):
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-def _assert_same(opt_a, params_a, opt_b, params_b, where):
-    for i, (p, q) in enumerate(zip(params_a, params_b)):
-        assert torch.equal(p, q), f"{where}: param {i}"
-        assert opt_a.state[p].keys() == opt_b.state[q].keys(), f"{where}: param {i}"
-        for k, v in opt_b.state[q].items():
-            assert torch.equal(_bits(opt_a.state[p][k]), _bits(v)), f"{where}: param {i} {k}"
 
 
 @pytest.fixture
@@ -57,7 +41,7 @@ def test_compiled_step_is_the_eager_step(backend, state_dtype, fresh_dynamo):
         _set_grads(eager_params, s)
         step()
         eager.step()
-        _assert_same(compiled, compiled_params, eager, eager_params, f"step {s}")
+        assert_same_steps(compiled, compiled_params, eager, eager_params, f"step {s}")
     assert any(k.endswith("_codes") for k in compiled.state[compiled_params[0]]), "the states are not quantized"
 
 
@@ -89,4 +73,4 @@ def test_grad_scaler_unscales_in_the_kernel_as_unscale_does(backend, state_dtype
         runs.append((opt, params, history))
     (opt_a, params_a, scales_a), (opt_b, params_b, scales_b) = runs
     assert scales_a == scales_b and scales_a[2] < 2.0**10, "the poisoned steps lowered the scale alike"
-    _assert_same(opt_a, params_a, opt_b, params_b, "after 8 steps")
+    assert_same_steps(opt_a, params_a, opt_b, params_b, "after 8 steps")

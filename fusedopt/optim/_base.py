@@ -133,9 +133,13 @@ class FusedOptimizerMixin:
         """torch's, plus each group's stochastic-rounding counters (bf16_stochastic_round) under ROUND_COUNTERS, so
         a resumed run draws the random stream the uninterrupted one would. Reads the counters: one sync per call."""
         sd = super().state_dict()
-        for (gi, index, pass_index), state in self._stochastic_round_states.items():
+        keys = list(self._stochastic_round_states)
+        if not keys:
+            return sd
+        values = torch.stack([s[1].cpu() for s in self._stochastic_round_states.values()]).tolist()  # one sync
+        for (gi, index, pass_index), counter in zip(keys, values):
             counters = sd["param_groups"][gi].setdefault(ROUND_COUNTERS, {})
-            counters[f"{pass_index}:{','.join(map(str, index))}"] = int(state[1])
+            counters[f"{pass_index}:{','.join(map(str, index))}"] = counter
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
