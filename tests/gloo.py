@@ -107,13 +107,21 @@ def dcp_modules():
     return dcp, dsd
 
 
-def load_checkpoint(model, opt, path: str) -> None:
+def save_checkpoint(model, opt, path: str, options=None) -> None:
+    """This model's and optimizer's state saved with DCP (`options`: dsd.StateDictOptions, e.g. flattened)."""
+    dcp, dsd = dcp_modules()
+    optim = dsd.get_optimizer_state_dict(model, opt, options=options)
+    dcp.save({"model": dsd.get_model_state_dict(model), "optim": optim}, checkpoint_id=path)
+
+
+def load_checkpoint(model, opt, path: str, options=None) -> None:
     """A DCP checkpoint's model and optimizer state loaded into this (sharded or plain) model and optimizer."""
     dcp, dsd = dcp_modules()
-    state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
+    optim = dsd.get_optimizer_state_dict(model, opt, options=options)
+    state = {"model": dsd.get_model_state_dict(model), "optim": optim}
     dcp.load(state, checkpoint_id=path)
     dsd.set_model_state_dict(model, state["model"])
-    dsd.set_optimizer_state_dict(model, opt, state["optim"])
+    dsd.set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
 def assert_scenario_ok(results: dict, world: int, scenario: str) -> None:

@@ -16,6 +16,7 @@ import gloo
 import torch
 
 import fusedopt
+from fusedopt.optim._base import ROUND_COUNTERS
 
 STEPS = 10  # parity steps
 SAVE_AT, RESUME_STEPS = 3, 3  # DCP: train 3 steps, save, 3 more (uninterrupted) vs 3 after loading
@@ -24,6 +25,8 @@ MODES = {  # the optimizer's mode keywords
     "remainder": {"master_weights": "remainder"},
     "int8-remainder": {"master_weights": "remainder", "state_dtype": "int8"},
 }
+# bf16 stochastic rounding, no master (the dcp-stochastic-round scenarios)
+SR_MODES = {"sr": {"bf16_stochastic_round": True}, "sr-int8": {"bf16_stochastic_round": True, "state_dtype": "int8"}}
 KW = {"lr": 1e-2, "weight_decay": 0.1}
 MASTER_KEY = {True: "master_param", "remainder": "param_remainder"}
 # Linear layers (in, out), bf16. Sharded along dim 0 (out rows): 45 rows split 23 / 22; the last layer's single
@@ -36,7 +39,7 @@ LAYERS_INT8 = ((64, 128), (128, 64), (64, 4), (4, 1))
 def build(seed: int = 0, mode: str = "fp32") -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers = []
-    for a, b in LAYERS_INT8 if "state_dtype" in MODES[mode] else LAYERS:
+    for a, b in LAYERS_INT8 if "state_dtype" in {**MODES, **SR_MODES}[mode] else LAYERS:
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     return torch.nn.Sequential(*layers[:-1]).to(torch.bfloat16)
 
@@ -196,8 +199,43 @@ def scenario_one_rank(mode: str, fsdp_on: bool, mesh, ckpt_dir: str) -> None:
             _same(got[k], v, f"end state {i} {k}")
 
 
+def scenario_dcp_stochastic_round(mode: str, flatten: bool, rank: int, mesh, ckpt_dir: str) -> None:
+    """bf16 stochastic rounding under FSDP2, saved with DCP after 3 steps (the optimizer state_dict nested or
+    flattened) and loaded on 2 ranks into a fresh model and optimizer: the loaded run draws the uninterrupted run's
+    random bits, so its next 3 steps equal that run's bit for bit (counters restarted at 0 would round otherwise)."""
+    _, dsd = _dcp()
+    options = dsd.StateDictOptions(flatten_optimizer_state_dict=flatten)
+    path = os.path.join(ckpt_dir, f"{mode}-{'flat' if flatten else 'nested'}")
+    model = fsdp(build(mode=mode), mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), **SR_MODES[mode], **KW)
+    for s in range(SAVE_AT):
+        forward_backward(model, opt, rank, s)
+        opt.step()
+    gloo.save_checkpoint(model, opt, path, options)
+    fresh = fsdp(build(seed=1, mode=mode), mesh)
+    fresh_opt = fusedopt.optim.AdamW(fresh.parameters(), **SR_MODES[mode], **KW)
+    load_checkpoint(fresh, fresh_opt, path, options)
+    for s in range(SAVE_AT, SAVE_AT + RESUME_STEPS):
+        for m, o in ((model, opt), (fresh, fresh_opt)):
+            forward_backward(m, o, rank, s)
+            o.step()
+    for i, (p, q) in enumerate(zip(fresh.parameters(), model.parameters())):
+        _same(full(p.detach()), full(q.detach()), f"param {i}")
+        got, want = full_state(fresh_opt, p), full_state(opt, q)
+        assert got.keys() == want.keys(), f"state {i}: {sorted(got)} != {sorted(want)}"
+        for k, v in want.items():
+            _same(got[k], v, f"state {i} {k}")
+    counters = [g[ROUND_COUNTERS] for g in opt.state_dict()["param_groups"]]
+    assert counters and counters == [g[ROUND_COUNTERS] for g in fresh_opt.state_dict()["param_groups"]], counters
+
+
 def scenarios(world: int, ckpt_dir: str) -> list:
     out = []
+    if world == 2:
+        for mode in SR_MODES:
+            for flat in (False, True):
+                fn = lambda r, m, mode=mode, flat=flat: scenario_dcp_stochastic_round(mode, flat, r, m, ckpt_dir)
+                out.append((f"dcp-{mode}-{'flat' if flat else 'nested'}", fn))
     for mode in MODES:
         if world == 2:
             out.append((f"parity-{mode}", lambda r, m, mode=mode: scenario_parity(mode, r, m)))

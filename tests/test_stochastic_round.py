@@ -12,7 +12,9 @@ visibly above the float32 run's while stochastic rounding follows it.
 from __future__ import annotations
 
 import inspect
+import re
 
+import gloo
 import pytest
 import torch
 from conftest import cpu_backends
@@ -103,6 +105,43 @@ def test_resumed_run_continues_the_random_stream(info, state_dtype):
         assert torch.equal(_bits(p), _bits(q)), f"param {i}"
         for k, v in whole.state[p].items():
             assert torch.equal(resumed.state[q][k], v), f"param {i} {k}"
+
+
+def test_live_groups_hold_an_empty_counters_key(tmp_path):
+    """Each live group holds stochastic_round_counters as an empty placeholder (DCP's flattened optimizer
+    state_dict loads only the group keys the live optimizer has: without it the counters were dropped, 2 ranks in
+    tests/master_dist_worker.py); state_dict() alone fills it. A DCP checkpoint saved without the mode loads into an
+    optimizer with it under allow_partial_load (the counters then start new streams); DCP's default planner refuses
+    the missing key."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from fusedopt.optim._base import ROUND_COUNTERS
+
+    dcp, dsd = gloo.dcp_modules()
+    runs = []
+    for mode in (False, True):
+        model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+        runs.append((model, fusedopt.optim.AdamW(model.parameters(), bf16_stochastic_round=mode)))
+        model(torch.ones(2, 16, dtype=torch.bfloat16)).float().sum().backward()
+        runs[-1][1].step()
+        assert (ROUND_COUNTERS in runs[-1][1].param_groups[0]) == mode
+    (plain_model, plain), (_, rounding) = runs
+    assert rounding.state_dict()["param_groups"][0][ROUND_COUNTERS] == {"0:0,1": 1}
+    assert rounding.param_groups[0][ROUND_COUNTERS] == {}
+    rounding.load_state_dict(rounding.state_dict())
+    assert rounding.param_groups[0][ROUND_COUNTERS] == {}
+    flat = dsd.StateDictOptions(flatten_optimizer_state_dict=True)
+    gloo.save_checkpoint(plain_model, plain, str(tmp_path), flat)
+    model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    opt = fusedopt.optim.AdamW(model.parameters(), bf16_stochastic_round=True)
+    missing = "Missing key in checkpoint state_dict: optim.param_groups.weight.stochastic_round_counters.0:0,1"
+    with pytest.raises(CheckpointException, match=re.escape(missing)):
+        gloo.load_checkpoint(model, opt, str(tmp_path), flat)
+    state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt, options=flat)}
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    dsd.set_optimizer_state_dict(model, opt, state["optim"], options=flat)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], plain.state[plain_model.weight]["exp_avg"])
 
 
 def test_rounding_is_unbiased_and_exact_values_stay():

@@ -115,6 +115,8 @@ class FusedOptimizerMixin:
         for key, value in getattr(self, "_fusedopt_extra_defaults", {}).items():
             self.param_groups[-1].setdefault(key, value)
             self.defaults.setdefault(key, value)
+        if getattr(self, "bf16_stochastic_round", False):
+            self.param_groups[-1].setdefault(ROUND_COUNTERS, {})  # state_dict() fills it (see there)
         self._follow_group_options(len(self.param_groups) - 1, self.param_groups[-1])
         if hasattr(self, "_bucket_cache"):
             self._bucket_cache.clear()
@@ -131,8 +133,14 @@ class FusedOptimizerMixin:
 
     def state_dict(self) -> dict:
         """torch's, plus each group's stochastic-rounding counters (bf16_stochastic_round) under ROUND_COUNTERS, so
-        a resumed run draws the random stream the uninterrupted one would. Reads the counters: one sync per call."""
+        a resumed run draws the random stream the uninterrupted one would. Reads the counters: one sync per call.
+
+        With the mode on, every live group holds the key too, as an empty placeholder: DCP's flattened optimizer
+        state_dict loads only the group keys the live optimizer has (torch.distributed.checkpoint.state_dict)."""
         sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if ROUND_COUNTERS in group:
+                group[ROUND_COUNTERS] = {}  # a new dict: the live group's placeholder stays empty
         keys = list(self._stochastic_round_states)
         if not keys:
             return sd
@@ -150,7 +158,10 @@ class FusedOptimizerMixin:
         self._stochastic_round_states = {}  # the checkpoint's counters, or new streams (torch.optim's has none)
         for gi, (group, backend) in enumerate(zip(self.param_groups, own)):
             group["backend"] = backend
-            for where, counter in group.pop(ROUND_COUNTERS, {}).items():
+            saved_counters = group.pop(ROUND_COUNTERS, {})
+            if self.bf16_stochastic_round:
+                group[ROUND_COUNTERS] = {}  # the live placeholder (state_dict)
+            for where, counter in saved_counters.items():
                 pass_index, index = where.split(":")
                 key = (gi, tuple(int(i) for i in index.split(",")), int(pass_index))
                 state = self._new_stochastic_round_state(key, local_tensor(group["params"][key[1][0]]).device)
