@@ -10,6 +10,7 @@ clip coefficient joins GradScaler's scale in the kernels' grad divisor, so the g
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ def _passes(params: list, idx: list) -> list:
             passes.append([])
         passes[k].append(i)
     return passes
+
+
+@functools.cache
+def _torch_optimizer_attributes() -> frozenset:
+    """The attributes torch.optim.Optimizer.__init__ sets (torch's __getstate__ keeps three of them, by design)."""
+    return frozenset(vars(torch.optim.Optimizer([torch.zeros(1)], {})))
 
 
 ROUND_COUNTERS = "stochastic_round_counters"  # a param group's key in state_dicts: "pass:positions" -> counter
@@ -120,6 +127,20 @@ class FusedOptimizerMixin:
         self._follow_group_options(len(self.param_groups) - 1, self.param_groups[-1])
         if hasattr(self, "_bucket_cache"):
             self._bucket_cache.clear()
+
+    # --- copies: copy.deepcopy and pickling (torch.save(optimizer)) ---------------------------------------------
+    def __getstate__(self) -> dict:
+        """torch's (defaults, state, param_groups) and every attribute of fusedopt's: torch's alone dropped them, so
+        a copy failed its first step. The bucket cache is left out: it holds views of this optimizer's tensors (and
+        C++-held lists of them); the copy builds its own."""
+        state = super().__getstate__()
+        torch_own = _torch_optimizer_attributes()
+        state.update({k: v for k, v in self.__dict__.items() if k not in torch_own and k != "_bucket_cache"})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bucket_cache = {}
 
     def _follow_group_options(self, gi: int, group: dict) -> None:
         """The group's storage options (state_dtype; master_weights in optim/_master.py), checked when the group is

@@ -48,6 +48,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     Under GradScaler both unscale and skip inside their kernels. Clip with fusedopt.nn.utils.clip_grad_norm_ over
     all params (max_grad_norm= folded into each optimizer would clip each half by its own norm)."""
 
+    _step_supports_amp_scaling = True  # GradScaler: both optimizers unscale and skip in their kernels
+
     def __init__(self, model_or_groups, *, muon: dict | None = None, adamw: dict | None = None, backend=None,
                  head_names=HEAD_NAMES):  # fmt: skip
         from fusedopt.optim.adam import AdamW
@@ -67,7 +69,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # The sub-optimizers' group dicts themselves (Optimizer.add_param_group keeps the dict it is given).
         super().__init__([g for opt in self.optimizers.values() for g in opt.param_groups], {})
         self.state = collections.ChainMap(*(opt.state for opt in self.optimizers.values()))
-        self._step_supports_amp_scaling = True
 
     @property
     def muon(self):
@@ -93,6 +94,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 for k in amp:
                     delattr(opt, k)
         return loss
+
+    def __getstate__(self) -> dict:
+        # torch's keeps defaults, state and param_groups only; the two optimizers (whose state and group dicts
+        # those are) go in the same state, so a copy's shares them as the original's do
+        return {**super().__getstate__(), "optimizers": self.optimizers}
 
     def state_dict(self) -> dict:
         return {key: opt.state_dict() for key, opt in self.optimizers.items()}
