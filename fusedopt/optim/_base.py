@@ -64,6 +64,9 @@ def _passes(params: list, idx: list) -> list:
     return passes
 
 
+_TRANSIENT = ("_bucket_cache", "_state_seen")  # not copied with the optimizer: views of its own tensors
+
+
 @functools.cache
 def _torch_optimizer_attributes() -> frozenset:
     """The attributes torch.optim.Optimizer.__init__ sets (torch's __getstate__ keeps three of them, by design)."""
@@ -135,12 +138,23 @@ class FusedOptimizerMixin:
         C++-held lists of them); the copy builds its own."""
         state = super().__getstate__()
         torch_own = _torch_optimizer_attributes()
-        state.update({k: v for k, v in self.__dict__.items() if k not in torch_own and k != "_bucket_cache"})
+        state.update({k: v for k, v in self.__dict__.items() if k not in torch_own and k not in _TRANSIENT})
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._bucket_cache = {}
+
+    def _drop_buckets_if_state_was_reset(self) -> None:
+        """The cached buckets hold the state tensors: a state reset between steps (`opt.state.clear()`, a new
+        `opt.state`, `del opt.state[p]`) would leave them stepping the old ones, and the new state never moving.
+        Checked in O(1) per step: the mapping's identity and size as the last step left them."""
+        seen = self.__dict__.get("_state_seen")
+        if seen is not None and (seen[0] is not self.state or seen[1] != len(self.state)):
+            self._bucket_cache.clear()
+
+    def _remember_state(self) -> None:
+        self._state_seen = (self.state, len(self.state))
 
     def _follow_group_options(self, gi: int, group: dict) -> None:
         """The group's storage options (state_dtype; master_weights in optim/_master.py), checked when the group is
@@ -309,6 +323,9 @@ class FusedOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()  # traced: Dynamo guards on the state it reads
+        if not compiling:
+            self._drop_buckets_if_state_was_reset()
         work = []  # (group, bucket, grads): all buckets first, so a folded clip sees every grad
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
@@ -331,6 +348,8 @@ class FusedOptimizerMixin:
             if grad_scale is not None and bucket.pass_index > 0:
                 divisor = clip_only
             self._step_bucket(group, bucket, grads, divisor, found_inf, write_back_grads=write_back)
+        if not compiling:
+            self._remember_state()
         return loss
 
     def _bucket_norm(self, bucket: Bucket, local_grads: list) -> Tensor:
