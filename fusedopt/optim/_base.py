@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import zlib
 from dataclasses import dataclass, field
 
@@ -240,8 +241,11 @@ class FusedOptimizerMixin:
         key = (gi, len(group["params"]), tuple(with_grad) if len(with_grad) != len(group["params"]) else None,
                group.get("backend"))  # fmt: skip
         cached = self._bucket_cache.get(key)
-        if cached is not None and cached[0] is group["params"]:
-            return cached[1]
+        params = group["params"]
+        # the list itself, and each entry (`group["params"][i] = new_param` keeps the list and its length): an
+        # identity test per param at C speed, a fifth of the cost of step()'s p.grad gather
+        if cached is not None and cached[0] is params and all(map(operator.is_, params, cached[1])):
+            return cached[2]
         by_kind: dict = {}
         for i in with_grad:
             p = group["params"][i]
@@ -258,7 +262,7 @@ class FusedOptimizerMixin:
         ]
         for b, after in itertools.pairwise(buckets):
             b.repeated = b.pass_index == 0 and after.pass_index == 1
-        self._bucket_cache[key] = (group["params"], buckets)
+        self._bucket_cache[key] = (params, list(params), buckets)
         return buckets
 
     def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int,
