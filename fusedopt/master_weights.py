@@ -31,10 +31,23 @@ def _as_int16(v: Tensor) -> Tensor:
 
 
 def join(param: Tensor, remainder: Tensor) -> Tensor:
-    """The float32 master of a bf16 param and its int16 remainder."""
+    """The float32 master of a bf16 param and its int16 remainder. A zero param with a negative remainder, or an
+    infinite one with a positive remainder, is no split's output (the param was changed outside the optimizer beside
+    a stale remainder; wrapping around would make the master a NaN): the master is the param alone."""
     high = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    bits = ((high << 16) + remainder.to(torch.int64)) & _U32
+    low = remainder.to(torch.int64)
+    alone = (((high & 0x7FFF) == 0) & (low < 0)) | (((high & 0x7FFF) == 0x7F80) & (low > 0))
+    bits = torch.where(alone, high << 16, ((high << 16) + low) & _U32)
     return (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32).view(param.shape)
+
+
+def from_param_where_changed(param: Tensor, master: Tensor) -> Tensor:
+    """master_weights=True: the master, or the param where the param is no longer the master rounded to nearest
+    (a NaN equal to a NaN): changed outside the optimizer (an in-place edit, a model load), the param is the value
+    the step starts from."""
+    rounded = master.to(param.dtype)
+    left = (rounded.view(torch.int16) != param.view(torch.int16)) & ~(rounded.isnan() & param.isnan())
+    return torch.where(left, param.float(), master)
 
 
 def split(master: Tensor) -> tuple:
@@ -60,7 +73,10 @@ def step_with_masters(fp_step, spec, params, grads, states, scalars, lr, lr_tens
     _checks.check_step(op, params, lists, {spec.scalar_list: scalars} if scalars else None, masters=masters,
                        stochastic_round=stochastic_round)  # fmt: skip
     remainder = masters[0].dtype == torch.int16
-    full = [join(p, r) for p, r in zip(params, masters)] if remainder else list(masters)
+    if remainder:
+        full = [join(p, r) for p, r in zip(params, masters)]
+    else:
+        full = [from_param_where_changed(p, m) for p, m in zip(params, masters)]
     grads32 = [g.float() for g in grads]
     fp_step(full, grads32, states, scalars, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,
             write_back_grads)  # fmt: skip
@@ -74,3 +90,4 @@ def step_with_masters(fp_step, spec, params, grads, states, scalars, lr, lr_tens
             masters[i].copy_(torch.where(keep, masters[i], low) if keep is not None else low)
         else:
             p.copy_(torch.where(keep, p, value.to(p.dtype)) if keep is not None else value)
+            masters[i].copy_(torch.where(keep, masters[i], value) if keep is not None else value)

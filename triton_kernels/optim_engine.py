@@ -191,18 +191,37 @@ def _master_row(n_states, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _rounded_bits(x, DTYPE: tl.constexpr):
+    """float32 x rounded to the 16-bit param dtype, as its bits (int64): bf16 to nearest even by the bits (the
+    interpreter's cast truncates), a NaN kept quiet; fp16 by the cast."""
+    if tl.bfloat16 == DTYPE:
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        return tl.where(x != x, ((bits >> 16) | 0x40) & 0xFFFF, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+    return x.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+
+
+@triton.jit
 def load_param(addrs_ptr, n_tensors, t, offs, mask, n_states, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                MASTER: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
     """The param in opmath: loaded, or (MASTER 1) its float32 master, or (MASTER 2) the bf16 param joined with its
-    int16 remainder (csrc/common/master_bits.h: (param bits << 16) + remainder, 32-bit wrap-around)."""
+    int16 remainder (csrc/common/master_bits.h: (param bits << 16) + remainder, 32-bit wrap-around; a param changed
+    outside the optimizer is taken as it is, as there)."""
     p_ptr = list_ptr(addrs_ptr, ROW_PARAM, n_tensors, t, DTYPE)
     m_row = _master_row(n_states, QUANT)
-    if MASTER == 1:
-        value = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, mask=mask)
-    elif MASTER == 2:
+    if MASTER != 0:
         high = tl.load(p_ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int64) & 0xFFFF
-        low = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.int16) + offs, mask=mask, other=0)
-        bits = ((high << 16) + low.to(tl.int64)) & 0xFFFFFFFF
+    if MASTER == 1:  # the param where it no longer is the master rounded (changed outside the optimizer)
+        master = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, mask=mask, other=0.0)
+        if tl.bfloat16 == DTYPE:
+            param = (high << 16).to(tl.uint32).to(tl.float32, bitcast=True)
+        else:
+            param = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        left = (high != _rounded_bits(master, DTYPE)) & ~((param != param) & (master != master))
+        value = tl.where(left, param, master)
+    elif MASTER == 2:  # a zero param with a negative remainder, or an infinite one with a positive: the param
+        low = tl.load(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.int16) + offs, mask=mask, other=0).to(tl.int64)
+        alone = (((high & 0x7FFF) == 0) & (low < 0)) | (((high & 0x7FFF) == 0x7F80) & (low > 0))
+        bits = tl.where(alone, high << 16, ((high << 16) + low) & 0xFFFFFFFF)
         value = bits.to(tl.uint32).to(tl.float32, bitcast=True)
     else:
         value = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
@@ -225,8 +244,8 @@ def commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, n_states, D
         m_row = _master_row(n_states, QUANT)
         if MASTER == 1:
             tl.store(list_ptr(addrs_ptr, m_row, n_tensors, t, tl.float32) + offs, x, mask=mask)
-            if tl.bfloat16 == DTYPE:  # to nearest even by the bits: the interpreter's cast truncates
-                high = tl.where(x != x, nan_bits, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+            if tl.bfloat16 == DTYPE:
+                high = _rounded_bits(x, DTYPE)
                 tl.store(p_ptr + offs, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
             else:
                 tl.store(p_ptr + offs, x.to(DTYPE), mask=mask)

@@ -52,11 +52,19 @@ struct MasterPtrs {
 template <typename T>
 constexpr bool kTakesMaster = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-// The block of params in opmath: from the float32 master, the bf16 param joined with its remainder, or the params.
+// The block of params in opmath: from the float32 master (the param where it no longer is the master rounded), the
+// bf16 param joined with its remainder, or the params.
 template <typename B, typename T>
 B load_param(const T* param, const MasterPtrs& master, int64_t count) {
   if constexpr (kTakesMaster<T>) {
-    if (master.fp32 != nullptr) return B::load_opmath(master.fp32, count);
+    if (master.fp32 != nullptr) {  // the master, or the param where it was changed outside the optimizer
+      float values[B::kSize] = {};
+      for (int64_t j = 0; j < count; ++j) {
+        const float m = master.fp32[j], p = static_cast<float>(param[j]);
+        values[j] = param_left_master(param[j].x, T(m).x, p != p, m) ? p : m;
+      }
+      return B::load_opmath(values, count);
+    }
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (master.remainder != nullptr) {
         float joined[B::kSize] = {};

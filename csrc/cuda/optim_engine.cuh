@@ -20,8 +20,13 @@ namespace fusedopt::cuda {
 // A param's value in opmath: from its float32 master, the bf16 param joined with its int16 remainder, or the param.
 template <MasterKind M, typename T, typename S, typename MasterT>
 __device__ __forceinline__ S load_param_value(const T& param, const MasterT* master, int64_t index) {
-  if constexpr (M == MasterKind::kFloat32) {
-    return master[index];
+  if constexpr (M == MasterKind::kFloat32) {  // the param where it no longer is the master rounded
+    const S m = master[index];
+    if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      const S p = S(param);
+      return param_left_master(param.x, T(m).x, p != p, m) ? p : m;
+    }
+    return m;
   } else if constexpr (M == MasterKind::kRemainder && std::is_same_v<T, at::BFloat16>) {
     return __uint_as_float(join_master_bits(param.x, master[index]));
   } else {
