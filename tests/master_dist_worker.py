@@ -131,17 +131,23 @@ _dcp = gloo.dcp_modules
 load_checkpoint = gloo.load_checkpoint
 
 
+def _trained(mode: str, kwargs: dict, rank: int, mesh):
+    """The FSDP2 model of `mode` and its AdamW (`kwargs`), after SAVE_AT steps."""
+    model = fsdp(build(mode=mode), mesh)
+    opt = fusedopt.optim.AdamW(model.parameters(), **kwargs, **KW)
+    for s in range(SAVE_AT):
+        forward_backward(model, opt, rank, s)
+        opt.step()
+    return model, opt
+
+
 def scenario_dcp(mode: str, rank: int, mesh, ckpt_dir: str) -> None:
     """Model and optimizer (masters included) saved with DCP on 2 ranks after 3 steps, loaded on 2 ranks into a
     fresh model and optimizer: the next 3 steps equal the uninterrupted run's bit for bit (params, masters, states).
     Rank 0 keeps what the 1-rank load checks."""
     dcp, dsd = _dcp()
     path = os.path.join(ckpt_dir, f"master-{mode}")
-    model = fsdp(build(mode=mode), mesh)
-    opt = fusedopt.optim.AdamW(model.parameters(), **MODES[mode], **KW)
-    for s in range(SAVE_AT):
-        forward_backward(model, opt, rank, s)
-        opt.step()
+    model, opt = _trained(mode, MODES[mode], rank, mesh)
     params = list(model.parameters())
     saved = {"params": [full(p.detach()).clone() for p in params], "state": [full_state(opt, p) for p in params]}
     dcp.save({"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)},
@@ -206,11 +212,7 @@ def scenario_dcp_stochastic_round(mode: str, flatten: bool, rank: int, mesh, ckp
     _, dsd = _dcp()
     options = dsd.StateDictOptions(flatten_optimizer_state_dict=flatten)
     path = os.path.join(ckpt_dir, f"{mode}-{'flat' if flatten else 'nested'}")
-    model = fsdp(build(mode=mode), mesh)
-    opt = fusedopt.optim.AdamW(model.parameters(), **SR_MODES[mode], **KW)
-    for s in range(SAVE_AT):
-        forward_backward(model, opt, rank, s)
-        opt.step()
+    model, opt = _trained(mode, SR_MODES[mode], rank, mesh)
     gloo.save_checkpoint(model, opt, path, options)
     fresh = fsdp(build(seed=1, mode=mode), mesh)
     fresh_opt = fusedopt.optim.AdamW(fresh.parameters(), **SR_MODES[mode], **KW)

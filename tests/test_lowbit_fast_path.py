@@ -37,6 +37,13 @@ def _set_grads(params, step):
         p.grad = (torch.randn(p.shape, generator=g) * (1 + step % 3)).to(p.device, p.dtype)
 
 
+def run_steps(opt, params, first: int, count: int) -> None:
+    """Steps first .. first + count - 1, each with _set_grads' grads of that step."""
+    for s in range(first, first + count):
+        _set_grads(params, s)
+        opt.step()
+
+
 def _list_path_only(opt):
     """The optimizer's steps take the list path: its fast path declines every step."""
     opt._step_cached = lambda *args, **kwargs: False

@@ -21,7 +21,7 @@ import torch
 from conftest import assert_same_steps, cpu_backends
 from optim_db import OPTIM_DB
 from parity_steps import make_params
-from test_lowbit_fast_path import _set_grads
+from test_lowbit_fast_path import run_steps
 
 import fusedopt
 from fusedopt import master_weights
@@ -36,12 +36,6 @@ def _edit(params) -> None:
         params[0].view(-1)[::3] = 0.0  # a pruning mask
         params[1].clamp_(-0.5, 0.5)  # weight clipping
         params[2].copy_(torch.randn(params[2].shape, generator=torch.Generator().manual_seed(5)))  # a model load
-
-
-def _steps(opt, params, first: int, count: int) -> None:
-    for s in range(first, first + count):
-        _set_grads(params, s)
-        opt.step()
 
 
 CASES = [
@@ -60,7 +54,7 @@ def test_a_changed_param_is_where_the_float32_master_restarts(info, state_dtype,
         kwargs["state_dtype"] = state_dtype
     params, _ = make_params(SHAPES, torch.bfloat16)
     opt = info.fused(params, **kwargs)
-    _steps(opt, params, 0, 3)
+    run_steps(opt, params, 0, 3)
     before = [p.detach().clone() for p in params]
     _edit(params)
     saved = copy.deepcopy(opt.state_dict())
@@ -74,8 +68,8 @@ def test_a_changed_param_is_where_the_float32_master_restarts(info, state_dtype,
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     ref = info.fused(ref_params, **kwargs)
     ref.load_state_dict(saved)
-    _steps(opt, params, 3, 3)
-    _steps(ref, ref_params, 3, 3)
+    run_steps(opt, params, 3, 3)
+    run_steps(ref, ref_params, 3, 3)
     assert_same_steps(opt, params, ref, ref_params, "after the edit")
 
 
@@ -96,12 +90,12 @@ def test_a_zeroed_param_beside_negative_remainders_stays_zero(backend):
     lr=0: the params stay 0 (before: NaN wherever the remainder was negative), and those remainders become 0."""
     params, _ = make_params([(33, 17)], torch.bfloat16)
     opt = fusedopt.optim.AdamW(params, lr=1e-2, backend=backend, master_weights="remainder")
-    _steps(opt, params, 0, 3)
+    run_steps(opt, params, 0, 3)
     negative = opt.state[params[0]]["param_remainder"] < 0
     assert negative.sum() > 100
     with torch.no_grad():
         params[0].zero_()
     opt.param_groups[0]["lr"] = 0.0
-    _steps(opt, params, 3, 1)
+    run_steps(opt, params, 3, 1)
     assert params[0].view(torch.int16).eq(0).all()
     assert opt.state[params[0]]["param_remainder"][negative].eq(0).all()

@@ -20,7 +20,7 @@ import torch
 from conftest import assert_same_steps
 from optim_db import OPTIM_DB
 from parity_steps import make_params
-from test_lowbit_fast_path import _set_grads
+from test_lowbit_fast_path import run_steps
 
 import fusedopt
 
@@ -61,26 +61,20 @@ def _snapshot(opt, params) -> list:
     return [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
 
 
-def _steps(opt, params, first: int, count: int) -> None:
-    for s in range(first, first + count):
-        _set_grads(params, s)
-        opt.step()
-
-
 @pytest.mark.parametrize(("info", "mode", "backend", "how"), CASES)
 def test_copy_steps_alone_and_like_the_original(info, mode, backend, how):
     kwargs, dtype, _ = MODES[mode]
     params, _ = make_params(MATRICES if info.matrices_only else SHAPES, dtype)
     opt = info.fused(params, backend=backend, **info.cases[0], **kwargs)
-    _steps(opt, params, 0, 2)
+    run_steps(opt, params, 0, 2)
     twin = _copy(opt, how)
     twin_params = [p for g in twin.param_groups for p in g["params"]]
     assert all(p is not q for p, q in zip(params, twin_params))
     before = _snapshot(opt, params)
-    _steps(twin, twin_params, 2, 3)
+    run_steps(twin, twin_params, 2, 3)
     for (p, state), q in zip(before, params):
         assert torch.equal(p, q) and all(torch.equal(v, opt.state[q][k]) for k, v in state.items())
-    _steps(opt, params, 2, 3)
+    run_steps(opt, params, 2, 3)
     assert_same_steps(opt, params, twin, twin_params, f"{info.name} {mode}")
     assert not torch.equal(before[0][0], params[0].detach())  # the steps moved the params
 
@@ -92,7 +86,7 @@ def test_muon_with_adamw_copy_keeps_its_optimizers_shared(how):
         {"muon": [model[0].weight], "adamw": [model[0].bias, model[2].weight, model[2].bias]}, backend="cpu"
     )
     params = [p for g in opt.param_groups for p in g["params"]]
-    _steps(opt, params, 0, 2)
+    run_steps(opt, params, 0, 2)
     twin = _copy(opt, how)
     assert twin.param_groups[0] is twin.muon.param_groups[0] and twin.param_groups[1] is twin.adamw.param_groups[0]
     assert twin.state.maps[0] is twin.muon.state and twin._step_supports_amp_scaling
@@ -101,6 +95,6 @@ def test_muon_with_adamw_copy_keeps_its_optimizers_shared(how):
         g["lr"] = 0.5 * g["lr"]  # a scheduler on the copy drives both of its optimizers, not the original's
     for g in opt.param_groups:
         g["lr"] = 0.5 * g["lr"]
-    _steps(twin, twin_params, 2, 3)
-    _steps(opt, params, 2, 3)
+    run_steps(twin, twin_params, 2, 3)
+    run_steps(opt, params, 2, 3)
     assert_same_steps(opt, params, twin, twin_params, how)

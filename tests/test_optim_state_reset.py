@@ -20,7 +20,7 @@ import torch
 from conftest import assert_same_steps
 from optim_db import OPTIM_DB
 from parity_steps import make_params
-from test_lowbit_fast_path import _set_grads
+from test_lowbit_fast_path import run_steps
 
 SHAPES = [(80, 64), (5000,), (7, 9)]
 MATRICES = [(80, 64), (40, 33), (7, 9)]
@@ -62,18 +62,12 @@ CASES = [
 ]
 
 
-def _steps(opt, params, first: int, count: int) -> None:
-    for s in range(first, first + count):
-        _set_grads(params, s)
-        opt.step()
-
-
 @pytest.mark.parametrize(("info", "state_dtype", "backend", "reset"), CASES)
 def test_steps_after_a_state_reset_use_the_new_state(info, state_dtype, backend, reset):
     kwargs = {"backend": backend, **info.cases[0], **({"state_dtype": state_dtype} if state_dtype else {})}
     params, _ = make_params(MATRICES if info.matrices_only else SHAPES, torch.float32)
     opt = info.fused(params, **kwargs)
-    _steps(opt, params, 0, 2)
+    run_steps(opt, params, 0, 2)
     saved = copy.deepcopy(opt.state_dict())
     do_reset, removed = RESETS[reset]
     saved["state"] = {i: s for i, s in saved["state"].items() if removed is not None and i not in removed}
@@ -81,6 +75,6 @@ def test_steps_after_a_state_reset_use_the_new_state(info, state_dtype, backend,
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     ref = info.fused(ref_params, **kwargs)
     ref.load_state_dict(saved)
-    _steps(opt, params, 2, 2)
-    _steps(ref, ref_params, 2, 2)
+    run_steps(opt, params, 2, 2)
+    run_steps(ref, ref_params, 2, 2)
     assert_same_steps(opt, params, ref, ref_params, reset)
