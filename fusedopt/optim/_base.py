@@ -65,7 +65,7 @@ def _passes(params: list, idx: list) -> list:
     return passes
 
 
-_TRANSIENT = ("_bucket_cache", "_state_seen")  # not copied with the optimizer: views of its own tensors
+_TRANSIENT = ("_bucket_cache", "_state_seen")  # not copied with the optimizer: a copy rebuilds them from its own state
 
 
 @functools.cache
