@@ -9,6 +9,7 @@ configurations every cross-cutting family runs.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,11 @@ class OptimInfo:
     # and says so; "fsdp2" runs a check that the optimizer refuses DTensor params instead (tests/dist_worker.py);
     # "int8" and "stochastic_round" run a check that the constructor refuses the option (ValueError)
     not_applicable: dict = field(default_factory=dict)
+
+    def takes(self, *keywords: str) -> bool:
+        """Whether the fused class's constructor takes every one of `keywords` (state_dtype, master_weights, ...)."""
+        parameters = inspect.signature(self.fused.__init__).parameters
+        return all(k in parameters for k in keywords)
 
     def cases_for(self, family: str | None) -> tuple:
         if family in self.not_applicable:

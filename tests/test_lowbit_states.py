@@ -7,7 +7,6 @@ test_lowbit_errors.py."""
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ def _cases(info):
 
 
 # The optimizers that take the keyword (Muon does not yet); those that take it and cannot serve it refuse it.
-_TAKES = [i for i in OPTIM_DB if "state_dtype" in inspect.signature(i.fused.__init__).parameters]
+_TAKES = [i for i in OPTIM_DB if i.takes("state_dtype")]
 Q8 = tuple(info for info in ENGINE_DRIVEN if info in _TAKES and "int8" not in info.not_applicable)
 CASES = [(info, kw) for info in Q8 for kw in _cases(info)]
 REFUSING = [pytest.param(i, id=i.name) for i in _TAKES if "int8" in i.not_applicable]

@@ -12,7 +12,6 @@ keep sharing their group and state dicts with it.
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 
 import pytest
@@ -20,12 +19,10 @@ import torch
 from conftest import assert_same_steps
 from optim_db import OPTIM_DB
 from parity_steps import make_params
-from test_lowbit_fast_path import run_steps
+from test_lowbit_fast_path import SHAPES, run_steps
 
 import fusedopt
 
-SHAPES = [(80, 64), (5000,), (7, 9)]  # int8 quantizes the first two (above MIN_QUANT_NUMEL)
-MATRICES = [(80, 64), (40, 33), (7, 9)]
 MODES = {  # mode -> (the optimizer's keywords, the param dtype, the OPTIM_DB family whose absence it needs)
     "fp32": ({}, torch.float32, None),
     "int8": ({"state_dtype": "int8"}, torch.float32, "int8"),
@@ -34,15 +31,11 @@ MODES = {  # mode -> (the optimizer's keywords, the param dtype, the OPTIM_DB fa
 }
 
 
-def _takes(info, kwargs: dict) -> bool:
-    return all(k in inspect.signature(info.fused.__init__).parameters for k in kwargs)
-
-
 CASES = [
     pytest.param(info, mode, backend, how, id=f"{info.name}-{mode}-{backend}-{how}")
     for info in OPTIM_DB
     for mode, (kwargs, _, family) in MODES.items()
-    if _takes(info, kwargs) and family not in info.not_applicable
+    if info.takes(*kwargs) and family not in info.not_applicable
     for backend in ("cpu", "torch")
     for how in ("deepcopy", "pickle")
 ]
@@ -64,7 +57,7 @@ def _snapshot(opt, params) -> list:
 @pytest.mark.parametrize(("info", "mode", "backend", "how"), CASES)
 def test_copy_steps_alone_and_like_the_original(info, mode, backend, how):
     kwargs, dtype, _ = MODES[mode]
-    params, _ = make_params(MATRICES if info.matrices_only else SHAPES, dtype)
+    params, _ = make_params(info.shapes(SHAPES, small=True), dtype)
     opt = info.fused(params, backend=backend, **info.cases[0], **kwargs)
     run_steps(opt, params, 0, 2)
     twin = _copy(opt, how)

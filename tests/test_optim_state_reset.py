@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 
 import pytest
 import torch
 from conftest import assert_same_steps
 from optim_db import OPTIM_DB
 from parity_steps import make_params
-from test_lowbit_fast_path import run_steps
+from test_lowbit_fast_path import SHAPES, run_steps
 
-SHAPES = [(80, 64), (5000,), (7, 9)]
-MATRICES = [(80, 64), (40, 33), (7, 9)]
+
 def _clear(opt, params) -> list:
     opt.state.clear()
     return params
@@ -56,7 +54,7 @@ CASES = [
     for info in OPTIM_DB
     for state_dtype in (None, "int8")
     if state_dtype is None
-    or ("state_dtype" in inspect.signature(info.fused.__init__).parameters and "int8" not in info.not_applicable)
+    or (info.takes("state_dtype") and "int8" not in info.not_applicable)
     for backend in ("cpu", "torch")
     for reset in RESETS
 ]
@@ -65,7 +63,7 @@ CASES = [
 @pytest.mark.parametrize(("info", "state_dtype", "backend", "reset"), CASES)
 def test_steps_after_a_state_reset_use_the_new_state(info, state_dtype, backend, reset):
     kwargs = {"backend": backend, **info.cases[0], **({"state_dtype": state_dtype} if state_dtype else {})}
-    params, _ = make_params(MATRICES if info.matrices_only else SHAPES, torch.float32)
+    params, _ = make_params(info.shapes(SHAPES, small=True), torch.float32)
     opt = info.fused(params, **kwargs)
     run_steps(opt, params, 0, 2)
     saved = copy.deepcopy(opt.state_dict())

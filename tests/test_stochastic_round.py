@@ -11,7 +11,6 @@ visibly above the float32 run's while stochastic rounding follows it.
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import gloo
@@ -26,7 +25,7 @@ from fusedopt.ops import optim_step
 from fusedopt.reference import stochastic_round_bf16
 
 # The optimizers that take the keyword (Muon does not yet); those that take it and cannot serve it refuse it.
-_TAKES = [i for i in OPTIM_DB if "bf16_stochastic_round" in inspect.signature(i.fused.__init__).parameters]
+_TAKES = [i for i in OPTIM_DB if i.takes("bf16_stochastic_round")]
 INFOS = [pytest.param(i, id=i.name) for i in _TAKES if "stochastic_round" not in i.not_applicable]
 REFUSING = [pytest.param(i, id=i.name) for i in _TAKES if "stochastic_round" in i.not_applicable]
 SHAPES = [(), (0,), (3,), (33, 17), (1100,)]

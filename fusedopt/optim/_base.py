@@ -248,7 +248,7 @@ class FusedOptimizerMixin:
             return cached[2]
         by_kind: dict = {}
         for i in with_grad:
-            p = group["params"][i]
+            p = params[i]
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"fusedopt.optim.{type(self).__name__} does not support sparse gradients")
             if p.is_complex():
