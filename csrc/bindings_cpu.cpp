@@ -241,6 +241,7 @@ void cross_entropy_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
 namespace fusedopt::cpu {
 void bind_optimizers(pybind11::module_& m);  // bindings_cpu_optim.cpp
 void bind_adafactor(pybind11::module_& m);   // bindings_cpu_adafactor.cpp
+void bind_state_snapshot(pybind11::module_& m);  // bindings_cpu_state_snapshot.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -261,5 +262,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Uninitialised tensor like the argument; large ones pre-faulted on huge pages and reused after they die");
   fusedopt::cpu::bind_optimizers(m);
   fusedopt::cpu::bind_adafactor(m);
+  fusedopt::cpu::bind_state_snapshot(m);
   m.def("cpu_capability", &fusedopt::cpu::capability_name, "ISA the CPU kernels run with");
 }

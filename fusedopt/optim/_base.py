@@ -74,6 +74,23 @@ def _torch_optimizer_attributes() -> frozenset:
     return frozenset(vars(torch.optim.Optimizer([torch.zeros(1)], {})))
 
 
+class _IdentitySnapshot:
+    """The state check where fusedopt._C is not built: the mapping's identity and size only (a replaced entry is
+    not seen)."""
+
+    def __init__(self):
+        self._seen = None
+
+    def refresh(self, mapping) -> bool:
+        seen, self._seen = self._seen, (mapping, len(mapping))
+        return seen is None or seen[0] is not mapping or seen[1] != len(mapping)
+
+
+def _new_state_snapshot():
+    mod, _ = _backend.cpu_extension()
+    return mod.StateSnapshot() if hasattr(mod, "StateSnapshot") else _IdentitySnapshot()
+
+
 ROUND_COUNTERS = "stochastic_round_counters"  # a param group's key in state_dicts: "pass:positions" -> counter
 
 
@@ -111,6 +128,7 @@ class FusedOptimizerMixin:
 
             self._fusedopt_extra_defaults["state_dtype"] = lowbit.check_state_dtype(state_dtype)
         self._bucket_cache: dict = {}
+        self._buckets_built = 0  # bucket-cache misses: a step that had one records the state it made
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self._stochastic_round_seed = int(stochastic_round_seed)
         self._stochastic_round_states: dict = {}  # bucket identity -> int64 [seed, counter] on its device
@@ -145,17 +163,23 @@ class FusedOptimizerMixin:
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._bucket_cache = {}
+        self.__dict__.setdefault("_buckets_built", 0)  # a copy pickled before the counter existed
 
-    def _drop_buckets_if_state_was_reset(self) -> None:
-        """The cached buckets hold the state tensors: a state reset between steps (`opt.state.clear()`, a new
-        `opt.state`, `del opt.state[p]`) would leave them stepping the old ones, and the new state never moving.
-        Checked in O(1) per step: the mapping's identity and size as the last step left them."""
-        seen = self.__dict__.get("_state_seen")
-        if seen is not None and (seen[0] is not self.state or seen[1] != len(self.state)):
+    def _drop_buckets_if_state_was_written(self) -> None:
+        """The cached buckets hold the state tensors: a state written between steps (`opt.state.clear()`, a new
+        `opt.state`, `del opt.state[p]`, `opt.state[p] = {...}`, `opt.state[p]["exp_avg"] = t`) would leave them
+        stepping the old tensors, and the new state never moving. Checked at every step against a record of the
+        mapping and every param's state entries (`_StateSnapshot`: pointer compares in C++, a few ns per entry)."""
+        snapshot = self.__dict__.get("_state_seen")
+        if snapshot is None:
+            snapshot = self._state_seen = _new_state_snapshot()
+        if snapshot.refresh(self.state):
             self._bucket_cache.clear()
 
     def _remember_state(self) -> None:
-        self._state_seen = (self.state, len(self.state))
+        """After a step that built buckets (which may make state), so that the next step does not count the step's
+        own writes as the user's."""
+        self._state_seen.refresh(self.state)
 
     def _follow_group_options(self, gi: int, group: dict) -> None:
         """The group's storage options (state_dtype; master_weights in optim/_master.py), checked when the group is
@@ -263,6 +287,8 @@ class FusedOptimizerMixin:
         for b, after in itertools.pairwise(buckets):
             b.repeated = b.pass_index == 0 and after.pass_index == 1
         self._bucket_cache[key] = (params, list(params), buckets)
+        if not torch.compiler.is_compiling():
+            self._buckets_built += 1
         return buckets
 
     def _make_bucket(self, gi: int, group: dict, device, dtype, idx: list, pass_index: int,
@@ -329,7 +355,8 @@ class FusedOptimizerMixin:
                 loss = closure()
         compiling = torch.compiler.is_compiling()  # traced: Dynamo guards on the state it reads
         if not compiling:
-            self._drop_buckets_if_state_was_reset()
+            self._drop_buckets_if_state_was_written()
+            built = self._buckets_built
         work = []  # (group, bucket, grads): all buckets first, so a folded clip sees every grad
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
@@ -352,7 +379,7 @@ class FusedOptimizerMixin:
             if grad_scale is not None and bucket.pass_index > 0:
                 divisor = clip_only
             self._step_bucket(group, bucket, grads, divisor, found_inf, write_back_grads=write_back)
-        if not compiling:
+        if not compiling and self._buckets_built != built:
             self._remember_state()
         return loss
 
