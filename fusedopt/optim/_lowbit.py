@@ -40,7 +40,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
     """The state side of state_dtype="int8" / "int4" / "fp8"; SpecOptimizerMixin steps a quantized bucket through
     fusedopt.ops.optim_step.step_q8."""
 
-    SERVES_STATE_DTYPE = True  # LAMB and Muon, on the spec engine without an 8-bit path, set it back
+    SERVES_STATE_DTYPE = True  # LAMB, on the spec engine without an 8-bit path, sets it back
 
     def _follow_group_options(self, gi: int, group: dict) -> None:
         """A new or changed state_dtype is validated; a change between steps converts the states already made, as a

@@ -51,16 +51,16 @@ def adjusted_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
 
 class Muon(SpecOptimizerMixin, torch.optim.Muon):
     """torch.optim.Muon with fused elementwise kernels and the Newton-Schulz iteration batched across same-shaped
-    matrices. Keywords as torch's, plus backend= and max_grad_norm= (a clip folded into the momentum kernel)."""
+    matrices. Keywords as torch's, plus backend=, max_grad_norm= (a clip folded into the momentum kernel) and
+    state_dtype= (the momentum buffer in int8 / int4 / fp8 codes, docs/LOW_BIT_STATES.md)."""
 
-    SERVES_STATE_DTYPE = False  # no 8-bit path: a group's state_dtype is refused
     SPEC = SPEC
     EXTRA_SPECS = (UPDATE_SPEC,)
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
-                 backend=None, max_grad_norm=None):  # fmt: skip
-        self._fusedopt_setup(backend, False, max_grad_norm)
+                 backend=None, max_grad_norm=None, state_dtype=None):  # fmt: skip
+        self._fusedopt_setup(backend, False, max_grad_norm, state_dtype=state_dtype)
         super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
                          adjust_lr_fn=adjust_lr_fn)  # fmt: skip
@@ -93,10 +93,14 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
         ns.check_ns_arguments(group["ns_coefficients"], group["ns_steps"])
         outs, groups = self._shape_groups(bucket)
         hyper = SPEC.hyper_values(group)
-        states = self._state_lists(group, bucket, SPEC.used_states(hyper))
-        optim_step.step(SPEC, outs, grads, states, [], lr=group["lr"], hyper=hyper, maximize=False,
-                        grad_divisor=grad_divisor, found_inf=found_inf, write_back_grads=write_back_grads,
-                        backend=bucket.backend)  # fmt: skip
+        used = SPEC.used_states(hyper)
+        args = dict(lr=group["lr"], hyper=hyper, maximize=False, grad_divisor=grad_divisor, found_inf=found_inf,
+                    write_back_grads=write_back_grads, backend=bucket.backend)  # fmt: skip
+        if bucket.quantized:  # the momentum buffer in low-bit codes: dequantized, updated, requantized in the kernel
+            codes, absmax = self._q8_lists(group, bucket, used)
+            optim_step.step_q8(SPEC, outs, grads, codes, absmax, [], state_dtype=group["state_dtype"], **args)
+        else:
+            optim_step.step(SPEC, outs, grads, self._state_lists(group, bucket, used), [], **args)
         distributed = hasattr(bucket.params[0], "_local_tensor")
         for first, params, stack, views in groups:
             coefs, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
