@@ -116,7 +116,7 @@ def make(name: str, impl: str, model: nn.Module, lr: float, *, weight_decay: flo
     """The optimizer for `model`: `impl` "fusedopt" or "torch" (the plain run). `lr` and `weight_decay` are the
     script's AdamW values, scaled by the row. The fusedopt optimizer folds clip_grad_norm_(clip) into its step where
     the class takes max_grad_norm (its `max_grad_norm` is then set); otherwise the caller clips. `extra`: more
-    keywords for the fusedopt class (e.g. state_dtype="int8")."""
+    keywords for the fusedopt class (e.g. state_dtype="int8"; for muon, both of MuonWithAdamW's optimizers)."""
     why = missing(name, impl)
     if why:
         raise SystemExit(why)
@@ -129,7 +129,8 @@ def make(name: str, impl: str, model: nn.Module, lr: float, *, weight_decay: flo
         groups = muon_split(model, head)
         adamw = {"lr": lr, "weight_decay": weight_decay}
         if fused:
-            return _fusedopt_optim().MuonWithAdamW({k: v for k, v in groups.items() if v}, muon=kw, adamw=adamw)
+            return _fusedopt_optim().MuonWithAdamW({k: v for k, v in groups.items() if v}, muon={**kw, **(extra or {})},
+                                                   adamw={**adamw, **(extra or {})})  # fmt: skip
         return Together(torch.optim.Muon(groups["muon"], **kw) if groups["muon"] else None,
                         torch.optim.AdamW(groups["adamw"], **adamw) if groups["adamw"] else None)  # fmt: skip
     if fused:

@@ -28,8 +28,10 @@ def _data() -> tuple:
     return encode(pre), encode(fine), len(chars)
 
 
-def train(extra: dict | None = None, dtype: torch.dtype = torch.float32, **overrides) -> tuple:
-    """(loss per step, the optimizer) of the example's fusedopt AdamW run; `extra`: keywords for the optimizer."""
+def train(extra: dict | None = None, dtype: torch.dtype = torch.float32, optimizer: str = "adamw",
+          **overrides) -> tuple:  # fmt: skip
+    """(loss per step, the optimizer) of the example's fusedopt run of `optimizer` (examples/optimizers.py's names);
+    `extra`: keywords for the optimizer."""
     cfg = argparse.Namespace(**{**TINY, **overrides})
     pre, fine, vocab = _data()
     made = []
@@ -43,7 +45,7 @@ def train(extra: dict | None = None, dtype: torch.dtype = torch.float32, **overr
     torch.set_num_threads(1)  # a model of thousands of params on a shared 2-core machine
     optimizers.make = recording_make
     try:
-        run = finetune_gpt.train("fusedopt", cfg, [(pre, cfg.pre), (fine, cfg.fine)], vocab, "cpu", False, "adamw",
+        run = finetune_gpt.train("fusedopt", cfg, [(pre, cfg.pre), (fine, cfg.fine)], vocab, "cpu", False, optimizer,
                                  extra, dtype)  # fmt: skip
     finally:
         optimizers.make = make
