@@ -28,7 +28,12 @@ OPTIMIZERS = {  # name: (class, hyperparameters, state_dtype)
     "SGD": (fusedopt.optim.SGD, {"lr": 0.05, "momentum": 0.9}, "int8"),
     "AdamW-fp8": (fusedopt.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, "fp8"),
     "AdamW-int4": (fusedopt.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, "int4"),
+    "Muon": (fusedopt.optim.Muon, {"lr": 2e-2}, "int8"),
 }
+# Muon steps 2-D weights only (a bias-free model) and orthogonalizes each whole matrix, which one process stepping
+# each shard as a matrix of its own does not: it runs where the shards' blocks are the 1-rank blocks.
+BIAS_FREE = {"Muon"}
+KINDS_OF = {"Muon": ("aligned",)}
 # The model kinds of each format: fp8 shares int8's block layout (two kinds cover it); int4's blocks of 128 make
 # "misaligned" aligned (its rows are 128 elements), so it takes "odd" (shards of odd size, starting mid-block).
 KINDS = {"int8": ("aligned", "misaligned", "one-row"), "fp8": ("aligned", "misaligned"), "int4": ("aligned", "odd")}
@@ -63,11 +68,11 @@ MODELS = {
 }
 
 
-def build(kind: str, seed: int = 0) -> torch.nn.Sequential:
+def build(kind: str, seed: int = 0, name: str = "") -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers = []
     for a, b in MODELS[kind]:
-        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+        layers += [torch.nn.Linear(a, b, bias=name not in BIAS_FREE), torch.nn.Tanh()]
     return torch.nn.Sequential(*layers[:-1])
 
 
@@ -166,7 +171,7 @@ def scenario_parity(name: str, kind: str, rank: int, mesh) -> None:
     int8 / fp8 within STATE_REL and PARAM_REL of the 1-rank run (int4's block-dependent rounding of small second
     moments up to absmax / 16 lets the two trajectories part: measured 64% of the distance moved)."""
     cls, kw, state_dtype = OPTIMIZERS[name]
-    model = build(kind)
+    model = build(kind, name=name)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
     world = dist.get_world_size()
     split = shard_split(ref_params, world, state_dtype)
@@ -270,7 +275,7 @@ def scenario_dcp(name: str, kind: str, rank: int, mesh, ckpt_dir: str) -> None:
     dcp, dsd = _dcp()
     cls, kw, state_dtype = OPTIMIZERS[name]
     path = os.path.join(ckpt_dir, f"{name}-{kind}")
-    model = fsdp(build(kind), mesh)
+    model = fsdp(build(kind, name=name), mesh)
     opt = cls(model.parameters(), state_dtype=state_dtype, **kw)
     for s in range(SAVE_AT):
         forward_backward(model, opt, rank, s)
@@ -301,7 +306,7 @@ def scenario_dcp(name: str, kind: str, rank: int, mesh, ckpt_dir: str) -> None:
     # DCP's full_state_dict gathers every DTensor, and gloo has no float8 collectives: fp8 saves and loads sharded
     resumed = {}
     for how in ("dcp", "full_state_dict") if state_dtype != "fp8" else ("dcp",):
-        fresh = fsdp(build(kind, seed=1), mesh)  # other weights: the load must overwrite them
+        fresh = fsdp(build(kind, seed=1, name=name), mesh)  # other weights: the load must overwrite them
         fresh_opt = cls(fresh.parameters(), state_dtype=state_dtype, **kw)
         if how == "dcp":
             load_checkpoint(fresh, fresh_opt, path)
@@ -346,7 +351,7 @@ def scenario_one_rank(name: str, kind: str, fsdp_on: bool, mesh, ckpt_dir: str) 
     cls, kw, state_dtype = OPTIMIZERS[name]
     path = os.path.join(ckpt_dir, f"{name}-{kind}")
     saved = torch.load(path + ".expected.pt")
-    model = build(kind, seed=1)
+    model = build(kind, seed=1, name=name)
     if fsdp_on:
         model = fsdp(model, mesh)
     opt = cls(model.parameters(), state_dtype=state_dtype, **kw)
@@ -393,7 +398,7 @@ def scenario_column_shards_refused(rank: int, mesh) -> None:
 def scenarios(world: int, ckpt_dir: str) -> list:
     out = []
     for name in OPTIMIZERS:
-        for kind in KINDS[OPTIMIZERS[name][2]]:
+        for kind in KINDS_OF.get(name, KINDS[OPTIMIZERS[name][2]]):
             if world == 2:
                 out.append((f"parity-{name}-{kind}", lambda r, m, n=name, k=kind: scenario_parity(n, k, r, m)))
                 out.append((f"dcp-{name}-{kind}", lambda r, m, n=name, k=kind: scenario_dcp(n, k, r, m, ckpt_dir)))
