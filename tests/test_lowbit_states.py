@@ -406,3 +406,26 @@ def test_new_state_equals_the_quantized_constant_buffer(state_dtype):
                     assert fast.keys() == slow.keys()
                     for k in slow:
                         assert fast[k].dtype == slow[k].dtype and same(fast[k], slow[k]), (shape, cls, k)
+
+
+def test_state_dict_post_hooks_see_the_returned_state_dict():
+    """A user's state_dict post-hook (torch.optim's register_state_dict_post_hook) sees the state_dict as
+    state_dict() returns it: the int4 codes one per element, the stochastic-rounding counters (both were added after
+    the hooks had run, until 2026-12-03); and what a hook returns is what state_dict() returns, as in torch. The same
+    after a deepcopy of the optimizer (torch's copies drop their hooks; fusedopt's own is registered again)."""
+    params = [torch.randn(80, 64, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()]
+    opt = fusedopt.AdamW(params, backend="cpu", state_dtype="int4", bf16_stochastic_round=True)
+    for s in range(2):
+        params[0].grad = _grads(params, s)[0]
+        opt.step()
+    for optimizer in (opt, copy.deepcopy(opt)):
+        seen = []
+        optimizer.register_state_dict_post_hook(lambda o, sd, seen=seen: seen.append(copy.deepcopy(sd)))
+        returned = optimizer.state_dict()
+        (hooked,) = seen
+        assert hooked["state"][0]["exp_avg_codes"].shape == params[0].shape  # one code per element
+        assert hooked["param_groups"][0][fusedopt.optim._base.ROUND_COUNTERS] == {"0:0": 2}
+        assert same(hooked["state"][0]["exp_avg_codes"], returned["state"][0]["exp_avg_codes"])
+        assert hooked["param_groups"] == returned["param_groups"]
+        optimizer.register_state_dict_post_hook(lambda o, sd: {"replaced": True})
+        assert optimizer.state_dict() == {"replaced": True}

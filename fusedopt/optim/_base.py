@@ -65,7 +65,8 @@ def _passes(params: list, idx: list) -> list:
     return passes
 
 
-_TRANSIENT = ("_bucket_cache", "_state_seen")  # not copied with the optimizer: a copy rebuilds them from its own state
+# not copied with the optimizer: a copy rebuilds them from its own state (and registers its own state_dict hook)
+_TRANSIENT = ("_bucket_cache", "_state_seen", "_finish_hook_id")
 
 
 @functools.cache
@@ -89,6 +90,11 @@ class _IdentitySnapshot:
 def _new_state_snapshot():
     mod, _ = _backend.cpu_extension()
     return mod.StateSnapshot() if hasattr(mod, "StateSnapshot") else _IdentitySnapshot()
+
+
+def _finish_state_dict(optimizer, state_dict: dict) -> dict:
+    """The state_dict post-hook of every fusedopt optimizer (FusedOptimizerMixin.state_dict)."""
+    return optimizer._finish_state_dict(state_dict)
 
 
 ROUND_COUNTERS = "stochastic_round_counters"  # a param group's key in state_dicts: "pass:positions" -> counter
@@ -192,12 +198,20 @@ class FusedOptimizerMixin:
                              "state path): use state_dtype=None")  # fmt: skip
 
     def state_dict(self) -> dict:
-        """torch's, plus each group's stochastic-rounding counters (bf16_stochastic_round) under ROUND_COUNTERS, so
-        a resumed run draws the random stream the uninterrupted one would. Reads the counters: one sync per call.
+        """torch's, with fusedopt's additions (`_finish_state_dict`) made by a post-hook that runs before any other:
+        the user's state_dict post-hooks see the state_dict as it is returned. Registered here, not at construction
+        (torch's __init__ makes the hook registry after the mixin's setup), and again after a copy (torch's copies
+        drop their hooks)."""
+        if self.__dict__.get("_finish_hook_id") not in self._optimizer_state_dict_post_hooks:
+            self._finish_hook_id = self.register_state_dict_post_hook(_finish_state_dict, prepend=True).id
+        return super().state_dict()
+
+    def _finish_state_dict(self, sd: dict) -> dict:
+        """Each group's stochastic-rounding counters (bf16_stochastic_round) under ROUND_COUNTERS, so a resumed run
+        draws the random stream the uninterrupted one would. Reads the counters: one sync per call.
 
         With the mode on, every live group holds the key too, as an empty placeholder: DCP's flattened optimizer
         state_dict loads only the group keys the live optimizer has (torch.distributed.checkpoint.state_dict)."""
-        sd = super().state_dict()
         for group in sd["param_groups"]:
             if ROUND_COUNTERS in group:
                 group[ROUND_COUNTERS] = {}  # a new dict: the live group's placeholder stays empty

@@ -134,12 +134,12 @@ class LowBitStateMixin(FusedOptimizerMixin):
         return codes, absmax
 
     # --- state_dict ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """torch's state_dict; the low-bit states of DTensor (FSDP2) params in the world-size independent global
-        form (fusedopt/optim/_lowbit_shards.py), and int4 codes one per element (of the param's shape) as that form
-        has them, for every param. Collective under FSDP2 when such states exist: every rank calls it, as DCP's
+    def _finish_state_dict(self, sd: dict) -> dict:
+        """The low-bit states of DTensor (FSDP2) params in the world-size independent global form
+        (fusedopt/optim/_lowbit_shards.py), and int4 codes one per element (of the param's shape) as that form has
+        them, for every param. Collective under FSDP2 when such states exist: every rank calls state_dict(), as DCP's
         get_optimizer_state_dict does."""
-        sd = super().state_dict()
+        sd = super()._finish_state_dict(sd)
         ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])
         params = ((p, g) for g in self.param_groups for p in g["params"])
         for pid, (p, group) in zip(ids, params):
