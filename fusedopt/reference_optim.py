@@ -69,6 +69,12 @@ def _lr_value(lr, device):
     return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
 
 
+def _fma(a: Tensor, b, c: Tensor) -> Tensor:
+    """a * b + c rounded once: torch's x.add(y, alpha=a) and addcmul(x, y, z) round so on the CPU, and the kernels
+    do too (vfma)."""
+    return torch.addcmul(c, a, b) if isinstance(b, Tensor) else torch.add(c, a, alpha=b)
+
+
 def _engine_step_begin(op: str, params, grads, states, state_names, scalars, found_inf, used=None,
                        scalar_name="steps", stochastic_round=None):  # fmt: skip
     """The boundary checks (an unused state list is not checked), and found_inf as a device bool (or None)."""
@@ -95,9 +101,9 @@ def adagrad_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if hyper["weight_decay"] != 0:
-            g = g + hyper["weight_decay"] * p
-        s = sums[i].to(ot) + g * g
-        _commit_param(param, p - clr * (g / (s.sqrt() + hyper["eps"])), skip, stochastic_round, i)
+            g = _fma(p, hyper["weight_decay"], g)
+        s = _fma(g, g, sums[i].to(ot))
+        _commit_param(param, p + (-clr * g) / (s.sqrt() + hyper["eps"]), skip, stochastic_round, i)
         _commit(sums[i], s, skip)
 
 
@@ -144,9 +150,9 @@ def adam_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad
             if hyper["decoupled_weight_decay"]:
                 p = p * (1 - lr_t * weight_decay)
             else:
-                g = g + weight_decay * p
+                g = _fma(p, weight_decay, g)
         m = exp_avgs[i].to(ot).lerp(g, 1 - beta1)
-        v = exp_avg_sqs[i].to(ot) * beta2 + (1 - beta2) * g * g
+        v = torch.addcmul(exp_avg_sqs[i].to(ot) * beta2, g, g, value=1 - beta2)
         second = v
         if amsgrad:
             second = torch.maximum(max_exp_avg_sqs[i].to(ot), v)
@@ -178,8 +184,8 @@ def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if weight_decay != 0:
-            g = g + weight_decay * p
-        sq = square_avgs[i].to(ot) * alpha + (1 - alpha) * g * g
+            g = _fma(p, weight_decay, g)
+        sq = torch.addcmul(square_avgs[i].to(ot) * alpha, g, g, value=1 - alpha)
         if centered:
             ga = grad_avgs[i].to(ot).lerp(g, 1 - alpha)
             variance = sq.addcmul(ga, ga, value=-1)  # torch's form: one rounding (fma)
@@ -192,9 +198,9 @@ def rmsprop_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, g
         if momentum > 0:
             buf = momentum_buffers[i].to(ot) * momentum + g / avg
             _commit(momentum_buffers[i], buf, skip)
-            new_p = p - lr_t * buf
+            new_p = _fma(buf, -lr_t, p)
         else:
-            new_p = p - lr_t * (g / avg)
+            new_p = p + (-lr_t * g) / avg
         _commit_param(param, new_p, skip, stochastic_round, i)
         _commit(square_avgs[i], sq, skip)
 
@@ -216,14 +222,14 @@ def sgd_step(params, grads, states, first_flags, lr, lr_tensor, hyper, maximize,
         g = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot)
         if weight_decay != 0:
-            g = g + weight_decay * p
+            g = _fma(p, weight_decay, g)
         if momentum != 0:
-            buf = momentum_buffers[i].to(ot) * momentum + (1 - dampening) * g
+            buf = _fma(g, 1 - dampening, momentum_buffers[i].to(ot) * momentum)
             if first_flags:
                 buf = torch.where(first_flags[i].reshape(()) != 0, g, buf)
             _commit(momentum_buffers[i], buf, skip)
-            g = g + momentum * buf if hyper["nesterov"] else buf
-        _commit_param(param, p - lr_t * g, skip, stochastic_round, i)
+            g = _fma(buf, momentum, g) if hyper["nesterov"] else buf
+        _commit_param(param, _fma(g, -lr_t, p), skip, stochastic_round, i)
     if first_flags:
         keep = torch.zeros((), device=first_flags[0].device) if skip is None else skip.to(first_flags[0].dtype)
         torch._foreach_mul_(first_flags, keep)
@@ -257,7 +263,7 @@ def muon_update_step(params, grads, states, steps, lr, lr_tensor, hyper, maximiz
         lr_t = _lr_value(lr, param.device)
         o = _effective_grad(grads[i], ot, grad_divisor, maximize, write_back_grads, skip)
         p = param.to(ot) * (1 - lr_t * hyper["weight_decay"])
-        _commit_param(param, p + o * (-(lr_t * hyper["lr_ratio"])), skip, stochastic_round, i)
+        _commit_param(param, _fma(o, -(lr_t * hyper["lr_ratio"]), p), skip, stochastic_round, i)
 
 
 def lamb_step(params, grads, states, steps, lr, lr_tensor, hyper, maximize, grad_divisor, found_inf,

@@ -35,10 +35,12 @@ struct Adagrad {
   template <typename V>
   FUSEDOPT_HOST_DEVICE static void update(const Coefs<scalar_of<V>>& c, V& param, V grad, V* state) {
     V& sum = state[0];
-    if (c.weight_decay != 0) grad = grad + param * V(c.weight_decay);
-    sum = sum + grad * grad;
+    // torch's roundings: grad.add(param, alpha=wd) and addcmul_(grad, grad) one fused multiply-add each,
+    // addcdiv_(grad, std, value=-clr) as param + (-clr * grad) / std
+    if (c.weight_decay != 0) grad = vfma(param, V(c.weight_decay), grad);
+    sum = vfma(grad, grad, sum);
     const V std = vsqrt(sum) + V(c.eps);
-    param = param + V(c.neg_clr) * (grad / std);
+    param = param + (V(c.neg_clr) * grad) / std;
   }
 };
 

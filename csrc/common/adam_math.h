@@ -54,10 +54,11 @@ struct Adam {
       if (c.decoupled)
         param = param * V(c.decay_factor);
       else
-        grad = grad + param * V(c.weight_decay);
+        grad = vfma(param, V(c.weight_decay), grad);  // torch's grad.add(param, alpha=wd): one rounding
     }
     exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
-    exp_avg_sq = exp_avg_sq * V(c.beta2) + grad * grad * V(c.one_minus_beta2);
+    // torch's exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): fma((1 - beta2) * grad, grad, .)
+    exp_avg_sq = vfma(grad * V(c.one_minus_beta2), grad, exp_avg_sq * V(c.beta2));
     V second_moment = exp_avg_sq;
     if (c.amsgrad) {
       state[2] = vmax_nan(state[2], exp_avg_sq);  // torch.maximum keeps NaN

@@ -35,8 +35,7 @@ struct MuonUpdate {
 
   template <typename V>
   FUSEDOPT_HOST_DEVICE static void update(const Coefs<scalar_of<V>>& c, V& param, V ortho, V* /*state*/) {
-    param = param * V(c.decay);
-    param = param + ortho * V(c.neg_lr);
+    param = vfma(ortho, V(c.neg_lr), param * V(c.decay));  // torch's p.mul_(decay).add_(O, alpha=-lr): one rounding
   }
 };
 

@@ -44,8 +44,10 @@ struct Rmsprop {
   template <typename V>
   FUSEDOPT_HOST_DEVICE static void update(const Coefs<scalar_of<V>>& c, V& param, V grad, V* state) {
     V& square_avg = state[0];
-    if (c.weight_decay != 0) grad = grad + param * V(c.weight_decay);
-    square_avg = square_avg * V(c.alpha) + grad * grad * V(c.one_minus_alpha);
+    // torch's roundings: x.add(y, alpha=a) and addcmul are one fused multiply-add each, addcdiv(t1, t2, value=v)
+    // is x + (v * t1) / t2
+    if (c.weight_decay != 0) grad = vfma(param, V(c.weight_decay), grad);
+    square_avg = vfma(grad * V(c.one_minus_alpha), grad, square_avg * V(c.alpha));
     V avg;
     if (c.centered) {
       V& grad_avg = state[1];
@@ -62,9 +64,9 @@ struct Rmsprop {
     if (c.use_momentum) {
       V& buf = state[2];
       buf = buf * V(c.momentum) + grad / avg;
-      param = param - V(c.lr) * buf;
+      param = vfma(buf, V(-c.lr), param);
     } else {
-      param = param - V(c.lr) * (grad / avg);
+      param = param + (V(-c.lr) * grad) / avg;
     }
   }
 };

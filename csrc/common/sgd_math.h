@@ -41,13 +41,14 @@ struct Sgd {
 
   template <typename V>
   FUSEDOPT_HOST_DEVICE static void update(const Coefs<scalar_of<V>>& c, V& param, V grad, V* state) {
-    if (c.weight_decay != 0) grad = grad + param * V(c.weight_decay);
+    // Each `x.add(y, alpha=a)` of torch's rounds once, as a fused multiply-add: vfma(y, a, x).
+    if (c.weight_decay != 0) grad = vfma(param, V(c.weight_decay), grad);
     if (c.use_momentum) {
       V& buf = state[0];
-      buf = c.first ? grad : buf * V(c.momentum) + grad * V(c.one_minus_dampening);
-      grad = c.nesterov ? grad + buf * V(c.momentum) : buf;
+      buf = c.first ? grad : vfma(grad, V(c.one_minus_dampening), buf * V(c.momentum));
+      grad = c.nesterov ? vfma(buf, V(c.momentum), grad) : buf;
     }
-    param = param - V(c.lr) * grad;
+    param = vfma(grad, V(-c.lr), param);
   }
 };
 
