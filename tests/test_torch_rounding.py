@@ -28,8 +28,11 @@ CASES = [  # (class name, keywords, the states no sqrt feeds)
     ("RMSprop", {"lr": 1e-3, "centered": True, "momentum": 0.5}, ("square_avg", "grad_avg")),
     ("Adagrad", {"lr": 1e-2, "initial_accumulator_value": 0.1}, ("sum",)),
     ("SGD", {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}, ("momentum_buffer",)),
-    ("SGD", {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "maximize": True},
-     ("momentum_buffer",)),
+    (
+        "SGD",
+        {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "maximize": True},
+        ("momentum_buffer",),
+    ),
     ("Adam", {"lr": 1e-2, "weight_decay": 0.1}, ()),  # coupled decay: the params feed every state
     ("RMSprop", {"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.9}, ()),
 ]
