@@ -110,7 +110,11 @@ def test_quantized_step_clamps_the_variance(backend, momentum, state_dtype):
     for v in state.values():
         assert v.float().isfinite().all()
     ref_p, ref_state = _quantized_step("torch", state_dtype, momentum)
-    assert torch.equal(p, ref_p)
+    # With momentum the param update is one fma (torch's add_ with alpha): Triton's interpreter rounds tl.fma twice (a
+    # GPU once), the product first, so there a param may be off by half an ulp of lr * buf (1e-9 covers these values)
+    same_param = (lambda a, b: torch.testing.assert_close(a, b, rtol=2**-22, atol=1e-9) or True) if (
+        backend == "triton" and momentum) else torch.equal  # fmt: skip
+    assert same_param(p, ref_p)
     assert state.keys() == ref_state.keys()
     for k in state:
         assert torch.equal(state[k], ref_state[k]), k
@@ -119,4 +123,4 @@ def test_quantized_step_clamps_the_variance(backend, momentum, state_dtype):
     eps = torch.full_like(grad, EPS)  # the momentum buffer starts at 0: with momentum it is grad / eps too
     # torch.optim.RMSprop's roundings: param.add_(buf, alpha=-lr) with momentum, else param.addcdiv_(grad, avg, -lr)
     want = param.add(grad / eps, alpha=-LR) if momentum else param.addcdiv(grad, eps, value=-LR)
-    assert torch.equal(p[neg], want[neg])
+    assert same_param(p[neg], want[neg])

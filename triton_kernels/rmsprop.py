@@ -40,9 +40,11 @@ def rmsprop_kernel(
     lr = tl.load(hp_ptr).to(OPMATH)
     one_minus_alpha = (1.0 - tl.load(hp_ptr + 1)).to(OPMATH)
     eps = tl.load(hp_ptr + 2).to(OPMATH)
+    # torch's roundings (csrc/common/rmsprop_math.h): add(alpha=) and addcmul one fma each, addcdiv x + (v * t1) / t2
+    # (the interpreter's tl.fma rounds twice; a GPU's once)
     if HAS_WEIGHT_DECAY:
-        grad = grad + param * tl.load(hp_ptr + 3).to(OPMATH)
-    square_avg = square_avg * tl.load(hp_ptr + 1).to(OPMATH) + grad * grad * one_minus_alpha
+        grad = tl.fma(param, tl.load(hp_ptr + 3).to(OPMATH), grad)
+    square_avg = tl.fma(grad * one_minus_alpha, grad, square_avg * tl.load(hp_ptr + 1).to(OPMATH))
     if CENTERED:
         grad_avg = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_GRAD_AVG, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         grad_avg = lerp(grad_avg, grad, one_minus_alpha)
@@ -57,9 +59,9 @@ def rmsprop_kernel(
         buf = load_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, STATE_DTYPE, OPMATH, QUANT)
         buf = buf * tl.load(hp_ptr + 4).to(OPMATH) + grad / avg
         store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_MOMENTUM_BUF, N_STATES, buf, STATE_DTYPE, BLOCK, QUANT)
-        param = param - lr * buf
+        param = tl.fma(buf, -lr, param)
     else:
-        param = param - lr * (grad / avg)
+        param = param + (-lr * grad) / avg
 
     commit_param(addrs_ptr, n_tensors, t, offs, mask, param, sr_ptr, N_STATES, DTYPE, STOCHASTIC_ROUND, MASTER, QUANT)
     store_state(addrs_ptr, n_tensors, t, offs, mask, ROW_SQUARE_AVG, N_STATES, square_avg, STATE_DTYPE, BLOCK, QUANT)
