@@ -92,7 +92,7 @@ def _new_state_snapshot():
     return mod.StateSnapshot() if hasattr(mod, "StateSnapshot") else _IdentitySnapshot()
 
 
-def _finish_state_dict(optimizer, state_dict: dict) -> dict:
+def _finish_state_dict_hook(optimizer, state_dict: dict) -> dict:
     """The state_dict post-hook of every fusedopt optimizer (FusedOptimizerMixin.state_dict)."""
     return optimizer._finish_state_dict(state_dict)
 
@@ -175,7 +175,8 @@ class FusedOptimizerMixin:
         """The cached buckets hold the state tensors: a state written between steps (`opt.state.clear()`, a new
         `opt.state`, `del opt.state[p]`, `opt.state[p] = {...}`, `opt.state[p]["exp_avg"] = t`) would leave them
         stepping the old tensors, and the new state never moving. Checked at every step against a record of the
-        mapping and every param's state entries (`_StateSnapshot`: pointer compares in C++, a few ns per entry)."""
+        mapping and every param's state entries (fusedopt._C.StateSnapshot: pointer compares in C++, a few ns per
+        entry)."""
         snapshot = self.__dict__.get("_state_seen")
         if snapshot is None:
             snapshot = self._state_seen = _new_state_snapshot()
@@ -203,7 +204,7 @@ class FusedOptimizerMixin:
         (torch's __init__ makes the hook registry after the mixin's setup), and again after a copy (torch's copies
         drop their hooks)."""
         if self.__dict__.get("_finish_hook_id") not in self._optimizer_state_dict_post_hooks:
-            self._finish_hook_id = self.register_state_dict_post_hook(_finish_state_dict, prepend=True).id
+            self._finish_hook_id = self.register_state_dict_post_hook(_finish_state_dict_hook, prepend=True).id
         return super().state_dict()
 
     def _finish_state_dict(self, sd: dict) -> dict:
