@@ -31,8 +31,6 @@ class StateSnapshot {
     return true;
   }
 
-  std::size_t size() const { return record_.size(); }
-
  private:
   // Records `mapping` (compare=false) or compares it with the record (compare=true: false at the first difference).
   bool walk(py::handle mapping, bool compare) {
@@ -72,8 +70,7 @@ void bind_state_snapshot(py::module_& m) {
       .def(py::init<>())
       .def("refresh", &StateSnapshot::refresh, py::arg("mapping"),
            "True when the mapping or any param's state entry changed since the last call (or this is the first); "
-           "the record then follows the live state")
-      .def("__len__", &StateSnapshot::size);
+           "the record then follows the live state");
 }
 
 }  // namespace fusedopt::cpu

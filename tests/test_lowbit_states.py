@@ -429,3 +429,30 @@ def test_state_dict_post_hooks_see_the_returned_state_dict():
         assert hooked["param_groups"] == returned["param_groups"]
         optimizer.register_state_dict_post_hook(lambda o, sd: {"replaced": True})
         assert optimizer.state_dict() == {"replaced": True}
+
+
+@pytest.mark.parametrize("state_dtype", FORMATS)
+@pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
+def test_muon_low_bit_bad_input_as_torch(backend, state_dtype):
+    """Muon's low-bit momentum on bad input, against torch.optim.Muon: a float64 param is refused at construction;
+    a param resized after its state was made raises (torch raises too) and leaves the param as it was; a NaN grad
+    makes the param NaN, as torch's step does."""
+    with pytest.raises(ValueError, match="does not support float64 params"):
+        fusedopt.optim.Muon([torch.zeros(80, 64, dtype=torch.float64, requires_grad=True)], state_dtype=state_dtype)
+    ours, theirs = (torch.nn.Parameter(torch.randn(80, 64, generator=torch.Generator().manual_seed(0))) for _ in "ab")
+    opts = (fusedopt.optim.Muon([ours], backend=backend, state_dtype=state_dtype), torch.optim.Muon([theirs]))
+    for p, opt in zip((ours, theirs), opts):
+        p.grad = _grads([p], 0)[0]
+        opt.step()
+        p.data = torch.randn(96, 64)
+        p.grad = torch.randn(96, 64)
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError, match=r"shape|size"):
+            opt.step()
+        assert torch.equal(p.detach(), before)
+    ours, theirs = (torch.nn.Parameter(torch.randn(80, 64)) for _ in "ab")
+    opts = (fusedopt.optim.Muon([ours], backend=backend, state_dtype=state_dtype), torch.optim.Muon([theirs]))
+    for p, opt in zip((ours, theirs), opts):
+        p.grad = torch.full((80, 64), float("nan"))
+        opt.step()
+    assert ours.isnan().all() and theirs.isnan().all()
