@@ -435,8 +435,8 @@ def test_state_dict_post_hooks_see_the_returned_state_dict():
 @pytest.mark.parametrize("backend", [*Q8_BACKENDS, "torch"])
 def test_muon_low_bit_bad_input_as_torch(backend, state_dtype):
     """Muon's low-bit momentum on bad input, against torch.optim.Muon: a float64 param is refused at construction;
-    a param resized after its state was made raises (torch raises too) and leaves the param as it was; a NaN grad
-    makes the param NaN, as torch's step does."""
+    a param resized after its state was made raises (torch raises too), saying so, and leaves the param as it was;
+    its state deleted, it steps as new; a NaN grad makes the param NaN, as torch's step does."""
     with pytest.raises(ValueError, match="does not support float64 params"):
         fusedopt.optim.Muon([torch.zeros(80, 64, dtype=torch.float64, requires_grad=True)], state_dtype=state_dtype)
     ours, theirs = (torch.nn.Parameter(torch.randn(80, 64, generator=torch.Generator().manual_seed(0))) for _ in "ab")
@@ -447,9 +447,16 @@ def test_muon_low_bit_bad_input_as_torch(backend, state_dtype):
         p.data = torch.randn(96, 64)
         p.grad = torch.randn(96, 64)
         before = p.detach().clone()
-        with pytest.raises(RuntimeError, match=r"shape|size"):
+        with pytest.raises(RuntimeError, match=r"shape \[96, 64\] has state made for shape \[80, 64\]"
+                           if p is ours else r"size"):  # fmt: skip
             opt.step()
         assert torch.equal(p.detach(), before)
+    del opts[0].state[ours]  # as the message says: the state reset, the next step is a first step
+    fresh = torch.nn.Parameter(ours.detach().clone())
+    fresh.grad = ours.grad.clone()
+    opts[0].step()
+    fusedopt.optim.Muon([fresh], backend=backend, state_dtype=state_dtype).step()
+    assert torch.equal(ours.detach(), fresh.detach())
     ours, theirs = (torch.nn.Parameter(torch.randn(80, 64)) for _ in "ab")
     opts = (fusedopt.optim.Muon([ours], backend=backend, state_dtype=state_dtype), torch.optim.Muon([theirs]))
     for p, opt in zip((ours, theirs), opts):

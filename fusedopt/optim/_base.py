@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fusedopt import _backend
 from fusedopt.ops import grad_norm as grad_norm_op
+from fusedopt.optim import _hooks
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -226,6 +227,12 @@ class FusedOptimizerMixin:
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, with the user's load hooks where torch runs them (optim/_hooks.py): the pre-hooks see the
+        state_dict as passed, the post-hooks the optimizer after fusedopt's own conversions. The mixins' part is
+        `_load_state_dict`, chained."""
+        _hooks.load_with_hooks(self, state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         # The backend belongs to the machine the optimizer runs on, not to the checkpoint: torch's load would set each
         # group's to the saved one (a backend="cuda" checkpoint would then fail its first step on a CPU machine).
         own = [g.get("backend") for g in self.param_groups]

@@ -159,7 +159,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
                     st[ck] = lowbit.unpack4(st[ck], p.numel()).to(torch.uint8).view(p.shape)
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _load_state_dict(self, state_dict: dict) -> None:
         # torch casts every floating-point param's state to the param's dtype: codes and absmax are set aside and
         # put back as they were (a DTensor param's from the global form). The optimizer's own state_dtype wins.
         own = [g.get("state_dtype") for g in self.param_groups]
@@ -170,7 +170,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
         for pid, st in state_dict["state"].items():
             kept[pid] = {k: v for k, v in st.items() if _is_q8_key(k)}
             plain[pid] = {k: v for k, v in st.items() if not _is_q8_key(k)}
-        super().load_state_dict({**state_dict, "state": plain})
+        super()._load_state_dict({**state_dict, "state": plain})
         for g, sd in zip(self.param_groups, own):
             g["state_dtype"] = sd
         for pid, p in pairs:  # in param order: the DTensor conversion is collective

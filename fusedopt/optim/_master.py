@@ -89,7 +89,7 @@ class MasterWeightsMixin(FusedOptimizerMixin):
         return bucket.state_lists[key]
 
     # --- state_dict ---------------------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _load_state_dict(self, state_dict: dict) -> None:
         # torch casts every state tensor to its param's dtype: a master-weight param's float32 states and master (and
         # int16 remainder) are set aside and put back as they are, then converted to this optimizer's mode (which a
         # checkpoint's group value does not change).
@@ -104,7 +104,7 @@ class MasterWeightsMixin(FusedOptimizerMixin):
                              if k != "step" and isinstance(v, Tensor) and not k.endswith(("_codes", "_absmax"))}
         own = [g.get("master_weights") for g in self.param_groups]
         had = ["master_weights" in g for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        super()._load_state_dict(state_dict)
         for g, mode, present in zip(self.param_groups, own, had):  # the optimizer's own mode wins, as state_dtype
             if present:
                 g["master_weights"] = mode

@@ -120,8 +120,8 @@ class SpecOptimizerMixin(MasterWeightsMixin, LowBitStateMixin):
     def HAS_STEP(self) -> bool:
         return self.SPEC.has_step
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state_dict(self, state_dict: dict) -> None:
+        super()._load_state_dict(state_dict)
         # MasterWeightsMixin puts a master-weight param's float32 states back after LowBitStateMixin converted the
         # loaded ones (torch had cast them to the param's dtype): a quantized param's are quantized now, from float32.
         self._convert_states()

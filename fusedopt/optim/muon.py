@@ -96,11 +96,15 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
         used = SPEC.used_states(hyper)
         args = dict(lr=group["lr"], hyper=hyper, maximize=False, grad_divisor=grad_divisor, found_inf=found_inf,
                     write_back_grads=write_back_grads, backend=bucket.backend)  # fmt: skip
-        if bucket.quantized:  # the momentum buffer in low-bit codes: dequantized, updated, requantized in the kernel
-            codes, absmax = self._q8_lists(group, bucket, used)
-            optim_step.step_q8(SPEC, outs, grads, codes, absmax, [], state_dtype=group["state_dtype"], **args)
-        else:
-            optim_step.step(SPEC, outs, grads, self._state_lists(group, bucket, used), [], **args)
+        try:
+            if bucket.quantized:  # the momentum buffer in low-bit codes: dequantized, updated, requantized in-kernel
+                codes, absmax = self._q8_lists(group, bucket, used)
+                optim_step.step_q8(SPEC, outs, grads, codes, absmax, [], state_dtype=group["state_dtype"], **args)
+            else:
+                optim_step.step(SPEC, outs, grads, self._state_lists(group, bucket, used), [], **args)
+        except (RuntimeError, ValueError) as err:
+            _raise_if_resized(outs, grads, err)
+            raise
         distributed = hasattr(bucket.params[0], "_local_tensor")
         for first, params, stack, views in groups:
             coefs, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
@@ -113,3 +117,14 @@ class Muon(SpecOptimizerMixin, torch.optim.Muon):
                      "lr_ratio": adjusted_lr_ratio(group["adjust_lr_fn"], first.shape)}  # fmt: skip
             optim_step.step(UPDATE_SPEC, params, views, [], [], lr=group["lr"], hyper=hyper, maximize=False,
                             found_inf=found_inf, backend=bucket.backend)  # fmt: skip
+
+
+def _raise_if_resized(outs: list, grads: list, err: Exception) -> None:
+    """The kernels check each grad against its step buffer, a view of the cached Newton-Schulz stack: where a param
+    was resized after its state was made (torch.optim.Muon raises there too), say so in the param's terms. Looked at
+    only once a step has failed: no per-step cost."""
+    for out, grad in zip(outs, grads):
+        if out.shape != grad.shape:
+            raise RuntimeError(f"Muon: a param of shape {list(grad.shape)} has state made for shape "
+                               f"{list(out.shape)}: a param resized after its first step needs its state "
+                               "reset (del optimizer.state[param])") from err  # fmt: skip

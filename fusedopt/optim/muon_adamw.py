@@ -17,6 +17,8 @@ import collections
 
 import torch
 
+from fusedopt.optim import _hooks
+
 HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "embed_out")
 
 
@@ -101,9 +103,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return {**super().__getstate__(), "optimizers": self.optimizers}
 
     def state_dict(self) -> dict:
-        return {key: opt.state_dict() for key, opt in self.optimizers.items()}
+        # the hooks registered on this optimizer run around the two optimizers' state_dicts (each runs its own)
+        return _hooks.state_dict_with_hooks(self, lambda: {key: o.state_dict() for key, o in self.optimizers.items()})
 
     def load_state_dict(self, state_dict: dict) -> None:
+        _hooks.load_with_hooks(self, state_dict, self._load_both)
+
+    def _load_both(self, state_dict: dict) -> None:
         if set(state_dict) != set(self.optimizers):
             raise ValueError(
                 f"MuonWithAdamW state_dict has {sorted(state_dict)}, this optimizer {sorted(self.optimizers)}"
