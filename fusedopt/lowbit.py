@@ -21,8 +21,10 @@ NaN gets code 0; its block reads back NaN through its NaN absmax, and no other b
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +34,16 @@ from fusedopt import _checks
 
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 LUT_SHIFT = 16  # int8's CPU lookup table: lut[float32 bits >> 16]
-LUT_FLOATS = 65536  # its entries, one 32-bit word each (stored in the float32 table as bits)
+SLOT_OCTAVES = 32  # int8's register lookup (_slot_tables): |x| in [2^-31, 2), the exponents beyond clamped in
+SLOT_WORDS = 96  # its 384 bytes: 64 slot bases, 64 shifts, 256 slot codes
+LUT_FLOATS = 65536 + SLOT_WORDS  # the two, one 32-bit word each (stored in the float32 table as bits)
 
 
 @dataclass(frozen=True)
 class QuantFormat:
     """One state_dtype. Its table (float32, what every kernel reads): the `levels` sorted code values, the
     levels - 1 midpoints and a NaN (never passed: the binary search never reads it), then for int8 the CPU kernel's
-    lookup table."""
+    lookup tables (_lookup_table, _slot_tables)."""
 
     name: str
     bits: int
@@ -176,6 +180,46 @@ def _lookup_table(mid: Tensor) -> Tensor:
     return (lut | (threshold << 8)).to(torch.int32)
 
 
+def _slot_tables(mid: Tensor) -> Tensor:
+    """int8's lookup for CPUs with byte permutes (VBMI; csrc/cpu/quant_avx512.h quantize_vbmi), small enough for
+    registers: x's sign and exponent (clamped to SLOT_OCTAVES octaves) choose a run of slots, the top `23 - shift`
+    bits of its mantissa the slot: slot = base[sign * 32 + octave] + (mantissa >> shift[...]). Each octave is cut
+    into the fewest power-of-two slots that hold at most two midpoints each; a slot's byte is c = the code of its
+    lowest float (at most 254), so for every x of the slot code(x) = c + (x >= mid[c]) + (x >= mid[c + 1]). Ranges
+    that hold no midpoint share a slot per code. Returns SLOT_WORDS int32 words: the bytes base[64], shift[64],
+    code[256]."""
+    mids = mid[:-1].tolist()  # sorted float32 values (the NaN left off)
+    as_float = lambda bits: struct.unpack("<f", struct.pack("<I", bits))[0]
+    base, shift, slot_code, empty_slot = [0] * 64, [0] * 64, [], {}
+    for sign in (0, 1):
+        for octave in range(SLOT_OCTAVES):
+            exponent = 127 - (SLOT_OCTAVES - 1) + octave
+            clamped = octave in (0, SLOT_OCTAVES - 1)  # every exponent below (above) lands here: one slot
+            lo = 0 if octave == 0 else exponent << 23  # magnitude bits
+            hi = 0x7F800000 if octave == SLOT_OCTAVES - 1 else (exponent << 23) | 0x7FFFFF
+            for bits in range(1 if clamped else 24):  # top mantissa bits per slot
+                size = (hi - lo + 1) >> bits
+                ends = [(as_float(lo + j * size), as_float(lo + (j + 1) * size - 1)) for j in range(1 << bits)]
+                if sign:
+                    ends = [(-b, -a) for a, b in ends]  # values, ascending in each slot
+                inside = [bisect.bisect_right(mids, b) - bisect.bisect_right(mids, a) for a, b in ends]
+                if max(inside) <= 2:
+                    break
+            assert max(inside) <= 2, "an int8 register-lookup slot holds three midpoints"
+            codes = [min(bisect.bisect_right(mids, a), 254) for a, _ in ends]
+            index = sign * SLOT_OCTAVES + octave
+            shift[index] = 23 - bits
+            if bits == 0 and inside[0] == 0:  # no midpoint: one slot per code will do
+                base[index] = empty_slot.setdefault(codes[0], len(slot_code))
+                slot_code += [codes[0]] if base[index] == len(slot_code) else []
+                continue
+            base[index] = len(slot_code)
+            slot_code += codes
+    assert len(slot_code) <= 256 and max(base) <= 255, "the int8 register lookup needs more than 256 slots"
+    table = bytes(base + shift + slot_code + [0] * (256 - len(slot_code)))
+    return torch.frombuffer(bytearray(table), dtype=torch.int32).clone()
+
+
 @functools.cache
 def _table_cpu(signed: bool, state_dtype: str) -> Tensor:
     fmt = FORMATS[state_dtype]
@@ -186,7 +230,7 @@ def _table_cpu(signed: bool, state_dtype: str) -> Tensor:
     mid = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([float("nan")])])  # float32, as the kernels
     parts = [values, mid]
     if fmt.bits == 8:
-        parts += [_lookup_table(mid).view(torch.float32)]
+        parts += [_lookup_table(mid).view(torch.float32), _slot_tables(mid).view(torch.float32)]
     return torch.cat(parts)
 
 

@@ -36,10 +36,12 @@ def _near_midpoints(signed: bool, absmax: float) -> torch.Tensor:
     v = (near.double() * absmax).float()
     per_block = 255
     blocks = -(-v.numel() // per_block)
-    out = torch.zeros(blocks, 256)
-    out[:, 0] = absmax
-    out[:, 1:].reshape(-1)[: v.numel()] = v
-    return out.reshape(-1)
+    body = torch.zeros(blocks * per_block)
+    body[: v.numel()] = v
+    out = torch.cat([torch.full((blocks, 1), absmax), body.view(blocks, per_block)], dim=1).reshape(-1)
+    # (until 2026-12-03 the values went into a copy, out[:, 1:].reshape(-1), and every block was absmax and zeros)
+    assert int((out != 0).sum()) == blocks + int((v != 0).sum()), "the near-midpoint values are not all in place"
+    return out
 
 
 def _one_step(spec, p, grad, state, scalars, hyper, backend):
@@ -127,3 +129,33 @@ def test_every_isa_quantizes_as_defined(isa):
                          timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
+
+def _register_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """csrc/cpu/quant_avx512.h quantize_vbmi's arithmetic on x (float32), in torch: the slot from x's sign, clamped
+    exponent and top mantissa bits, its code c, then c + (x >= mid[c]) + (x >= mid[c + 1])."""
+    words = table[-lowbit.SLOT_WORDS :].view(torch.uint8).long()
+    base, shift, slot_code = words[:64], words[64:128], words[128:]
+    mid = table[256:512]
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    octave = ((bits >> 23) & 0xFF).clamp(127 - 31, 127) - (127 - 31)
+    index = octave | ((bits >> 26) & 32)
+    c = slot_code[base[index] + ((bits & 0x7FFFFF) >> shift[index])]
+    return c + (x >= mid[c]).long() + (x >= mid[c + 1]).long()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_register_lookup_tables_give_the_definition(signed):
+    """The int8 register lookup's tables (fusedopt/lowbit.py _slot_tables) give lowbit's codes, whatever the CPU:
+    at every midpoint and 3 ulps each side, at both ends of every slot (the floats in [-1, 1] whose low 12 mantissa
+    bits are all 0 or all 1: every slot boundary is one), at 0, -0, +-1, beyond +-1, subnormals, and on 2M values
+    spread over the map's 7 decades."""
+    table = lowbit.qmap(signed, "cpu", "int8")
+    mid = table[256:511]
+    near = (mid.view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)).reshape(-1).view(torch.float32)
+    prefixes = torch.arange(0, (0x3F800000 >> 12) + 1, dtype=torch.int64) << 12
+    edges = torch.cat([prefixes, prefixes | 0xFFF]).to(torch.int32).view(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    spread = (torch.rand(2_000_000, generator=gen) * 2 - 1) * 10 ** (-7 * torch.rand(2_000_000, generator=gen))
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -3.0, 1e-45, -1e-45, 1e-38, -1e-38, 0.5, -0.5])
+    x = torch.cat([near, edges, -edges, spread, special])
+    assert torch.equal(_register_lookup(x, table), lowbit._search(x, table[256:512]))

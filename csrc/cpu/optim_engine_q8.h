@@ -20,6 +20,7 @@ namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine {
 constexpr int64_t kQBlock = 256;   // int8's block, the largest
 constexpr int64_t kQBlock4 = 128;  // int4's
 constexpr int kLevels4 = 16;
+constexpr int64_t kLutWords = 65536;  // int8's lookup table in the map, then the register lookup's slot tables
 }  // namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -133,16 +134,24 @@ inline int code4_of(float x, const float* mid) {
 // search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] holds the code of
 // the lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is
 // NaN: never passed); the AVX-512 path compares x's low bits with the word's threshold instead of the midpoint.
+// With VBMI the register lookup (avx512::quantize_vbmi) replaces the table's gathers.
 // A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
 // (x = v / d); the AVX-512 one divides in registers and leaves it.
-inline float quantize_block(float* v, int64_t n, const float* mid, const uint32_t* lut, uint8_t* codes) {
+// Where `mid_planes` (the midpoints split into byte planes, cpu::byte_permutes()) is given and the absmax is finite,
+// whole groups of 64 take the register lookup instead (avx512::quantize_vbmi, with the table's `slots`): no gather.
+inline float quantize_block(float* v, int64_t n, const float* mid, const uint32_t* lut, const uint8_t* slots,
+                            const BytePlanes* mid_planes, uint8_t* codes) {
 #if defined(CPU_CAPABILITY_AVX512)
   // One pass for the absmax, one that divides and finds the codes.
   const float absmax = avx512::block_absmax(v, n);
   const float d = absmax > 0.0f ? absmax : 1.0f;
-  for (int64_t i = avx512::quantize(v, d, lut, codes, n); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
+  int64_t i = 0;
+  if (mid_planes != nullptr && std::isfinite(absmax)) i = avx512::quantize_vbmi(v, d, slots, *mid_planes, codes, n);
+  for (i += avx512::quantize(v + i, d, lut, codes + i, n - i); i < n; ++i) codes[i] = code_of(v[i] / d, mid, lut);
   return absmax;
 #else
+  (void)slots;
+  (void)mid_planes;
   using V = at::vec::Vectorized<float>;
   constexpr int64_t kW = V::size();
   const float absmax = scale_block(v, n);
@@ -261,12 +270,15 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
     absmax[k] = a.absmax[k][t];
   }
   alignas(64) float buf[kSlots<Op>][kQBlock];
-  std::array<BytePlanes, kSlots<Op>> planes;
+  std::array<BytePlanes, kSlots<Op>> planes, mid_planes;  // the map's values; int8's midpoints
 #if defined(CPU_CAPABILITY_AVX512)
   const bool permutes = !int4 && byte_permutes();  // int8 and fp8 codes index a 256-float map
   if (permutes)
-    for (int k = 0; k < kStates; ++k)
-      if (codes[k]) avx512::split_bytes(a.qmap[k], planes[k]);
+    for (int k = 0; k < kStates; ++k) {
+      if (!codes[k]) continue;
+      avx512::split_bytes(a.qmap[k], planes[k]);
+      if (!fp8) avx512::split_bytes(a.qmap[k] + kQBlock, mid_planes[k]);
+    }
 #else
   constexpr bool permutes = false;
 #endif
@@ -294,7 +306,9 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
         absmax[k][q] = quantize_block_fp8(buf[k], n, codes[k] + b);
       else
         absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
-                                      reinterpret_cast<const uint32_t*>(a.qmap[k] + 2 * kQBlock), codes[k] + b);
+                                      reinterpret_cast<const uint32_t*>(a.qmap[k] + 2 * kQBlock),
+                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock + kLutWords),
+                                      permutes ? &mid_planes[k] : nullptr, codes[k] + b);
     }
   }
 }

@@ -1,6 +1,7 @@
 // The AVX-512 bodies of the low-bit engine's block helpers (cpu/optim_engine_q8.h): whole vectors here, a block's
 // partial tail by the portable scalar code there. The byte-permute (VBMI) variants run only where the CPU has them
-// (cpu::byte_permutes()).
+// (cpu::byte_permutes()): they look up 64 table entries per few permutes where a gather looks up 16, and a gather is
+// the costliest instruction here (on Zen 4 about 0.2 ns per value: bench/results/cpu/adamw-int8-zen4-2026-12-03.md).
 // Included only from cpu/optim_engine_q8.h (after its constants), for CPU_CAPABILITY_AVX512.
 #pragma once
 #include <immintrin.h>
@@ -61,31 +62,113 @@ FUSEDOPT_TARGET_VBMI inline void split_bytes(const float* map, BytePlanes& out) 
   }
 }
 
+// A split 256-float table held in registers: [plane][quarter], 64 bytes each.
+struct PlaneRegisters {
+  __m512i table[4][4];
+};
+FUSEDOPT_TARGET_VBMI inline void load_planes(const BytePlanes& planes, PlaneRegisters& out) {
+  for (int p = 0; p < 4; ++p)
+    for (int q = 0; q < 4; ++q) out.table[p][q] = _mm512_load_si512(planes.plane[p] + 64 * q);
+}
+
+// 64 bytes of a 256-byte table (four 64-byte registers) at 64 byte indices: two 128-byte permutes and a blend on
+// the index's top bit.
+FUSEDOPT_TARGET_VBMI inline __m512i byte_lookup(const __m512i (&quarter)[4], __m512i index) {
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), _mm512_permutex2var_epi8(quarter[0], index, quarter[1]),
+                                _mm512_permutex2var_epi8(quarter[2], index, quarter[3]));
+}
+
+// The table's floats at 64 byte indices (element order): element 16k + j in out[k] lane j. One byte_lookup per
+// plane, then the planes interleaved back into floats.
+FUSEDOPT_TARGET_VBMI inline void lookup64(const PlaneRegisters& t, __m512i index, __m512i out[4]) {
+  // The byte and word unpacks below interleave within 128-bit lanes: output vector k, lane l, holds the bytes at
+  // 16l + 4k .. 16l + 4k + 3. Moving index 16k + 4l + j there first (a 4 x 4 transpose of 4-byte groups) makes
+  // output vector k hold elements 16k .. 16k + 15 in order.
+  const __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  index = _mm512_permutexvar_epi32(transpose, index);
+  __m512i byte[4];
+  for (int p = 0; p < 4; ++p) byte[p] = byte_lookup(t.table[p], index);
+  const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]), high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+  const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]), high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+  out[0] = _mm512_unpacklo_epi16(low01, low23);
+  out[1] = _mm512_unpackhi_epi16(low01, low23);
+  out[2] = _mm512_unpacklo_epi16(high01, high23);
+  out[3] = _mm512_unpackhi_epi16(high01, high23);
+}
+
 // int8 / fp8 codes -> values (map[code] * absmax), 64 at a time. Returns how many it wrote.
 FUSEDOPT_TARGET_VBMI inline int64_t dequantize_vbmi(const uint8_t* codes, float absmax, const BytePlanes& planes,
                                                     float* out, int64_t n) {
-  __m512i table[4][4];  // [plane][quarter]: 64 bytes each
-  for (int p = 0; p < 4; ++p)
-    for (int q = 0; q < 4; ++q) table[p][q] = _mm512_load_si512(planes.plane[p] + 64 * q);
+  PlaneRegisters map;
+  load_planes(planes, map);
   const __m512 scale = _mm512_set1_ps(absmax);
-  // The byte and word unpacks below interleave within 128-bit lanes: output vector k, lane l, holds the bytes at
-  // 16l + 4k .. 16l + 4k + 3. Moving code 16k + 4l + j there first (a 4 x 4 transpose of 4-byte groups) makes
-  // output vector k hold elements 16k .. 16k + 15 in order.
-  const __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    const __m512i index = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(codes + i));
-    const __mmask64 upper = _mm512_movepi8_mask(index);  // codes 128-255
-    __m512i byte[4];
-    for (int p = 0; p < 4; ++p)
-      byte[p] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(table[p][0], index, table[p][1]),
-                                       _mm512_permutex2var_epi8(table[p][2], index, table[p][3]));
-    const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]), high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
-    const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]), high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
-    const __m512i value[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
-                              _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+    __m512i value[4];
+    lookup64(map, _mm512_loadu_si512(codes + i), value);
     for (int k = 0; k < 4; ++k)
       _mm512_storeu_ps(out + i + k * kW, _mm512_mul_ps(_mm512_castsi512_ps(value[k]), scale));
+  }
+  return i;
+}
+
+// The slot of 16 values x in the int8 register lookup (fusedopt/lowbit.py _slot_tables), as int32:
+// base[sign * 32 + octave] + (mantissa >> shift[sign * 32 + octave]), x's exponent clamped to the 32 octaves
+// 2^-31 .. 2^0 (all smaller |x| share the lowest octave's slot, all larger the top one's).
+FUSEDOPT_TARGET_VBMI inline __m512i slot16(__m512 x, __m512i bases, __m512i shifts) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
+  const __m512i lowest = _mm512_set1_epi32(127 - 31);
+  const __m512i octave =
+      _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(exponent, lowest), _mm512_set1_epi32(127)), lowest);
+  const __m512i sign32 = _mm512_and_si512(_mm512_srli_epi32(bits, 26), _mm512_set1_epi32(32));  // bit 31 -> bit 5
+  const __m512i index = _mm512_or_si512(octave, sign32);  // 0..63 in each lane's low byte, zeros above
+  const __m512i low_byte = _mm512_set1_epi32(0xff);       // (the zero bytes look up entry 0: masked off)
+  const __m512i base = _mm512_and_si512(_mm512_permutexvar_epi8(index, bases), low_byte);
+  const __m512i shift = _mm512_and_si512(_mm512_permutexvar_epi8(index, shifts), low_byte);
+  return _mm512_add_epi32(base, _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff)), shift));
+}
+
+// int8 codes of x = v / d (the float32 quotient) with no gather, 64 at a time: the slot's code c, then
+// c + (x >= mid[c]) + (x >= mid[c + 1]) (a slot holds at most two midpoints, and c <= 254: mid[255] is the NaN,
+// never passed), the midpoints looked up by byte permutes from `mid_planes` (the 256 midpoints split). `slots`:
+// the table's SLOT_WORDS words (bases, shifts, slot codes). The caller's block has a finite absmax: x is finite and
+// not NaN. Returns how many it wrote.
+FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const uint8_t* slots,
+                                                  const BytePlanes& mid_planes, uint8_t* codes, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  const __m512i bases = _mm512_loadu_si512(slots), shifts = _mm512_loadu_si512(slots + 64);
+  const __m512i slot_code[4] = {_mm512_loadu_si512(slots + 128), _mm512_loadu_si512(slots + 192),
+                                _mm512_loadu_si512(slots + 256), _mm512_loadu_si512(slots + 320)};
+  PlaneRegisters mid;
+  load_planes(mid_planes, mid);
+  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i one = _mm512_set1_epi8(1);
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    __m512 x[4];
+    __m512i slot[4];
+    for (int k = 0; k < 4; ++k) {
+      x[k] = _mm512_div_ps(_mm512_loadu_ps(v + i + k * kW), divisor);
+      slot[k] = slot16(x[k], bases, shifts);
+    }
+    // the 64 slots as bytes in element order (the packs interleave per 128-bit lane, pack_order undoes it)
+    const __m512i packed =
+        _mm512_packus_epi16(_mm512_packus_epi32(slot[0], slot[1]), _mm512_packus_epi32(slot[2], slot[3]));
+    __m512i code = byte_lookup(slot_code, _mm512_permutexvar_epi32(pack_order, packed));
+    __m512i below[4], above[4];  // mid[c], mid[c + 1]
+    lookup64(mid, code, below);
+    lookup64(mid, _mm512_add_epi8(code, one), above);
+    __mmask16 up1[4], up2[4];
+    for (int k = 0; k < 4; ++k) {
+      up1[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(below[k]), _CMP_GE_OQ);
+      up2[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(above[k]), _CMP_GE_OQ);
+    }
+    const __mmask64 first = _mm512_kunpackd(_mm512_kunpackw(up1[3], up1[2]), _mm512_kunpackw(up1[1], up1[0]));
+    const __mmask64 second = _mm512_kunpackd(_mm512_kunpackw(up2[3], up2[2]), _mm512_kunpackw(up2[1], up2[0]));
+    code = _mm512_mask_add_epi8(code, first, code, one);
+    code = _mm512_mask_add_epi8(code, second, code, one);
+    _mm512_storeu_si512(codes + i, code);
   }
   return i;
 }
