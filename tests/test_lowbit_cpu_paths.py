@@ -4,7 +4,9 @@ for bit:
   every midpoint of both maps is approached from 3 ulps on each side, under absmax values that switch the
   reciprocal on and off (subnormal, 2^-126, 2^126, near the float32 maximum);
 - each ISA copy of the engine (default, AVX2, AVX-512 without and with the VBMI byte permutes), forced in a
-  subprocess, quantizes and steps like the definition.
+  subprocess, quantizes and steps like the definition (with VBMI whole groups of 64 take the register lookup,
+  quantize_vbmi, and the near-midpoint blocks test it; without, the gathers and the reciprocal);
+- the register lookup's tables, emulated in torch, give the definition's codes on any CPU.
 """
 
 from __future__ import annotations
