@@ -222,9 +222,9 @@ def scenarios(ckpt_dir):
     return out
 
 
-def worker(rank, port, out_dir):
+def worker(rank, rendezvous_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
-    gloo.init(rank, WORLD, port)
+    gloo.init(rank, WORLD, rendezvous_file)
     mesh = init_device_mesh("cpu", (WORLD,))
     gloo.run_scenarios(scenarios(os.path.join(out_dir, "ckpt")), (rank, mesh), os.path.join(out_dir, f"{rank}.json"))

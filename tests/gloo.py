@@ -1,5 +1,5 @@
 """The harness of the multi-process gloo tests (test_distributed.py, test_vocab_parallel.py,
-test_lowbit_distributed.py, test_master_distributed.py): a free port for the rendezvous, the process group, each
+test_lowbit_distributed.py, test_master_distributed.py): a file for the rendezvous, the process group, each
 worker's loop over its scenarios, which writes one JSON of {scenario: "ok" or the traceback} per rank, the spawn
 that collects them, and the FSDP2 helpers the workers share."""
 
@@ -8,22 +8,24 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
+import tempfile
 import traceback
+import uuid
 
 import torch
 import torch.distributed as dist
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous() -> str:
+    """A new file for one process group's rendezvous (a FileStore). Not a TCP port: a port found free and released
+    could be taken by the next spawn of the other pytest-xdist worker before rank 0 bound it (a CI run lost a
+    spawn to "terminate called without an active exception" so, 2026-12-04)."""
+    return os.path.join(tempfile.gettempdir(), f"fusedopt-rendezvous-{uuid.uuid4().hex}")
 
 
-def init(rank: int, world: int, port: int, timeout_s: int = 60) -> None:
+def init(rank: int, world: int, rendezvous_file: str, timeout_s: int = 60) -> None:
     torch.set_num_threads(1)  # several processes on a shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
 
 
@@ -45,13 +47,13 @@ def run_scenarios(scenarios, args: tuple, result_path: str) -> None:
 
 
 def spawn_worlds(worker, out_dir: str, worlds=(2, 1)) -> dict:
-    """worker(rank, world, port, out_dir) on each world size in turn (a later world may load what an earlier one
-    saved); returns {world: [each rank's {scenario: outcome}]}."""
+    """worker(rank, world, rendezvous_file, out_dir) on each world size in turn (a later world may load what an
+    earlier one saved); returns {world: [each rank's {scenario: outcome}]}."""
     import torch.multiprocessing as mp
 
     per_world = {}
     for world in worlds:
-        mp.spawn(worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, rendezvous(), out_dir), nprocs=world, join=True)
         per_rank = []
         for rank in range(world):
             with open(os.path.join(out_dir, f"{world}-{rank}.json")) as f:
@@ -136,12 +138,12 @@ def assert_every_scenario_ran(results: dict, scenarios: list) -> None:
         assert all(set(r) == names for r in per_rank), world
 
 
-def run_mesh_worker(rank: int, world: int, port: int, out_dir: str, scenarios) -> None:
+def run_mesh_worker(rank: int, world: int, rendezvous_file: str, out_dir: str, scenarios) -> None:
     """A checkpointing worker's body: the process group, a 1-D CPU mesh over `world` ranks, and
     scenarios(world, checkpoint dir) run as fn(rank, mesh), each rank's outcomes to <out_dir>/<world>-<rank>.json."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    init(rank, world, port, timeout_s=120)
+    init(rank, world, rendezvous_file, timeout_s=120)
     mesh = init_device_mesh("cpu", (world,))
     run_scenarios(scenarios(world, os.path.join(out_dir, "ckpt")), (rank, mesh),
                   os.path.join(out_dir, f"{world}-{rank}.json"))  # fmt: skip

@@ -427,5 +427,5 @@ def scenarios(world: int, ckpt_dir: str) -> list:
     return out
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    gloo.run_mesh_worker(rank, world, port, out_dir, scenarios)
+def worker(rank: int, world: int, rendezvous_file: str, out_dir: str) -> None:
+    gloo.run_mesh_worker(rank, world, rendezvous_file, out_dir, scenarios)

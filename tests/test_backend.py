@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import warnings
 
+import gloo
 import pytest
 import torch
 from parity_steps import compare
@@ -72,18 +72,12 @@ def test_custom_op_matches_eager_path():
     assert float(results[0][3][0]) == 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dtensor_params_update_local_shards():
     """FSDP2-style DTensor params (one-process gloo mesh): the fused step updates the local shards like torch."""
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{gloo.rendezvous()}", rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
         gen = torch.Generator().manual_seed(0)

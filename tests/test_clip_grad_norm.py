@@ -206,15 +206,11 @@ def test_custom_op_matches_eager_path(name):
 
 def test_dtensor_grads_global_norm():
     """DTensor grads (one-process gloo mesh): the norm, the clipped grads and folded clipping match torch's."""
-    import socket
-
+    import gloo
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{gloo.rendezvous()}", rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
         gen = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ def results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(dist_worker.worker, args=(gloo.free_port(), str(out)), nprocs=dist_worker.WORLD, join=True)
+    mp.spawn(dist_worker.worker, args=(gloo.rendezvous(), str(out)), nprocs=dist_worker.WORLD, join=True)
     per_rank = []
     for rank in range(dist_worker.WORLD):
         with open(os.path.join(out, f"{rank}.json")) as f:

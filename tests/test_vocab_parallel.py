@@ -28,7 +28,7 @@ def results(tmp_path_factory):
     per_world = {}
     for world in WORLDS:
         out = tmp_path_factory.mktemp(f"vocab-parallel-{world}")
-        mp.spawn(vocab_parallel_worker.worker, args=(world, gloo.free_port(), str(out)), nprocs=world, join=True)
+        mp.spawn(vocab_parallel_worker.worker, args=(world, gloo.rendezvous(), str(out)), nprocs=world, join=True)
         per_world[world] = []
         for rank in range(world):
             with open(os.path.join(out, f"{world}-{rank}.json")) as f:

@@ -122,6 +122,6 @@ def scenarios():
     return out
 
 
-def worker(rank, world, port, out_dir):
-    gloo.init(rank, world, port)
+def worker(rank, world, rendezvous_file, out_dir):
+    gloo.init(rank, world, rendezvous_file)
     gloo.run_scenarios(scenarios(), (dist.group.WORLD,), os.path.join(out_dir, f"{world}-{rank}.json"))
