@@ -5,6 +5,7 @@ that collects them, and the FSDP2 helpers the workers share."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -20,7 +21,9 @@ def rendezvous() -> str:
     """A new file for one process group's rendezvous (a FileStore). Not a TCP port: a port found free and released
     could be taken by the next spawn of the other pytest-xdist worker before rank 0 bound it (a CI run lost a
     spawn to "terminate called without an active exception" so, 2026-12-04)."""
-    return os.path.join(tempfile.gettempdir(), f"fusedopt-rendezvous-{uuid.uuid4().hex}")
+    path = os.path.join(tempfile.gettempdir(), f"fusedopt-rendezvous-{uuid.uuid4().hex}")
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))  # the FileStore leaves it behind
+    return path
 
 
 def init(rank: int, world: int, rendezvous_file: str, timeout_s: int = 60) -> None:
