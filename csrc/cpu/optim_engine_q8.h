@@ -134,7 +134,6 @@ inline int code4_of(float x, const float* mid) {
 // search gives, found here with the map's lookup table (common/optim_q8.h): lut[bits(x) >> 16] holds the code of
 // the lowest x of those 2^16 floats, which hold at most one midpoint, so one comparison finishes it (mid[255] is
 // NaN: never passed); the AVX-512 path compares x's low bits with the word's threshold instead of the midpoint.
-// With VBMI the register lookup (avx512::quantize_vbmi) replaces the table's gathers.
 // A NaN gets code 0; its block reads back NaN through its NaN absmax. The portable path overwrites `v`
 // (x = v / d); the AVX-512 one divides in registers and leaves it.
 // Where `mid_planes` (the midpoints split into byte planes, cpu::byte_permutes()) is given and the absmax is finite,

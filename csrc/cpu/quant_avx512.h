@@ -14,6 +14,17 @@ namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine::avx512 {
 
 constexpr int64_t kW = 16;
 
+// A 4 x 4 transpose of 4-byte groups: byte packs and unpacks interleave within 128-bit lanes, and this permute (of
+// their input or of their output) puts 64 bytes back in element order.
+inline __m512i lane_transpose() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+
+// 64 int32 values in 0..255, four vectors in element order, as 64 bytes in element order: two packing steps
+// (cheaper than four narrowing stores), then the transpose that undoes their per-lane interleave.
+inline __m512i narrow64(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+  const __m512i words01 = _mm512_packus_epi32(v0, v1), words23 = _mm512_packus_epi32(v2, v3);
+  return _mm512_permutexvar_epi32(lane_transpose(), _mm512_packus_epi16(words01, words23));
+}
+
 // max |v[i]| over the block, compared as bits (sign cleared): a NaN's bits exceed inf's, which exceed every finite
 // value's, so one integer max finds the absmax and any NaN (returned as the canonical quiet NaN).
 inline float block_absmax(const float* v, int64_t n) {
@@ -84,8 +95,7 @@ FUSEDOPT_TARGET_VBMI inline void lookup64(const PlaneRegisters& t, __m512i index
   // The byte and word unpacks below interleave within 128-bit lanes: output vector k, lane l, holds the bytes at
   // 16l + 4k .. 16l + 4k + 3. Moving index 16k + 4l + j there first (a 4 x 4 transpose of 4-byte groups) makes
   // output vector k hold elements 16k .. 16k + 15 in order.
-  const __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  index = _mm512_permutexvar_epi32(transpose, index);
+  index = _mm512_permutexvar_epi32(lane_transpose(), index);
   __m512i byte[4];
   for (int p = 0; p < 4; ++p) byte[p] = byte_lookup(t.table[p], index);
   const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]), high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
@@ -142,7 +152,6 @@ FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const
                                 _mm512_loadu_si512(slots + 256), _mm512_loadu_si512(slots + 320)};
   PlaneRegisters mid;
   load_planes(mid_planes, mid);
-  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const __m512i one = _mm512_set1_epi8(1);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
@@ -152,10 +161,7 @@ FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const
       x[k] = _mm512_div_ps(_mm512_loadu_ps(v + i + k * kW), divisor);
       slot[k] = slot16(x[k], bases, shifts);
     }
-    // the 64 slots as bytes in element order (the packs interleave per 128-bit lane, pack_order undoes it)
-    const __m512i packed =
-        _mm512_packus_epi16(_mm512_packus_epi32(slot[0], slot[1]), _mm512_packus_epi32(slot[2], slot[3]));
-    __m512i code = byte_lookup(slot_code, _mm512_permutexvar_epi32(pack_order, packed));
+    __m512i code = byte_lookup(slot_code, narrow64(slot[0], slot[1], slot[2], slot[3]));
     __m512i below[4], above[4];  // mid[c], mid[c + 1]
     lookup64(mid, code, below);
     lookup64(mid, _mm512_add_epi8(code, one), above);
@@ -232,25 +238,20 @@ inline __m512i codes16(const float* v, __m512 divisor, __m512 reciprocal, const 
   return code16(at);
 }
 
-// int8 codes of x = v / d for whole vectors: 64 at a time narrowed by two packing steps (cheaper than four narrowing
-// stores), then 16 at a time. Returns how many it wrote. d outside [2^-126, 2^126] (its reciprocal not a normal
-// float32, or infinite) takes the true division throughout.
+// int8 codes of x = v / d for whole vectors: 64 at a time (narrow64), then 16 at a time. Returns how many it
+// wrote. d outside [2^-126, 2^126] (its reciprocal not a normal float32, or infinite) takes the true division
+// throughout.
 inline int64_t quantize(const float* v, float d, const uint32_t* lut, uint8_t* codes, int64_t n) {
   const __m512 divisor = _mm512_set1_ps(d);
   const bool reciprocal_ok = d >= 0x1p-126f && d <= 0x1p126f;
   // otherwise a NaN reciprocal: a number times it is that NaN, whose position (0) is a bucket's edge, so every
   // vector is redone with the division (a NaN v gets code 0 either way)
   const __m512 reciprocal = _mm512_set1_ps(reciprocal_ok ? 1.0f / d : std::numeric_limits<float>::quiet_NaN());
-  // The packs interleave per 128-bit lane: lane l holds codes 4l..4l+3 of each of the four vectors in turn.
-  const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    const __m512i words01 = _mm512_packus_epi32(codes16(v + i, divisor, reciprocal, lut),
-                                                codes16(v + i + kW, divisor, reciprocal, lut));
-    const __m512i words23 = _mm512_packus_epi32(codes16(v + i + 2 * kW, divisor, reciprocal, lut),
-                                                codes16(v + i + 3 * kW, divisor, reciprocal, lut));
-    const __m512i bytes = _mm512_packus_epi16(words01, words23);
-    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(pack_order, bytes));
+    __m512i code[4];
+    for (int k = 0; k < 4; ++k) code[k] = codes16(v + i + k * kW, divisor, reciprocal, lut);
+    _mm512_storeu_si512(codes + i, narrow64(code[0], code[1], code[2], code[3]));
   }
   for (; i + kW <= n; i += kW)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
