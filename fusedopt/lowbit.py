@@ -35,7 +35,7 @@ from fusedopt import _checks
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 LUT_SHIFT = 16  # int8's CPU lookup table: lut[float32 bits >> 16]
 SLOT_OCTAVES = 32  # int8's register lookup (_slot_tables): |x| in [2^-31, 2), the exponents beyond clamped in
-SLOT_WORDS = 96  # its 384 bytes: 64 slot bases, 64 shifts, 256 slot codes
+SLOT_WORDS = 352  # its 1408 bytes: 64 slot bases, 64 shifts, 256 slot codes, 4 x 256 threshold bytes
 LUT_FLOATS = 65536 + SLOT_WORDS  # the two, one 32-bit word each (stored in the float32 table as bits)
 
 
@@ -180,24 +180,35 @@ def _lookup_table(mid: Tensor) -> Tensor:
     return (lut | (threshold << 8)).to(torch.int32)
 
 
+def _slot_position(value: float, shift: int, negative: bool) -> int:
+    """A float's 15-bit position in its register-lookup slot (quantize_vbmi): the top 15 of the slot's `shift` low
+    mantissa bits, complemented for a negative value, so that a larger position is a larger value."""
+    position = ((struct.unpack("<I", struct.pack("<f", value))[0] & 0x7FFFFF) >> (shift - 15)) & 0x7FFF
+    return position ^ 0x7FFF if negative else position
+
+
 def _slot_tables(mid: Tensor) -> Tensor:
     """int8's lookup for CPUs with byte permutes (VBMI; csrc/cpu/quant_avx512.h quantize_vbmi), small enough for
     registers: x's sign and exponent (clamped to SLOT_OCTAVES octaves) choose a run of slots, the top `23 - shift`
     bits of its mantissa the slot: slot = base[sign * 32 + octave] + (mantissa >> shift[...]). Each octave is cut
-    into the fewest power-of-two slots that hold at most two midpoints each; a slot's byte is c = the code of its
-    lowest float (at most 254), so for every x of the slot code(x) = c + (x >= mid[c]) + (x >= mid[c + 1]). Ranges
-    that hold no midpoint share a slot per code. Returns SLOT_WORDS int32 words: the bytes base[64], shift[64],
-    code[256]."""
+    into the fewest power-of-two slots that hold at most two midpoints each (never finer than 2^16 floats, so that
+    sign, exponent and the top 7 mantissa bits choose it); a slot's byte is c = the code of its lowest float, so for
+    every x of the slot code(x) = c + (x >= mid[c]) + (x >= mid[c + 1]). Those two comparisons are made on 15-bit
+    positions p (_slot_position): a slot's two thresholds t1, t2 are its midpoints' positions, 0xFFFF where it holds
+    none (never reached), and code(x) = c + (p > t1) + (p > t2) unless p equals a threshold, where the kernel
+    compares the floats instead (about 1 value in 15000). Ranges that hold no midpoint share a
+    slot per code. Returns SLOT_WORDS int32 words: the bytes base[64], shift[64], code[256], then the thresholds'
+    bytes t1 low[256], t1 high[256], t2 low[256], t2 high[256]."""
     mids = mid[:-1].tolist()  # sorted float32 values (the NaN left off)
     as_float = lambda bits: struct.unpack("<f", struct.pack("<I", bits))[0]
-    base, shift, slot_code, empty_slot = [0] * 64, [0] * 64, [], {}
+    base, shift, slot_code, thresholds, empty_slot = [0] * 64, [0] * 64, [], [], {}
     for sign in (0, 1):
         for octave in range(SLOT_OCTAVES):
             exponent = 127 - (SLOT_OCTAVES - 1) + octave
             clamped = octave in (0, SLOT_OCTAVES - 1)  # every exponent below (above) lands here: one slot
             lo = 0 if octave == 0 else exponent << 23  # magnitude bits
             hi = 0x7F800000 if octave == SLOT_OCTAVES - 1 else (exponent << 23) | 0x7FFFFF
-            for bits in range(1 if clamped else 24):  # top mantissa bits per slot
+            for bits in range(1 if clamped else 8):  # top mantissa bits per slot
                 size = (hi - lo + 1) >> bits
                 ends = [(as_float(lo + j * size), as_float(lo + (j + 1) * size - 1)) for j in range(1 << bits)]
                 if sign:
@@ -206,17 +217,24 @@ def _slot_tables(mid: Tensor) -> Tensor:
                 if max(inside) <= 2:
                     break
             assert max(inside) <= 2, "an int8 register-lookup slot holds three midpoints"
-            codes = [min(bisect.bisect_right(mids, a), 254) for a, _ in ends]
+            codes = [bisect.bisect_right(mids, a) for a, _ in ends]
             index = sign * SLOT_OCTAVES + octave
             shift[index] = 23 - bits
             if bits == 0 and inside[0] == 0:  # no midpoint: one slot per code will do
                 base[index] = empty_slot.setdefault(codes[0], len(slot_code))
-                slot_code += [codes[0]] if base[index] == len(slot_code) else []
+                if base[index] == len(slot_code):
+                    slot_code.append(codes[0])
+                    thresholds.append((0xFFFF, 0xFFFF))
                 continue
             base[index] = len(slot_code)
             slot_code += codes
+            for c, n in zip(codes, inside, strict=True):
+                t = [_slot_position(mids[c + j], shift[index], bool(sign)) if j < n else 0xFFFF for j in (0, 1)]
+                thresholds.append(tuple(t))
     assert len(slot_code) <= 256 and max(base) <= 255, "the int8 register lookup needs more than 256 slots"
-    table = bytes(base + shift + slot_code + [0] * (256 - len(slot_code)))
+    pad = 256 - len(slot_code)
+    planes = [t[j] >> (8 * half) & 0xFF for j in (0, 1) for half in (0, 1) for t in thresholds + [(0xFFFF,) * 2] * pad]
+    table = bytes(base + shift + slot_code + [0] * pad + planes)
     return torch.frombuffer(bytearray(table), dtype=torch.int32).clone()
 
 

@@ -132,17 +132,28 @@ def test_every_isa_quantizes_as_defined(isa):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def _register_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _register_lookup(x: torch.Tensor, table: torch.Tensor) -> tuple:
     """csrc/cpu/quant_avx512.h quantize_vbmi's arithmetic on x (float32), in torch: the slot from x's sign, clamped
-    exponent and top mantissa bits, its code c, then c + (x >= mid[c]) + (x >= mid[c + 1])."""
+    exponent and top 7 mantissa bits, its code c and thresholds t1, t2, and x's 15-bit position p in the slot; code
+    c + (p > t1) + (p > t2), or where p ties a threshold the exact path's c + (x >= mid[c]) + (x >= mid[c + 1])
+    (codes_by_midpoints, c taken as at most 254). Returns the codes and where p tied."""
     words = table[-lowbit.SLOT_WORDS :].view(torch.uint8).long()
-    base, shift, slot_code = words[:64], words[64:128], words[128:]
+    base, shift, slot_code = words[:64], words[64:128], words[128:384]
+    t1_low, t1_high, t2_low, t2_high = words[384:].view(4, 256)
     mid = table[256:512]
     bits = x.view(torch.int32).long() & 0xFFFFFFFF
-    octave = ((bits >> 23) & 0xFF).clamp(127 - 31, 127) - (127 - 31)
-    index = octave | ((bits >> 26) & 32)
-    c = slot_code[base[index] + ((bits & 0x7FFFFF) >> shift[index])]
-    return c + (x >= mid[c]).long() + (x >= mid[c + 1]).long()
+    top = bits >> 16
+    octave = ((top >> 7) & 0xFF).clamp(127 - 31, 127) - (127 - 31)
+    index = octave | ((top >> 10) & 32)
+    slot = base[index] + ((top & 0x7F) >> (shift[index] - 16))
+    c = slot_code[slot]
+    position = ((bits >> (shift[index] - 15)) & 0x7FFF) ^ torch.where(bits >= 2**31, 0x7FFF, 0)
+    t1, t2 = t1_low[slot] | (t1_high[slot] << 8), t2_low[slot] | (t2_high[slot] << 8)
+    tie = (position == t1) | (position == t2)
+    fast = c + (position > t1).long() + (position > t2).long()
+    exact_c = c.clamp(max=254)
+    exact = exact_c + (x >= mid[exact_c]).long() + (x >= mid[exact_c + 1]).long()
+    return torch.where(tie, exact, fast), tie
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -160,4 +171,8 @@ def test_register_lookup_tables_give_the_definition(signed):
     spread = (torch.rand(2_000_000, generator=gen) * 2 - 1) * 10 ** (-7 * torch.rand(2_000_000, generator=gen))
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -3.0, 1e-45, -1e-45, 1e-38, -1e-38, 0.5, -0.5])
     x = torch.cat([near, edges, -edges, spread, special])
-    assert torch.equal(_register_lookup(x, table), lowbit._search(x, table[256:512]))
+    codes, tie = _register_lookup(x, table)
+    assert torch.equal(codes, lowbit._search(x, table[256:512]))
+    # both paths are tested: every midpoint ties some float near it; spread values rarely tie
+    spread_ties = int(tie[-spread.numel() - special.numel() : -special.numel()].sum())
+    assert bool(tie[: near.numel()].any()) and 0 < spread_ties < 1000

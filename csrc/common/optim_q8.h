@@ -5,7 +5,7 @@
 // A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of consecutive
 // elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the table
 // kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then the 65536
-// 32-bit words of the CPU's lookup table, see fusedopt/lowbit.py _lookup_table, and the 96 of its register lookup,
+// 32-bit words of the CPU's lookup table, see fusedopt/lowbit.py _lookup_table, and the 352 of its register lookup,
 // _slot_tables). int4: uint8 codes packed two per byte,
 // (ceil(numel / 2),), element 2j in the high nibble of byte j; blocks of 128; the table kQuant4MapSize floats (16
 // values, 15 midpoints, a NaN). fp8: float8_e4m3fn codes of the param's shape, blocks of 256, the table the 256 codes'
@@ -22,13 +22,14 @@
 #include <string>
 #include <vector>
 
+#include "common/int8_tables.h"
 #include "common/optim_binding.h"
 #include "common/quant_format.h"
 #include "common/tensor_bucket.h"
 
 namespace fusedopt {
 
-constexpr int64_t kQuantMapSize = 512 + 65536 + 96;  // int8: code values, midpoints, lookup tables (32-bit words)
+constexpr int64_t kQuantMapSize = 512 + kInt8LutWords + kInt8SlotWords;  // int8: code values, midpoints, lookup tables
 constexpr int64_t kQuant4MapSize = 32;  // int4: 16 code values, 15 midpoints and a NaN
 constexpr int64_t kQuantFp8MapSize = 256;  // fp8: each code's value
 

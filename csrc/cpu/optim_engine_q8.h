@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/int8_tables.h"
 #include "common/quant_format.h"
 #include "cpu/vec_io.h"
 
@@ -20,7 +21,6 @@ namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine {
 constexpr int64_t kQBlock = 256;   // int8's block, the largest
 constexpr int64_t kQBlock4 = 128;  // int4's
 constexpr int kLevels4 = 16;
-constexpr int64_t kLutWords = 65536;  // int8's lookup table in the map, then the register lookup's slot tables
 }  // namespace fusedopt::cpu::CPU_CAPABILITY::optim_engine
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -306,7 +306,7 @@ void run_chunk_q8(const OptimStepArgs<typename Op::Hyper>& a, int64_t t, int64_t
       else
         absmax[k][q] = quantize_block(buf[k], n, a.qmap[k] + kQBlock,
                                       reinterpret_cast<const uint32_t*>(a.qmap[k] + 2 * kQBlock),
-                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock + kLutWords),
+                                      reinterpret_cast<const uint8_t*>(a.qmap[k] + 2 * kQBlock + kInt8LutWords),
                                       permutes ? &mid_planes[k] : nullptr, codes[k] + b);
     }
   }

@@ -122,58 +122,108 @@ FUSEDOPT_TARGET_VBMI inline int64_t dequantize_vbmi(const uint8_t* codes, float 
   return i;
 }
 
-// The slot of 16 values x in the int8 register lookup (fusedopt/lowbit.py _slot_tables), as int32:
-// base[sign * 32 + octave] + (mantissa >> shift[sign * 32 + octave]), x's exponent clamped to the 32 octaves
-// 2^-31 .. 2^0 (all smaller |x| share the lowest octave's slot, all larger the top one's).
-FUSEDOPT_TARGET_VBMI inline __m512i slot16(__m512 x, __m512i bases, __m512i shifts) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
-  const __m512i lowest = _mm512_set1_epi32(127 - 31);
-  const __m512i octave =
-      _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(exponent, lowest), _mm512_set1_epi32(127)), lowest);
-  const __m512i sign32 = _mm512_and_si512(_mm512_srli_epi32(bits, 26), _mm512_set1_epi32(32));  // bit 31 -> bit 5
-  const __m512i index = _mm512_or_si512(octave, sign32);  // 0..63 in each lane's low byte, zeros above
-  const __m512i low_byte = _mm512_set1_epi32(0xff);       // (the zero bytes look up entry 0: masked off)
-  const __m512i base = _mm512_and_si512(_mm512_permutexvar_epi8(index, bases), low_byte);
-  const __m512i shift = _mm512_and_si512(_mm512_permutexvar_epi8(index, shifts), low_byte);
-  return _mm512_add_epi32(base, _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff)), shift));
-}
-
-// int8 codes of x = v / d (the float32 quotient) with no gather, 64 at a time: the slot's code c, then
-// c + (x >= mid[c]) + (x >= mid[c + 1]) (a slot holds at most two midpoints, and c <= 254: mid[255] is the NaN,
-// never passed), the midpoints looked up by byte permutes from `mid_planes` (the 256 midpoints split). `slots`:
-// the table's SLOT_WORDS words (bases, shifts, slot codes). The caller's block has a finite absmax: x is finite and
-// not NaN. Returns how many it wrote.
-FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const uint8_t* slots,
-                                                  const BytePlanes& mid_planes, uint8_t* codes, int64_t n) {
-  const __m512 divisor = _mm512_set1_ps(d);
-  const __m512i bases = _mm512_loadu_si512(slots), shifts = _mm512_loadu_si512(slots + 64);
-  const __m512i slot_code[4] = {_mm512_loadu_si512(slots + 128), _mm512_loadu_si512(slots + 192),
-                                _mm512_loadu_si512(slots + 256), _mm512_loadu_si512(slots + 320)};
+// int8 codes of 64 quotients x (element order) from each one's code c (bytes, c <= 254 taken as c):
+// c + (x >= mid[c]) + (x >= mid[c + 1]) by float comparisons, the midpoints looked up by byte permutes from
+// `mid_planes` (the 256 midpoints split; mid[255] is the NaN, never passed). quantize_vbmi's exact path.
+FUSEDOPT_TARGET_VBMI inline __m512i codes_by_midpoints(const __m512 (&x)[4], __m512i code,
+                                                       const BytePlanes& mid_planes) {
   PlaneRegisters mid;
   load_planes(mid_planes, mid);
   const __m512i one = _mm512_set1_epi8(1);
+  code = _mm512_min_epu8(code, _mm512_set1_epi8(static_cast<char>(254)));
+  __m512i below[4], above[4];  // mid[c], mid[c + 1]
+  lookup64(mid, code, below);
+  lookup64(mid, _mm512_add_epi8(code, one), above);
+  __mmask16 up1[4], up2[4];
+  for (int k = 0; k < 4; ++k) {
+    up1[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(below[k]), _CMP_GE_OQ);
+    up2[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(above[k]), _CMP_GE_OQ);
+  }
+  const __mmask64 first = _mm512_kunpackd(_mm512_kunpackw(up1[3], up1[2]), _mm512_kunpackw(up1[1], up1[0]));
+  const __mmask64 second = _mm512_kunpackd(_mm512_kunpackw(up2[3], up2[2]), _mm512_kunpackw(up2[1], up2[0]));
+  code = _mm512_mask_add_epi8(code, first, code, one);
+  return _mm512_mask_add_epi8(code, second, code, one);
+}
+
+// The register lookup's slot and 15-bit position (fusedopt/lowbit.py _slot_tables, _slot_position) of 32 floats,
+// given as their top and low 16-bit halves: sign, exponent (clamped to the 32 octaves 2^-31 .. 2^0) and top 7
+// mantissa bits choose the slot, base + (top mantissa >> s) with s = shift - 16 (`entry` holds base | s << 8 for
+// the 64 sign-octaves); the position is the next 15 mantissa bits, complemented for a negative float.
+struct SlotPositions {
+  __m512i slot, position;
+};
+FUSEDOPT_TARGET_VBMI inline SlotPositions slot_positions(__m512i top, __m512i low, __m512i entry_lo,
+                                                         __m512i entry_hi) {
+  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi16(top, 7), _mm512_set1_epi16(0xff));
+  const __m512i octave =
+      _mm512_min_epu16(_mm512_subs_epu16(exponent, _mm512_set1_epi16(127 - 31)), _mm512_set1_epi16(31));
+  const __m512i sign32 = _mm512_and_si512(_mm512_srli_epi16(top, 10), _mm512_set1_epi16(32));  // bit 15 -> bit 5
+  const __m512i entry = _mm512_permutex2var_epi16(entry_lo, _mm512_or_si512(octave, sign32), entry_hi);
+  const __m512i s = _mm512_srli_epi16(entry, 8);
+  const __m512i slot = _mm512_add_epi16(_mm512_and_si512(entry, _mm512_set1_epi16(0xff)),
+                                        _mm512_srlv_epi16(_mm512_and_si512(top, _mm512_set1_epi16(0x7f)), s));
+  // bits s + 1 .. s + 15 of the 32-bit float, (top:low) >> (s + 1), then xor-ed with the sign's copies and masked
+  const __m512i r = _mm512_add_epi16(s, _mm512_set1_epi16(1));
+  const __m512i raw =
+      _mm512_or_si512(_mm512_sllv_epi16(top, _mm512_sub_epi16(_mm512_set1_epi16(16), r)), _mm512_srlv_epi16(low, r));
+  constexpr int kXorThenAnd = 0x28;  // (a ^ b) & c
+  return {slot, _mm512_ternarylogic_epi32(raw, _mm512_srai_epi16(top, 15), _mm512_set1_epi16(0x7fff), kXorThenAnd)};
+}
+
+// int8 codes of x = v / d (the float32 quotient) with no gather, 64 at a time, from the register lookup's tables
+// (`slots`: the table's SLOT_WORDS words, fusedopt/lowbit.py _slot_tables). The 64 slots' code c and thresholds
+// t1, t2 are looked up by byte permutes, and code = c + (p > t1) + (p > t2) on 16-bit lanes, p the position; where
+// some p equals a threshold (about 1 value in 15000) the 64 take codes_by_midpoints instead. The caller's block
+// has a finite absmax: x is finite and not NaN. Returns how many it wrote.
+FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const uint8_t* slots,
+                                                  const BytePlanes& mid_planes, uint8_t* codes, int64_t n) {
+  const __m512 divisor = _mm512_set1_ps(d);
+  __m512i entry[2];  // base | (shift - 16) << 8, the 64 sign-octaves in 16-bit lanes
+  for (int h = 0; h < 2; ++h) {
+    const auto* bytes = reinterpret_cast<const __m256i*>(slots + 32 * h);
+    const __m512i base = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
+    const __m512i shift = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes + 2));  // 64 bytes on
+    entry[h] = _mm512_or_si512(base, _mm512_slli_epi16(_mm512_sub_epi16(shift, _mm512_set1_epi16(16)), 8));
+  }
+  constexpr int kCode = 0, kTables = 5;  // the slot codes, then the thresholds' bytes: t1 low, t1 high, t2 ...
+  __m512i table[kTables][4];
+  for (int t = 0; t < kTables; ++t)
+    for (int q = 0; q < 4; ++q) table[t][q] = _mm512_loadu_si512(slots + 128 + 256 * t + 64 * q);
+  // the 16-bit halves of two float vectors, each set of 32 in element order
+  const __m512i top_halves = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                              27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i low_halves = _mm512_sub_epi16(top_halves, _mm512_set1_epi16(1));
+  // a 16-bit pack interleaves its two inputs by 8-byte groups in each 128-bit lane; this restores element order
+  const __m512i pack_order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m512i one = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
     __m512 x[4];
-    __m512i slot[4];
-    for (int k = 0; k < 4; ++k) {
-      x[k] = _mm512_div_ps(_mm512_loadu_ps(v + i + k * kW), divisor);
-      slot[k] = slot16(x[k], bases, shifts);
+    for (int k = 0; k < 4; ++k) x[k] = _mm512_div_ps(_mm512_loadu_ps(v + i + k * kW), divisor);
+    SlotPositions at[2];  // elements 0..31 and 32..63
+    for (int h = 0; h < 2; ++h) {
+      const __m512i a = _mm512_castps_si512(x[2 * h]), b = _mm512_castps_si512(x[2 * h + 1]);
+      at[h] = slot_positions(_mm512_permutex2var_epi16(a, top_halves, b), _mm512_permutex2var_epi16(a, low_halves, b),
+                             entry[0], entry[1]);
     }
-    __m512i code = byte_lookup(slot_code, narrow64(slot[0], slot[1], slot[2], slot[3]));
-    __m512i below[4], above[4];  // mid[c], mid[c + 1]
-    lookup64(mid, code, below);
-    lookup64(mid, _mm512_add_epi8(code, one), above);
-    __mmask16 up1[4], up2[4];
-    for (int k = 0; k < 4; ++k) {
-      up1[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(below[k]), _CMP_GE_OQ);
-      up2[k] = _mm512_cmp_ps_mask(x[k], _mm512_castsi512_ps(above[k]), _CMP_GE_OQ);
+    const __m512i index = _mm512_packus_epi16(at[0].slot, at[1].slot);  // in pack order
+    __m512i looked_up[kTables];
+    for (int t = 0; t < kTables; ++t) looked_up[t] = byte_lookup(table[t], index);
+    __mmask32 tie = 0;
+    __m512i code16[2];
+    for (int h = 0; h < 2; ++h) {  // the low (high) bytes of each lane in pack order: elements 32h .. 32h + 31
+      const auto widen = [h](__m512i low_byte, __m512i high_byte) {
+        return h == 0 ? _mm512_unpacklo_epi8(low_byte, high_byte) : _mm512_unpackhi_epi8(low_byte, high_byte);
+      };
+      const __m512i c = widen(looked_up[kCode], zero), p = at[h].position;
+      const __m512i t1 = widen(looked_up[1], looked_up[2]), t2 = widen(looked_up[3], looked_up[4]);
+      tie |= _mm512_cmpeq_epi16_mask(p, t1) | _mm512_cmpeq_epi16_mask(p, t2);
+      const __m512i up1 = _mm512_mask_add_epi16(c, _mm512_cmpgt_epu16_mask(p, t1), c, one);
+      code16[h] = _mm512_mask_add_epi16(up1, _mm512_cmpgt_epu16_mask(p, t2), up1, one);
     }
-    const __mmask64 first = _mm512_kunpackd(_mm512_kunpackw(up1[3], up1[2]), _mm512_kunpackw(up1[1], up1[0]));
-    const __mmask64 second = _mm512_kunpackd(_mm512_kunpackw(up2[3], up2[2]), _mm512_kunpackw(up2[1], up2[0]));
-    code = _mm512_mask_add_epi8(code, first, code, one);
-    code = _mm512_mask_add_epi8(code, second, code, one);
+    __m512i code = _mm512_permutexvar_epi64(pack_order, _mm512_packus_epi16(code16[0], code16[1]));
+    if (__builtin_expect(tie != 0, 0))
+      code = codes_by_midpoints(x, _mm512_permutexvar_epi64(pack_order, looked_up[kCode]), mid_planes);
     _mm512_storeu_si512(codes + i, code);
   }
   return i;
