@@ -72,12 +72,18 @@ def test_load_hooks_as_torch_optim_runs_them():
     theirs.load_state_dict(ours.state_dict())
     saved = copy.deepcopy(ours.state_dict())
     logs = []
+
+    def rebuild(opt, state_dict):  # edits the dict it is given and returns a new one: the caller's must stay as it was
+        return {"state": state_dict["state"], "param_groups": state_dict.pop("param_groups")}
+
+    def first_param_keys(opt):
+        return sorted(opt.state[opt.param_groups[0]["params"][0]])
+
     for opt in (ours, theirs):
         log = []
-        # edits the dict it is given and returns a new one: the caller's must stay as it was
-        opt.register_load_state_dict_pre_hook(lambda o, sd: {"state": sd["state"], "param_groups": sd.pop("param_groups")})  # noqa: E501
+        opt.register_load_state_dict_pre_hook(rebuild)
         opt.register_load_state_dict_pre_hook(lambda o, sd, log=log: log.append(("pre", sorted(sd["state"][0]))))
-        opt.register_load_state_dict_post_hook(lambda o, log=log: log.append(("post", sorted(o.state[o.param_groups[0]["params"][0]]))))  # noqa: E501
+        opt.register_load_state_dict_post_hook(lambda o, log=log: log.append(("post", first_param_keys(o))))
         given = copy.copy(saved)
         opt.load_state_dict(given)
         assert set(given) == {"state", "param_groups"}  # the hook popped its copy's key
