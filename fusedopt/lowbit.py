@@ -196,9 +196,9 @@ def _slot_tables(mid: Tensor) -> Tensor:
     every x of the slot code(x) = c + (x >= mid[c]) + (x >= mid[c + 1]). Those two comparisons are made on 15-bit
     positions p (_slot_position): a slot's two thresholds t1, t2 are its midpoints' positions, 0xFFFF where it holds
     none (never reached), and code(x) = c + (p > t1) + (p > t2) unless p equals a threshold, where the kernel
-    compares the floats instead (about 1 value in 15000). Ranges that hold no midpoint share a
-    slot per code. Returns SLOT_WORDS int32 words: the bytes base[64], shift[64], code[256], then the thresholds'
-    bytes t1 low[256], t1 high[256], t2 low[256], t2 high[256]."""
+    compares the floats instead (about 1 value in 30000 on spread data). Ranges that hold no midpoint share a slot
+    per code. Returns SLOT_WORDS int32 words: the bytes base[64], shift[64], code[256], then the thresholds' bytes
+    t1 low[256], t1 high[256], t2 low[256], t2 high[256]."""
     mids = mid[:-1].tolist()  # sorted float32 values (the NaN left off)
     as_float = lambda bits: struct.unpack("<f", struct.pack("<I", bits))[0]
     base, shift, slot_code, thresholds, empty_slot = [0] * 64, [0] * 64, [], [], {}

@@ -122,9 +122,10 @@ FUSEDOPT_TARGET_VBMI inline int64_t dequantize_vbmi(const uint8_t* codes, float 
   return i;
 }
 
-// int8 codes of 64 quotients x (element order) from each one's code c (bytes, c <= 254 taken as c):
-// c + (x >= mid[c]) + (x >= mid[c + 1]) by float comparisons, the midpoints looked up by byte permutes from
-// `mid_planes` (the 256 midpoints split; mid[255] is the NaN, never passed). quantize_vbmi's exact path.
+// int8 codes of 64 quotients x (element order) from their slots' codes c (bytes): c + (x >= mid[c]) +
+// (x >= mid[c + 1]) by float comparisons, the midpoints looked up by byte permutes from `mid_planes` (the 256
+// midpoints split; mid[255] is the NaN, never passed). A c of 255 (a slot above mid[254]) is taken as 254, which
+// gives 255 again. quantize_vbmi's exact path.
 FUSEDOPT_TARGET_VBMI inline __m512i codes_by_midpoints(const __m512 (&x)[4], __m512i code,
                                                        const BytePlanes& mid_planes) {
   PlaneRegisters mid;
@@ -172,9 +173,9 @@ FUSEDOPT_TARGET_VBMI inline SlotPositions slot_positions(__m512i top, __m512i lo
 
 // int8 codes of x = v / d (the float32 quotient) with no gather, 64 at a time, from the register lookup's tables
 // (`slots`: the table's SLOT_WORDS words, fusedopt/lowbit.py _slot_tables). The 64 slots' code c and thresholds
-// t1, t2 are looked up by byte permutes, and code = c + (p > t1) + (p > t2) on 16-bit lanes, p the position; where
-// some p equals a threshold (about 1 value in 15000) the 64 take codes_by_midpoints instead. The caller's block
-// has a finite absmax: x is finite and not NaN. Returns how many it wrote.
+// t1, t2 are looked up by byte permutes, and code = c + (p > t1) + (p > t2) on 16-bit lanes, p the position;
+// where some p equals a threshold (1 value in 30000 on spread data) the 64 take codes_by_midpoints instead. The
+// caller's block has a finite absmax: x is finite and not NaN. Returns how many it wrote.
 FUSEDOPT_TARGET_VBMI inline int64_t quantize_vbmi(const float* v, float d, const uint8_t* slots,
                                                   const BytePlanes& mid_planes, uint8_t* codes, int64_t n) {
   const __m512 divisor = _mm512_set1_ps(d);
