@@ -35,6 +35,7 @@ from fusedopt import _checks
 MIN_QUANT_NUMEL = 4096  # params with fewer elements (global size) keep full-precision state
 LUT_SHIFT = 16  # int8's CPU lookup table: lut[float32 bits >> 16]
 SLOT_OCTAVES = 32  # int8's register lookup (_slot_tables): |x| in [2^-31, 2), the exponents beyond clamped in
+SLOT_TOP_BITS = 7  # its slot is chosen by at most the top 7 mantissa bits: those in a float's top 16-bit half
 SLOT_WORDS = 352  # its 1408 bytes: 64 slot bases, 64 shifts, 256 slot codes, 4 x 256 threshold bytes
 LUT_FLOATS = 65536 + SLOT_WORDS  # the two, one 32-bit word each (stored in the float32 table as bits)
 
@@ -208,7 +209,7 @@ def _slot_tables(mid: Tensor) -> Tensor:
             clamped = octave in (0, SLOT_OCTAVES - 1)  # every exponent below (above) lands here: one slot
             lo = 0 if octave == 0 else exponent << 23  # magnitude bits
             hi = 0x7F800000 if octave == SLOT_OCTAVES - 1 else (exponent << 23) | 0x7FFFFF
-            for bits in range(1 if clamped else 8):  # top mantissa bits per slot
+            for bits in range(1 if clamped else SLOT_TOP_BITS + 1):  # top mantissa bits per slot
                 size = (hi - lo + 1) >> bits
                 ends = [(as_float(lo + j * size), as_float(lo + (j + 1) * size - 1)) for j in range(1 << bits)]
                 if sign:
@@ -216,7 +217,7 @@ def _slot_tables(mid: Tensor) -> Tensor:
                 inside = [bisect.bisect_right(mids, b) - bisect.bisect_right(mids, a) for a, b in ends]
                 if max(inside) <= 2:
                     break
-            assert max(inside) <= 2, "an int8 register-lookup slot holds three midpoints"
+            assert max(inside) <= 2, f"an int8 register-lookup slot of {SLOT_TOP_BITS} mantissa bits holds 3 midpoints"
             codes = [bisect.bisect_right(mids, a) for a, _ in ends]
             index = sign * SLOT_OCTAVES + octave
             shift[index] = 23 - bits

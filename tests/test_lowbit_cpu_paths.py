@@ -29,11 +29,14 @@ ABSMAX = [1.0, 3.7, 1e-3, 2.0**-126, 2.0**-127, 1.5e-40, 2.0**126, 2.0**127, 3.0
 
 
 def _near_midpoints(signed: bool, absmax: float) -> torch.Tensor:
-    """Blocks of 256 values v whose quotient v / absmax lies within a few ulps of a midpoint of the int8 map (each
-    midpoint's 7 nearest float32s), each block led by `absmax` itself so that it is the block's absmax."""
+    """Blocks of 256 values v whose quotient v / absmax lies next to a midpoint of the int8 map (each midpoint's 7
+    nearest float32s, and those 4 to 512 ulps away: the register lookup's neighbouring positions, where it decides
+    without the float comparison), each block led by `absmax` itself so that it is the block's absmax."""
     table = lowbit.qmap(signed, "cpu", "int8")
     mid = table[256:511]  # the 255 midpoints (table[511] is a NaN)
-    near = (mid.view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)).reshape(-1).view(torch.float32)
+    powers = torch.tensor([2**k for k in range(2, 10)], dtype=torch.int32)
+    offsets = torch.cat([torch.arange(-3, 4, dtype=torch.int32), powers, -powers])
+    near = (mid.view(torch.int32)[:, None] + offsets).reshape(-1).view(torch.float32)
     near = near[near.abs() < 1]  # |v| <= absmax
     v = (near.double() * absmax).float()
     per_block = 255

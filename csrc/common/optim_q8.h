@@ -4,9 +4,9 @@
 //
 // A quantized state k is two tensors per param, codes (contiguous) and absmax (float32, one per block of consecutive
 // elements), and its map table (float32). int8: uint8 codes of the param's shape, blocks of 256, the table
-// kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then the 65536
-// 32-bit words of the CPU's lookup table, see fusedopt/lowbit.py _lookup_table, and the 352 of its register lookup,
-// _slot_tables). int4: uint8 codes packed two per byte,
+// kQuantMapSize floats (the 256 sorted code values, the 255 midpoints between neighbours and a NaN, then the
+// kInt8LutWords 32-bit words of the CPU's lookup table, see fusedopt/lowbit.py _lookup_table, and the kInt8SlotWords
+// of its register lookup, _slot_tables). int4: uint8 codes packed two per byte,
 // (ceil(numel / 2),), element 2j in the high nibble of byte j; blocks of 128; the table kQuant4MapSize floats (16
 // values, 15 midpoints, a NaN). fp8: float8_e4m3fn codes of the param's shape, blocks of 256, the table the 256 codes'
 // values / 448, indexed by the code's bits. value = map[code] * absmax. A new value x of a block whose largest |x| is a
