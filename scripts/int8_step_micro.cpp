@@ -1,0 +1,177 @@
+// A standalone microbenchmark of what bounds the CPU int8 AdamW step (csrc/cpu/optim_engine_q8.h run_chunk_q8) on
+// L2-resident data, 1 thread: the parts of a block's work timed alone, then the whole block in the engine's order,
+// then the Adam update of block b interleaved with the quantizing of block b - 1 (software pipelining: can the
+// divider-bound update hide under the shuffle-bound quantizer?). The update here is a stand-in with the same
+// instructions as common/adam_math.h on float32 (one square root and two divisions per value); the dequantizer,
+// absmax and quantizer are the kernel's own (csrc/cpu/quant_avx512.h). docs/LOW_BIT_STATES.md quotes its results.
+//   python -c "import fusedopt.lowbit as L
+//   for s in (0, 1): L._table_cpu(s, 'int8').numpy().tofile(f'/tmp/int8_{s}.bin')"
+//   g++ -O3 -std=c++20 -march=native -Icsrc scripts/int8_step_micro.cpp -o /tmp/int8_step
+//   /tmp/int8_step /tmp/int8_1.bin /tmp/int8_0.bin   # the signed (first moment) and unsigned (second) maps
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#define CPU_CAPABILITY AVX512
+namespace fusedopt::cpu::AVX512::optim_engine {
+constexpr int kLevels4 = 16;  // what quant_avx512.h takes from cpu/optim_engine_q8.h
+}
+#include "common/int8_tables.h"
+#include "cpu/quant_avx512.h"
+
+namespace q = fusedopt::cpu::AVX512::optim_engine::avx512;
+
+namespace {
+
+constexpr int64_t kN = 1 << 16, kBlock = 256, kGroup = 64, kW = 16;
+
+struct Map {  // one state's int8 table (fusedopt.lowbit._table_cpu) as the kernel takes it
+  std::vector<float> words = std::vector<float>(512 + fusedopt::kInt8LutWords + fusedopt::kInt8SlotWords);
+  q::BytePlanes values, mids;
+  const uint8_t* slots() const {
+    return reinterpret_cast<const uint8_t*>(words.data() + 512 + fusedopt::kInt8LutWords);
+  }
+};
+
+// AdamW's update of 16 values, as common/adam_math.h computes it: lerp, fma, sqrt / bc2 + eps, step * m / denom.
+inline void adam16(float* p, const float* g, float* m, float* v) {
+  const __m512 grad = _mm512_loadu_ps(g);
+  const __m512 old_avg = _mm512_loadu_ps(m);
+  const __m512 exp_avg = _mm512_fmadd_ps(_mm512_set1_ps(0.1f), _mm512_sub_ps(grad, old_avg), old_avg);
+  const __m512 exp_avg_sq = _mm512_fmadd_ps(_mm512_mul_ps(grad, _mm512_set1_ps(0.001f)), grad,
+                                            _mm512_mul_ps(_mm512_loadu_ps(v), _mm512_set1_ps(0.999f)));
+  const __m512 denom =
+      _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(exp_avg_sq), _mm512_set1_ps(0.3f)), _mm512_set1_ps(1e-8f));
+  const __m512 step = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(1e-3f), exp_avg), denom);
+  _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_loadu_ps(p), step));
+  _mm512_storeu_ps(m, exp_avg);
+  _mm512_storeu_ps(v, exp_avg_sq);
+}
+
+// The divider alone: one square root and two divisions per 16 values, as adam16, on independent vectors.
+double divider_ns_per_param() {
+  __m512 a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm512_set1_ps(1.5f + k);
+  const __m512 d = _mm512_set1_ps(1.0001f);
+  constexpr int kRounds = 1 << 20;
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < kRounds; ++r)
+    for (int k = 0; k < 8; ++k) {
+      a[k] = _mm512_div_ps(_mm512_div_ps(_mm512_sqrt_ps(a[k]), d), d);
+      __asm__ volatile("" : "+v"(a[k]));  // kept in registers, each vector its own chain
+    }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return seconds / (double(kRounds) * 8 * kW) * 1e9;
+}
+
+float divisor(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+
+template <typename F>
+double ns_per_param(F&& run) {
+  double best = 1e30;
+  for (int pass = 0; pass < 200; ++pass) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best / kN * 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s SIGNED.bin UNSIGNED.bin (fusedopt.lowbit._table_cpu(signed, 'int8'))\n", argv[0]);
+    return 2;
+  }
+  Map map[2];  // [0]: exp_avg (signed), [1]: exp_avg_sq (unsigned)
+  for (int s = 0; s < 2; ++s) {
+    FILE* f = std::fopen(argv[1 + s], "rb");
+    if (f == nullptr || std::fread(map[s].words.data(), 4, map[s].words.size(), f) != map[s].words.size()) return 2;
+    std::fclose(f);
+    q::split_bytes(map[s].words.data(), map[s].values);
+    q::split_bytes(map[s].words.data() + 256, map[s].mids);
+  }
+  std::vector<float> param(kN), grad(kN), absmax[2];
+  std::vector<uint8_t> codes[2];
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  for (float& x : param) x = normal(rng);
+  for (float& x : grad) x = normal(rng);
+  for (int s = 0; s < 2; ++s) {
+    absmax[s].assign(kN / kBlock, 1.0f);
+    codes[s].resize(kN);
+    for (auto& c : codes[s]) c = static_cast<uint8_t>(rng());
+  }
+  alignas(64) float buf[2][2][kBlock];  // [block parity][state]
+
+  const auto dequantize = [&](int64_t b, float* (&state)[2]) {
+    for (int s = 0; s < 2; ++s)
+      q::dequantize_vbmi(codes[s].data() + b, absmax[s][b / kBlock], map[s].values, state[s], kBlock);
+  };
+  const auto new_absmax = [&](int64_t b, float* (&state)[2]) {
+    for (int s = 0; s < 2; ++s) absmax[s][b / kBlock] = q::block_absmax(state[s], kBlock);
+  };
+  const auto quantize = [&](int64_t b, float* (&state)[2], int s, int64_t at, int64_t n) {
+    q::quantize_vbmi(state[s] + at, divisor(absmax[s][b / kBlock]), map[s].slots(), map[s].mids,
+                     codes[s].data() + b + at, n);
+  };
+  const auto update = [&](int64_t b, float* (&state)[2], int64_t at) {
+    adam16(param.data() + b + at, grad.data() + b + at, state[0] + at, state[1] + at);
+  };
+  float* even[2] = {buf[0][0], buf[0][1]};
+  float* odd[2] = {buf[1][0], buf[1][1]};
+  dequantize(0, even);  // states of the maps' range: the parts timed alone see no garbage (NaN, subnormals)
+  dequantize(0, odd);
+
+  const auto update_only = [&] {
+    for (int64_t b = 0; b < kN; b += kBlock)
+      for (int64_t i = 0; i < kBlock; i += kW) update(b, even, i);
+  };
+  const auto quantize_only = [&] {
+    for (int64_t b = 0; b < kN; b += kBlock)
+      for (int s = 0; s < 2; ++s) quantize(b, even, s, 0, kBlock);
+  };
+  const auto dequantize_absmax_only = [&] {
+    for (int64_t b = 0; b < kN; b += kBlock) {
+      dequantize(b, even);
+      new_absmax(b, even);
+    }
+  };
+  const auto in_order = [&] {  // the engine's order: a block's dequantizing, update, absmax, quantizing
+    for (int64_t b = 0; b < kN; b += kBlock) {
+      dequantize(b, even);
+      for (int64_t i = 0; i < kBlock; i += kW) update(b, even, i);
+      new_absmax(b, even);
+      for (int s = 0; s < 2; ++s) quantize(b, even, s, 0, kBlock);
+    }
+  };
+  // Block b's 16 update vectors spread over block b - 1's 8 quantizing groups, `per` before each group.
+  const auto pipelined = [&](int per) {
+    for (int64_t b = 0; b <= kN; b += kBlock) {
+      auto& now = (b / kBlock) % 2 ? odd : even;
+      auto& before = (b / kBlock) % 2 ? even : odd;
+      const bool updating = b < kN, quantizing = b > 0;
+      if (updating) dequantize(b, now);
+      int64_t i = 0;
+      for (int group = 0; group < 2 * kBlock / kGroup; ++group) {
+        for (int j = 0; updating && j < per && i < kBlock; ++j, i += kW) update(b, now, i);
+        const int s = group / (kBlock / kGroup);
+        if (quantizing) quantize(b - kBlock, before, s, group % (kBlock / kGroup) * kGroup, kGroup);
+      }
+      for (; updating && i < kBlock; i += kW) update(b, now, i);
+      if (updating) new_absmax(b, now);
+    }
+  };
+  std::printf("ns per param: the divider alone (sqrt + 2 divisions) %.3f\n", divider_ns_per_param());
+  for (int round = 0; round < 3; ++round)
+    std::printf("ns per param: update %.3f, quantize 2 states %.3f, dequantize + absmax %.3f | in order %.3f, "
+                "pipelined 1 vector per group %.3f, 2 per group %.3f\n",
+                ns_per_param(update_only), ns_per_param(quantize_only), ns_per_param(dequantize_absmax_only),
+                ns_per_param(in_order), ns_per_param([&] { pipelined(1); }), ns_per_param([&] { pipelined(2); }));
+  return 0;
+}
