@@ -124,3 +124,55 @@ def test_one_element_shard_switches_format(old, new):
             assert torch.equal(got.view(torch.uint8) if k.endswith("_codes") else got,
                                want.view(torch.uint8) if k.endswith("_codes") else want), k  # fmt: skip
         _assert_codes_kind(state, "exp_avg_codes", new)
+
+
+# Global shapes over a fake 3-rank group and rank 0's shard (ceil(rows / 3) rows): 2048 elements (whole blocks),
+# 4545 (odd, ending mid-block), 1367 (odd, one row per element).
+SHARDED_SHAPES = [(768, 8), (303, 45), (4100, 1)]
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
+def test_new_shard_state_equals_the_quantized_constant_buffer(state_dtype, monkeypatch):
+    """A DTensor param's new low-bit state is made from one quantized constant block, repeated over its local shard
+    (until 2026-12-04 it quantized the whole full-precision shard by the plain-torch search): it equals _quantize_into
+    of the constant buffer bit for bit, in the same kind (int8 and fp8 codes DTensors in the param's placement,
+    int4's plain), for AdamW's zeros and Adagrad's initial value, float32 and bfloat16 params."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import fusedopt
+    from fusedopt import lowbit
+    from fusedopt.optim._base import local_tensor
+
+    quantized_sizes = []
+    quantize = lowbit.quantize
+    monkeypatch.setattr(lowbit, "quantize", lambda x, *a: quantized_sizes.append(x.numel()) or quantize(x, *a))
+    block = lowbit.quant_format(state_dtype).block
+    world = 3
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for rows, cols in SHARDED_SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                local = torch.randn(-(-rows // world), cols).to(dtype)
+                p = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], shape=torch.Size([rows, cols]),
+                                                          stride=(cols, 1)))  # fmt: skip
+                for cls, kw in [(fusedopt.AdamW, {}), (fusedopt.Adagrad, {"initial_accumulator_value": 0.37})]:
+                    opt = cls([p], state_dtype=state_dtype, **kw)
+                    group = opt.param_groups[0]
+                    for spec in opt.SPEC.states:
+                        fast, slow = {}, {}
+                        quantized_sizes.clear()
+                        opt._new_q8_state(group, p, spec, fast)
+                        assert quantized_sizes == [block], "a new state quantizes one block, not the shard"
+                        opt._quantize_into(p, slow, spec, opt._new_state_buffer(group, p, spec), state_dtype)
+                        assert fast.keys() == slow.keys() and len(fast) == 2
+                        for k in slow:
+                            where = (rows, cols, dtype, cls.__name__, k)
+                            assert type(fast[k]) is type(slow[k]), where
+                            got, want = local_tensor(fast[k]), local_tensor(slow[k])
+                            assert got.dtype == want.dtype and got.shape == want.shape, where
+                            assert gloo.same(got, want), where
+                        assert isinstance(fast[lowbit.codes_key(spec.key)], DTensor) == (state_dtype != "int4")
+    finally:
+        dist.destroy_process_group()

@@ -36,6 +36,16 @@ def _zeros_like_local(p: Tensor, dtype) -> Tensor:
     return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
 
+def _in_placement(p: Tensor, codes: Tensor, fmt) -> Tensor:
+    """The codes of p's local shard as the state holds them: int8 and fp8 codes in p's placement (a DTensor for a
+    DTensor param), int4's packed bytes as they are (a plain tensor)."""
+    if fmt.bits != 8:
+        return codes
+    whole = _zeros_like_local(p, fmt.codes_dtype)
+    local_tensor(whole).copy_(codes)
+    return whole
+
+
 class LowBitStateMixin(FusedOptimizerMixin):
     """The state side of state_dtype="int8" / "int4" / "fp8"; SpecOptimizerMixin steps a quantized bucket through
     fusedopt.ops.optim_step.step_q8."""
@@ -77,12 +87,7 @@ class LowBitStateMixin(FusedOptimizerMixin):
                              f"does not fit its param of shape {list(p.shape)}")  # fmt: skip
         c, a = lowbit.quantize(local_tensor(value).to(lp.device), lowbit.qmap(spec.signed, lp.device, state_dtype),
                                state_dtype)  # fmt: skip
-        fmt = lowbit.quant_format(state_dtype)
-        if fmt.bits == 8:
-            codes = _zeros_like_local(p, fmt.codes_dtype)
-            local_tensor(codes).copy_(c)
-            c = codes
-        state[lowbit.codes_key(spec.key)] = c
+        state[lowbit.codes_key(spec.key)] = _in_placement(p, c, lowbit.quant_format(state_dtype))
         state[lowbit.absmax_key(spec.key)] = a
 
     def _dequantize_from(self, p: Tensor, state: dict, spec, dtype: torch.dtype) -> Tensor:
@@ -98,23 +103,23 @@ class LowBitStateMixin(FusedOptimizerMixin):
     def _new_q8_state(self, group: dict, p: Tensor, spec, state: dict) -> None:
         """A new state is one constant (0, or the spec's fill): every block has the codes and absmax of one constant
         block, so one block is quantized and repeated (quantizing the whole buffer by the plain-torch definition
-        took tens of seconds for a 7B-scale model's first step). DTensor params take the general path."""
+        took tens of seconds for a 7B-scale model's first step, and held the buffer in full precision). A DTensor
+        param's blocks are its local shard's, as _quantize_into makes them."""
         state_dtype = group["state_dtype"]
-        if shards.is_dtensor(p):
-            return self._quantize_into(p, state, spec, self._new_state_buffer(group, p, spec), state_dtype)
         fmt = lowbit.quant_format(state_dtype)
+        lp = local_tensor(p)
         fill = 0.0 if spec.fill is None else float(group[spec.fill])
-        one = torch.full((fmt.block,), fill, dtype=self._full_precision_state_dtype(group, p), device=p.device)
-        c, a = lowbit.quantize(one, lowbit.qmap(spec.signed, p.device, state_dtype), state_dtype)
-        n = p.numel()
+        one = torch.full((fmt.block,), fill, dtype=self._full_precision_state_dtype(group, p), device=lp.device)
+        c, a = lowbit.quantize(one, lowbit.qmap(spec.signed, lp.device, state_dtype), state_dtype)
+        n = lp.numel()
         first = c.reshape(-1)[:1]  # a tensor, not a Python int: no host sync on a GPU's first step
         if fmt.bits == 8:
-            codes = first.repeat(n).view(p.shape)
+            codes = first.repeat(n).view(lp.shape)
         else:  # two codes per byte, element 2j in the high nibble; an odd tail's spare nibble is 0
             codes = first.repeat(-(-n // 2))
             if n % 2:
                 codes[-1:].bitwise_and_(0xF0)
-        state[lowbit.codes_key(spec.key)] = codes
+        state[lowbit.codes_key(spec.key)] = _in_placement(p, codes, fmt) if shards.is_dtensor(p) else codes
         state[lowbit.absmax_key(spec.key)] = a[:1].repeat(-(-n // fmt.block))
 
     def _q8_lists(self, group, bucket: Bucket, used: tuple) -> tuple:
