@@ -6,7 +6,9 @@ test_lowbit_errors.py."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import weakref
 
 import pytest
 import torch
@@ -406,6 +408,48 @@ def test_new_state_equals_the_quantized_constant_buffer(state_dtype):
                     assert fast.keys() == slow.keys()
                     for k in slow:
                         assert fast[k].dtype == slow[k].dtype and same(fast[k], slow[k]), (shape, cls, k)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_adagrad_makes_low_bit_sums_one_at_a_time(state_dtype, master_weights, monkeypatch):
+    """torch.optim.Adagrad's constructor makes every param's `sum` in full precision (torch.full_like); fusedopt makes
+    each low-bit sum as torch sets it and drops torch's tensor, so no two of them are alive at once (all six were,
+    until 2026-12-04: a model's size in float32 before quantizing). The states equal quantizing the constant buffer
+    (a master's float32 fill beside bf16 params); a param under the low-bit size keeps torch's sum."""
+    made, alive_when_made = [], []
+    full_like = torch.full_like
+
+    def recording_full_like(*args, **kwargs):
+        alive_when_made.append(sum(ref() is not None for ref in made))
+        t = full_like(*args, **kwargs)
+        made.append(weakref.ref(t))
+        return t
+
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    params = [torch.nn.Parameter(torch.randn(4096 + 300 * i).to(dtype)) for i in range(6)]
+    small = torch.nn.Parameter(torch.randn(100).to(dtype))
+    monkeypatch.setattr(torch, "full_like", recording_full_like)
+    groups = [{"params": params[:3]}, {"params": params[3:] + [small]}]  # the second group's sums as the first's
+    opt = fusedopt.Adagrad(groups, state_dtype=state_dtype, initial_accumulator_value=0.37,
+                           master_weights=master_weights, backend="cpu")  # fmt: skip
+    monkeypatch.undo()
+    # torch made each sum by full_like (the recording took), then a master's float32 sum for the small bf16 param
+    assert len(made) == 7 + master_weights
+    assert alive_when_made[:7] == [0] * 7
+    spec = opt.SPEC.states[0]
+    fill_dtype = torch.float32 if master_weights else dtype
+    for p in params:
+        want = {}
+        opt._quantize_into(p, want, spec, torch.full(p.shape, 0.37, dtype=fill_dtype), state_dtype)
+        assert opt.state[p].keys() == want.keys() | {"step"}
+        for k in want:
+            assert same(opt.state[p][k], want[k]), k
+    assert same(opt.state[small]["sum"], torch.full(small.shape, 0.37, dtype=fill_dtype))
+    assert type(opt.state) is collections.defaultdict and all(type(st) is dict for st in opt.state.values())
+    for p in params + [small]:
+        p.grad = torch.randn_like(p)
+    opt.step()
 
 
 def test_state_dict_post_hooks_see_the_returned_state_dict():

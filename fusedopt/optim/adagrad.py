@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from fusedopt.optim._spec import OptimizerSpec, SpecOptimizerMixin, StateSpec
@@ -29,14 +31,54 @@ class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
                  bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
                              stochastic_round_seed, master_weights)
+        self._constructing = True  # add_param_group: torch's __init__ fills _SumsAsSet (below)
         super().__init__(
             params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach, maximize=maximize,
             differentiable=differentiable, fused=fused,
         )  # fmt: skip
+        del self._constructing
+        self.state = collections.defaultdict(dict, {p: dict(st) for p, st in self.state.items()})
         self._step_supports_amp_scaling = True
         for group in self.param_groups:  # torch made `sum` in the param's dtype: beside a master, float32 from its fill
             for p in group["params"]:
-                if self._master_mode(group, p):
+                if self._master_mode(group, p) and "sum" in self.state[p]:  # (not made low-bit already)
                     self.state[p]["sum"] = self._new_state_buffer(group, p, SPEC.states[0])
         self._after_load_state_dict()  # torch made each 'step' on the CPU: the kernels read it on the param's device
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_constructing", False) and not isinstance(self.state, _SumsAsSet):
+            self.state = _SumsAsSet(self)
+
+
+class _SumsAsSet(collections.defaultdict):
+    """Adagrad's state while torch.optim.Adagrad.__init__ makes every param's `sum` (full_like, in full precision):
+    a sum that will be low-bit is made low-bit as torch sets it (_new_q8_state: one quantized block, repeated), and
+    torch's tensor is dropped. Construction so never holds every full-precision sum at once (it did: 4 bytes per
+    param, a model's size, before quantizing them all)."""
+
+    def __init__(self, opt: Adagrad):
+        super().__init__()
+        self.opt = opt
+        self.group_of: dict | None = None  # made at the first param's state: every group is added by then
+
+    def __missing__(self, p):
+        if self.group_of is None:
+            self.group_of = {id(q): g for g in self.opt.param_groups for q in g["params"]}
+        self[p] = _ParamStateAsSet(self, p)
+        return self[p]
+
+
+class _ParamStateAsSet(dict):
+    def __init__(self, states: _SumsAsSet, p):
+        super().__init__()
+        self.states, self.p = states, p
+
+    def __setitem__(self, key, value) -> None:
+        opt, p = self.states.opt, self.p
+        group = self.states.group_of.get(id(p))
+        if key == "sum" and group is not None and not p.is_complex() and opt._quantized_state(group, p):
+            opt._new_q8_state(group, p, SPEC.states[0], self)  # what the conversion after __init__ would give
+            return
+        super().__setitem__(key, value)
