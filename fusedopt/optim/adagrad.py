@@ -31,7 +31,7 @@ class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
                  bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):  # fmt: skip
         self._fusedopt_setup(backend, differentiable, max_grad_norm, state_dtype, bf16_stochastic_round,
                              stochastic_round_seed, master_weights)
-        self._constructing = True  # add_param_group: torch's __init__ fills _SumsAsSet (below)
+        self._constructing = True  # add_param_group: torch's __init__ fills _LowBitSumsAsMade (below)
         super().__init__(
             params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach, maximize=maximize,
@@ -48,11 +48,11 @@ class Adagrad(SpecOptimizerMixin, torch.optim.Adagrad):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if getattr(self, "_constructing", False) and not isinstance(self.state, _SumsAsSet):
-            self.state = _SumsAsSet(self)
+        if getattr(self, "_constructing", False) and not isinstance(self.state, _LowBitSumsAsMade):
+            self.state = _LowBitSumsAsMade(self)
 
 
-class _SumsAsSet(collections.defaultdict):
+class _LowBitSumsAsMade(collections.defaultdict):
     """Adagrad's state while torch.optim.Adagrad.__init__ makes every param's `sum` (full_like, in full precision):
     a sum that will be low-bit is made low-bit as torch sets it (_new_q8_state: one quantized block, repeated), and
     torch's tensor is dropped. Construction so never holds every full-precision sum at once (it did: 4 bytes per
@@ -66,12 +66,14 @@ class _SumsAsSet(collections.defaultdict):
     def __missing__(self, p):
         if self.group_of is None:
             self.group_of = {id(q): g for g in self.opt.param_groups for q in g["params"]}
-        self[p] = _ParamStateAsSet(self, p)
+        self[p] = _ParamSumAsMade(self, p)
         return self[p]
 
 
-class _ParamStateAsSet(dict):
-    def __init__(self, states: _SumsAsSet, p):
+class _ParamSumAsMade(dict):
+    """One param's state during construction: its `sum` made low-bit where it will be, any other entry as set."""
+
+    def __init__(self, states: _LowBitSumsAsMade, p):
         super().__init__()
         self.states, self.p = states, p
 
