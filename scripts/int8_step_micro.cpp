@@ -1,9 +1,10 @@
 // A standalone microbenchmark of what bounds the CPU int8 AdamW step (csrc/cpu/optim_engine_q8.h run_chunk_q8) on
 // L2-resident data, 1 thread: the parts of a block's work timed alone, then the whole block in the engine's order,
 // then the Adam update of block b interleaved with the quantizing of block b - 1 (software pipelining: can the
-// divider-bound update hide under the shuffle-bound quantizer?). The update here is a stand-in with the same
-// instructions as common/adam_math.h on float32 (one square root and two divisions per value); the dequantizer,
-// absmax and quantizer are the kernel's own (csrc/cpu/quant_avx512.h). docs/LOW_BIT_STATES.md quotes its results.
+// divider-bound update hide under the shuffle-bound quantizer?). Every part is the project's own: AdamW's update is
+// common/adam_math.h's Adam::update on a minimal 16-float vector type (the engine runs it on at::vec::Vectorized,
+// which needs ATen), the dequantizer, absmax and quantizer csrc/cpu/quant_avx512.h's. docs/LOW_BIT_STATES.md quotes
+// its results.
 //   python -c "import fusedopt.lowbit as L
 //   for s in (0, 1): L._table_cpu(s, 'int8').numpy().tofile(f'/tmp/int8_{s}.bin')"
 //   g++ -O3 -std=c++20 -march=native -Icsrc scripts/int8_step_micro.cpp -o /tmp/int8_step
@@ -15,6 +16,34 @@
 #include <cstdio>
 #include <random>
 #include <vector>
+
+#include "common/value_ops.h"
+
+namespace fusedopt {
+// 16 floats in a zmm register, with the operations common/<op>_math.h templates use (cpu/vec_ops.h gives them to
+// at::vec::Vectorized in the engine).
+struct Vec16 {
+  __m512 v;
+  Vec16() = default;
+  explicit Vec16(float x) : v(_mm512_set1_ps(x)) {}
+  Vec16(__m512 x) : v(x) {}  // NOLINT: implicit, as Vectorized converts from its register
+};
+template <>
+struct ValueTraits<Vec16> {
+  using Scalar = float;
+};
+inline Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }
+inline Vec16 operator-(Vec16 a, Vec16 b) { return _mm512_sub_ps(a.v, b.v); }
+inline Vec16 operator*(Vec16 a, Vec16 b) { return _mm512_mul_ps(a.v, b.v); }
+inline Vec16 operator/(Vec16 a, Vec16 b) { return _mm512_div_ps(a.v, b.v); }
+inline Vec16 vfma(Vec16 a, Vec16 b, Vec16 c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline Vec16 vsqrt(Vec16 a) { return _mm512_sqrt_ps(a.v); }
+inline Vec16 vmax_nan(Vec16 a, Vec16 b) {  // a where a > b or a is NaN (amsgrad only; unused here)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_NLE_UQ), b.v, a.v);
+}
+}  // namespace fusedopt
+
+#include "common/adam_math.h"
 
 #define CPU_CAPABILITY AVX512
 namespace fusedopt::cpu::AVX512::optim_engine {
@@ -37,22 +66,25 @@ struct Map {  // one state's int8 table (fusedopt.lowbit._table_cpu) as the kern
   }
 };
 
-// AdamW's update of 16 values, as common/adam_math.h computes it: lerp, fma, sqrt / bc2 + eps, step * m / denom.
+// AdamW (torch.optim.AdamW's defaults, lr 1e-3, step 10) on 16 values, by the engine's math: Adam::update.
+const auto kAdamW = fusedopt::Adam::coefs<fusedopt::Vec16>(
+    [] {
+      fusedopt::AdamHyper h;
+      h.weight_decay = 0.01;
+      h.decoupled_weight_decay = true;
+      return h;
+    }(),
+    1e-3, 10.0);
+
 inline void adam16(float* p, const float* g, float* m, float* v) {
-  const __m512 grad = _mm512_loadu_ps(g);
-  const __m512 old_avg = _mm512_loadu_ps(m);
-  const __m512 exp_avg = _mm512_fmadd_ps(_mm512_set1_ps(0.1f), _mm512_sub_ps(grad, old_avg), old_avg);
-  const __m512 exp_avg_sq = _mm512_fmadd_ps(_mm512_mul_ps(grad, _mm512_set1_ps(0.001f)), grad,
-                                            _mm512_mul_ps(_mm512_loadu_ps(v), _mm512_set1_ps(0.999f)));
-  const __m512 denom =
-      _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(exp_avg_sq), _mm512_set1_ps(0.3f)), _mm512_set1_ps(1e-8f));
-  const __m512 step = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(1e-3f), exp_avg), denom);
-  _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_loadu_ps(p), step));
-  _mm512_storeu_ps(m, exp_avg);
-  _mm512_storeu_ps(v, exp_avg_sq);
+  fusedopt::Vec16 param(_mm512_loadu_ps(p)), state[2] = {_mm512_loadu_ps(m), _mm512_loadu_ps(v)};
+  fusedopt::Adam::update(kAdamW, param, fusedopt::Vec16(_mm512_loadu_ps(g)), state);
+  _mm512_storeu_ps(p, param.v);
+  _mm512_storeu_ps(m, state[0].v);
+  _mm512_storeu_ps(v, state[1].v);
 }
 
-// The divider alone: one square root and two divisions per 16 values, as adam16, on independent vectors.
+// The divider alone: one square root and two divisions per 16 values, as Adam::update, on independent vectors.
 double divider_ns_per_param() {
   __m512 a[8];
   for (int k = 0; k < 8; ++k) a[k] = _mm512_set1_ps(1.5f + k);

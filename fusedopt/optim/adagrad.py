@@ -66,21 +66,21 @@ class _LowBitSumsAsMade(collections.defaultdict):
     def __missing__(self, p):
         if self.group_of is None:
             self.group_of = {id(q): g for g in self.opt.param_groups for q in g["params"]}
-        self[p] = _ParamSumAsMade(self, p)
+        group = self.group_of.get(id(p))
+        low_bit = group is not None and not p.is_complex() and self.opt._quantized_state(group, p)
+        self[p] = _ParamSumAsMade(self.opt, group, p) if low_bit else {}
         return self[p]
 
 
 class _ParamSumAsMade(dict):
-    """One param's state during construction: its `sum` made low-bit where it will be, any other entry as set."""
+    """A low-bit param's state during construction: its `sum` made low-bit as torch sets it, any other entry as set."""
 
-    def __init__(self, states: _LowBitSumsAsMade, p):
+    def __init__(self, opt: Adagrad, group: dict, p):
         super().__init__()
-        self.states, self.p = states, p
+        self.opt, self.group, self.p = opt, group, p
 
     def __setitem__(self, key, value) -> None:
-        opt, p = self.states.opt, self.p
-        group = self.states.group_of.get(id(p))
-        if key == "sum" and group is not None and not p.is_complex() and opt._quantized_state(group, p):
-            opt._new_q8_state(group, p, SPEC.states[0], self)  # what the conversion after __init__ would give
-            return
-        super().__setitem__(key, value)
+        if key == "sum":  # what the conversion after __init__ would give
+            self.opt._new_q8_state(self.group, self.p, SPEC.states[0], self)
+        else:
+            super().__setitem__(key, value)
